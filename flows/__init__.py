@@ -1,0 +1,1 @@
+"""Prefect flows, the pydantic config and the `distill` command of distill-gap."""

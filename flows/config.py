@@ -1,0 +1,235 @@
+"""PipelineConfig: the one pydantic schema of a run, loaded from YAML, overridable with --set.
+
+Unknown keys fail loudly and name the nearest valid key. The config digest (sha256 of the
+canonical JSON of the validated config) is recorded with every run and registry version.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.digest import sha256_json
+from tasks.errors import DistillError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HoldoutConfig(_Section):
+    """Rows whose `column` is in `values` leave every split and form an OOD set (a real domain shift)."""
+
+    name: str = "held_out"
+    column: str
+    values: list[str] = Field(min_length=1)
+
+
+class DataConfig(_Section):
+    train: str  # path, s3:// URI, or builtin:drugreview/train
+    validation: str | None = None  # None: a seeded stratified split of train
+    test: str | None = None  # None: a seeded stratified split of train
+    ood: dict[str, str] = Field(default_factory=dict)  # name -> path of an extra OOD set
+    format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None  # None: from the extension
+    text_column: str = "text"
+    label_column: str = "label"
+    id_column: str | None = None  # None: ids are "<file stem>:<row number>"
+    labels: list[str] = Field(min_length=2)  # the label set, in the order of the logits
+    slice_columns: list[str] = Field(default_factory=list)
+    holdout: HoldoutConfig | None = None
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    max_rows: int | None = Field(None, gt=0)  # per-split cap (stratified sample) for quick runs
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"labels must be unique, got {v}")
+        return v
+
+
+class ScratchModelConfig(_Section):
+    """A BERT built from a config with a WordPiece tokenizer trained on the training texts."""
+
+    hidden_size: int = 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 64
+    vocab_size: int = 600
+
+
+class TeacherConfig(_Section):
+    base: str = "builtin:all-MiniLM-L6-v2"  # HF model folder, builtin:all-MiniLM-L6-v2 or scratch
+    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
+    license: str = "apache-2.0"  # recorded on the registered teacher
+    alias: str = "pinned"  # registry alias the pipeline distills from
+    version: int | None = None  # pin an exact registry version instead of the alias
+    epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class SoftLabelConfig(_Section):
+    store: str = "file://.distill/soft-labels"  # or s3://bucket/prefix (AWS_* env, AWS_ENDPOINT_URL)
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(256, ge=1)  # examples per Parquet shard
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class DistillConfig(_Section):
+    student_layers: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)  # teacher layers kept
+    temperature: float = Field(2.0, gt=0)  # softens both distributions in the KD term
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of hard-label CE; 1 - alpha goes to T^2 * KL
+    epochs: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
+    select_metric: Literal["accuracy", "fidelity"] = "accuracy"  # validation metric for the best checkpoint
+
+
+class QuantizeConfig(_Section):
+    approach: Literal["static", "dynamic"] = "static"  # INC PT2E INT8 mode
+    calibration_samples: int = Field(128, ge=1)  # seeded sample of the training split
+    onnx: bool = True  # also export the fp32 student to ONNX through optimum
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    gap_threshold: float = Field(0.02, ge=0, le=1)  # accuracy loss vs teacher that is flagged
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///.distill/mlflow.db"  # MLFLOW_TRACKING_URI overrides
+    artifact_location: str = ".distill/mlartifacts"  # for a new experiment on a local store
+    experiment: str = "distill-gap"
+
+
+class RuntimeConfig(_Section):
+    max_length: int = Field(128, ge=8)  # tokens per example (part of the soft-label key)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+
+
+class PipelineConfig(_Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")  # registered models <name>-teacher|student|edge
+    seed: int = 13
+    data: DataConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    soft_labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _layers_non_negative(self) -> "PipelineConfig":
+        if any(i < 0 for i in self.distill.student_layers):
+            raise ValueError("distill.student_layers must be teacher layer indices >= 0")
+        return self
+
+    def digest(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+    @property
+    def teacher_model_name(self) -> str:
+        return f"{self.name}-teacher"
+
+    @property
+    def student_model_name(self) -> str:
+        return f"{self.name}-student"
+
+    @property
+    def edge_model_name(self) -> str:
+        return f"{self.name}-edge"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides and readable errors
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                keys.extend(_valid_keys(cand, prefix + name + "."))
+    return keys
+
+
+def _nearest(key: str) -> str | None:
+    keys = _valid_keys(PipelineConfig)
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent):]]
+    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
+        key, keys, n=1, cutoff=0.6
+    )
+    return match[0] if match else None
+
+
+def _explain(err: ValidationError, source: str) -> DistillError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            near = _nearest(loc)
+            hint = f" (did you mean '{near}'?)" if near else ""
+            lines.append(f"unknown key '{loc}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{loc}'")
+        else:
+            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+    return DistillError(
+        f"invalid config {source}:\n    " + "\n    ".join(lines),
+        "correct the keys above in the YAML file or the --set overrides",
+    )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise DistillError(f"override '{item}' has no '='", "write overrides as --set section.key=value")
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else node[p]
+                if not isinstance(node[p], dict):
+                    raise DistillError(f"override '{key}': '{p}' is not a section", "override a leaf key")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config, apply --set overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"config file not found: {path}", "pass --config with an existing YAML file, e.g. configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DistillError(f"config {path} is not valid YAML: {err}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise DistillError(f"config {path} must be a mapping at the top level", "see configs/demo.yaml")
+    return config_from_dict(apply_overrides(raw, list(overrides or [])), str(path))
