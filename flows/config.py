@@ -105,6 +105,8 @@ class QuantizeConfig(_Section):
 class EvaluateConfig(_Section):
     batch_size: int = Field(32, ge=1)
     gap_threshold: float = Field(0.02, ge=0, le=1)  # accuracy loss vs teacher that is flagged
+    max_edge_drop: float = Field(0.01, ge=0, le=1)  # gate: edge test accuracy at most this far below the fp32 student
+    min_edge_agreement: float = Field(0.95, ge=0, le=1)  # gate: share of held-out argmax equal to the fp32 student
 
 
 class TrackingConfig(_Section):

@@ -70,3 +70,9 @@ def tokenizer_digest(model_dir: str | Path) -> str:
     if not names:
         raise FileNotFoundError(f"no tokenizer files under {model_dir}")
     return digest_files(root, names)
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes on disk of the model files in a folder (what ships to a device)."""
+    root = Path(path)
+    return sum((root / name).stat().st_size for name in model_files(root))

@@ -1,0 +1,182 @@
+"""The `distill` command: run the pipeline, manage the teacher, open the UIs.
+
+Heavy libraries are imported inside the commands so that `distill --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# Embedded defaults: no telemetry, no hub downloads, a patient ephemeral Prefect API.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+for _k, _v in _ENV_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+
+app = typer.Typer(help="distill-gap: accountable distillation and quantization for edge models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+teacher_app = typer.Typer(help="Bootstrap or import the teacher and pin it in the MLflow registry.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="pipeline YAML, e.g. configs/demo.yaml")
+SetOpt = typer.Option(None, "--set", "-s", help="override a key: --set distill.temperature=4 (repeatable)")
+
+
+def _load(config: Path, overrides: Optional[list[str]]):
+    from flows.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
+        reason: str = typer.Option("manual", help="why this run started (recorded as trigger.reason)")):
+    """Run the whole pipeline: validate, soft labels, distill, quantize, evaluate, register."""
+    from tasks.errors import DistillError
+
+    try:
+        cfg = _load(config, set)
+        console.print(f"[bold]distill-pipeline[/] {cfg.name} (config digest {cfg.digest()[:12]})")
+        from flows.pipeline import distill_pipeline
+
+        result = distill_pipeline(cfg, trigger_reason=reason)
+    except DistillError as err:
+        _fail(err)
+    _print_summary(cfg, result)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _print_summary(cfg, result: dict) -> None:
+    report = result["report"]
+    test = report["suites"]["test"]
+    oods = [s for s in report["suites"] if s.startswith("ood:")]
+    table = Table(title=f"{cfg.name}: each model evaluated on its own")
+    for col in ["model", "test acc", "macro-F1", "fidelity", *[f"{o} acc" for o in oods], "size"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for model in report["models"]:
+        m = test[model]
+        table.add_row(model, f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                      f"{m['fidelity']:.3f}" if "fidelity" in m else "-",
+                      *[f"{report['suites'][o][model]['accuracy']:.3f}" for o in oods], _mb(result["sizes"][model]))
+    console.print(table)
+    for f in report["flags"]:
+        console.print(f"[yellow]⚠ {f['model']} loses {-f['gap']:.3f} accuracy vs the teacher on {f['suite']} (n={f['n']})[/]")
+    reg, t, soft = result["registered"], result["teacher"], result["soft_labels"]
+    gates = ", ".join(f"{k} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'})" for k, g in result["gates"].items())
+    console.print(f"teacher      {t['name']} v{t['version']} (digest {t['digest'][:12]})")
+    console.print(f"soft labels  {'cache hit' if soft['hit'] else 'computed'}: {soft['uri']}")
+    console.print(f"registered   {reg['student']['name']} v{reg['student']['version']}, "
+                  f"{reg['edge']['name']} v{reg['edge']['version']}" + (" @champion" if reg['edge']['champion'] else ""))
+    console.print(f"gates        {gates}")
+    console.print(f"mlflow run   {result['run_id']} in {result['tracking_uri']}")
+    console.print("look         `distill ui` -> Prefect UI (runs, gap report artifact) and MLflow UI (runs, registry)")
+
+
+@teacher_app.command("bootstrap")
+def teacher_bootstrap(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
+                      force: bool = typer.Option(False, help="fine-tune again even if the pinned teacher matches")):
+    """Fine-tune teacher.base on the training split, register it as <name>-teacher and pin it."""
+    from tasks.errors import DistillError
+
+    try:
+        from tasks.teacher import bootstrap_teacher
+
+        bootstrap_teacher(_load(config, set), force=force, log=console.print)
+    except DistillError as err:
+        _fail(err)
+
+
+@teacher_app.command("import")
+def teacher_import(path: Path = typer.Argument(..., help="a Hugging Face classifier folder (safetensors)"),
+                   config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
+                   license: str = typer.Option(..., help="the model's license, recorded in the registry"),
+                   pin: bool = typer.Option(True, help="move the teacher alias to the new version")):
+    """Register an existing fine-tuned classifier as <name>-teacher."""
+    from tasks.errors import DistillError
+
+    try:
+        from tasks.teacher import import_teacher
+
+        import_teacher(_load(config, set), path, license=license, pin=pin, log=console.print)
+    except DistillError as err:
+        _fail(err)
+
+
+@app.command("config")
+def show_config(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
+    """Validate a config and print it resolved, with its digest."""
+    import yaml
+
+    from tasks.errors import DistillError
+
+    try:
+        cfg = _load(config, set)
+    except DistillError as err:
+        _fail(err)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
+    console.print(f"# config digest {cfg.digest()}")
+
+
+@app.command()
+def ui(prefect_port: int = typer.Option(4200), mlflow_port: int = typer.Option(5000),
+       tracking_uri: str = typer.Option("sqlite:///.distill/mlflow.db", help="the MLflow store to browse")):
+    """Start the Prefect and MLflow UIs on 127.0.0.1 and print both URLs (Ctrl-C stops both)."""
+    import subprocess
+    import time
+
+    bindir = Path(sys.executable).parent
+    Path(".distill").mkdir(exist_ok=True)
+    procs = [
+        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
+        subprocess.Popen([str(bindir / "mlflow"), "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+                          "--port", str(mlflow_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
+    ]
+    console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}   (flow runs, gap-report artifacts)")
+    console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}   (runs, registry: <name>-teacher/-student/-edge)")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        bad = [p.args[0] for p in procs if p.poll() not in (None, 0)]
+        if bad:
+            err_console.print(f"[red]stopped: {bad}; is the port already in use?[/]")
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The distill-pipeline flow: validate -> soft labels -> distill -> quantize -> evaluate -> register.
+
+The flow composes tasks and nothing else (STYLE.md); each stage lives in tasks/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.config import PipelineConfig
+from tasks.data import load_data
+from tasks.digest import folder_bytes, tokenizer_digest
+from tasks.distill import distill_task
+from tasks.evaluate import evaluate_gates, evaluate_task
+from tasks.quantize import export_onnx_task, quantize_student_task
+from tasks.registry import client_for, register_task, start_pipeline_run
+from tasks.runtime import configure_threads, select_device
+from tasks.soft_labels import soft_labels_task
+from tasks.teacher import resolve_teacher_task
+from tasks.validate import validate_data
+
+WORK_ROOT = Path(".distill/work")
+
+
+@flow(name="distill-pipeline", log_prints=True)
+def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> dict:
+    """Distill the pinned teacher into a student and an INT8 edge model, evaluate each, register them."""
+    cfg = config
+    configure_threads(cfg.runtime.threads)
+    device = select_device(cfg.runtime.device)
+    client = client_for(cfg.tracking)
+    run_id = start_pipeline_run(client, cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id())
+    workdir = WORK_ROOT / run_id
+    try:
+        splits = load_data(cfg.data, cfg.seed)
+        validate_data(splits.frames, splits.labels, splits.slice_columns)
+        teacher = resolve_teacher_task(cfg)
+        client.log_dict(run_id, {"data": splits.digests(), "teacher": teacher.summary()}, "lineage/inputs.json")
+        train = splits["train"]
+        soft = soft_labels_task(
+            cfg.soft_labels.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
+            tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
+            ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels,
+            max_length=cfg.runtime.max_length, batch_size=cfg.soft_labels.batch_size,
+            shard_size=cfg.soft_labels.shard_size, dtype=cfg.soft_labels.dtype, device=device,
+            teacher_meta={"name": teacher.name, "version": teacher.version})
+        student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=run_id)
+        calib = train.sample(min(cfg.quantize.calibration_samples, len(train)), random_state=cfg.seed)["text"].tolist()
+        heldout = splits["validation"]["text"].tolist()
+        int8 = quantize_student_task(student.path, calib, heldout, workdir / "edge" / "int8",
+                                     approach=cfg.quantize.approach, max_length=cfg.runtime.max_length, seed=cfg.seed)
+        models = {"teacher": teacher.path, "student": student.path, "student-int8": int8.path}
+        if cfg.quantize.onnx:
+            onnx = export_onnx_task(student.path, workdir / "edge" / "onnx", heldout_texts=heldout,
+                                    max_length=cfg.runtime.max_length)
+            models["student-onnx"] = onnx.path
+        report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id)
+        gates = evaluate_gates(report, "student-int8", int8.parity, cfg.evaluate)
+        registered = register_task(client, run_id, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft,
+                                   student=student, edge_dir=workdir / "edge", report=report, gates=gates)
+        sizes = {name: folder_bytes(path) for name, path in models.items()}
+        client.log_dict(run_id, sizes, "evaluation/sizes_bytes.json")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    shutil.rmtree(workdir, ignore_errors=True)  # everything kept is in MLflow now
+    return {"run_id": run_id, "teacher": teacher.summary(), "soft_labels": {"key": soft.key, "uri": soft.uri, "hit": soft.hit},
+            "student": student.summary(), "int8": {"size_bytes": int8.size_bytes, "parity": int8.parity},
+            "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered, "tracking_uri": client._registry_uri}
