@@ -72,3 +72,12 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
     return {"run_id": run_id, "teacher": teacher.summary(), "soft_labels": {"key": soft.key, "uri": soft.uri, "hit": soft.hit},
             "student": student.summary(), "int8": {"size_bytes": int8.size_bytes, "parity": int8.parity},
             "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered, "tracking_uri": client._registry_uri}
+
+
+@flow(name="distill-pipeline-from-file", log_prints=True)
+def distill_pipeline_from_file(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
+                               trigger_reason: str = "manual") -> dict:
+    """Deployment entry point: load a YAML config (+ overrides) and run distill-pipeline as a subflow."""
+    from flows.config import load_config
+
+    return distill_pipeline(load_config(config_path, overrides or []), trigger_reason=trigger_reason)
