@@ -62,8 +62,8 @@ def train_classifier(model, tokenizer, texts: Sequence[str], label_ids: np.ndarr
     rng = np.random.default_rng(settings.seed)
     enc = tokenizer([str(t) for t in texts], truncation=True, max_length=settings.max_length)
     lengths = [len(x) for x in enc["input_ids"]]
-    labels_t = torch.as_tensor(np.asarray(label_ids), dtype=torch.long)
-    teacher_t = None if teacher_logits is None else torch.as_tensor(np.asarray(teacher_logits, dtype=np.float32))
+    labels_t = torch.tensor(np.array(label_ids), dtype=torch.long)
+    teacher_t = None if teacher_logits is None else torch.tensor(np.array(teacher_logits, dtype=np.float32))
     loss_fn = KDLoss(alpha=settings.alpha if teacher_t is not None else 1.0, temperature=settings.temperature)
 
     # 2. optimizer and schedule: AdamW without decay on biases/LayerNorm, linear warmup then decay

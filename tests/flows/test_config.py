@@ -1,0 +1,62 @@
+"""Config: YAML + --set overrides, unknown keys named with the nearest valid one, digest."""
+
+import pytest
+
+from flows.config import apply_overrides, config_from_dict, load_config
+from tasks.errors import DistillError
+
+
+def _raw():
+    return {"name": "t", "data": {"train": "x.csv", "labels": ["a", "b"]}}
+
+
+def test_demo_and_tiny_configs_load():
+    demo = load_config("configs/demo.yaml")
+    assert demo.name == "demo" and demo.edge_model_name == "demo-edge"
+    assert demo.teacher_model_name == "demo-teacher" and demo.student_model_name == "demo-student"
+    assert load_config("configs/tiny.yaml").teacher.base == "scratch"
+
+
+def test_override_sets_nested_value_with_yaml_types():
+    cfg = load_config("configs/demo.yaml", ["distill.temperature=4", "distill.student_layers=[0, 2, 5]"])
+    assert cfg.distill.temperature == 4.0
+    assert cfg.distill.student_layers == [0, 2, 5]
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    with pytest.raises(DistillError) as err:
+        load_config("configs/demo.yaml", ["distill.temprature=4"])
+    assert "unknown key 'distill.temprature'" in str(err.value)
+    assert "did you mean 'distill.temperature'" in str(err.value)
+
+
+def test_unknown_section_is_named():
+    raw = _raw() | {"distil": {"alpha": 0.3}}
+    with pytest.raises(DistillError, match=r"unknown key 'distil'.*did you mean 'distill'"):
+        config_from_dict(raw)
+
+
+def test_wrong_type_and_range_are_explained():
+    with pytest.raises(DistillError, match=r"'distill.alpha'"):
+        load_config("configs/demo.yaml", ["distill.alpha=1.5"])
+    with pytest.raises(DistillError, match=r"'distill.epochs'"):
+        load_config("configs/demo.yaml", ["distill.epochs=many"])
+
+
+def test_missing_required_key_and_file():
+    with pytest.raises(DistillError, match=r"missing required key 'data.labels'"):
+        config_from_dict({"name": "t", "data": {"train": "x.csv"}})
+    with pytest.raises(DistillError, match="config file not found"):
+        load_config("configs/nope.yaml")
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(DistillError, match="has no '='"):
+        apply_overrides({}, ["distill.alpha"])
+
+
+def test_digest_is_stable_and_changes_with_any_value():
+    a = config_from_dict(_raw())
+    b = config_from_dict(_raw())
+    c = config_from_dict(apply_overrides(_raw(), ["distill.alpha=0.7"]))
+    assert a.digest() == b.digest() != c.digest()
