@@ -1,0 +1,649 @@
+"""Teacher soft labels: raw logits for every training example, cached in a content-addressed store.
+
+Layout under `<store>/<key>/` (DESIGN.md, "Identities and keys"):
+
+    shards/part-00000.parquet   columns `id` (string) and `logits` (fixed_size_list<float16|float32>[C]),
+    shards/part-00001.parquet   rows in the order of the ids given to the writer, `shard_size` rows each
+    manifest.json               key inputs, teacher identity, dtype, shard list with sha256 and row counts
+
+The manifest is written last and create-only (O_EXCL-style hard link on file://, `If-None-Match: *`
+on s3://): an entry without a manifest is incomplete, and its shards that still decode to the
+planned ids are reused when labelling resumes. Raw logits are stored; temperature is applied at
+training time, so it is not part of the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.digest import model_digest, sha256_bytes, sha256_json
+from tasks.digest import tokenizer_digest as compute_tokenizer_digest
+from tasks.errors import DistillError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
+# Fields the store itself writes into a manifest; `meta` passed to write() may not set them.
+_RESERVED = {"format_version", "key", "dtype", "num_examples", "num_classes", "columns", "shards", "created_at"}
+
+
+def cache_key(*, teacher_digest: str, tokenizer_digest: str, data_digest: str, max_length: int,
+              labels: Sequence[str]) -> str:
+    """sha256 over the canonical JSON of everything that changes the teacher's logits."""
+    for name, value in (("teacher_digest", teacher_digest), ("tokenizer_digest", tokenizer_digest),
+                        ("data_digest", data_digest)):
+        if not isinstance(value, str) or not value:
+            raise DistillError(f"soft-label cache key needs a non-empty {name}, got {value!r}",
+                               "compute it with tasks.digest (model_digest / tokenizer_digest / dataset digest)")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise DistillError(f"max_length must be a positive integer, got {max_length!r}", "set data.max_length, e.g. 128")
+    labels = list(labels)
+    if not labels or len(set(labels)) != len(labels) or not all(isinstance(l, str) for l in labels):
+        raise DistillError(f"labels must be a non-empty list of distinct names, got {labels!r}",
+                           "set data.labels to the class names in the teacher's output order")
+    return sha256_json({"teacher_digest": teacher_digest, "tokenizer_digest": tokenizer_digest,
+                        "data_digest": data_digest, "max_length": max_length, "labels": labels})
+
+
+@dataclass
+class SoftLabels:
+    """Teacher logits for a list of example ids, and where they are stored."""
+
+    key: str
+    uri: str                 # "<store>/<key>"
+    ids: list[str]
+    logits: np.ndarray       # (N, C) float32, row i belongs to ids[i]
+    hit: bool                # True: read from the cache, the teacher was not run
+    manifest: dict
+    labelled: int = 0        # examples the teacher labelled in this call (0 on a hit)
+    seconds: float = 0.0     # wall time of this call's teacher pass
+
+
+# --------------------------------------------------------------------------------------------
+# Storage backends: bytes in, bytes out, paths relative to the store root.
+
+
+class _Backend(Protocol):
+    uri: str
+
+    def get(self, rel: str) -> bytes | None: ...
+    def put(self, rel: str, data: bytes) -> None: ...
+    def put_new(self, rel: str, data: bytes) -> bool: ...   # False when the object already exists
+    def list(self, under: str = "") -> list[str]: ...       # every object below `under`, recursively
+
+
+class _FileBackend:
+    """A folder; every write goes through a temp file in the same folder (atomic)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = f"file://{root.as_posix()}"
+
+    def get(self, rel: str) -> bytes | None:
+        try:
+            return (self.root / rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _temp(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def put(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        os.replace(self._temp(path, data), path)
+
+    def put_new(self, rel: str, data: bytes) -> bool:
+        path = self.root / rel
+        tmp = self._temp(path, data)
+        try:
+            os.link(tmp, path)          # atomic and fails if `path` exists
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            # No hard links on this file system: O_EXCL still makes creation exclusive.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list(self, under: str = "") -> list[str]:
+        base = self.root / under
+        if not base.is_dir():
+            return []
+        return [p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".")]
+
+
+# ClientError codes worth a retry (throttling, server trouble, conditional write in flight).
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "ConditionalRequestConflict", "500", "502", "503", "504"}
+
+
+class _S3Backend:
+    """A bucket prefix; credentials, region and endpoint come from the standard AWS env/config."""
+
+    def __init__(self, bucket: str, prefix: str):
+        self.bucket, self.prefix = bucket, prefix
+        self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            # A fresh session resolves credentials now (the default session caches them).
+            self._client = boto3.session.Session().client(
+                "s3", config=Config(connect_timeout=10, read_timeout=120))
+        return self._client
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn errors a user can fix into DistillError; the cause is kept so retries can see it."""
+        from botocore.exceptions import (ClientError, ConnectionError, HTTPClientError, NoCredentialsError,
+                                         PartialCredentialsError)
+
+        where = f"{self.uri} ({action})"
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError) as err:
+            raise DistillError(f"no usable AWS credentials for {where}: {err}",
+                               "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); for MinIO "
+                               "also AWS_ENDPOINT_URL") from err
+        except (ConnectionError, HTTPClientError) as err:
+            endpoint = self._client.meta.endpoint_url if self._client else "the S3 endpoint"
+            raise DistillError(f"cannot reach {endpoint} for {where}: {err}",
+                               "check AWS_ENDPOINT_URL and that the S3/MinIO server is up "
+                               "(docker compose -f infra/docker-compose.yaml up -d minio)") from err
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                raise DistillError(f"bucket {self.bucket!r} does not exist at {self.client.meta.endpoint_url}",
+                                   f"create it (aws s3 mb s3://{self.bucket}) or point soft_labels.store at "
+                                   "an existing bucket") from err
+            if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}:
+                raise DistillError(f"access denied to {where} ({code})",
+                                   "check the AWS credentials and that they may read, write and list "
+                                   f"s3://{self.bucket}") from err
+            raise
+
+    def get(self, rel: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"get {rel}"):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as err:
+                # get (not head): NoSuchKey and NoSuchBucket stay distinguishable.
+                if err.response.get("Error", {}).get("Code") == "NoSuchKey":
+                    return None
+                raise
+            return obj["Body"].read()
+
+    def put(self, rel: str, data: bytes) -> None:
+        with self._errors(f"put {rel}"):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def put_new(self, rel: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"create {rel}"):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    return False
+                raise
+
+    def list(self, under: str = "") -> list[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        if under:
+            under = under.rstrip("/") + "/"
+        names: list[str] = []
+        with self._errors("list"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start + under):
+                names += [obj["Key"][len(start):] for obj in page.get("Contents", [])]
+        return names
+
+
+def _backend(uri: str) -> _Backend:
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise DistillError(f"soft-label store {uri!r} names no bucket", "use s3://bucket/prefix")
+        return _S3Backend(bucket, prefix.strip("/"))
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]          # file://rel/path -> rel/path, file:///abs -> /abs
+    elif "://" in uri:
+        raise DistillError(f"soft-label store {uri!r} has an unsupported scheme",
+                           "use file://path (or a plain path) or s3://bucket/prefix")
+    if not uri:
+        raise DistillError("soft-label store path is empty", "use file://.distill/soft-labels or s3://bucket/prefix")
+    return _FileBackend(Path(uri).expanduser().resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# Shards: Parquet bytes <-> (ids, logits).
+
+
+def _shard_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def _encode_shard(ids: Sequence[str], logits: np.ndarray) -> bytes:
+    """(ids, (n, C) logits) -> Parquet bytes with page checksums (bit rot shows up on decode)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, c = logits.shape
+    table = pa.table({"id": pa.array(list(ids), pa.string()),
+                      "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), c)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
+
+
+def _decode_shard(data: bytes, name: str) -> tuple[list[str], np.ndarray]:
+    """Parquet bytes -> (ids, (n, C) logits in the stored dtype); unreadable -> DistillError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+        col = table.column("logits").combine_chunks()
+        if not pa.types.is_fixed_size_list(col.type) or col.null_count or table.column("id").null_count:
+            raise ValueError(f"unexpected schema {table.schema}")
+        logits = np.asarray(col.flatten().to_numpy(zero_copy_only=False)).reshape(len(col), col.type.list_size)
+        return table.column("id").to_pylist(), logits
+    except (pa.ArrowException, ValueError, KeyError, OSError) as err:
+        raise DistillError(f"soft-label shard {name} cannot be decoded: {err}",
+                           "delete the cache entry and run again to relabel") from err
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class SoftLabelStore:
+    """Content-addressed soft-label cache on file:// (or a plain path) or s3://bucket/prefix."""
+
+    def __init__(self, uri: str):
+        self._backend = _backend(str(uri))
+        self.uri = self._backend.uri
+
+    def entry_uri(self, key: str) -> str:
+        return f"{self.uri}/{_check_key(key)}"
+
+    def manifest(self, key: str) -> dict | None:
+        """The entry's manifest, or None when the entry is missing or incomplete."""
+        data = self._backend.get(f"{_check_key(key)}/{MANIFEST}")
+        if data is None:
+            return None
+        try:
+            manifest = json.loads(data)
+        except ValueError as err:
+            raise DistillError(f"{self.entry_uri(key)}/{MANIFEST} is not valid JSON: {err}",
+                               f"delete {self.entry_uri(key)} and run again to relabel") from err
+        if manifest.get("key") != key or manifest.get("format_version") != FORMAT_VERSION:
+            raise DistillError(f"{self.entry_uri(key)}/{MANIFEST} belongs to key {manifest.get('key')!r} "
+                               f"(format {manifest.get('format_version')!r})",
+                               f"delete {self.entry_uri(key)} and run again to relabel")
+        return manifest
+
+    def read(self, key: str) -> tuple[list[str], np.ndarray]:
+        """All (ids, (N, C) float32 logits) of a complete entry, each shard checked against its sha256."""
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise DistillError(f"no complete soft-label entry at {self.entry_uri(key)}",
+                               "run the soft_labels step to create it")
+        fix = f"delete {self.entry_uri(key)} and run again to relabel"
+        all_ids: list[str] = []
+        parts: list[np.ndarray] = []
+        for shard in manifest["shards"]:
+            name = shard["name"]
+            if not _SHARD_RE.match(name):
+                raise DistillError(f"{self.entry_uri(key)}/{MANIFEST} lists an invalid shard name {name!r}", fix)
+            data = self._backend.get(f"{key}/shards/{name}")
+            if data is None:
+                raise DistillError(f"soft-label shard {name} listed in {self.entry_uri(key)}/{MANIFEST} is missing", fix)
+            if sha256_bytes(data) != shard["sha256"]:
+                raise DistillError(f"soft-label shard {name} in {self.entry_uri(key)} does not match the sha256 "
+                                   "in its manifest (corrupted or overwritten)", fix)
+            ids, logits = _decode_shard(data, name)
+            if len(ids) != shard["rows"] or logits.shape[1] != manifest["num_classes"]:
+                raise DistillError(f"soft-label shard {name} holds {logits.shape} logits, manifest says "
+                                   f"{shard['rows']} rows x {manifest['num_classes']} classes", fix)
+            all_ids += ids
+            parts.append(logits)
+        logits = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, manifest["num_classes"]), np.float32)
+        assert len(all_ids) == manifest["num_examples"], "manifest row counts disagree with num_examples"
+        return all_ids, logits
+
+    def reusable_shards(self, key: str, ids: Sequence[str], *, shard_size: int, num_classes: int,
+                        dtype: str) -> dict[int, np.ndarray]:
+        """Shards of an incomplete entry that decode to exactly the planned ids: {shard index: logits}."""
+        present = set(self._backend.list(f"{_check_key(key)}/shards"))
+        found: dict[int, np.ndarray] = {}
+        for i, start in enumerate(range(0, len(ids), shard_size)):
+            rel = f"{_check_key(key)}/shards/{_shard_name(i)}"
+            if rel not in present:
+                continue
+            got = self._valid_shard(rel, ids[start:start + shard_size], num_classes, dtype)
+            if got is not None:
+                found[i] = got[1]
+        return found
+
+    def _valid_shard(self, rel: str, ids: Sequence[str], num_classes: int, dtype: str) -> tuple[bytes, np.ndarray] | None:
+        data = self._backend.get(rel)
+        if data is None:
+            return None
+        try:
+            got_ids, logits = _decode_shard(data, rel)
+        except DistillError:
+            return None
+        if got_ids != list(ids) or logits.shape[1] != num_classes or logits.dtype != DTYPES[dtype]:
+            return None
+        return data, logits
+
+    def write(self, key: str, ids: Sequence[str], logits: np.ndarray, *, dtype: str = "float16",
+              shard_size: int = 256, meta: dict) -> dict:
+        """Write shards, then the manifest (last, create-only); return the manifest that won.
+
+        `meta` adds fields to the manifest (key_inputs, teacher, ...). When the entry is already
+        complete nothing is written and its manifest is returned; a shard that already holds the
+        planned ids (an interrupted earlier write) is kept, never overwritten.
+        """
+        # 1. Check the arguments: these are programming errors, not user errors.
+        _check_key(key)
+        ids = [str(i) for i in ids]
+        logits = np.asarray(logits)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if logits.ndim != 2 or logits.shape[0] != len(ids) or logits.shape[1] < 1:
+            raise ValueError(f"logits must be (len(ids)={len(ids)}, C), got {logits.shape}")
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be unique")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if _RESERVED & set(meta):
+            raise ValueError(f"meta may not set {sorted(_RESERVED & set(meta))}")
+        if "key_inputs" in meta and cache_key(**meta["key_inputs"]) != key:
+            raise ValueError("meta['key_inputs'] does not hash to the key")
+        with np.errstate(over="ignore"):
+            stored = logits.astype(DTYPES[dtype])
+        if not np.isfinite(stored).all():
+            raise DistillError(f"teacher logits are not finite in {dtype} (max |logit| {np.abs(logits).max():.3g})",
+                               "store float32 soft labels (soft_labels.dtype: float32) or check the teacher")
+
+        # 2. A complete entry is never touched.
+        existing = self.manifest(key)
+        if existing is not None:
+            return existing
+
+        # 3. Shards, create-only; an interrupted write's shard with the same ids is kept.
+        num_classes = logits.shape[1]
+        shards = []
+        for i, start in enumerate(range(0, len(ids), shard_size)):
+            name = _shard_name(i)
+            rel = f"{key}/shards/{name}"
+            chunk_ids = ids[start:start + shard_size]
+            data = _encode_shard(chunk_ids, stored[start:start + shard_size])
+            if not self._backend.put_new(rel, data):
+                kept = self._valid_shard(rel, chunk_ids, num_classes, dtype)
+                if kept is None:
+                    self._backend.put(rel, data)      # leftover from another shard plan: replace it
+                else:
+                    data = kept[0]
+            shards.append({"name": name, "sha256": sha256_bytes(data), "rows": len(chunk_ids)})
+
+        # 4. The manifest, last and create-only; if another writer finished first, theirs wins.
+        manifest = {
+            "format_version": FORMAT_VERSION, "key": key, **meta, "dtype": dtype,
+            "num_examples": len(ids), "num_classes": num_classes,
+            "columns": {"id": "string", "logits": f"fixed_size_list<{dtype}>[{num_classes}]"},
+            "shards": shards, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        if not self._backend.put_new(f"{key}/{MANIFEST}", body):
+            theirs = self.manifest(key)
+            assert theirs is not None, "manifest create failed but no manifest exists"
+            return theirs
+        return json.loads(body)                        # exactly what a later manifest() returns
+
+    def list_keys(self) -> list[str]:
+        """Keys of the complete entries (those with a manifest), sorted."""
+        keys = []
+        for rel in self._backend.list():
+            key, _, rest = rel.partition("/")
+            if rest == MANIFEST and _KEY_RE.match(key):
+                keys.append(key)
+        return sorted(keys)
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"not a soft-label cache key (64 hex digits): {key!r}")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher pass.
+
+
+def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
+                   device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """(N, C) float32 logits of the classifier in `model_dir`, row i for texts[i].
+
+    Texts are batched by tokenized length (longest first, so memory trouble shows at once) with
+    padding per batch, then put back in the order given.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.modeling import load_classifier
+    from tasks.runtime import progress_disabled, select_device
+
+    # 1. Model and tokenizer, on the device asked for.
+    if device == "auto":
+        device = select_device("auto")
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DistillError(f"device {device!r} asked for but no CUDA device is available",
+                           "set runtime.device to auto or cpu")
+    model, tokenizer = load_classifier(model_dir)
+    model.eval().to(device)
+    texts = [str(t) for t in texts]
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)   # (N, C)
+    if not texts:
+        return out
+
+    # 2. Order by tokenized length: batches of similar length waste little padding.
+    lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+
+    # 3. Forward passes; each batch's rows go back to their original positions.
+    bar = tqdm(total=len(texts), desc="teacher logits", unit="ex", disable=not progress or progress_disabled())
+    with torch.inference_mode(), bar:
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt").to(device)
+            out[idx] = model(**batch).logits.float().cpu().numpy()            # (B, C)
+            bar.update(len(idx))
+    return out
+
+
+def _teacher_labels(teacher_dir) -> list[str]:
+    """The label order of the teacher's logits, read from its config (the weights are not loaded)."""
+    from transformers import AutoConfig
+
+    from tasks.modeling import check_model_dir
+
+    config = AutoConfig.from_pretrained(check_model_dir(teacher_dir), trust_remote_code=False)
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def _check_teacher(teacher_dir, labels: list[str], teacher_digest: str, tokenizer_digest: str) -> None:
+    """Refuse to label with a teacher whose classes or files are not the ones the key names."""
+    found = _teacher_labels(teacher_dir)
+    if [l.lower() for l in found] != [l.lower() for l in labels]:
+        raise DistillError(f"the teacher in {teacher_dir} predicts {len(found)} labels {found}, but data.labels "
+                           f"is {len(labels)} labels {labels} (names and order must match)",
+                           "re-bootstrap or re-import the teacher with data.labels, or fix data.labels")
+    got_model, got_tok = model_digest(teacher_dir), compute_tokenizer_digest(teacher_dir)
+    if (got_model, got_tok) != (teacher_digest, tokenizer_digest):
+        raise DistillError(f"the teacher files in {teacher_dir} have digest {got_model[:12]} / tokenizer "
+                           f"{got_tok[:12]}, but the pinned teacher is {teacher_digest[:12]} / {tokenizer_digest[:12]}",
+                           "point teacher_dir at the pinned teacher's files (tasks.digest.model_digest and "
+                           "tokenizer_digest of that folder are the digests to pass)")
+
+
+def _align(stored_ids: list[str], stored: np.ndarray, ids: list[str], uri: str) -> np.ndarray:
+    """Rows of `stored` in the order of `ids`; every id must be present."""
+    row = {i: r for r, i in enumerate(stored_ids)}
+    missing = [i for i in ids if i not in row]
+    if missing:
+        raise DistillError(f"soft-label entry {uri} lacks {len(missing)} of the {len(ids)} requested ids "
+                           f"(e.g. {missing[:5]})",
+                           "the data digest must cover exactly the ids labelled; check how data_digest is "
+                           f"computed, or delete {uri} to relabel")
+    return stored[[row[i] for i in ids]]
+
+
+def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, tokenizer_digest: str,
+                       data_digest: str, ids: Sequence[str], texts: Sequence[str], labels: Sequence[str],
+                       max_length: int = 128, batch_size: int = 32, shard_size: int = 256,
+                       dtype: str = "float16", device: str = "cpu", teacher_meta: dict | None = None,
+                       progress: bool = True) -> SoftLabels:
+    """Teacher logits for `ids`, from the cache when the key matches, else labelled and stored.
+
+    The logits returned are always the stored ones (read back after a write), so a run that
+    labels and a later run that hits the cache train on identical numbers.
+    """
+    # 1. Inputs and key.
+    ids, labels = [str(i) for i in ids], list(labels)
+    if len(ids) != len(texts):
+        raise DistillError(f"{len(ids)} ids but {len(texts)} texts", "pass one text per example id")
+    if not ids:
+        raise DistillError("no training examples to label", "check the training split of the data config")
+    if len(set(ids)) != len(ids):
+        raise DistillError("example ids are not unique", "give every training row a distinct id")
+    if dtype not in DTYPES:
+        raise DistillError(f"soft-label dtype {dtype!r} is not supported", f"use one of {sorted(DTYPES)}")
+    key_inputs = {"teacher_digest": teacher_digest, "tokenizer_digest": tokenizer_digest,
+                  "data_digest": data_digest, "max_length": max_length, "labels": labels}
+    key = cache_key(**key_inputs)
+    store = SoftLabelStore(store_uri)
+    uri = store.entry_uri(key)
+
+    # 2. Hit: read and verify; the teacher is not touched.
+    manifest = store.manifest(key)
+    if manifest is not None:
+        stored_ids, stored = store.read(key)
+        return SoftLabels(key=key, uri=uri, ids=ids, logits=_align(stored_ids, stored, ids, uri), hit=True,
+                          manifest=manifest)
+
+    # 3. Miss: check the teacher, reuse verified shards of an interrupted run, label the rest.
+    _check_teacher(teacher_dir, labels, teacher_digest, tokenizer_digest)
+    reused = store.reusable_shards(key, ids, shard_size=shard_size, num_classes=len(labels), dtype=dtype)
+    logits = np.zeros((len(ids), len(labels)), dtype=np.float32)              # (N, C)
+    todo = np.ones(len(ids), dtype=bool)
+    for i, part in reused.items():
+        logits[i * shard_size:i * shard_size + len(part)] = part
+        todo[i * shard_size:i * shard_size + len(part)] = False
+    todo_idx = np.flatnonzero(todo)
+    started = time.perf_counter()
+    if len(todo_idx):
+        logits[todo_idx] = teacher_logits(teacher_dir, [texts[i] for i in todo_idx], batch_size=batch_size,
+                                          max_length=max_length, device=device, progress=progress)
+    seconds = time.perf_counter() - started
+
+    # 4. Write (manifest last), then read back what the store holds.
+    import torch
+    import transformers
+
+    meta = {"key_inputs": key_inputs, "teacher": dict(teacher_meta or {}),
+            "produced_by": {"device": device, "batch_size": batch_size, "torch": torch.__version__,
+                            "transformers": transformers.__version__, "reused_shards": len(reused)}}
+    manifest = store.write(key, ids, logits, dtype=dtype, shard_size=shard_size, meta=meta)
+    stored_ids, stored = store.read(key)
+    return SoftLabels(key=key, uri=uri, ids=ids, logits=_align(stored_ids, stored, ids, uri), hit=False,
+                      manifest=manifest, labelled=int(len(todo_idx)), seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect wrapper.
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for connection trouble and S3 throttling/server errors, also when wrapped in a DistillError."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, HTTPClientError)):
+            return True
+        if isinstance(exc, ClientError):
+            return str(exc.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+    return False
+
+
+def retry_on_transient_store_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry S3/connection blips only, never bad labels or data."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the failure being judged
+        return is_transient(exc)
+    return False
+
+
+@task(name="soft-labels", retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=retry_on_transient_store_error,
+      cache_policy=NO_CACHE)
+def soft_labels_task(store_uri: str, *, teacher_dir, teacher_digest: str, tokenizer_digest: str, data_digest: str,
+                     ids: list[str], texts: list[str], labels: list[str], max_length: int = 128,
+                     batch_size: int = 32, shard_size: int = 256, dtype: str = "float16", device: str = "cpu",
+                     teacher_meta: dict | None = None) -> SoftLabels:
+    """Teacher soft labels for the training split, from the content-addressed cache when possible."""
+    logger = get_run_logger()
+    result = ensure_soft_labels(store_uri, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
+                                tokenizer_digest=tokenizer_digest, data_digest=data_digest, ids=ids, texts=texts,
+                                labels=labels, max_length=max_length, batch_size=batch_size, shard_size=shard_size,
+                                dtype=dtype, device=device, teacher_meta=teacher_meta)
+    if result.hit:
+        logger.info(f"cache hit {result.key}")
+    else:
+        logger.info(f"cache miss {result.key}: labelled {result.labelled} examples in {result.seconds:.1f} s")
+    logger.info(f"soft labels: {len(result.ids)} x {result.logits.shape[1]} at {result.uri}")
+    return result
