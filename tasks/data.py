@@ -58,7 +58,8 @@ class Splits:
 
 def split_digest(df: pd.DataFrame) -> str:
     """sha256 over the canonical rows (id, text, label), sorted by id so row order does not matter."""
-    rows = sorted(zip(df["id"].astype(str), df["text"].astype(str), df["label"].astype(str)))
+    # str() of every value: the digest must not fail on bad rows, validation reports those.
+    rows = sorted(zip(*(df[c].map(str) for c in CANONICAL)))
     payload = "\n".join("\x1f".join(r) for r in rows).encode("utf-8", errors="surrogatepass")
     return sha256_bytes(payload)
 
