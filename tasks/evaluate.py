@@ -88,7 +88,9 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
     models = list(logits)
     assert models[0] == "teacher", "the teacher comes first"
     report = GapReport(models=models, threshold=threshold)
-    suites: list[tuple[str, str, np.ndarray | None]] = [(name, name, None) for name in splits.frames if name != "train"]
+    # train and validation shaped the models (fitting, checkpoint choice): report held-out suites only
+    suites: list[tuple[str, str, np.ndarray | None]] = [(name, name, None) for name in splits.frames
+                                                          if name not in ("train", "validation")]
     test = splits["test"]
     for col in splits.slice_columns:
         for value in sorted(test[col].unique()):
@@ -178,7 +180,8 @@ def evaluate_task(model_paths: dict[str, str], splits, cfg, *, device: str, clie
     log = get_run_logger()
     predictors = model_predictors(model_paths, max_length=cfg.runtime.max_length, batch_size=cfg.evaluate.batch_size,
                                   device=device)
-    logits = {name: {split: predict(splits[split]["text"].tolist()) for split in splits.frames if split != "train"}
+    logits = {name: {split: predict(splits[split]["text"].tolist()) for split in splits.frames
+                     if split not in ("train", "validation")}
               for name, predict in predictors.items()}
     report = gap_report(logits, splits, cfg.evaluate.gap_threshold)
     md = report.markdown(f"Gap report: {cfg.name} (teacher vs compressed models)")
