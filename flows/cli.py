@@ -25,6 +25,7 @@ _ENV_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
@@ -33,8 +34,8 @@ app = typer.Typer(help="distill-gap: accountable distillation and quantization f
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 teacher_app = typer.Typer(help="Bootstrap or import the teacher and pin it in the MLflow registry.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="pipeline YAML, e.g. configs/demo.yaml")
 SetOpt = typer.Option(None, "--set", "-s", help="override a key: --set distill.temperature=4 (repeatable)")
@@ -85,8 +86,13 @@ def _print_summary(cfg, result: dict) -> None:
                       f"{m['fidelity']:.3f}" if "fidelity" in m else "-",
                       *[f"{report['suites'][o][model]['accuracy']:.3f}" for o in oods], _mb(result["sizes"][model]))
     console.print(table)
+    by_suite: dict[str, list[str]] = {}
     for f in report["flags"]:
-        console.print(f"[yellow]⚠ {f['model']} loses {-f['gap']:.3f} accuracy vs the teacher on {f['suite']} (n={f['n']})[/]")
+        by_suite.setdefault(f"{f['suite']} (n={f['n']})", []).append(f"{f['model']} {f['gap']:+.3f}")
+    if by_suite:
+        console.print(f"[yellow]⚠ losses beyond {report['threshold']:.0%} vs the teacher:[/]")
+        for suite, items in by_suite.items():
+            console.print(f"[yellow]  {suite}: {', '.join(items)}[/]")
     reg, t, soft = result["registered"], result["teacher"], result["soft_labels"]
     gates = ", ".join(f"{k} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'})" for k, g in result["gates"].items())
     console.print(f"teacher      {t['name']} v{t['version']} (digest {t['digest'][:12]})")

@@ -160,6 +160,9 @@ def _export_int8(student, tokenizer, calibration_texts, *, approach, max_length,
     from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig, prepare
     from torch.export import Dim
 
+    import logging
+
+    logging.getLogger("neural_compressor").setLevel(logging.ERROR)  # INC logs every rewrite pass at INFO
     if int8_embeddings:
         student.set_input_embeddings(_int8_embedding(student.get_input_embeddings()))
     module = _logits_module(student)
