@@ -22,9 +22,13 @@ def predict_logits(model, tokenizer, texts: Sequence[str], *, batch_size: int = 
     from tasks.runtime import progress_disabled
 
     texts = [str(t) for t in texts]
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)  # (N, C)
+    if not texts:
+        return out
+    # we pad pre-tokenized batches on purpose; silence transformers' hint about __call__
+    tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     batches = length_sorted_batches([len(ids) for ids in enc["input_ids"]], batch_size)
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     model.eval().to(device)
     with torch.inference_mode():
         for idx in tqdm(batches, desc=desc, unit="batch", disable=desc is None or progress_disabled()):

@@ -465,14 +465,13 @@ def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max
                    device: str = "cpu", progress: bool = True) -> np.ndarray:
     """(N, C) float32 logits of the classifier in `model_dir`, row i for texts[i].
 
-    Texts are batched by tokenized length (longest first, so memory trouble shows at once) with
-    padding per batch, then put back in the order given.
+    Texts are batched by tokenized length with padding per batch (tasks.inference.predict_logits).
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from tasks.inference import predict_logits
     from tasks.modeling import load_classifier
-    from tasks.runtime import progress_disabled, select_device
+    from tasks.runtime import select_device
 
     # 1. Model and tokenizer, on the device asked for.
     if device == "auto":
@@ -481,26 +480,9 @@ def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max
         raise DistillError(f"device {device!r} asked for but no CUDA device is available",
                            "set runtime.device to auto or cpu")
     model, tokenizer = load_classifier(model_dir)
-    model.eval().to(device)
-    texts = [str(t) for t in texts]
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)   # (N, C)
-    if not texts:
-        return out
-
-    # 2. Order by tokenized length: batches of similar length waste little padding.
-    lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-
-    # 3. Forward passes; each batch's rows go back to their original positions.
-    bar = tqdm(total=len(texts), desc="teacher logits", unit="ex", disable=not progress or progress_disabled())
-    with torch.inference_mode(), bar:
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(device)
-            out[idx] = model(**batch).logits.float().cpu().numpy()            # (B, C)
-            bar.update(len(idx))
-    return out
+    # 2. Length-sorted batches with padding per batch, rows back in the order given.
+    return predict_logits(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device,
+                          desc="teacher logits" if progress else None)
 
 
 def _teacher_labels(teacher_dir) -> list[str]:

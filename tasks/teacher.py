@@ -52,9 +52,11 @@ def bootstrap_key(cfg) -> str:
 def fine_tune_teacher(cfg, splits, out_dir: Path, device: str, on_epoch=None):
     """Fine-tune teacher.base on the training split; return (saved folder, TrainResult)."""
     from tasks.modeling import load_classifier, save_classifier
+    from tasks.runtime import seed_everything
     from tasks.scratch import build_scratch_classifier
     from tasks.training import TrainSettings, train_classifier
 
+    seed_everything(cfg.seed)  # before the new classification head is initialised
     labels = list(cfg.data.labels)
     label_id = {l: i for i, l in enumerate(labels)}
     train, val = splits["train"], splits["validation"]

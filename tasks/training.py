@@ -60,6 +60,8 @@ def train_classifier(model, tokenizer, texts: Sequence[str], label_ids: np.ndarr
     # 1. deterministic setup: seed, tokenize once, length buckets reshuffled per epoch
     seed_everything(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    # we pad pre-tokenized batches on purpose; silence transformers' hint about __call__
+    tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
     enc = tokenizer([str(t) for t in texts], truncation=True, max_length=settings.max_length)
     lengths = [len(x) for x in enc["input_ids"]]
     labels_t = torch.tensor(np.array(label_ids), dtype=torch.long)
