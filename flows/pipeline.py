@@ -60,15 +60,16 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             models["student-onnx"] = onnx.path
         report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id)
         gates = evaluate_gates(report, "student-int8", int8.parity, cfg.evaluate)
-        registered = register_task(client, run_id, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft,
-                                   student=student, edge_dir=workdir / "edge", report=report, gates=gates)
         sizes = {name: folder_bytes(path) for name, path in models.items()}
         client.log_dict(run_id, sizes, "evaluation/sizes_bytes.json")
+        registered = register_task(client, run_id, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft,
+                                   student=student, edge_dir=workdir / "edge", report=report, gates=gates)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # what is kept is in MLflow (and the soft-label store)
     client.set_terminated(run_id, "FINISHED")
-    shutil.rmtree(workdir, ignore_errors=True)  # everything kept is in MLflow now
     return {"run_id": run_id, "teacher": teacher.summary(), "soft_labels": {"key": soft.key, "uri": soft.uri, "hit": soft.hit},
             "student": student.summary(), "int8": {"size_bytes": int8.size_bytes, "parity": int8.parity},
             "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered, "tracking_uri": client._registry_uri}
