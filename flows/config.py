@@ -80,6 +80,7 @@ class SoftLabelConfig(_Section):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(256, ge=1)  # examples per Parquet shard
     dtype: Literal["float16", "float32"] = "float16"
+    top_k: int | None = Field(None, ge=1)  # store only the k largest logits + log-sum-exp of the rest (large label spaces)
 
 
 class DistillConfig(_Section):

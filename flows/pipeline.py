@@ -46,7 +46,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
             ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels,
             max_length=cfg.runtime.max_length, batch_size=cfg.soft_labels.batch_size,
-            shard_size=cfg.soft_labels.shard_size, dtype=cfg.soft_labels.dtype, device=device,
+            shard_size=cfg.soft_labels.shard_size, dtype=cfg.soft_labels.dtype, top_k=cfg.soft_labels.top_k, device=device,
             teacher_meta={"name": teacher.name, "version": teacher.version})
         student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=run_id)
         calib = train.sample(min(cfg.quantize.calibration_samples, len(train)), random_state=cfg.seed)["text"].tolist()

@@ -10,6 +10,15 @@ The manifest is written last and create-only (O_EXCL-style hard link on file://,
 on s3://): an entry without a manifest is incomplete, and its shards that still decode to the
 planned ids are reused when labelling resumes. Raw logits are stored; temperature is applied at
 training time, so it is not part of the key.
+
+Top-k mode (`top_k=k`, for large label spaces): each shard row holds `id`, `indices`
+(fixed_size_list<uint16|int32>[k], uint16 when C < 65536), `logits` (fixed_size_list<dtype>[k], the k
+largest logits, largest first) and `lse_rest` (float32, log-sum-exp of the other C-k logits). The
+manifest records `"top_k": k` (absent in full mode) and those columns, and k is part of the cache
+key (only when set, so full-mode keys are unchanged): a top-k entry never serves a full request.
+`read` rebuilds dense (N, C) float32 logits: the stored logits at their indices and
+`lse_rest - log(C-k)` everywhere else, so softmax gives the stored top-k probabilities exactly and
+spreads the residual mass uniformly over the other classes (exact up to the storage dtype).
 """
 
 from __future__ import annotations
@@ -39,12 +48,17 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
 # Fields the store itself writes into a manifest; `meta` passed to write() may not set them.
-_RESERVED = {"format_version", "key", "dtype", "num_examples", "num_classes", "columns", "shards", "created_at"}
+_RESERVED = {"format_version", "key", "dtype", "num_examples", "num_classes", "columns", "shards", "created_at",
+             "top_k"}
 
 
 def cache_key(*, teacher_digest: str, tokenizer_digest: str, data_digest: str, max_length: int,
-              labels: Sequence[str]) -> str:
-    """sha256 over the canonical JSON of everything that changes the teacher's logits."""
+              labels: Sequence[str], top_k: int | None = None) -> str:
+    """sha256 over the canonical JSON of everything that changes the stored logits.
+
+    `top_k` (top-k storage mode) enters the hashed inputs only when it is not None, so full-logit
+    keys are the same as before top-k existed, and a top-k entry never answers a full request.
+    """
     for name, value in (("teacher_digest", teacher_digest), ("tokenizer_digest", tokenizer_digest),
                         ("data_digest", data_digest)):
         if not isinstance(value, str) or not value:
@@ -56,8 +70,20 @@ def cache_key(*, teacher_digest: str, tokenizer_digest: str, data_digest: str, m
     if not labels or len(set(labels)) != len(labels) or not all(isinstance(l, str) for l in labels):
         raise DistillError(f"labels must be a non-empty list of distinct names, got {labels!r}",
                            "set data.labels to the class names in the teacher's output order")
-    return sha256_json({"teacher_digest": teacher_digest, "tokenizer_digest": tokenizer_digest,
-                        "data_digest": data_digest, "max_length": max_length, "labels": labels})
+    inputs = {"teacher_digest": teacher_digest, "tokenizer_digest": tokenizer_digest,
+              "data_digest": data_digest, "max_length": max_length, "labels": labels}
+    if top_k is not None:
+        inputs["top_k"] = _check_top_k(top_k, len(labels))
+    return sha256_json(inputs)
+
+
+def _check_top_k(top_k, num_classes: int) -> int:
+    """A valid top_k for `num_classes` classes (1 <= k < C), else DistillError."""
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or not 1 <= int(top_k) < num_classes:
+        raise DistillError(f"soft_labels.top_k must be an integer with 1 <= top_k < {num_classes} (the number of "
+                           f"classes), got {top_k!r}",
+                           "set soft_labels.top_k to a small k (e.g. 16), or leave it unset to store full logits")
+    return int(top_k)
 
 
 @dataclass
@@ -292,6 +318,75 @@ def _decode_shard(data: bytes, name: str) -> tuple[list[str], np.ndarray]:
                            "delete the cache entry and run again to relabel") from err
 
 
+def _index_dtype(num_classes: int):
+    return np.uint16 if num_classes < 65536 else np.int32
+
+
+def _top_k_split(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, C) finite logits -> indices (n, k) of the k largest (largest first, ties by index),
+    their float32 logits (n, k), and the float32 log-sum-exp of the other C-k logits (n,)."""
+    x = np.asarray(logits, dtype=np.float32)
+    n, c = x.shape
+    idx = np.argpartition(-x, k - 1, axis=1)[:, :k]                          # (n, k), unordered
+    vals = np.take_along_axis(x, idx, axis=1)
+    order = np.lexsort((idx, -vals), axis=-1)                                # value desc, then index asc
+    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+    rest = x.astype(np.float64)                                              # (n, C)
+    np.put_along_axis(rest, idx, -np.inf, axis=1)
+    peak = rest.max(axis=1, keepdims=True)                                   # finite: C-k >= 1 rest logits
+    lse_rest = (peak[:, 0] + np.log(np.exp(rest - peak).sum(axis=1))).astype(np.float32)
+    return idx, vals, lse_rest
+
+
+def _encode_topk_shard(ids: Sequence[str], indices: np.ndarray, logits: np.ndarray, lse_rest: np.ndarray) -> bytes:
+    """(ids, (n, k) indices, (n, k) logits, (n,) lse_rest) -> Parquet bytes with page checksums."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, k = logits.shape
+    table = pa.table({"id": pa.array(list(ids), pa.string()),
+                      "indices": pa.FixedSizeListArray.from_arrays(pa.array(indices.reshape(-1)), k),
+                      "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), k),
+                      "lse_rest": pa.array(np.asarray(lse_rest, np.float32))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
+
+
+def _decode_topk_shard(data: bytes, name: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Parquet bytes -> (ids, (n, k) indices, (n, k) logits in the stored dtype, (n,) float32 lse_rest)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+        cols = {}
+        for col_name in ("indices", "logits"):
+            col = table.column(col_name).combine_chunks()
+            if not pa.types.is_fixed_size_list(col.type) or col.null_count:
+                raise ValueError(f"unexpected schema {table.schema}")
+            cols[col_name] = np.asarray(col.flatten().to_numpy(zero_copy_only=False)).reshape(
+                len(col), col.type.list_size)
+        lse = table.column("lse_rest")
+        if lse.null_count or table.column("id").null_count or cols["indices"].shape != cols["logits"].shape:
+            raise ValueError(f"unexpected schema {table.schema}")
+        lse_rest = np.asarray(lse.to_numpy(), dtype=np.float32)
+        return table.column("id").to_pylist(), cols["indices"], cols["logits"], lse_rest
+    except (pa.ArrowException, ValueError, KeyError, OSError) as err:
+        raise DistillError(f"soft-label shard {name} cannot be decoded: {err}",
+                           "delete the cache entry and run again to relabel") from err
+
+
+def _dense_from_top_k(indices: np.ndarray, logits: np.ndarray, lse_rest: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, C) float32 logits whose softmax gives the stored top-k probabilities exactly and spreads the
+    residual mass exp(lse_rest) uniformly: stored logits at `indices`, lse_rest - log(C-k) elsewhere."""
+    n, k = logits.shape
+    fill = (lse_rest.astype(np.float64) - np.log(num_classes - k)).astype(np.float32)       # (N,)
+    dense = np.repeat(fill[:, None], num_classes, axis=1)                                      # (N, C)
+    np.put_along_axis(dense, indices.astype(np.int64), logits.astype(np.float32), axis=1)
+    return dense
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -322,7 +417,13 @@ class SoftLabelStore:
         return manifest
 
     def read(self, key: str) -> tuple[list[str], np.ndarray]:
-        """All (ids, (N, C) float32 logits) of a complete entry, each shard checked against its sha256."""
+        """All (ids, (N, C) float32 logits) of a complete entry, each shard checked against its sha256.
+
+        A top-k entry (manifest `top_k` = k) comes back dense too: each row holds the stored k logits at
+        their class indices and `lse_rest - log(C-k)` at the other C-k classes, so softmax(row) equals
+        the stored top-k probabilities exactly and the other classes share the residual mass
+        exp(lse_rest) / sum(exp(all logits)) uniformly (exact up to the storage dtype).
+        """
         manifest = self.manifest(key)
         if manifest is None:
             raise DistillError(f"no complete soft-label entry at {self.entry_uri(key)}",
@@ -340,6 +441,18 @@ class SoftLabelStore:
             if sha256_bytes(data) != shard["sha256"]:
                 raise DistillError(f"soft-label shard {name} in {self.entry_uri(key)} does not match the sha256 "
                                    "in its manifest (corrupted or overwritten)", fix)
+            top_k = manifest.get("top_k")
+            if top_k is not None:
+                ids, indices, values, lse_rest = _decode_topk_shard(data, name)
+                num_classes = manifest["num_classes"]
+                if len(ids) != shard["rows"] or values.shape[1] != top_k:
+                    raise DistillError(f"soft-label shard {name} holds {values.shape} top-k logits, manifest says "
+                                       f"{shard['rows']} rows x top_k {top_k}", fix)
+                if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= num_classes):
+                    raise DistillError(f"soft-label shard {name} holds class indices outside [0, {num_classes})", fix)
+                all_ids += ids
+                parts.append(_dense_from_top_k(indices, values, lse_rest, num_classes))
+                continue
             ids, logits = _decode_shard(data, name)
             if len(ids) != shard["rows"] or logits.shape[1] != manifest["num_classes"]:
                 raise DistillError(f"soft-label shard {name} holds {logits.shape} logits, manifest says "
@@ -351,23 +464,37 @@ class SoftLabelStore:
         return all_ids, logits
 
     def reusable_shards(self, key: str, ids: Sequence[str], *, shard_size: int, num_classes: int,
-                        dtype: str) -> dict[int, np.ndarray]:
-        """Shards of an incomplete entry that decode to exactly the planned ids: {shard index: logits}."""
+                        dtype: str, top_k: int | None = None) -> dict[int, np.ndarray]:
+        """Shards of an incomplete entry that decode to exactly the planned ids: {shard index: logits}.
+
+        With `top_k`, only top-k shards of that k qualify, and their logits come back dense (see read).
+        """
         present = set(self._backend.list(f"{_check_key(key)}/shards"))
         found: dict[int, np.ndarray] = {}
         for i, start in enumerate(range(0, len(ids), shard_size)):
             rel = f"{_check_key(key)}/shards/{_shard_name(i)}"
             if rel not in present:
                 continue
-            got = self._valid_shard(rel, ids[start:start + shard_size], num_classes, dtype)
+            got = self._valid_shard(rel, ids[start:start + shard_size], num_classes, dtype, top_k=top_k)
             if got is not None:
                 found[i] = got[1]
         return found
 
-    def _valid_shard(self, rel: str, ids: Sequence[str], num_classes: int, dtype: str) -> tuple[bytes, np.ndarray] | None:
+    def _valid_shard(self, rel: str, ids: Sequence[str], num_classes: int, dtype: str,
+                     top_k: int | None = None) -> tuple[bytes, np.ndarray] | None:
         data = self._backend.get(rel)
         if data is None:
             return None
+        if top_k is not None:
+            try:
+                got_ids, indices, values, lse_rest = _decode_topk_shard(data, rel)
+            except DistillError:
+                return None
+            if (got_ids != list(ids) or values.shape[1] != top_k or values.dtype != DTYPES[dtype]
+                    or indices.dtype != _index_dtype(num_classes)
+                    or (indices.size and int(indices.max()) >= num_classes)):
+                return None
+            return data, _dense_from_top_k(indices, values, lse_rest, num_classes)
         try:
             got_ids, logits = _decode_shard(data, rel)
         except DistillError:
@@ -377,12 +504,17 @@ class SoftLabelStore:
         return data, logits
 
     def write(self, key: str, ids: Sequence[str], logits: np.ndarray, *, dtype: str = "float16",
-              shard_size: int = 256, meta: dict) -> dict:
+              shard_size: int = 256, meta: dict, top_k: int | None = None) -> dict:
         """Write shards, then the manifest (last, create-only); return the manifest that won.
 
         `meta` adds fields to the manifest (key_inputs, teacher, ...). When the entry is already
         complete nothing is written and its manifest is returned; a shard that already holds the
         planned ids (an interrupted earlier write) is kept, never overwritten.
+
+        `top_k=k` (1 <= k < C) stores per row only the k largest logits (in `dtype`), their class
+        indices (uint16 when C < 65536, else int32) and `lse_rest`, the float32 log-sum-exp of the
+        other C-k logits; the manifest records `top_k`. The key should come from
+        cache_key(..., top_k=k). None (the default) stores full logits, exactly as before.
         """
         # 1. Check the arguments: these are programming errors, not user errors.
         _check_key(key)
@@ -400,11 +532,19 @@ class SoftLabelStore:
             raise ValueError(f"meta may not set {sorted(_RESERVED & set(meta))}")
         if "key_inputs" in meta and cache_key(**meta["key_inputs"]) != key:
             raise ValueError("meta['key_inputs'] does not hash to the key")
-        with np.errstate(over="ignore"):
-            stored = logits.astype(DTYPES[dtype])
-        if not np.isfinite(stored).all():
-            raise DistillError(f"teacher logits are not finite in {dtype} (max |logit| {np.abs(logits).max():.3g})",
-                               "store float32 soft labels (soft_labels.dtype: float32) or check the teacher")
+        if "key_inputs" in meta and meta["key_inputs"].get("top_k") != top_k:
+            raise ValueError(f"meta['key_inputs'] has top_k {meta['key_inputs'].get('top_k')!r}, write got {top_k!r}")
+        if top_k is not None:
+            top_k = _check_top_k(top_k, logits.shape[1])
+            if not np.isfinite(logits).all():
+                raise DistillError("teacher logits are not finite", "check the teacher")
+            stored = None                       # top-k rows are computed shard by shard below
+        else:
+            with np.errstate(over="ignore"):
+                stored = logits.astype(DTYPES[dtype])
+            if not np.isfinite(stored).all():
+                raise DistillError(f"teacher logits are not finite in {dtype} (max |logit| {np.abs(logits).max():.3g})",
+                                   "store float32 soft labels (soft_labels.dtype: float32) or check the teacher")
 
         # 2. A complete entry is never touched.
         existing = self.manifest(key)
@@ -418,10 +558,22 @@ class SoftLabelStore:
             name = _shard_name(i)
             rel = f"{key}/shards/{name}"
             chunk_ids = ids[start:start + shard_size]
-            data = _encode_shard(chunk_ids, stored[start:start + shard_size])
+            if top_k is None:
+                data = _encode_shard(chunk_ids, stored[start:start + shard_size])
+            else:
+                idx, vals, lse_rest = _top_k_split(logits[start:start + shard_size], top_k)
+                with np.errstate(over="ignore"):
+                    vals = vals.astype(DTYPES[dtype])
+                if not np.isfinite(vals).all() or not np.isfinite(lse_rest).all():
+                    raise DistillError(f"top-k teacher logits are not finite in {dtype} "
+                                       f"(max |logit| {np.abs(logits).max():.3g})",
+                                       "store float32 soft labels (soft_labels.dtype: float32) or check the teacher")
+                data = _encode_topk_shard(chunk_ids, idx.astype(_index_dtype(num_classes)), vals, lse_rest)
             if not self._backend.put_new(rel, data):
-                kept = self._valid_shard(rel, chunk_ids, num_classes, dtype)
+                kept = self._valid_shard(rel, chunk_ids, num_classes, dtype, top_k=top_k)
                 if kept is None:
+                    if (existing := self.manifest(key)) is not None:
+                        return existing               # another writer completed the entry: never touch its shards
                     self._backend.put(rel, data)      # leftover from another shard plan: replace it
                 else:
                     data = kept[0]
@@ -434,6 +586,11 @@ class SoftLabelStore:
             "columns": {"id": "string", "logits": f"fixed_size_list<{dtype}>[{num_classes}]"},
             "shards": shards, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if top_k is not None:
+            index_type = np.dtype(_index_dtype(num_classes)).name
+            manifest["top_k"] = top_k
+            manifest["columns"] = {"id": "string", "indices": f"fixed_size_list<{index_type}>[{top_k}]",
+                                   "logits": f"fixed_size_list<{dtype}>[{top_k}]", "lse_rest": "float32"}
         body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         if not self._backend.put_new(f"{key}/{MANIFEST}", body):
             theirs = self.manifest(key)
@@ -526,11 +683,15 @@ def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, toke
                        data_digest: str, ids: Sequence[str], texts: Sequence[str], labels: Sequence[str],
                        max_length: int = 128, batch_size: int = 32, shard_size: int = 256,
                        dtype: str = "float16", device: str = "cpu", teacher_meta: dict | None = None,
-                       progress: bool = True) -> SoftLabels:
+                       progress: bool = True, top_k: int | None = None) -> SoftLabels:
     """Teacher logits for `ids`, from the cache when the key matches, else labelled and stored.
 
     The logits returned are always the stored ones (read back after a write), so a run that
     labels and a later run that hits the cache train on identical numbers.
+
+    `top_k=k` stores only the k largest logits per example plus the log-sum-exp of the rest (see
+    SoftLabelStore.write); k is part of the cache key, and the logits returned are the dense
+    reconstruction of SoftLabelStore.read (exact top-k probabilities, residual mass spread uniformly).
     """
     # 1. Inputs and key.
     ids, labels = [str(i) for i in ids], list(labels)
@@ -544,6 +705,8 @@ def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, toke
         raise DistillError(f"soft-label dtype {dtype!r} is not supported", f"use one of {sorted(DTYPES)}")
     key_inputs = {"teacher_digest": teacher_digest, "tokenizer_digest": tokenizer_digest,
                   "data_digest": data_digest, "max_length": max_length, "labels": labels}
+    if top_k is not None:
+        key_inputs["top_k"] = _check_top_k(top_k, len(labels))
     key = cache_key(**key_inputs)
     store = SoftLabelStore(store_uri)
     uri = store.entry_uri(key)
@@ -557,7 +720,8 @@ def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, toke
 
     # 3. Miss: check the teacher, reuse verified shards of an interrupted run, label the rest.
     _check_teacher(teacher_dir, labels, teacher_digest, tokenizer_digest)
-    reused = store.reusable_shards(key, ids, shard_size=shard_size, num_classes=len(labels), dtype=dtype)
+    reused = store.reusable_shards(key, ids, shard_size=shard_size, num_classes=len(labels), dtype=dtype,
+                                   top_k=key_inputs.get("top_k"))
     logits = np.zeros((len(ids), len(labels)), dtype=np.float32)              # (N, C)
     todo = np.ones(len(ids), dtype=bool)
     for i, part in reused.items():
@@ -577,7 +741,8 @@ def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, toke
     meta = {"key_inputs": key_inputs, "teacher": dict(teacher_meta or {}),
             "produced_by": {"device": device, "batch_size": batch_size, "torch": torch.__version__,
                             "transformers": transformers.__version__, "reused_shards": len(reused)}}
-    manifest = store.write(key, ids, logits, dtype=dtype, shard_size=shard_size, meta=meta)
+    manifest = store.write(key, ids, logits, dtype=dtype, shard_size=shard_size, meta=meta,
+                           top_k=key_inputs.get("top_k"))
     stored_ids, stored = store.read(key)
     return SoftLabels(key=key, uri=uri, ids=ids, logits=_align(stored_ids, stored, ids, uri), hit=False,
                       manifest=manifest, labelled=int(len(todo_idx)), seconds=seconds)
@@ -616,16 +781,20 @@ def retry_on_transient_store_error(task, task_run, state) -> bool:
 def soft_labels_task(store_uri: str, *, teacher_dir, teacher_digest: str, tokenizer_digest: str, data_digest: str,
                      ids: list[str], texts: list[str], labels: list[str], max_length: int = 128,
                      batch_size: int = 32, shard_size: int = 256, dtype: str = "float16", device: str = "cpu",
-                     teacher_meta: dict | None = None) -> SoftLabels:
-    """Teacher soft labels for the training split, from the content-addressed cache when possible."""
+                     teacher_meta: dict | None = None, top_k: int | None = None) -> SoftLabels:
+    """Teacher soft labels for the training split, from the content-addressed cache when possible.
+
+    `top_k`: store only the k largest logits per example (see ensure_soft_labels); None stores all.
+    """
     logger = get_run_logger()
     result = ensure_soft_labels(store_uri, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
                                 tokenizer_digest=tokenizer_digest, data_digest=data_digest, ids=ids, texts=texts,
                                 labels=labels, max_length=max_length, batch_size=batch_size, shard_size=shard_size,
-                                dtype=dtype, device=device, teacher_meta=teacher_meta)
+                                dtype=dtype, device=device, teacher_meta=teacher_meta, top_k=top_k)
     if result.hit:
         logger.info(f"cache hit {result.key}")
     else:
         logger.info(f"cache miss {result.key}: labelled {result.labelled} examples in {result.seconds:.1f} s")
-    logger.info(f"soft labels: {len(result.ids)} x {result.logits.shape[1]} at {result.uri}")
+    stored_as = f" (top-{top_k} stored)" if top_k is not None else ""
+    logger.info(f"soft labels: {len(result.ids)} x {result.logits.shape[1]}{stored_as} at {result.uri}")
     return result
