@@ -63,17 +63,22 @@ class StudentResult:
 
 
 def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts, train_label_ids, teacher_logits,
-                    val_texts, val_label_ids, val_teacher_preds, cfg, max_length: int, seed: int, device: str,
+                    val_texts, val_label_ids, cfg, max_length: int, seed: int, device: str,
                     on_epoch=None) -> StudentResult:
-    """Build the student from the teacher's layers, train it with KD and save the best checkpoint."""
+    """Build the student from the teacher's layers, train it with KD and save the best checkpoint.
+
+    Validation fidelity is measured against the teacher's own predictions on `val_texts`.
+    """
     from tasks.digest import model_digest
+    from tasks.inference import predict_logits
     from tasks.modeling import load_classifier, save_classifier
     from tasks.runtime import seed_everything
     from tasks.training import TrainSettings, train_classifier
 
     seed_everything(seed)
     teacher, tokenizer = load_classifier(teacher_dir)
-    student = student_from_teacher(teacher, list(cfg.student_layers))
+    val_teacher_preds = predict_logits(teacher, tokenizer, val_texts, max_length=max_length, device=device).argmax(-1)
+    student = student_from_teacher(teacher.cpu(), list(cfg.student_layers))
     del teacher
     settings = TrainSettings(
         epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
@@ -114,18 +119,10 @@ def distill_task(teacher_dir, splits, soft, cfg, workdir, *, device: str, client
                 if k != "epoch":
                     client.log_metric(run_id, f"student.{k}", v, step=row["epoch"])
 
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
-
-    teacher, tokenizer = load_classifier(teacher_dir)
-    val_teacher_preds = predict_logits(teacher, tokenizer, val["text"].tolist(), max_length=cfg.runtime.max_length,
-                                       device=device).argmax(-1)
-    del teacher
     result = distill_student(
         teacher_dir, workdir / "student", train_texts=train["text"].tolist(),
         train_label_ids=train["label"].map(label_id).to_numpy(), teacher_logits=teacher_logits,
-        val_texts=val["text"].tolist(), val_label_ids=val["label"].map(label_id).to_numpy(),
-        val_teacher_preds=val_teacher_preds, cfg=cfg.distill, max_length=cfg.runtime.max_length, seed=cfg.seed,
+        val_texts=val["text"].tolist(), val_label_ids=val["label"].map(label_id).to_numpy(), cfg=cfg.distill, max_length=cfg.runtime.max_length, seed=cfg.seed,
         device=device, on_epoch=on_epoch)
     log.info("student: %d layers %s, %.1fM parameters, best epoch %d (val %s %.3f), %.0f s", len(result.layers),
              result.layers, result.parameters / 1e6, result.best_epoch, cfg.distill.select_metric,

@@ -55,6 +55,23 @@ def model_labels(model) -> list[str]:
     return [id2label[i] for i in range(len(id2label))]
 
 
+def config_labels(path: str | Path) -> list[str]:
+    """The label order of a saved classifier's logits, read from config.json (weights not loaded)."""
+    cfg = json.loads((check_model_dir(path) / "config.json").read_text())
+    id2label = cfg.get("id2label") or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def check_teacher_labels(found: list[str], labels: list[str], where: str) -> None:
+    """The teacher's logits must be in the order of the data's label set (names compared case-insensitively)."""
+    if [l.lower() for l in found] != [l.lower() for l in labels]:
+        raise DistillError(
+            f"{where} predicts {len(found)} labels {found}, but data.labels is {len(labels)} labels {labels} "
+            "(names and order must match)",
+            "re-bootstrap or re-import the teacher with data.labels (same labels, same order), or fix data.labels",
+        )
+
+
 def save_classifier(model, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

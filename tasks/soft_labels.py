@@ -642,23 +642,11 @@ def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max
                           desc="teacher logits" if progress else None)
 
 
-def _teacher_labels(teacher_dir) -> list[str]:
-    """The label order of the teacher's logits, read from its config (the weights are not loaded)."""
-    from transformers import AutoConfig
-
-    from tasks.modeling import check_model_dir
-
-    config = AutoConfig.from_pretrained(check_model_dir(teacher_dir), trust_remote_code=False)
-    return [str(config.id2label[i]) for i in range(config.num_labels)]
-
-
 def _check_teacher(teacher_dir, labels: list[str], teacher_digest: str, tokenizer_digest: str) -> None:
     """Refuse to label with a teacher whose classes or files are not the ones the key names."""
-    found = _teacher_labels(teacher_dir)
-    if [l.lower() for l in found] != [l.lower() for l in labels]:
-        raise DistillError(f"the teacher in {teacher_dir} predicts {len(found)} labels {found}, but data.labels "
-                           f"is {len(labels)} labels {labels} (names and order must match)",
-                           "re-bootstrap or re-import the teacher with data.labels, or fix data.labels")
+    from tasks.modeling import check_teacher_labels, config_labels
+
+    check_teacher_labels(config_labels(teacher_dir), labels, f"the teacher in {teacher_dir}")
     got_model, got_tok = model_digest(teacher_dir), compute_tokenizer_digest(teacher_dir)
     if (got_model, got_tok) != (teacher_digest, tokenizer_digest):
         raise DistillError(f"the teacher files in {teacher_dir} have digest {got_model[:12]} / tokenizer "

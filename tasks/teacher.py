@@ -32,15 +32,6 @@ def base_model_dir(base: str) -> Path:
     return path
 
 
-def check_teacher_labels(model_labels: list[str], data_labels: list[str], where: str) -> None:
-    """The teacher's logits must be in the order of the data's label set."""
-    if [l.lower() for l in model_labels] != [l.lower() for l in data_labels]:
-        raise DistillError(
-            f"{where} predicts {len(model_labels)} labels {model_labels}, but data.labels is {data_labels}",
-            "bootstrap or import a teacher trained on this label set (same labels, same order), or fix data.labels",
-        )
-
-
 def bootstrap_key(cfg) -> str:
     """What a bootstrapped teacher depends on; an equal key means the pinned teacher is reused."""
     from tasks.digest import sha256_json
@@ -157,7 +148,7 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
 
 def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log=print) -> dict:
     """Register an existing Hugging Face classifier folder as `<name>-teacher` (and pin it)."""
-    from tasks.modeling import check_model_dir, load_classifier, model_labels
+    from tasks.modeling import check_model_dir, check_teacher_labels, load_classifier, model_labels
     from tasks.registry import client_for, code_version, experiment_id
 
     root = check_model_dir(path)
@@ -188,16 +179,13 @@ def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log
 
 def resolve_teacher(cfg, cache_root: str | Path = ".distill/models"):
     """The teacher through the registry only (exact version, or the alias), checked against the label set."""
-    import json
-
+    from tasks.modeling import check_teacher_labels, config_labels
     from tasks.registry import client_for, fetch_model
 
     client = client_for(cfg.tracking)
     ref = fetch_model(client, cfg.teacher_model_name, alias=None if cfg.teacher.version else cfg.teacher.alias,
                       version=cfg.teacher.version, cache_root=cache_root)
-    id2label = json.loads((ref.path / "config.json").read_text()).get("id2label", {})
-    check_teacher_labels([id2label[k] for k in sorted(id2label, key=int)], list(cfg.data.labels),
-                         f"teacher {ref.name} v{ref.version}")
+    check_teacher_labels(config_labels(ref.path), list(cfg.data.labels), f"teacher {ref.name} v{ref.version}")
     return ref
 
 

@@ -12,6 +12,7 @@ from tasks.errors import DistillError
 from tasks.soft_labels import (SoftLabelStore, cache_key, ensure_soft_labels, is_transient,
                                retry_on_transient_store_error, teacher_logits)
 from tests.conftest import LABELS
+from tests.helpers import sharpened_teacher
 
 FP16_ATOL = 4e-3   # logits of the sharp teacher are within about +-5; fp16 spacing there is <= 2**-8
 N = 96             # rows of review_frame labelled per test: three shards of 32, and fast
@@ -24,24 +25,8 @@ def rows(review_frame):
 
 @pytest.fixture(scope="module")
 def sharp_teacher_dir(tiny_model_dir, rows, tmp_path_factory):
-    """The tiny teacher with its classifier head rescaled so that logits spread ~1 across texts.
-
-    Untrained, its logits differ by ~1e-5 from text to text: too little for a test to notice a
-    row put in the wrong place. Only the head changes; it stays a real BERT classifier.
-    """
-    import torch
-
-    from tasks.modeling import load_classifier, save_classifier
-
-    model, tok = load_classifier(tiny_model_dir)
-    model.eval()
-    with torch.no_grad():
-        batch = tok(rows["text"].tolist(), padding=True, truncation=True, max_length=64, return_tensors="pt")
-        pooled = model.bert(**batch).pooler_output                          # (N, H)
-        head = model.classifier
-        head.weight.div_((pooled @ head.weight.T).std(0).mean())            # (C, H)
-        head.bias.copy_(-(pooled.mean(0) @ head.weight.T))                  # centre the logits on 0
-    return save_classifier(model, tok, tmp_path_factory.mktemp("sharp-teacher"))
+    """The tiny teacher with logits that differ ~1 from text to text (tests.helpers.sharpened_teacher)."""
+    return sharpened_teacher(tiny_model_dir, rows["text"].tolist(), tmp_path_factory.mktemp("sharp-teacher"))
 
 
 @pytest.fixture(scope="module")

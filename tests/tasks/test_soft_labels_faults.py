@@ -23,6 +23,7 @@ from tasks.digest import model_digest, sha256_json, tokenizer_digest
 from tasks.errors import DistillError
 from tasks.soft_labels import SoftLabelStore, ensure_soft_labels, is_transient
 from tests.conftest import LABELS
+from tests.helpers import sharpened_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_labelling_worker.py")
@@ -39,21 +40,8 @@ def rows(review_frame):
 
 @pytest.fixture(scope="module")
 def sharp_teacher_dir(tiny_model_dir, rows, tmp_path_factory):
-    """The tiny teacher with its head rescaled so that logits differ ~1 from text to text (as in
-    test_soft_labels.py): a row in the wrong place or a mislabelled shard would show."""
-    import torch
-
-    from tasks.modeling import load_classifier, save_classifier
-
-    model, tok = load_classifier(tiny_model_dir)
-    model.eval()
-    with torch.no_grad():
-        batch = tok(rows["text"].tolist(), padding=True, truncation=True, max_length=64, return_tensors="pt")
-        pooled = model.bert(**batch).pooler_output                          # (N, H)
-        head = model.classifier
-        head.weight.div_((pooled @ head.weight.T).std(0).mean())            # (C, H)
-        head.bias.copy_(-(pooled.mean(0) @ head.weight.T))
-    return save_classifier(model, tok, tmp_path_factory.mktemp("sharp-teacher-faults"))
+    """The tiny teacher with logits that differ ~1 from text to text (tests.helpers.sharpened_teacher)."""
+    return sharpened_teacher(tiny_model_dir, rows["text"].tolist(), tmp_path_factory.mktemp("sharp-teacher-faults"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,27 @@
+"""Test helpers shared by several test modules (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def sharpened_teacher(model_dir, texts: Sequence[str], out_dir) -> Path:
+    """A copy of a tiny classifier whose head is rescaled so that logits spread ~1 across `texts`.
+
+    Untrained, its logits differ by ~1e-5 from text to text: too little for a test to notice a
+    row put in the wrong place. Only the head changes; it stays a real BERT classifier.
+    """
+    import torch
+
+    from tasks.modeling import load_classifier, save_classifier
+
+    model, tok = load_classifier(model_dir)
+    model.eval()
+    with torch.no_grad():
+        batch = tok(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        pooled = model.bert(**batch).pooler_output                          # (N, H)
+        head = model.classifier
+        head.weight.div_((pooled @ head.weight.T).std(0).mean())            # (C, H)
+        head.bias.copy_(-(pooled.mean(0) @ head.weight.T))                  # centre the logits on 0
+    return save_classifier(model, tok, out_dir)
