@@ -40,6 +40,7 @@ class DataConfig(_Section):
     id_column: str | None = None  # None: ids are "<file stem>:<row number>"
     labels: list[str] = Field(min_length=2)  # the label set, in the order of the logits
     slice_columns: list[str] = Field(default_factory=list)
+    critical_slices: dict[str, list[str]] = Field(default_factory=dict)  # column -> values that matter most
     holdout: HoldoutConfig | None = None
     validation_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -77,24 +78,69 @@ class TeacherConfig(_Section):
 
 class SoftLabelConfig(_Section):
     store: str = "file://.distill/soft-labels"  # or s3://bucket/prefix (AWS_* env, AWS_ENDPOINT_URL)
-    batch_size: int = Field(32, ge=1)
-    shard_size: int = Field(256, ge=1)  # examples per Parquet shard
+    batch_size: int = Field(8, ge=1)  # length-sorted teacher batches; 8 is fastest for ORT on 2 CPU cores
+    shard_size: int = Field(256, ge=1)  # examples per Parquet shard (one mapped Prefect task each)
     dtype: Literal["float16", "float32"] = "float16"
     top_k: int | None = Field(None, ge=1)  # store only the k largest logits + log-sum-exp of the rest (large label spaces)
+    # Teacher runtime for labelling: auto = ONNX Runtime on CPU (exported once per teacher digest,
+    # ~1.4x torch eager on 2 cores), torch on CUDA; torch / onnxruntime force one.
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # Where the shard tasks run: local = one after another in this process; dask = a Dask cluster
+    # (prefect-dask), a LocalCluster of dask_workers processes unless dask_address names a scheduler.
+    task_runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None  # e.g. tcp://scheduler:8786; the teacher folder must be readable there
+    dask_workers: int = Field(2, ge=1)  # LocalCluster processes (runtime.threads are split between them)
+
+
+class StudentConfig(_Section):
+    """How the student is built: from teacher layers, a fresh smaller config, or a pretrained folder."""
+
+    kind: Literal["layers", "config", "pretrained"] = "layers"
+    every: int | None = Field(None, ge=1)  # kind layers: every k-th teacher layer instead of distill.student_layers
+    num_layers: int = Field(2, ge=1)  # kind config
+    hidden_size: int = Field(128, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=1)
+    path: str | None = None  # kind pretrained: a local model folder sharing the teacher's tokenizer
 
 
 class DistillConfig(_Section):
-    student_layers: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)  # teacher layers kept
+    # --- the student (tasks.students.build_student)
+    student: StudentConfig = Field(default_factory=lambda: StudentConfig())
+    student_layers: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)  # kind layers: teacher layers kept
+    # --- the loss: alpha * CE(hard labels) + (1 - alpha) * T^2 * divergence(teacher_T, student_T)
     temperature: float = Field(2.0, gt=0)  # softens both distributions in the KD term
-    alpha: float = Field(0.5, ge=0, le=1)  # weight of hard-label CE; 1 - alpha goes to T^2 * KL
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of hard-label CE (at the start when alpha_schedule is set)
+    alpha_end: float | None = Field(None, ge=0, le=1)  # with alpha_schedule linear/cosine: alpha at the last step
+    alpha_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    divergence: Literal["forward_kl", "reverse_kl", "js"] = "forward_kl"
+    hidden_loss: Literal["none", "mse", "cosine"] = "none"  # match hidden states (teacher runs online)
+    hidden_weight: float = Field(1.0, ge=0)
+    layer_map: list[tuple[int, int]] | None = None  # (student, teacher) hidden-state indices, 0 = embeddings
+    attention_loss: bool = False  # TinyBERT-style attention-map KL on the layer_map pairs (heads must match)
+    attention_weight: float = Field(1.0, ge=0)
+    # --- rare-case emphasis: per-example weights of both loss terms
+    critical_weight: float = Field(1.0, ge=1)  # weight of training rows in data.critical_slices
+    uncertainty_weight: float = Field(0.0, ge=0)  # + this * (1 - teacher max probability) per row
+    # --- optimisation
     epochs: int = Field(8, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["linear", "cosine"] = "linear"  # after warmup
     batch_size: int = Field(16, ge=1)
+    grad_accumulation: int = Field(1, ge=1)  # optimizer step every n batches
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
     select_metric: Literal["accuracy", "fidelity"] = "accuracy"  # validation metric for the best checkpoint
+    baseline: bool = False  # also train the same student on hard labels only and report it beside the KD student
+
+    @model_validator(mode="after")
+    def _schedule_needs_end(self) -> "DistillConfig":
+        if self.alpha_schedule != "constant" and self.alpha_end is None:
+            raise ValueError(f"distill.alpha_schedule {self.alpha_schedule!r} needs distill.alpha_end (alpha at the "
+                             "last step)")
+        return self
 
 
 class QuantizeConfig(_Section):
@@ -138,6 +184,10 @@ class PipelineConfig(_Section):
     def _layers_non_negative(self) -> "PipelineConfig":
         if any(i < 0 for i in self.distill.student_layers):
             raise ValueError("distill.student_layers must be teacher layer indices >= 0")
+        unknown = sorted(set(self.data.critical_slices) - set(self.data.slice_columns))
+        if unknown:
+            raise ValueError(f"data.critical_slices names {unknown}, which are not in data.slice_columns "
+                             f"{self.data.slice_columns}")
         return self
 
     def digest(self) -> str:

@@ -19,7 +19,7 @@ from tasks.evaluate import evaluate_gates, evaluate_task
 from tasks.quantize import export_onnx_task, quantize_student_task
 from tasks.registry import client_for, register_task, start_pipeline_run
 from tasks.runtime import configure_threads, select_device
-from tasks.soft_labels import soft_labels_task
+from tasks.soft_labels import soft_labels_stage
 from tasks.teacher import resolve_teacher_task
 from tasks.validate import validate_data
 
@@ -41,12 +41,14 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         teacher = resolve_teacher_task(cfg)
         client.log_dict(run_id, {"data": splits.digests(), "teacher": teacher.summary()}, "lineage/inputs.json")
         train = splits["train"]
-        soft = soft_labels_task(
-            cfg.soft_labels.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
+        sl = cfg.soft_labels
+        soft = soft_labels_stage(
+            sl.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
             tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
             ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels,
-            max_length=cfg.runtime.max_length, batch_size=cfg.soft_labels.batch_size,
-            shard_size=cfg.soft_labels.shard_size, dtype=cfg.soft_labels.dtype, top_k=cfg.soft_labels.top_k, device=device,
+            max_length=cfg.runtime.max_length, batch_size=sl.batch_size, shard_size=sl.shard_size, dtype=sl.dtype,
+            top_k=sl.top_k, device=device, engine=sl.engine, task_runner=sl.task_runner,
+            dask_address=sl.dask_address, dask_workers=sl.dask_workers, threads=cfg.runtime.threads,
             teacher_meta={"name": teacher.name, "version": teacher.version})
         student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=run_id)
         calib = train.sample(min(cfg.quantize.calibration_samples, len(train)), random_state=cfg.seed)["text"].tolist()
@@ -54,6 +56,8 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         int8 = quantize_student_task(student.path, calib, heldout, workdir / "edge" / "int8",
                                      approach=cfg.quantize.approach, max_length=cfg.runtime.max_length, seed=cfg.seed)
         models = {"teacher": teacher.path, "student": student.path, "student-int8": int8.path}
+        if student.baseline is not None:
+            models["student-hard"] = student.baseline.path  # what distillation bought, in the same report
         if cfg.quantize.onnx:
             onnx = export_onnx_task(student.path, workdir / "edge" / "onnx", heldout_texts=heldout,
                                     max_length=cfg.runtime.max_length)

@@ -356,7 +356,7 @@ def onnx_predict_logits(onnx_dir, texts: Sequence[str], *, batch_size: int = 32,
     """Logits (N, C) float32 from ONNX Runtime, in the order of `texts` (length-sorted batches, dynamic padding)."""
     from transformers import AutoTokenizer
 
-    from tasks.inference import length_sorted_batches
+    from tasks.inference import length_sorted_batches, pad_batch
 
     session = session or onnx_session(onnx_dir)
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir, trust_remote_code=False)
@@ -367,10 +367,7 @@ def onnx_predict_logits(onnx_dir, texts: Sequence[str], *, batch_size: int = 32,
         return out
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     for idx in length_sorted_batches([len(ids) for ids in enc["input_ids"]], batch_size):
-        batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="np")
-        feed = {k: batch[k].astype(np.int64) if k in batch else np.zeros_like(batch["input_ids"], np.int64)
-                for k in names}
-        out[idx] = session.run(None, feed)[0]  # (B, C)
+        out[idx] = session.run(None, pad_batch(enc, idx, tokenizer.pad_token_id or 0, names))[0]  # (B, C)
     return out
 
 

@@ -146,6 +146,11 @@ def fetch_model(client, name: str, *, alias: str | None = None, version: int | N
     return ModelRef(name=name, version=int(mv.version), digest=expected, path=local, run_id=mv.run_id, alias=alias)
 
 
+def _describe_spec(student) -> str:
+    spec = getattr(student, "spec", None) or {"kind": "layers", "layers": student.layers}
+    return ", ".join(f"{k} {v}" for k, v in spec.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # the pipeline's MLflow run and the register stage
 
@@ -222,8 +227,9 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
     # 2. student version
     student_src = log_model_dir(client, run_id, student.path, "student")
     sv = create_version(client, cfg.student_model_name, source=student_src, run_id=run_id, description=(
-        f"Student of {teacher.name} v{teacher.version}: layers {student.layers}, test accuracy "
-        f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f})"),
+        f"Student of {teacher.name} v{teacher.version} ({_describe_spec(student)}), test accuracy "
+        f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f}"
+        + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")"),
         tags={**lineage, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
     # 3. edge version, parent = the student version it was quantized from
     edge_src = log_model_dir(client, run_id, edge_dir, "edge")

@@ -3,6 +3,7 @@ soft labels on a moto S3 server on 127.0.0.1. Bad input stops the run and leaves
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
     # soft labels computed once, in S3, with the manifest last
     assert not first["soft_labels"]["hit"] and first["soft_labels"]["uri"].startswith("s3://distill-soft/labels/")
     assert _manifests() == [f"labels/{first['soft_labels']['key']}/manifest.json"]
+    import boto3
+
+    manifest = json.loads(boto3.client("s3").get_object(Bucket="distill-soft", Key=_manifests()[0])["Body"].read())
+    # engine auto on CPU: the teacher labelled through ONNX Runtime, shards as mapped tasks
+    assert manifest["produced_by"]["engine"] == "onnxruntime" and manifest["produced_by"]["task_runner"] == "local"
 
     # registry: student and edge versions carrying every lineage tag
     student = client.get_model_version("tiny-student", str(first["registered"]["student"]["version"]))

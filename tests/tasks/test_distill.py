@@ -25,21 +25,25 @@ def test_student_copies_the_chosen_layers(tiny_model_dir):
 
 def test_bad_layer_list_is_refused(tiny_model_dir):
     teacher, _ = load_classifier(tiny_model_dir)
-    with pytest.raises(DistillError, match="student_layers"):
+    with pytest.raises(DistillError, match="out of range|0..1"):
         student_from_teacher(teacher, [0, 7])
     with pytest.raises(DistillError, match="distinct"):
         student_from_teacher(teacher, [1, 1])
 
 
-def _run(tiny_model_dir, review_frame, out, seed=3):
+def _run(tiny_model_dir, review_frame, out, seed=3, teacher_logits=None, weights=None, hard_labels_only=False,
+         **cfg_changes):
     df = review_frame.head(96)
     label_ids = df["label"].map({l: i for i, l in enumerate(LABELS)}).to_numpy()
     rng = np.random.default_rng(0)
-    teacher_logits = rng.normal(size=(len(df), 3)).astype(np.float32)
-    cfg = DistillConfig(student_layers=[1], epochs=2, learning_rate=1e-3, batch_size=16, patience=2)
+    if teacher_logits is None:
+        teacher_logits = rng.normal(size=(len(df), 3)).astype(np.float32)
+    cfg = DistillConfig(**{"student_layers": [1], "epochs": 2, "learning_rate": 1e-3, "batch_size": 16,
+                           "patience": 2, **cfg_changes})
     return distill_student(tiny_model_dir, out, train_texts=df["text"].tolist(), train_label_ids=label_ids,
                            teacher_logits=teacher_logits, val_texts=df["text"].tolist()[:32],
-                           val_label_ids=label_ids[:32], cfg=cfg, max_length=32, seed=seed, device="cpu")
+                           val_label_ids=label_ids[:32], cfg=cfg, max_length=32, seed=seed, device="cpu",
+                           train_ids=df["id"].tolist(), weights=weights, hard_labels_only=hard_labels_only)
 
 
 def test_distillation_trains_saves_and_is_reproducible(tiny_model_dir, review_frame, tmp_path):
@@ -50,3 +54,96 @@ def test_distillation_trains_saves_and_is_reproducible(tiny_model_dir, review_fr
     assert a.digest == b.digest  # same config, data and seed -> the same student
     student, _ = load_classifier(a.path)
     assert student.config.num_hidden_layers == 1
+
+
+# ------------------------------------------------------------------------------ issue 4: engine options
+
+
+def test_fresh_config_student_with_hidden_and_attention_matching(tiny_model_dir, review_frame, tmp_path):
+    """A fresh, narrower student (16 wide vs the teacher's 32) learns through a projection; the
+    attention maps are matched on the default layer map; the student saved has no projection."""
+    res = _run(tiny_model_dir, review_frame, tmp_path / "s", epochs=1,
+               student={"kind": "config", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32},
+               hidden_loss="mse", attention_loss=True, divergence="js")
+    student, _ = load_classifier(res.path)
+    assert student.config.hidden_size == 16 and student.config.num_hidden_layers == 1
+    assert res.spec["kind"] == "config" and np.isfinite(res.history[0]["train_loss"])
+    assert not any("projection" in k for k in student.state_dict())
+
+
+def test_every_kth_layer_cosine_schedule_and_accumulation(tiny_model_dir, review_frame, tmp_path):
+    res = _run(tiny_model_dir, review_frame, tmp_path / "s", epochs=1, student={"kind": "layers", "every": 2},
+               lr_schedule="cosine", grad_accumulation=2, alpha=0.8, alpha_end=0.2, alpha_schedule="linear",
+               hidden_loss="cosine", layer_map=[(0, 0), (1, 2)])
+    student, _ = load_classifier(res.path)
+    assert student.config.num_hidden_layers == 1 and res.layers == [] and res.spec == {"kind": "layers", "every": 2}
+    assert res.history[0]["alpha"] == pytest.approx(0.2, abs=0.05)   # the schedule reached alpha_end
+
+
+def test_hard_label_baseline_ignores_the_teacher(tiny_model_dir, review_frame, tmp_path):
+    """The baseline trains on labels only: teacher logits that are pure noise cannot change it."""
+    a = _run(tiny_model_dir, review_frame, tmp_path / "a", hard_labels_only=True)
+    b = _run(tiny_model_dir, review_frame, tmp_path / "b", hard_labels_only=True,
+             teacher_logits=np.full((96, 3), 50.0, np.float32))
+    kd = _run(tiny_model_dir, review_frame, tmp_path / "kd")
+    assert a.hard_labels_only and a.digest == b.digest and kd.digest != a.digest
+
+
+def test_non_finite_loss_stops_with_step_and_ids(tiny_model_dir, review_frame, tmp_path):
+    logits = np.random.default_rng(0).normal(size=(96, 3)).astype(np.float32)
+    logits[5] = np.nan
+    bad_id = review_frame.head(96)["id"].iloc[5]
+    with pytest.raises(DistillError, match="optimizer step") as err:
+        _run(tiny_model_dir, review_frame, tmp_path / "s", teacher_logits=logits)
+    assert str(bad_id) in str(err.value) and "no checkpoint" in str(err.value)
+    assert not (tmp_path / "s").exists(), "nothing saved from a failed run"
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"student_layers": [0, 7]}, "0..1"),
+    ({"hidden_loss": "mse", "layer_map": [(0, 0), (3, 2)]}, "layer map|0..1"),
+    ({"attention_loss": True, "student": {"kind": "config", "num_layers": 1, "hidden_size": 32, "num_heads": 4,
+                                          "intermediate_size": 32}}, "head"),
+])
+def test_bad_student_or_layer_map_fails_before_training(tiny_model_dir, review_frame, tmp_path, change, match):
+    with pytest.raises(DistillError, match=match):
+        _run(tiny_model_dir, review_frame, tmp_path / "s", **change)
+    assert not (tmp_path / "s").exists()
+
+
+def test_student_with_another_tokenizer_is_refused(tiny_model_dir, review_frame, tmp_path):
+    from tasks.scratch import build_scratch_classifier
+
+    other = build_scratch_classifier(["completely different words here"] * 50 + review_frame["text"].tolist()[-40:],
+                                     LABELS, tmp_path / "other", seed=1)
+    with pytest.raises(DistillError, match="tokenizer"):
+        _run(tiny_model_dir, review_frame, tmp_path / "s", student={"kind": "pretrained", "path": str(other)})
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["distill.alpha=1.5"], "distill.alpha"), (["distill.temperature=0"], "distill.temperature"),
+    (["distill.alpha_schedule=linear"], "alpha_end"),
+])
+def test_bad_loss_settings_are_config_errors(overrides, match):
+    from flows.config import load_config
+
+    with pytest.raises(DistillError, match=match):
+        load_config("configs/tiny.yaml", overrides)
+
+
+def test_example_weights_emphasise_critical_and_uncertain_rows():
+    from tasks.distill import example_weights
+
+    logits = np.array([[10.0, 0, 0], [0.0, 0, 0], [10.0, 0, 0]], np.float32)   # confident, uniform, confident
+    assert example_weights(logits, None) is None
+    w = example_weights(logits, np.array([False, False, True]), critical_weight=3.0, uncertainty_weight=1.0)
+    assert w[2] == pytest.approx(3.0, abs=1e-3) and w[1] == pytest.approx(1 + 2 / 3, abs=1e-4)
+    assert w[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_weights_change_the_student(tiny_model_dir, review_frame, tmp_path):
+    w = np.ones(96, np.float32)
+    w[:10] = 20.0
+    plain = _run(tiny_model_dir, review_frame, tmp_path / "a")
+    weighted = _run(tiny_model_dir, review_frame, tmp_path / "b", weights=w)
+    assert plain.digest != weighted.digest

@@ -387,11 +387,3 @@ def test_fp16_overflow_is_refused(tmp_path):
     with pytest.raises(DistillError, match="float32"):
         SoftLabelStore(tmp_path).write(_key(), ids, logits, meta=META)
     assert SoftLabelStore(tmp_path).write(_key(), ids, logits, dtype="float32", meta=META)["dtype"] == "float32"
-
-
-def test_task_states_its_resilience():
-    from tasks.soft_labels import soft_labels_task
-
-    assert soft_labels_task.name == "soft-labels" and soft_labels_task.retries == 2
-    assert soft_labels_task.retry_delay_seconds == [5, 15]
-    assert soft_labels_task.retry_condition_fn is retry_on_transient_store_error

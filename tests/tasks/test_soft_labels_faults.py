@@ -189,20 +189,53 @@ def _flip_byte(bucket: str, key: str, at: int = 100) -> None:
     client.put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def test_flipped_byte_in_a_stored_shard_is_named(s3_bucket, teacher, tmp_path):
-    """A complete entry with a damaged shard: the hit refuses it (sha256 mismatch), naming the shard
-    and how to fix it; the teacher is not run and nothing is rewritten."""
+def _stored(store_uri: str, key: str, ids: list[str]) -> np.ndarray:
+    """What the store holds for `key`, rows in the order of `ids`."""
+    got_ids, got = SoftLabelStore(store_uri).read(key)
+    row = {i: r for r, i in enumerate(got_ids)}
+    return got[[row[i] for i in ids]]
+
+
+def test_flipped_byte_in_a_stored_shard_is_recomputed_with_a_warning(s3_bucket, teacher, caplog):
+    """A complete entry with a damaged shard: detected on read (sha256 mismatch), a warning names the
+    shard, the teacher recomputes exactly that shard's rows, and shard + manifest are rewritten."""
     store_uri = f"s3://{s3_bucket}/{PREFIX}"
     first = ensure_soft_labels(store_uri, progress=False, **teacher)
     shard = f"{PREFIX}/{first.key}/shards/part-00002.parquet"
     _flip_byte(s3_bucket, shard)
     before = _objects(s3_bucket, PREFIX + "/")
 
+    with caplog.at_level("WARNING", logger="distill.soft_labels"):
+        again = ensure_soft_labels(store_uri, progress=False, **teacher)
+
+    assert again.hit and again.repaired == ["part-00002.parquet"] and again.labelled == SHARD
+    warned = [r.getMessage() for r in caplog.records if r.name == "distill.soft_labels"]
+    assert len(warned) == 1 and "part-00002.parquet" in warned[0] and "sha256" in warned[0] and "recomputing" in warned[0]
+    np.testing.assert_allclose(again.logits, first.logits, atol=FP16_ATOL, rtol=0)
+    assert _objects(s3_bucket, PREFIX + "/") == before              # rewritten in place, nothing added
+    repairs = again.manifest["repairs"]
+    assert [r["shard"] for r in repairs] == ["part-00002.parquet"] and "sha256" in repairs[0]["reason"]
+    # The repaired entry verifies end to end and is a clean hit from now on.
+    assert np.array_equal(_stored(store_uri, first.key, teacher["ids"]), again.logits)
+    clean = ensure_soft_labels(store_uri, progress=False, **teacher)
+    assert clean.hit and clean.repaired == [] and clean.labelled == 0
+
+
+def test_flipped_byte_without_the_teacher_is_a_clear_error(s3_bucket, teacher, tmp_path):
+    """Damage that cannot be recomputed (the teacher files are gone) stops with the shard named and
+    the fix; nothing is rewritten and the error is not retried."""
+    store_uri = f"s3://{s3_bucket}/{PREFIX}"
+    first = ensure_soft_labels(store_uri, progress=False, **teacher)
+    _flip_byte(s3_bucket, f"{PREFIX}/{first.key}/shards/part-00002.parquet")
+    before = _objects(s3_bucket, PREFIX + "/")
+    manifest_before = SoftLabelStore(store_uri).manifest(first.key)
+
     with pytest.raises(DistillError, match=r"soft-label shard part-00002\.parquet in s3://") as err:
         ensure_soft_labels(store_uri, progress=False, **{**teacher, "teacher_dir": str(tmp_path / "gone")})
-    assert "sha256" in str(err.value) and f"delete {first.uri}" in str(err.value)
+    assert "sha256" in str(err.value) and "teacher" in str(err.value) and f"delete {first.uri}" in str(err.value)
     assert not is_transient(err.value), "bit rot is not retried"
     assert _objects(s3_bucket, PREFIX + "/") == before
+    assert SoftLabelStore(store_uri).manifest(first.key) == manifest_before
 
 
 def test_flipped_byte_in_an_incomplete_entry_is_relabelled(s3_bucket, teacher):
@@ -221,7 +254,7 @@ def test_flipped_byte_in_an_incomplete_entry_is_relabelled(s3_bucket, teacher):
     assert again.hit is False and again.manifest["produced_by"]["reused_shards"] == N // SHARD - 1
     assert again.labelled == SHARD
     np.testing.assert_allclose(again.logits, first.logits, atol=FP16_ATOL, rtol=0)
-    assert np.array_equal(SoftLabelStore(store_uri).read(first.key)[1], again.logits)
+    assert np.array_equal(_stored(store_uri, first.key, teacher["ids"]), again.logits)
 
 
 # ------------------------------------------------------------------------------- endpoint down
