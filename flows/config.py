@@ -134,6 +134,8 @@ class DistillConfig(_Section):
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
     select_metric: Literal["accuracy", "fidelity"] = "accuracy"  # validation metric for the best checkpoint
     baseline: bool = False  # also train the same student on hard labels only and report it beside the KD student
+    freeze_embeddings: bool = False  # keep the student's word embeddings fixed (the teacher's, for kind layers):
+    # AdamW then skips ~12M of MiniLM's 15.6M student parameters, a faster step on small data
 
     @model_validator(mode="after")
     def _schedule_needs_end(self) -> "DistillConfig":

@@ -110,6 +110,8 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
     teacher, tokenizer = load_classifier(teacher_dir)
     spec = student_spec(cfg)
     student = build_student(teacher.cpu(), tokenizer, spec, labels=model_labels(teacher))
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
     settings = settings_for(cfg, max_length=max_length, seed=seed, hard_labels_only=hard_labels_only)
     uses_teacher_model = settings.hidden_loss != "none" or settings.attention_loss
     if uses_teacher_model:

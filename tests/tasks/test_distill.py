@@ -147,3 +147,12 @@ def test_weights_change_the_student(tiny_model_dir, review_frame, tmp_path):
     plain = _run(tiny_model_dir, review_frame, tmp_path / "a")
     weighted = _run(tiny_model_dir, review_frame, tmp_path / "b", weights=w)
     assert plain.digest != weighted.digest
+
+
+def test_frozen_embeddings_stay_the_teachers(tiny_model_dir, review_frame, tmp_path):
+    teacher, _ = load_classifier(tiny_model_dir)
+    frozen = _run(tiny_model_dir, review_frame, tmp_path / "f", freeze_embeddings=True)
+    trained = _run(tiny_model_dir, review_frame, tmp_path / "t")
+    word = lambda m: m.get_input_embeddings().weight  # noqa: E731
+    assert torch.equal(word(load_classifier(frozen.path)[0]), word(teacher))
+    assert not torch.equal(word(load_classifier(trained.path)[0]), word(teacher))
