@@ -51,8 +51,8 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
         raise ValueError(f"logits must be (B, C), got shape {tuple(student_logits.shape)}")
 
 
-class ForwardKLLoss(nn.Module):
-    """T^2 * KL(p_teacher_T || p_student_T), averaged over examples (mode-covering; Hinton et al.).
+class _Divergence(nn.Module):
+    """T^2 * a divergence between the tempered teacher and student distributions, averaged over examples.
 
     Args:
         temperature: softening temperature T > 0 applied to both logit sets.
@@ -69,67 +69,41 @@ class ForwardKLLoss(nn.Module):
         _check_temperature(temperature)
         self.temperature = temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        _check_logits(student_logits, teacher_logits)
-        t = self.temperature
-        logq = _finite_log_softmax(student_logits, t)  # (B, C)
-        logp = _finite_log_softmax(teacher_logits, t)  # (B, C)
-        return (t * t) * _kl_per_example(logp, logq).mean()
-
-
-class ReverseKLLoss(nn.Module):
-    """T^2 * KL(p_student_T || p_teacher_T), averaged over examples (mode-seeking).
-
-    Args:
-        temperature: softening temperature T > 0 applied to both logit sets.
-
-    Shapes: student_logits (B, C), teacher_logits (B, C) (any float dtype; computed in float32).
-    Returns a scalar.
-
-    Raises:
-        ValueError: T <= 0, or logits that are not the same (B, C) shape.
-    """
-
-    def __init__(self, temperature: float = 1.0):
-        super().__init__()
-        _check_temperature(temperature)
-        self.temperature = temperature
+    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        """(B,) divergence from teacher log-probs `logp` and student log-probs `logq`, both (B, C)."""
+        raise NotImplementedError
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         _check_logits(student_logits, teacher_logits)
         t = self.temperature
         logq = _finite_log_softmax(student_logits, t)  # (B, C)
         logp = _finite_log_softmax(teacher_logits, t)  # (B, C)
-        return (t * t) * _kl_per_example(logq, logp).mean()
+        return (t * t) * self.per_example(logp, logq).mean()
 
 
-class JSDLoss(nn.Module):
+class ForwardKLLoss(_Divergence):
+    """T^2 * KL(p_teacher_T || p_student_T), averaged over examples (mode-covering; Hinton et al.)."""
+
+    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        return _kl_per_example(logp, logq)
+
+
+class ReverseKLLoss(_Divergence):
+    """T^2 * KL(p_student_T || p_teacher_T), averaged over examples (mode-seeking)."""
+
+    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        return _kl_per_example(logq, logp)
+
+
+class JSDLoss(_Divergence):
     """T^2 * Jensen-Shannon divergence between p_teacher_T and p_student_T, averaged over examples.
 
     JS(p, q) = 0.5 KL(p || m) + 0.5 KL(q || m) with m = (p + q) / 2: symmetric and bounded by ln 2,
     so the loss lies in [0, T^2 ln 2].
-
-    Args:
-        temperature: softening temperature T > 0 applied to both logit sets.
-
-    Shapes: student_logits (B, C), teacher_logits (B, C) (any float dtype; computed in float32).
-    Returns a scalar.
-
-    Raises:
-        ValueError: T <= 0, or logits that are not the same (B, C) shape.
     """
 
-    def __init__(self, temperature: float = 1.0):
-        super().__init__()
-        _check_temperature(temperature)
-        self.temperature = temperature
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        _check_logits(student_logits, teacher_logits)
-        t = self.temperature
-        logq = _finite_log_softmax(student_logits, t)  # (B, C)
-        logp = _finite_log_softmax(teacher_logits, t)  # (B, C)
-        return (t * t) * _js_per_example(logp, logq).mean()
+    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+        return _js_per_example(logp, logq)
 
 
 class KDLoss(nn.Module):

@@ -65,6 +65,13 @@ def cache_key(*, teacher_digest: str, tokenizer_digest: str, data_digest: str, m
     `top_k` (top-k storage mode) enters the hashed inputs only when it is not None, so full-logit
     keys are the same as before top-k existed, and a top-k entry never answers a full request.
     """
+    return sha256_json(cache_key_inputs(teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
+                                        data_digest=data_digest, max_length=max_length, labels=labels, top_k=top_k))
+
+
+def cache_key_inputs(*, teacher_digest: str, tokenizer_digest: str, data_digest: str, max_length: int,
+                     labels: Sequence[str], top_k: int | None = None) -> dict:
+    """The checked inputs cache_key hashes (also recorded in the manifest as `key_inputs`)."""
     for name, value in (("teacher_digest", teacher_digest), ("tokenizer_digest", tokenizer_digest),
                         ("data_digest", data_digest)):
         if not isinstance(value, str) or not value:
@@ -80,7 +87,7 @@ def cache_key(*, teacher_digest: str, tokenizer_digest: str, data_digest: str, m
               "data_digest": data_digest, "max_length": max_length, "labels": labels}
     if top_k is not None:
         inputs["top_k"] = _check_top_k(top_k, len(labels))
-    return sha256_json(inputs)
+    return inputs
 
 
 def _check_top_k(top_k, num_classes: int) -> int:
@@ -948,11 +955,9 @@ def plan_soft_labels(store_uri: str, *, teacher_digest: str, tokenizer_digest: s
     if not isinstance(shard_size, int) or shard_size < 1:
         raise DistillError(f"soft_labels.shard_size must be a positive integer, got {shard_size!r}",
                            "set soft_labels.shard_size, e.g. 256")
-    key_inputs = {"teacher_digest": teacher_digest, "tokenizer_digest": tokenizer_digest,
-                  "data_digest": data_digest, "max_length": max_length, "labels": labels}
-    if top_k is not None:
-        key_inputs["top_k"] = _check_top_k(top_k, len(labels))
-    key = cache_key(**key_inputs)
+    key_inputs = cache_key_inputs(teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
+                                  data_digest=data_digest, max_length=max_length, labels=labels, top_k=top_k)
+    key = sha256_json(key_inputs)
     order = sorted(range(len(ids)), key=ids.__getitem__)
     store = SoftLabelStore(store_uri)
     return LabelPlan(store_uri=store.uri, key=key, uri=store.entry_uri(key), key_inputs=key_inputs, request_ids=ids,
