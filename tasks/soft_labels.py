@@ -504,23 +504,6 @@ class SoftLabelStore:
         """Names of the shard objects an entry (complete or not) holds now."""
         return {rel.rsplit("/", 1)[1] for rel in self._backend.list(f"{_check_key(key)}/shards")}
 
-    def reusable_shards(self, key: str, ids: Sequence[str], *, shard_size: int, num_classes: int,
-                        dtype: str, top_k: int | None = None) -> dict[int, np.ndarray]:
-        """Shards of an incomplete entry that decode to exactly the planned ids: {shard index: logits}.
-
-        With `top_k`, only top-k shards of that k qualify, and their logits come back dense (see read).
-        """
-        present = self.present_shards(key)
-        found: dict[int, np.ndarray] = {}
-        for i, start in enumerate(range(0, len(ids), shard_size)):
-            if _shard_name(i) not in present:
-                continue
-            got = self._valid_shard(f"{key}/shards/{_shard_name(i)}", ids[start:start + shard_size], num_classes,
-                                    dtype, top_k=top_k)
-            if got is not None:
-                found[i] = got[1]
-        return found
-
     def _valid_shard(self, rel: str, ids: Sequence[str], num_classes: int, dtype: str,
                      top_k: int | None = None) -> tuple[bytes, np.ndarray] | None:
         data = self._backend.get(rel)
@@ -1052,6 +1035,18 @@ def read_soft_labels(plan: LabelPlan, manifest: dict, *, teacher_dir, teacher_di
                       labelled=labelled, seconds=seconds, repaired=[b["name"] for b in bad])
 
 
+def lookup_soft_labels(plan: LabelPlan, *, teacher_dir, teacher_digest: str, tokenizer_digest: str,
+                       labels: list[str], run: dict) -> tuple[SoftLabels | None, list[ShardJob]]:
+    """A hit (verified, damaged shards recomputed), or the shard jobs of a miss once the teacher checks out."""
+    store = SoftLabelStore(plan.store_uri)
+    manifest = store.manifest(plan.key)
+    if manifest is not None:
+        return read_soft_labels(plan, manifest, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
+                                tokenizer_digest=tokenizer_digest, labels=labels, **run), []
+    _check_teacher(teacher_dir, list(labels), teacher_digest, tokenizer_digest)
+    return None, plan.jobs(store.present_shards(plan.key))
+
+
 def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, tokenizer_digest: str,
                        data_digest: str, ids: Sequence[str], texts: Sequence[str], labels: Sequence[str],
                        max_length: int = 128, batch_size: int = 32, shard_size: int = 256,
@@ -1071,15 +1066,13 @@ def ensure_soft_labels(store_uri: str, *, teacher_dir, teacher_digest: str, toke
     plan = plan_soft_labels(store_uri, teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
                             data_digest=data_digest, ids=ids, texts=texts, labels=labels, max_length=max_length,
                             shard_size=shard_size, dtype=dtype, top_k=top_k)
-    store = SoftLabelStore(store_uri)
     run = dict(batch_size=batch_size, device=device, engine=engine, threads=threads, progress=progress)
-    manifest = store.manifest(plan.key)
-    if manifest is not None:
-        return read_soft_labels(plan, manifest, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
-                                tokenizer_digest=tokenizer_digest, labels=labels, **run)
-    _check_teacher(teacher_dir, list(labels), teacher_digest, tokenizer_digest)
+    hit, jobs = lookup_soft_labels(plan, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
+                                   tokenizer_digest=tokenizer_digest, labels=list(labels), run=run)
+    if hit is not None:
+        return hit
     results = []
-    for job in plan.jobs(store.present_shards(plan.key)):
+    for job in jobs:
         results.append(label_shard(job, teacher_dir, **run))
         if results[-1].get("complete"):
             break
@@ -1124,14 +1117,9 @@ _RETRYING = dict(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
 @task(name="soft-labels-lookup", **_RETRYING)
 def soft_labels_lookup_task(plan: LabelPlan, *, teacher_dir, teacher_digest: str, tokenizer_digest: str,
                             labels: list[str], run: dict) -> tuple[SoftLabels | None, list[ShardJob]]:
-    """A hit (verified, damaged shards recomputed) or the shard jobs of a miss."""
-    store = SoftLabelStore(plan.store_uri)
-    manifest = store.manifest(plan.key)
-    if manifest is not None:
-        return read_soft_labels(plan, manifest, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
-                                tokenizer_digest=tokenizer_digest, labels=labels, **run), []
-    _check_teacher(teacher_dir, list(labels), teacher_digest, tokenizer_digest)
-    return None, plan.jobs(store.present_shards(plan.key))
+    """lookup_soft_labels as a task: store reads retried on transient S3 errors."""
+    return lookup_soft_labels(plan, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
+                              tokenizer_digest=tokenizer_digest, labels=labels, run=run)
 
 
 @task(name="label-shard", task_run_name="label-shard-{job.index}", **_RETRYING)
