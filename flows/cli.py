@@ -99,6 +99,11 @@ def _print_summary(cfg, result: dict) -> None:
     console.print(f"soft labels  {'cache hit' if soft['hit'] else 'computed'}: {soft['uri']}")
     console.print(f"registered   {reg['student']['name']} v{reg['student']['version']}, "
                   f"{reg['edge']['name']} v{reg['edge']['version']}" + (" @champion" if reg['edge']['champion'] else ""))
+    edge = result["edge"]
+    console.print(f"edge         primary {edge['primary']} ({'INT8' if edge['quantized'] else '[red]NOT quantized[/]'}): "
+                  f"{edge['reason']}", highlight=False)
+    for e in edge["errors"]:
+        console.print(f"[yellow]  not built: {e['problem']}[/]", highlight=False)
     console.print(f"gates        {gates}")
     console.print(f"mlflow run   {result['run_id']} in {result['tracking_uri']}")
     console.print("look         `distill ui` -> Prefect UI (runs, gap report artifact) and MLflow UI (runs, registry)")
@@ -267,6 +272,35 @@ def ui(prefect_port: int = typer.Option(4200), mlflow_port: int = typer.Option(5
     finally:
         for p in procs:
             p.terminate()
+
+
+@app.command()
+def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>-edge@champion, models:/<name>-edge/3, "
+                                      "or an edge folder (offline)"),
+            input: str = typer.Option(..., "--input", "-i", help='JSONL rows {"id": ..., "text": ...}; - reads stdin'),
+            tracking_uri: str = typer.Option("sqlite:///.distill/mlflow.db", envvar="MLFLOW_TRACKING_URI",
+                                             help="the MLflow registry holding the model"),
+            artifact: Optional[str] = typer.Option(None, help="an artifact other than the primary one, e.g. int8"),
+            batch_size: int = typer.Option(32, min=1, help="texts per forward pass")):
+    """Label JSONL rows with an edge model: one JSON object per row on stdout, messages on stderr."""
+    import json
+
+    from tasks.edge import load_edge, read_rows, resolve_edge, stdout_to_stderr
+    from tasks.errors import DistillError
+
+    try:
+        rows = read_rows(input)  # every row checked before the model loads: a bad file prints nothing
+        with stdout_to_stderr():
+            edge = load_edge(resolve_edge(model, tracking_uri, log=err_console.print), artifact)
+            results = edge.predict_rows(rows, batch_size=batch_size)
+    except DistillError as err:
+        _fail(err)
+    try:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in results))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `distill predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    err_console.print(f"{len(results)} rows labelled with {edge.artifact} ({edge.runtime})", highlight=False)
 
 
 def main() -> None:

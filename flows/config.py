@@ -147,9 +147,22 @@ class DistillConfig(_Section):
 
 
 class QuantizeConfig(_Section):
-    approach: Literal["static", "dynamic"] = "static"  # INC PT2E INT8 mode
+    # INC accuracy-aware autotune: candidates tried in order until one keeps validation accuracy within
+    # tolerable_loss (relative) of the fp32 student; names from tasks.quantize.CANDIDATES
+    candidates: list[Literal["static", "static-kl", "static-sym", "dynamic", "static-fp32-head",
+                             "static-fp32-ffn-out"]] = Field(
+        default_factory=lambda: ["static", "static-kl", "static-sym", "dynamic", "static-fp32-head",
+                                 "static-fp32-ffn-out"], min_length=1)
+    tolerable_loss: float = Field(0.01, ge=0, lt=1)  # relative to the fp32 student's validation accuracy
+    max_trials: int = Field(6, ge=1)
     calibration_samples: int = Field(128, ge=1)  # seeded sample of the training split
-    onnx: bool = True  # also export the fp32 student to ONNX through optimum
+    onnx: bool = True  # keep the fp32 student exported to ONNX (optimum) in the edge folder
+    onnx_int8: bool = True  # ONNX Runtime INT8 (dynamic int8 MatMuls + 4-bit embeddings)
+    onnx_embedding_bits: Literal[4, 8] = 4
+    # which INT8 artifact is the edge model's primary when several pass: auto = int8 (INC, compiled: fastest on
+    # x86) then onnx-int8 (smallest, portable runtime); or a comma list such as "onnx-int8,int8"
+    primary: str = Field("auto", pattern=r"^(auto|(int8|onnx-int8)(,(int8|onnx-int8))*)$")
+    require_int8: bool = True  # gate: an fp32-only edge model (quantization impossible) is never promoted
 
 
 class EvaluateConfig(_Section):

@@ -16,7 +16,7 @@ from tasks.data import load_data
 from tasks.digest import folder_bytes, tokenizer_digest
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_gates, evaluate_task
-from tasks.quantize import export_onnx_task, quantize_student_task
+from tasks.quantize import quantization_gate, quantize_edge
 from tasks.registry import client_for, register_task, start_pipeline_run
 from tasks.runtime import configure_threads, select_device
 from tasks.soft_labels import soft_labels_stage
@@ -51,23 +51,20 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             dask_address=sl.dask_address, dask_workers=sl.dask_workers, threads=cfg.runtime.threads,
             teacher_meta={"name": teacher.name, "version": teacher.version})
         student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=run_id)
-        calib = train.sample(min(cfg.quantize.calibration_samples, len(train)), random_state=cfg.seed)["text"].tolist()
-        heldout = splits["validation"]["text"].tolist()
-        int8 = quantize_student_task(student.path, calib, heldout, workdir / "edge" / "int8",
-                                     approach=cfg.quantize.approach, max_length=cfg.runtime.max_length, seed=cfg.seed)
-        models = {"teacher": teacher.path, "student": student.path, "student-int8": int8.path}
+        edge = quantize_edge(cfg, splits, student.path, workdir / "edge", client=client, run_id=run_id)
+        models = {"teacher": teacher.path, "student": student.path}
         if student.baseline is not None:
             models["student-hard"] = student.baseline.path  # what distillation bought, in the same report
-        if cfg.quantize.onnx:
-            onnx = export_onnx_task(student.path, workdir / "edge" / "onnx", heldout_texts=heldout,
-                                    max_length=cfg.runtime.max_length)
-            models["student-onnx"] = onnx.path
+        for art in edge.artifacts.values():
+            if art["report_name"] not in models:
+                models[art["report_name"]] = edge.path / art["path"]
         report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id)
-        gates = evaluate_gates(report, "student-int8", int8.parity, cfg.evaluate)
+        gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], cfg.evaluate,
+                               quantization=quantization_gate(edge, cfg.quantize))
         sizes = {name: folder_bytes(path) for name, path in models.items()}
         client.log_dict(run_id, sizes, "evaluation/sizes_bytes.json")
         registered = register_task(client, run_id, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft,
-                                   student=student, edge_dir=workdir / "edge", report=report, gates=gates)
+                                   student=student, edge=edge, report=report, gates=gates)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -75,7 +72,9 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         shutil.rmtree(workdir, ignore_errors=True)  # what is kept is in MLflow (and the soft-label store)
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "teacher": teacher.summary(), "soft_labels": {"key": soft.key, "uri": soft.uri, "hit": soft.hit},
-            "student": student.summary(), "int8": {"size_bytes": int8.size_bytes, "parity": int8.parity},
+            "student": student.summary(),
+            "edge": {"primary": edge.primary, "quantized": edge.quantized, "reason": edge.reason,
+                     "errors": edge.errors, "report_name": edge.report_name},
             "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered, "tracking_uri": client._registry_uri}
 
 

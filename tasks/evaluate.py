@@ -123,17 +123,30 @@ def gate_thresholds(evaluate_cfg) -> dict[str, float]:
             "edge_argmax_agreement_vs_student": evaluate_cfg.min_edge_agreement}
 
 
-def evaluate_gates(report: GapReport, edge_model: str, edge_parity: dict, evaluate_cfg) -> dict[str, dict]:
-    """Each gate with its measured value, threshold and verdict."""
+def evaluate_gates(report: GapReport, edge_model: str, edge_parity: dict, evaluate_cfg, *,
+                   quantization: dict | None = None) -> dict[str, dict]:
+    """Each gate with its measured value, threshold and verdict (and a `detail` sentence where it helps).
+
+    `quantization` comes from the quantize stage: {"passed": bool, "detail": str}; absent, the gate is not added.
+    """
     limits = gate_thresholds(evaluate_cfg)
     drop = report.metric("test", "student") - report.metric("test", edge_model)
     agree = edge_parity["argmax_agreement"]
-    return {
+    finite = bool(edge_parity.get("finite", True))
+    gates = {
         "edge_accuracy_drop_vs_student": {"value": drop, "threshold": limits["edge_accuracy_drop_vs_student"],
-                                          "passed": drop <= limits["edge_accuracy_drop_vs_student"] + 1e-12},
+                                          "passed": drop <= limits["edge_accuracy_drop_vs_student"] + 1e-12,
+                                          "detail": f"{edge_model} test accuracy vs the fp32 student"},
         "edge_argmax_agreement_vs_student": {"value": agree, "threshold": limits["edge_argmax_agreement_vs_student"],
-                                             "passed": agree >= limits["edge_argmax_agreement_vs_student"]},
+                                             "passed": finite and agree >= limits["edge_argmax_agreement_vs_student"],
+                                             "detail": f"{edge_model} on held-out validation texts"},
+        "edge_outputs_finite": {"value": float(finite), "threshold": 1.0, "passed": finite,
+                                "detail": "no NaN or inf in the edge model's held-out logits"},
     }
+    if quantization is not None:
+        gates["quantization"] = {"value": float(quantization["passed"]), "threshold": 1.0,
+                                 "passed": bool(quantization["passed"]), "detail": quantization["detail"]}
+    return gates
 
 
 def model_predictors(paths: dict[str, str], *, max_length: int, batch_size: int, device: str) -> dict:

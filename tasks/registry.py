@@ -194,7 +194,7 @@ def attestation_statement(*, subjects: dict[str, str], predicate_type: str, pred
     }
 
 
-def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge_dir: Path,
+def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge,
                     report, gates: dict, log=print) -> dict:
     """Register the student and the edge model with their lineage tags; move `champion` only on passed gates."""
     import json
@@ -203,6 +203,7 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
     from tasks.digest import model_digest
 
     passed = all(g["passed"] for g in gates.values())
+    edge_dir = edge.path
     edge_digest = model_digest(edge_dir)
     # 1. the attestation of this run: what went in, what came out, the evidence
     statement = attestation_statement(
@@ -212,6 +213,10 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
                    "data": {"digest": data_digest}, "soft_labels": {"uri": soft.uri, "key": soft.key},
                    "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(), "code_version": code_version(),
                    "results": {"test": report.suites.get("test", {}), "flags": report.flags}, "gates": gates,
+                   "quantization": {"primary": edge.primary, "quantized": edge.quantized, "reason": edge.reason,
+                                    "errors": edge.errors, "tuning": edge.tuning,
+                                    "artifacts": {n: {k: a[k] for k in ("digest", "size_bytes", "parity", "check")}
+                                                  for n, a in edge.artifacts.items()}},
                    "approver": None})
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "statement.json").write_text(json.dumps(statement, indent=2, default=str))
@@ -233,11 +238,16 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
         tags={**lineage, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
     # 3. edge version, parent = the student version it was quantized from
     edge_src = log_model_dir(client, run_id, edge_dir, "edge")
-    edge_name = "student-int8" if "student-int8" in test else report.models[-1]
+    edge_name = edge.report_name
+    failed_gates = [k for k, g in gates.items() if not g["passed"]]
+    kind = f"INT8 edge model ({edge.primary})" if edge.quantized else "Edge model, NOT quantized (fp32 student)"
     ev = create_version(client, cfg.edge_model_name, source=edge_src, run_id=run_id, description=(
-        f"INT8 edge model of {cfg.student_model_name} v{sv.version}: test accuracy {test[edge_name]['accuracy']:.3f}; "
-        f"gates {'passed' if passed else 'FAILED'}"),
-        tags={**lineage, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest})
+        f"{kind} of {cfg.student_model_name} v{sv.version}: test accuracy {test[edge_name]['accuracy']:.3f} "
+        f"(student {test['student']['accuracy']:.3f}), {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB. "
+        f"{edge.reason}. Gates {'passed' if passed else 'FAILED: ' + ', '.join(failed_gates)}."),
+        tags={**lineage, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest,
+              "edge.primary": edge.primary, "edge.quantized": str(edge.quantized).lower(),
+              "quantization.candidate": (edge.tuning or {}).get("best") or "none"})
     # 4. promotion: only past passed gates
     if passed:
         client.set_registered_model_alias(cfg.edge_model_name, "champion", ev.version)

@@ -71,9 +71,14 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
 
     # every model evaluated on its own, on test and the OOD set
     test = first["report"]["suites"]["test"]
-    assert set(test) == {"teacher", "student", "student-int8", "student-onnx"}
+    assert set(test) == {"teacher", "student", "student-int8", "student-onnx", "student-onnx-int8"}
     assert all(0.0 <= m["accuracy"] <= 1.0 and "macro_f1" in m for m in test.values())
     assert "fidelity" in test["student-int8"]
+
+    # quantization: INC autotune trials recorded, the primary INT8 artifact named, the gate evaluated
+    e = first["edge"]
+    assert e["quantized"] and e["primary"] in ("int8", "onnx-int8") and not e["errors"]
+    assert "quantization" in first["gates"] and first["gates"]["quantization"]["passed"] == e["quantized"]
     assert "ood:unseen_conditions" in first["report"]["suites"]
 
     # soft labels computed once, in S3, with the manifest last
@@ -94,6 +99,8 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
         assert mv.tags["config.digest"] == cfg.digest()
         assert mv.tags["soft_labels.key"] == first["soft_labels"]["key"]
     assert edge.tags["parent"] == f"tiny-student/{student.version}"
+    assert edge.tags["edge.primary"] == e["primary"] and edge.tags["edge.quantized"] == "true"
+    assert edge.tags["quantization.candidate"] in ("static", "dynamic")
     assert edge.tags["gates.passed"] == str(first["registered"]["gates_passed"]).lower()
     if first["registered"]["gates_passed"]:
         assert client.get_model_version_by_alias("tiny-edge", "champion").version == edge.version
@@ -102,6 +109,15 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
     run = client.get_run(first["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["config.digest"] == cfg.digest()
     assert "student-int8.test.accuracy" in run.data.metrics
+    trials = client.get_metric_history(first["run_id"], "quantize.trial_accuracy")
+    assert 1 <= len(trials) <= 2  # tiny.yaml: candidates [static, dynamic], max_trials 2
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path="quantization/edge.json",
+                                                tracking_uri=cfg.tracking.uri)
+    manifest_edge = json.loads(Path(local).read_text())
+    assert manifest_edge["primary"] == e["primary"] and manifest_edge["tuning"]["trials"]
+    assert {"int8", "onnx", "onnx-int8"} <= set(manifest_edge["artifacts"])
 
     async def _artifact():
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
