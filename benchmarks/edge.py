@@ -12,7 +12,10 @@ p50/p95 at batch 1 and throughput at batch 32 (both with 128-token inputs: real 
 to 128), the peak memory of a fresh process (VmHWM), and load / first-call (compile) seconds apart from the
 steady state. Every artifact lives in its own worker process (the compiled INC module twice: one process and
 one compile per batch shape); the parent drives the workers one at a time, round-robin with a rotating order,
-so load from other jobs on the machine hits all artifacts alike. Figures are medians over ROUNDS rounds.
+so load from other jobs on the machine hits all artifacts alike. The CPU time other processes use is measured
+in every round (/proc/stat minus our processes); rounds are added until ROUNDS quiet ones (others < 10% of the
+CPUs) are in, for at most about MAX_MEASURE_S seconds. Figures are medians over the quiet rounds (over all rounds,
+flagged, when fewer than MIN_QUIET were quiet); speedups are medians of per-round ratios.
 2 threads everywhere (torch.set_num_threads(2), ORT intra_op_num_threads=2).
 
 Prints a table and writes benchmarks/results/edge.json (flat: int8_accuracy_drop_points, int8_speedup_b32,
@@ -47,10 +50,13 @@ import numpy as np  # noqa: E402
 
 THREADS = 2
 MAX_LENGTH = 128
-ROUNDS = int(os.environ.get("EDGE_BENCH_ROUNDS", 7))  # round-robin rounds; figures are medians over them
-B32_BATCHES = 4        # timed batches of 32 per artifact and round (after one untimed call)
-B1_CALLS = 25          # timed single-example calls per artifact and round (after two untimed calls)
-PAUSE_S = 0.3          # between workers: lets the previous worker's spinning OpenMP/ORT threads go to sleep
+ROUNDS = int(os.environ.get("EDGE_BENCH_ROUNDS", 9))  # quiet round-robin rounds wanted; figures are medians
+MIN_QUIET = 5          # fewer quiet rounds than this: the figures use every round (and say so)
+QUIET_SHARE = 0.10     # a round is quiet when other processes used < 10% of the 2 cores during it
+MAX_MEASURE_S = float(os.environ.get("EDGE_BENCH_MAX_S", 420))  # stop adding rounds after this (at least ROUNDS)
+B32_BATCHES = 2        # timed batches of 32 per artifact and round (after one untimed call)
+B1_CALLS = 10          # timed single-example calls per artifact and round (after one untimed call)
+PAUSE_S = 0.1          # between workers: lets the previous worker's spinning OpenMP/ORT threads go to sleep
 TRACKING_URI = "sqlite:///.distill/mlflow.db"
 EXPERIMENT = "distill-gap-benchmarks"
 SCRATCH = ROOT / ".distill" / "bench" / "edge"
@@ -223,7 +229,7 @@ class _Worker:
     def b1_round(self) -> dict:
         if self.kind == "inc" and self.batch != 1:
             return {}
-        return {"b1_s": self.timed(self.b1[2:])}
+        return {"b1_s": self.timed(self.b1[2:])}  # (self.b1[0], [1] serve the first/second-call timings)
 
     def accuracy(self, label_ids: list[int]) -> dict:
         """Test predictions of the artifact as the project runs it (batches of 32)."""
@@ -455,7 +461,7 @@ def int8_limit(cpu: dict, cores: int) -> dict:
 
 
 def measure(paths: dict, test_texts: list[str], test_ids: list[int], labels: list[str]) -> dict:
-    """Every artifact in its own process; load, accuracy, then ROUNDS round-robin rounds of b32 and b1."""
+    """Every artifact in its own process; load, accuracy, then round-robin rounds of b32 and b1."""
     spec = {"texts": test_texts, "labels": labels, "label_ids": test_ids}
     procs: dict[str, Proc] = {}
     tmp = tempfile.mkdtemp(prefix="edge-bench-")
@@ -479,7 +485,12 @@ def measure(paths: dict, test_texts: list[str], test_ids: list[int], labels: lis
                 log(f"{name}: test accuracy {res[name]['accuracy']:.4f}")
             time.sleep(PAUSE_S)
         names = list(procs)
-        for r in range(ROUNDS):
+        pids = [os.getpid()] + [p.p.pid for p in procs.values()]
+        rounds = res["_rounds"] = []
+        start, r = time.perf_counter(), 0
+        # rounds until ROUNDS of them were quiet, or the time is up (and at least ROUNDS were run)
+        while sum(x["quiet"] for x in rounds) < ROUNDS and (r < ROUNDS or time.perf_counter() - start < MAX_MEASURE_S):
+            cpu0, t0 = _cpu_ticks(pids), time.perf_counter()
             order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
             for cmd in ("b32", "b1"):
                 for name in order:
@@ -487,8 +498,14 @@ def measure(paths: dict, test_texts: list[str], test_ids: list[int], labels: lis
                     for k, v in out.items():
                         res[name].setdefault(k, []).append(v)
                     time.sleep(PAUSE_S)
-            log(f"round {r + 1}/{ROUNDS}: " + ", ".join(
-                f"{n} {32 * B32_BATCHES / sum(res[n]['b32_s'][-1]):.0f}/s" for n in names if "b32_s" in res[n]))
+            cpu1, wall = _cpu_ticks(pids), time.perf_counter() - t0
+            other = ((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / (_HZ * wall * (os.cpu_count() or 1))
+            rounds.append({"other_cpu_share": max(0.0, other), "quiet": other < QUIET_SHARE, "seconds": wall,
+                           "load_average": os.getloadavg()[0]})
+            r += 1
+            log(f"round {r} ({sum(x['quiet'] for x in rounds)}/{ROUNDS} quiet): " + ", ".join(
+                f"{n} {32 * B32_BATCHES / sum(res[n]['b32_s'][-1]):.0f}/s" for n in names if "b32_s" in res[n])
+                + f"; other processes used {100 * other:.0f}% of the CPUs")
         for name, p in procs.items():
             res[name].update(p.ask("memory"))
     finally:
@@ -503,7 +520,27 @@ def measure(paths: dict, test_texts: list[str], test_ids: list[int], labels: lis
     return res
 
 
-def summarize(raw: dict) -> dict:
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(busy ticks of the whole machine incl. steal, ticks used by `pids`) from /proc: what other processes use
+    during a round is the difference."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # user nice system irq softirq steal
+    ours = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ours += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError):
+            pass
+    return busy, ours
+
+
+def summarize(raw: dict, use: list[int]) -> dict:
     """Per artifact: median over the rounds (b32 throughput), p50/p95 over all pooled calls (b1); the two INC
     processes merged (b1 figures from one, b32 and accuracy from the other, peak memory the larger)."""
     series = ("b32_s", "b1_s", "pred")
@@ -514,6 +551,7 @@ def summarize(raw: dict) -> dict:
                                  for tag, part in parts.items()}}
         for part in parts.values():
             m.update({k: v for k, v in part.items() if k not in series})
+            part = {k: ([v[i] for i in use] if k in ("b32_s", "b1_s") else v) for k, v in part.items()}
             if "b32_s" in part:
                 per_round = [32 * len(r) / sum(r) for r in part["b32_s"]]
                 m["b32_examples_per_s"] = statistics.median(per_round)
@@ -572,10 +610,17 @@ def main() -> None:
     paths = {"teacher": teacher.path, "student": student.path, **{k: Path(build[k]["path"]) for k in
                                                                   ("inc-int8", "onnx-fp32", "onnx-int8")}}
     sizes = {k: folder_bytes(p) for k, p in paths.items()}
-    log(f"measuring {len(paths)} artifacts: {ROUNDS} rounds of {B32_BATCHES} batches of 32 and {B1_CALLS} "
+    log(f"measuring {len(paths)} artifacts: up to {ROUNDS} quiet rounds of {B32_BATCHES} batches of 32 and {B1_CALLS} "
         f"single calls each, round-robin, {THREADS} threads")
     raw = measure(paths, test_texts, test_ids, list(splits.labels))
-    arts = summarize(raw)
+    rounds = raw.pop("_rounds")
+    quiet = [i for i, x in enumerate(rounds) if x["quiet"]]
+    use = quiet if len(quiet) >= MIN_QUIET else list(range(len(rounds)))
+    if len(quiet) < MIN_QUIET:
+        log(f"WARNING: only {len(quiet)} of {len(rounds)} rounds were quiet (other processes < "
+            f"{QUIET_SHARE:.0%} of the CPUs): the figures use all rounds and are disturbed by other jobs")
+    load_avg = [x["load_average"] for x in rounds]
+    arts = summarize(raw, use)
     digests = {n: r["inputs_sha256"] for n, r in raw.items()}
     if len(set(digests.values())) != 1:
         log(f"WARNING: the workers' 128-token inputs differ: {digests}")
@@ -601,13 +646,19 @@ def main() -> None:
     limit = int8_limit(cpu, THREADS)
     achieved = macs["total"] * b["b32_examples_per_s"]
 
+    def ratio(num: str, den: str, key: str) -> float:
+        """Median over the rounds of the per-round ratio: both figures of a pair come from the same round, a few
+        seconds apart, so machine load that changes between rounds cancels out (ratios of the medians: extras)."""
+        a, c = arts[num][key], arts[den][key]
+        return statistics.median((x / y) if key.startswith("b32") else (y / x) for x, y in zip(a, c))
+
     result = {
         "int8_accuracy_drop_points": drop[best],
-        "int8_speedup_b32": b["b32_examples_per_s"] / s["b32_examples_per_s"],
-        "int8_speedup_b1": s["b1_ms_p50"] / b["b1_ms_p50"],
+        "int8_speedup_b32": ratio(best, "student", "b32_examples_per_s_rounds"),
+        "int8_speedup_b1": ratio(best, "student", "b1_ms_p50_rounds"),
         "int8_size_ratio_vs_student": sizes["student"] / sizes[best],
         "size_ratio_vs_teacher": sizes["teacher"] / sizes[best],
-        "speedup_vs_teacher": b["b32_examples_per_s"] / t["b32_examples_per_s"],
+        "speedup_vs_teacher": ratio(best, "teacher", "b32_examples_per_s_rounds"),
         "best_int8_artifact": best,
         "best_int8_within_1_point": bool(eligible),
         "inc_int8_accuracy_drop_points": drop["inc-int8"],
@@ -615,7 +666,16 @@ def main() -> None:
         "smallest_artifact": smallest,
         "size_ratio_vs_teacher_smallest": sizes["teacher"] / sizes[smallest],
         "size_ratio_vs_student_smallest": sizes["student"] / sizes[smallest],
-        "speedup_b1_vs_teacher": t["b1_ms_p50"] / b["b1_ms_p50"],
+        "speedup_b1_vs_teacher": ratio(best, "teacher", "b1_ms_p50_rounds"),
+        "int8_speedup_b32_ratio_of_medians": b["b32_examples_per_s"] / s["b32_examples_per_s"],
+        "int8_speedup_b1_ratio_of_medians": s["b1_ms_p50"] / b["b1_ms_p50"],
+        "speedup_vs_teacher_ratio_of_medians": b["b32_examples_per_s"] / t["b32_examples_per_s"],
+        "rounds_run": len(rounds),
+        "quiet_rounds": len(quiet),
+        "rounds_used": len(use),
+        "figures_from_quiet_rounds_only": len(quiet) >= MIN_QUIET,
+        "other_cpu_share_median_used_rounds": statistics.median(rounds[i]["other_cpu_share"] for i in use),
+        "load_average_median": statistics.median(load_avg),
         "teacher_accuracy": t["accuracy"],
         "student_accuracy": s["accuracy"],
         "student_macs_per_sequence": macs["total"],
@@ -625,7 +685,6 @@ def main() -> None:
         "int8_fraction_of_practical_peak": achieved / limit["practical_peak_macs_per_s"],
         "cpu_avx512_vnni": cpu["avx512_vnni"],
         "cpu_avx_vnni": cpu["avx_vnni"],
-        "rounds": ROUNDS,
         "threads": THREADS,
     }
     for k in ORDER:
@@ -641,12 +700,19 @@ def main() -> None:
                "build": build, "onnx_worker_vs_project_fn_agreement": onnx_check,
                "inputs_identical_across_workers": len(set(digests.values())) == 1,
                "registry": {"teacher": teacher.summary(), "student": student.summary()},
-               "protocol": {"rounds": ROUNDS, "b32_batches_per_round": B32_BATCHES, "b1_calls_per_round": B1_CALLS,
+               "rounds": rounds, "rounds_used": use,
+               "speedups_per_artifact": {k: {"b32_vs_student": ratio(k, "student", "b32_examples_per_s_rounds"),
+                                             "b1_vs_student": ratio(k, "student", "b1_ms_p50_rounds"),
+                                             "b32_vs_teacher": ratio(k, "teacher", "b32_examples_per_s_rounds"),
+                                             "b1_vs_teacher": ratio(k, "teacher", "b1_ms_p50_rounds")}
+                                         for k in ORDER},
+               "protocol": {"quiet_rounds_wanted": ROUNDS, "min_quiet": MIN_QUIET, "quiet_share": QUIET_SHARE,
+                            "max_measure_s": MAX_MEASURE_S, "b32_batches_per_round": B32_BATCHES, "b1_calls_per_round": B1_CALLS,
                             "threads": THREADS, "max_length": MAX_LENGTH, "test_rows": len(test_texts),
                             "inputs": "test texts padded/truncated to 128 tokens (padding='max_length')"},
                "versions": versions()}
 
-    print_table(result, arts, sizes, cpu, limit, macs, best, len(test_texts))
+    print_table(result, arts, sizes, cpu, limit, macs, best, len(test_texts), details["speedups_per_artifact"])
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     DETAILS.write_text(json.dumps(details, indent=2, default=str) + "\n")
@@ -660,12 +726,14 @@ def versions() -> dict:
     return {p: version(p) for p in ("torch", "onnxruntime", "neural-compressor", "transformers", "optimum", "onnx")}
 
 
-def print_table(result, arts, sizes, cpu, limit, macs, best, n_test) -> None:
+def print_table(result, arts, sizes, cpu, limit, macs, best, n_test, speedups) -> None:
     print(f"edge artifacts on {cpu['model']} (family {cpu['family']}, AVX2 {cpu['avx2']}, AVX-512 VNNI "
           f"{cpu['avx512_vnni']}, AVX-VNNI {cpu['avx_vnni']}), {THREADS} threads, {MAX_LENGTH} tokens; "
-          f"{ROUNDS} round-robin rounds, medians; accuracy on {n_test} test rows")
+          f"{result['rounds_used']} round-robin rounds used of {result['rounds_run']} run "
+          f"({result['quiet_rounds']} quiet: other processes < {QUIET_SHARE:.0%} of the CPUs); medians over those "
+          f"rounds, speedups = median of per-round ratios; accuracy on {n_test} test rows")
     head = (f"  {'artifact':<10} {'runtime':<26} {'MB':>6} {'acc':>6} {'b1 p50':>7} {'b1 p95':>7} {'b32/s':>7} "
-            f"{'peak MB':>8} {'load s':>7} {'first b1 s':>10} {'first b32 s':>11}")
+            f"{'peak MB':>8} {'load s':>7} {'first b1 s':>10} {'first b32 s':>11} {'b32 x st':>8} {'b1 x st':>7}")
     print(head)
     for k in ORDER:
         a = arts[k]
@@ -673,7 +741,7 @@ def print_table(result, arts, sizes, cpu, limit, macs, best, n_test) -> None:
         f32 = a.get("compile_s_b32", a.get("first_call_s_b32"))
         print(f"  {k:<10} {RUNTIME[k]:<26} {sizes[k] / 1e6:>6.1f} {a['accuracy']:>6.3f} {a['b1_ms_p50']:>6.1f}m "
               f"{a['b1_ms_p95']:>6.1f}m {a['b32_examples_per_s']:>7.1f} {a['peak_rss_mb']:>8.0f} {a['load_s']:>7.1f} "
-              f"{f1:>10.2f} {f32:>11.2f}")
+              f"{f1:>10.2f} {f32:>11.2f} {speedups[k]['b32_vs_student']:>7.2f}x {speedups[k]['b1_vs_student']:>6.2f}x")
     print(f"  (first b1/b32 = warm-up call; INC INT8: the cold torch.compile of that shape, each in its own process)")
     print(f"  best INT8 artifact: {best} (highest b32 throughput within 1 point of the student)")
     for k, (op, target) in TARGETS.items():
@@ -705,7 +773,7 @@ def log_mlflow(client, result: dict, arts: dict) -> None:
                   "first_call_s_b1", "first_call_s_b32", "compile_s_b1", "compile_s_b32"):
             if isinstance(a.get(m), (int, float)):
                 metrics.append(Metric(f"{k}.{m}", float(a[m]), now, 0))
-    params = [Param("best_int8_artifact", result["best_int8_artifact"]), Param("rounds", str(ROUNDS)),
+    params = [Param("best_int8_artifact", result["best_int8_artifact"]), Param("rounds_used", str(result["rounds_used"])),
               Param("threads", str(THREADS)), Param("max_length", str(MAX_LENGTH))]
     for i in range(0, len(metrics), 500):
         client.log_batch(rid, metrics=metrics[i:i + 500], params=params if i == 0 else [])

@@ -297,6 +297,20 @@ def _save_int8(program, root: Path, out: Path, meta: dict) -> None:
     _replace_dir(tmp, out)
 
 
+def _load_student(root: Path, heldout_texts, *, batch_size: int, max_length: int, seed: int):
+    """(student in eval mode, tokenizer, labels, fp32 held-out logits (N, C)) for the parity checks."""
+    import torch
+
+    from tasks.inference import predict_logits
+    from tasks.modeling import load_classifier, model_labels
+
+    torch.manual_seed(seed)
+    student, tokenizer = load_classifier(root)
+    student.eval()
+    reference = predict_logits(student, tokenizer, heldout_texts, batch_size=batch_size, max_length=max_length)
+    return student, tokenizer, model_labels(student), reference
+
+
 def _num_layers(root: Path) -> int:
     return int(json.loads((root / "config.json").read_text()).get("num_hidden_layers", 0))
 
@@ -308,11 +322,7 @@ def quantize_int8(student_dir, calibration_texts: list[str], heldout_texts: list
 
     Parity is measured on the artifact reloaded from disk (eager), against the fp32 student on `heldout_texts`.
     """
-    import torch
-
     from tasks.digest import folder_bytes, model_digest
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, model_labels
 
     start = time.perf_counter()
     if approach not in CANDIDATES:
@@ -322,11 +332,8 @@ def quantize_int8(student_dir, calibration_texts: list[str], heldout_texts: list
     if static and len(calibration_texts) == 0:
         raise DistillError("static INT8 quantization needs calibration texts and got none",
                            "pass training texts as calibration_texts, or use approach='dynamic'")
-    torch.manual_seed(seed)
-    student, tokenizer = load_classifier(root)
-    student.eval()
-    labels = model_labels(student)
-    reference = predict_logits(student, tokenizer, heldout_texts, batch_size=batch_size, max_length=max_length)
+    student, tokenizer, labels, reference = _load_student(root, heldout_texts, batch_size=batch_size,
+                                                          max_length=max_length, seed=seed)
     config = inc_config(approach, _num_layers(root))
     graph, example, dyn = _export_graph(student, tokenizer, max_length=max_length, int8_embeddings=int8_embeddings)
     # static scales come from calibration_texts; dynamic needs one pass for the weight observers
@@ -390,7 +397,6 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
 
     from tasks.digest import folder_bytes, model_digest
     from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, model_labels
 
     start = time.perf_counter()
     log = log or (lambda *a: None)
@@ -410,11 +416,8 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
     if needs_calibration and len(calibration_texts) == 0:
         raise DistillError("static INT8 candidates need calibration texts and got none",
                            "pass training texts as calibration_texts, or use quantize.candidates=[dynamic]")
-    torch.manual_seed(seed)
-    student, tokenizer = load_classifier(root)
-    student.eval()
-    labels = model_labels(student)
-    reference = predict_logits(student, tokenizer, heldout_texts, batch_size=batch_size, max_length=max_length)
+    student, tokenizer, labels, reference = _load_student(root, heldout_texts, batch_size=batch_size,
+                                                          max_length=max_length, seed=seed)
     baseline = _accuracy(predict_logits(student, tokenizer, val_texts, batch_size=batch_size, max_length=max_length),
                          label_ids)
     goal = baseline * (1 - tolerable_loss)

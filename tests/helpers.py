@@ -25,3 +25,25 @@ def sharpened_teacher(model_dir, texts: Sequence[str], out_dir) -> Path:
         head.weight.div_((pooled @ head.weight.T).std(0).mean())            # (C, H)
         head.bias.copy_(-(pooled.mean(0) @ head.weight.T))                  # centre the logits on 0
     return save_classifier(model, tok, out_dir)
+
+
+def spread_classifier(model_dir, texts: Sequence[str], out_dir, *, max_length: int = 64) -> Path:
+    """A copy of a tiny classifier with larger random weights and a centred head, so logits vary by text and class.
+
+    Untrained at init scale, every text gets nearly the same logits and any parity check would pass.
+    """
+    import torch
+
+    from tasks.inference import predict_logits
+    from tasks.modeling import load_classifier, save_classifier
+
+    model, tokenizer = load_classifier(model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+        model.classifier.weight.normal_(0.0, 1.0)
+        mean = predict_logits(model, tokenizer, list(texts), max_length=max_length).mean(0)
+        model.classifier.bias -= torch.from_numpy(mean)
+    return save_classifier(model, tokenizer, out_dir)

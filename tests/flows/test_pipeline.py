@@ -111,10 +111,7 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
     assert "student-int8.test.accuracy" in run.data.metrics
     trials = client.get_metric_history(first["run_id"], "quantize.trial_accuracy")
     assert 1 <= len(trials) <= 2  # tiny.yaml: candidates [static, dynamic], max_trials 2
-    import mlflow
-
-    local = mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path="quantization/edge.json",
-                                                tracking_uri=cfg.tracking.uri)
+    local = client.download_artifacts(first["run_id"], "quantization/edge.json", str(Path(workspace[0])))
     manifest_edge = json.loads(Path(local).read_text())
     assert manifest_edge["primary"] == e["primary"] and manifest_edge["tuning"]["trials"]
     assert {"int8", "onnx", "onnx-int8"} <= set(manifest_edge["artifacts"])

@@ -32,21 +32,9 @@ def texts(review_frame):
 @pytest.fixture(scope="module")
 def spread_model_dir(tiny_model_dir, texts, tmp_path_factory):
     """The tiny model with larger random weights and a centred head, so logits (and labels) vary by text."""
-    import torch
+    from tests.helpers import spread_classifier
 
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, save_classifier
-
-    model, tokenizer = load_classifier(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-        model.classifier.weight.normal_(0.0, 1.0)
-        mean = predict_logits(model, tokenizer, texts, max_length=MAX_LENGTH).mean(0)
-        model.classifier.bias -= torch.from_numpy(mean)
-    return save_classifier(model, tokenizer, tmp_path_factory.mktemp("spread-model"))
+    return spread_classifier(tiny_model_dir, texts, tmp_path_factory.mktemp("spread-model"), max_length=MAX_LENGTH)
 
 
 def _manifest(primary="onnx", **artifacts) -> dict:

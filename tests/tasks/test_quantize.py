@@ -18,25 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def spread_model_dir(tiny_model_dir, review_frame, tmp_path_factory):
-    """The tiny model with larger random weights and a centred head, so logits vary by text and class.
+    from tests.helpers import spread_classifier
 
-    Untrained at init scale, every text gets nearly the same logits and any parity check would pass.
-    """
-    import torch
-
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, save_classifier
-
-    model, tokenizer = load_classifier(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-        model.classifier.weight.normal_(0.0, 1.0)
-        mean = predict_logits(model, tokenizer, review_frame["text"].tolist()[:96], max_length=64).mean(0)
-        model.classifier.bias -= torch.from_numpy(mean)
-    return save_classifier(model, tokenizer, tmp_path_factory.mktemp("spread-model"))
+    return spread_classifier(tiny_model_dir, review_frame["text"].tolist()[:96], tmp_path_factory.mktemp("spread-model"))
 
 
 @pytest.fixture(scope="module")
