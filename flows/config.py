@@ -168,8 +168,17 @@ class QuantizeConfig(_Section):
 class EvaluateConfig(_Section):
     batch_size: int = Field(32, ge=1)
     gap_threshold: float = Field(0.02, ge=0, le=1)  # accuracy loss vs teacher that is flagged
-    max_edge_drop: float = Field(0.01, ge=0, le=1)  # gate: edge test accuracy at most this far below the fp32 student
-    min_edge_agreement: float = Field(0.95, ge=0, le=1)  # gate: share of held-out argmax equal to the fp32 student
+    bootstrap_samples: int = Field(1000, ge=0)  # resamples per suite and model for the 95% intervals (0: none)
+    stress_rows: int = Field(200, ge=0)  # seeded sample of test rows for the stress suites (0: no stress suites)
+    scope_tpr: float = Field(0.95, gt=0, le=1)  # OOD threshold keeps this share of validation rows in scope
+    # gates (each with its evidence in the verdict; a failed gate never moves @champion)
+    max_edge_drop: float = Field(0.01, ge=0, le=1)  # edge test accuracy at most this far below the fp32 student
+    min_edge_agreement: float = Field(0.95, ge=0, le=1)  # share of held-out argmax equal to the fp32 student
+    min_retention: float = Field(0.97, ge=0, le=1)  # edge test accuracy / teacher test accuracy
+    max_critical_slice_drop: float = Field(0.03, ge=0, le=1)  # vs the teacher, beyond the model's interval
+    max_ece: float = Field(0.05, ge=0, le=1)  # edge ECE on test after temperature scaling
+    max_ood_auroc_drop: float = Field(0.03, ge=0, le=1)  # edge MSP AUROC at least the teacher's minus this
+    max_flip_rate_increase: float = Field(0.05, ge=0, le=1)  # edge stress flip rate at most the teacher's + this
 
 
 class TrackingConfig(_Section):

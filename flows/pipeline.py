@@ -5,6 +5,7 @@ The flow composes tasks and nothing else (STYLE.md); each stage lives in tasks/.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from flows.config import PipelineConfig
 from tasks.data import load_data
 from tasks.digest import folder_bytes, tokenizer_digest
 from tasks.distill import distill_task
-from tasks.evaluate import evaluate_gates, evaluate_task
+from tasks.evaluate import evaluate_gates, evaluate_task, publish_report_task, scope_record
 from tasks.quantize import quantization_gate, quantize_edge
 from tasks.registry import client_for, register_task, start_pipeline_run
 from tasks.runtime import configure_threads, select_device
@@ -58,9 +59,15 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         for art in edge.artifacts.values():
             if art["report_name"] not in models:
                 models[art["report_name"]] = edge.path / art["path"]
-        report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id)
+        report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id,
+                               stress_models=["teacher", "student", edge.report_name])
         gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], cfg.evaluate,
-                               quantization=quantization_gate(edge, cfg.quantize))
+                               quantization=quantization_gate(edge, cfg.quantize),
+                               critical_slices=cfg.data.critical_slices)
+        scope = scope_record(report, edge.report_name, splits)
+        if scope is not None:  # ships with the edge model (part of its digest): distill predict adds in_scope
+            (edge.path / "scope.json").write_text(json.dumps(scope, indent=2, default=str))
+        publish_report_task(report, gates, cfg, client=client, run_id=run_id)
         sizes = {name: folder_bytes(path) for name, path in models.items()}
         client.log_dict(run_id, sizes, "evaluation/sizes_bytes.json")
         registered = register_task(client, run_id, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft,

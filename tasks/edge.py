@@ -183,6 +183,9 @@ class EdgeModel:
         self.folder, self.artifact, self.runtime = folder, artifact, runtime
         self.labels, self.max_length = labels, max_length
         self._predict = predict
+        scope_file = folder / "scope.json"
+        # the scope threshold was computed for the primary artifact; other artifacts carry no scope
+        self.scope = json.loads(scope_file.read_text()) if scope_file.is_file() and is_primary(folder, artifact) else None
 
     def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Logits (N, C) float32 in the order of `texts`, C = len(self.labels)."""
@@ -196,9 +199,20 @@ class EdgeModel:
 
         logits = self.predict_logits([r["text"] for r in rows], batch_size)  # (N, C)
         probs = softmax(logits.astype(np.float64), axis=-1)  # (N, C), float64 so each row sums to 1 in JSON
-        return [{"id": row.get("id"), "label": self.labels[int(p.argmax())],
-                 "probabilities": {label: float(v) for label, v in zip(self.labels, p)}, "artifact": self.artifact}
-                for row, p in zip(rows, probs)]
+        out = [{"id": row.get("id"), "label": self.labels[int(p.argmax())],
+                "probabilities": {label: float(v) for label, v in zip(self.labels, p)}, "artifact": self.artifact}
+               for row, p in zip(rows, probs)]
+        if self.scope is not None:  # MSP of the raw logits against the threshold fitted on validation
+            for row, p in zip(out, probs):
+                row["in_scope"] = bool(p.max() >= self.scope["threshold"])
+        return out
+
+
+def is_primary(folder: Path, artifact: str) -> bool:
+    try:
+        return read_manifest(folder)["primary"] == artifact
+    except DistillError:
+        return False
 
 
 def load_edge(folder: str | Path, artifact: str | None = None) -> EdgeModel:

@@ -31,21 +31,32 @@ class GapReport:
     """Per model, per suite metrics; suites are splits and the slices of the test split."""
 
     models: list[str]
-    suites: dict[str, dict[str, dict]] = field(default_factory=dict)  # suite -> model -> metrics
+    suites: dict[str, dict[str, dict]] = field(default_factory=dict)  # suite -> model -> metrics (+ "ci")
     flags: list[dict] = field(default_factory=list)
     threshold: float = 0.02
+    labels: list[str] = field(default_factory=list)
+    calibration: dict[str, dict] = field(default_factory=dict)  # model -> temperature, ECE before/after, bins
+    ood: dict[str, dict[str, dict]] = field(default_factory=dict)  # ood suite -> model -> msp/energy detection
+    stress: dict[str, dict[str, dict]] = field(default_factory=dict)  # variant -> model -> drop, flip rate
+    scope: dict[str, dict] = field(default_factory=dict)  # model -> OOD score threshold at scope_tpr
+    not_evaluated: list[dict] = field(default_factory=list)  # {"model", "suite", "reason"}
+    seconds: float | None = None  # wall time of the evaluation
 
     def metric(self, suite: str, model: str, key: str = "accuracy") -> float | None:
         return self.suites.get(suite, {}).get(model, {}).get(key)
 
     def to_dict(self) -> dict:
-        return {"models": self.models, "threshold": self.threshold, "suites": self.suites, "flags": self.flags}
+        return {"models": self.models, "labels": self.labels, "threshold": self.threshold, "suites": self.suites,
+                "flags": self.flags, "calibration": self.calibration, "ood": self.ood, "stress": self.stress,
+                "scope": self.scope, "not_evaluated": self.not_evaluated,
+                "worst_slices": {m: self.worst_slices(m) for m in self.models if m != "teacher"}}
 
     def worst_slices(self, model: str, k: int = 3) -> list[tuple[str, float]]:
         """The slices where `model` lost most accuracy against the teacher."""
         gaps = []
         for suite, by_model in self.suites.items():
-            if suite.startswith("slice:") and by_model["teacher"]["n"] >= MIN_SLICE_ROWS and model in by_model:
+            if (suite.startswith("slice:") and by_model["teacher"]["n"] >= MIN_SLICE_ROWS and model in by_model
+                    and "accuracy" in by_model[model]):
                 gaps.append((suite, by_model[model]["accuracy"] - by_model["teacher"]["accuracy"]))
         return sorted(gaps, key=lambda g: g[1])[:k]
 
@@ -62,10 +73,13 @@ class GapReport:
                 continue
             cells = [suite, str(t["n"]), f"{t['accuracy']:.3f}"]
             for m in others:
-                s = by_model[m]
+                s = by_model.get(m)
+                if not s or "accuracy" not in s:
+                    cells += ["not evaluated", "-", "-"]
+                    continue
                 mark = " ⚠" if (suite, m) in flagged else ""
-                cells += [f"{s['accuracy']:.3f} ({s['accuracy'] - t['accuracy']:+.3f}){mark}", f"{s['macro_f1']:.3f}",
-                          f"{s.get('fidelity', float('nan')):.3f}"]
+                cells += [f"{s['accuracy']:.3f}{_ci_text(s)} ({s['accuracy'] - t['accuracy']:+.3f}){mark}",
+                          f"{s['macro_f1']:.3f}", f"{s.get('fidelity', float('nan')):.3f}"]
             rows.append("| " + " | ".join(cells) + " |")
         lines = [f"## {title}", "", *rows, ""]
         if self.flags:
@@ -78,16 +92,46 @@ class GapReport:
             worst = self.worst_slices(m)
             if worst:
                 lines.append(f"- largest slice losses of `{m}`: " + ", ".join(f"{s.removeprefix('slice:')} {g:+.3f}" for s, g in worst))
+        if self.calibration:
+            lines += ["", "### Calibration (ECE on test, 15 bins; T fitted on validation)", "",
+                      "| model | T | ECE before | ECE after |", "|---|---|---|---|"]
+            lines += [f"| {m} | {c['temperature']:.2f} | {c['ece_before']:.3f} | {c['ece_after']:.3f} |"
+                      for m, c in self.calibration.items()]
+        if self.ood:
+            lines += ["", "### OOD detection (in = test)", "", "| OOD set | model | MSP AUROC | MSP FPR@95 | "
+                      "energy AUROC | energy FPR@95 |", "|---|---|---|---|---|---|"]
+            for suite, by_model in self.ood.items():
+                lines += [f"| {suite} | {m} | {d['msp']['auroc']:.3f} | {d['msp']['fpr_at_tpr']:.3f} | "
+                          f"{d['energy']['auroc']:.3f} | {d['energy']['fpr_at_tpr']:.3f} |" for m, d in by_model.items()]
+        if self.stress:
+            lines += ["", "### Stress suites (seeded sample of test)", "", "| variant | " +
+                      " | ".join(f"{m} drop / flips" for m in self.models) + " |", "|---|" + "---|" * len(self.models)]
+            for variant, by_model in self.stress.items():
+                lines.append(f"| {variant} | " + " | ".join(
+                    f"{by_model[m]['accuracy_drop']:+.3f} / {by_model[m]['flip_rate']:.3f}" if m in by_model else "-"
+                    for m in self.models) + " |")
+        for miss in self.not_evaluated:
+            lines.append(f"\n**not evaluated**: `{miss['model']}` on {miss['suite']}: {miss['reason']}")
         return "\n".join(lines) + "\n"
 
 
-def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: float = 0.02) -> GapReport:
+def _ci_text(metrics: dict) -> str:
+    ci = (metrics.get("ci") or {}).get("accuracy")
+    if not ci:
+        return ""
+    if ci.get("low") is None:
+        return " (n too small)"
+    return f" [{ci['low']:.3f}, {ci['high']:.3f}]"
+
+
+def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: float = 0.02, *,
+               bootstrap_samples: int = 0, seed: int = 0) -> GapReport:
     """Score each model's logits (model -> split -> (N, C)) per split and per test slice against the teacher."""
     labels = list(splits.labels)
     label_id = {l: i for i, l in enumerate(labels)}
     models = list(logits)
     assert models[0] == "teacher", "the teacher comes first"
-    report = GapReport(models=models, threshold=threshold)
+    report = GapReport(models=models, threshold=threshold, labels=labels)
     # train and validation shaped the models (fitting, checkpoint choice): report held-out suites only
     suites: list[tuple[str, str, np.ndarray | None]] = [(name, name, None) for name in splits.frames
                                                           if name not in ("train", "validation")]
@@ -104,48 +148,199 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
         if mask is not None:
             truth, teacher_pred = truth[mask], teacher_pred[mask]
         by_model = {}
+        teacher_logits = logits["teacher"][split] if mask is None else logits["teacher"][split][mask]
         for m in models:
-            pred = logits[m][split].argmax(-1)
-            pred = pred[mask] if mask is not None else pred
+            if split not in logits[m]:
+                continue
+            model_logits = logits[m][split] if mask is None else logits[m][split][mask]
+            pred = model_logits.argmax(-1)
             by_model[m] = score(pred, truth, len(labels), None if m == "teacher" else teacher_pred)
+            if len(truth) and m != "teacher":
+                from tasks.metrics import mean_kl
+
+                by_model[m]["kl_teacher"] = mean_kl(teacher_logits, model_logits)
+            if bootstrap_samples and len(truth):
+                from tasks.metrics import bootstrap_metrics
+
+                by_model[m]["ci"] = bootstrap_metrics(truth, pred, num_classes=len(labels), n_boot=bootstrap_samples,
+                                                      seed=seed, min_n=MIN_SLICE_ROWS)
         report.suites[suite] = by_model
         if by_model["teacher"]["n"] >= MIN_SLICE_ROWS:
-            for m in models[1:]:
+            for m in [m for m in models[1:] if m in by_model]:
                 gap = by_model[m]["accuracy"] - by_model["teacher"]["accuracy"]
                 if gap < -threshold:
                     report.flags.append({"suite": suite, "model": m, "gap": gap, "n": by_model[m]["n"]})
     return report
 
 
+def _truth(splits, split: str) -> np.ndarray:
+    label_id = {label: i for i, label in enumerate(splits.labels)}
+    return splits[split]["label"].map(label_id).to_numpy()
+
+
+def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.ndarray]], splits, *,
+                            scope_tpr: float = 0.95) -> GapReport:
+    """Calibration (T fitted on validation, ECE on test before/after), OOD detection (MSP and energy AUROC,
+    FPR at 95% TPR, test = in-distribution) and the scope threshold (MSP at `scope_tpr` of validation)."""
+    from scipy.special import softmax
+
+    from tasks.metrics import ece, energy_score, fit_temperature, msp_score, ood_detection, reliability_bins, \
+        threshold_at_tpr
+
+    has_val = "validation" in splits.frames and len(splits["validation"]) > 0
+    test_truth = _truth(splits, "test")
+    oods = [name for name in splits.frames if name.startswith("ood:") and len(splits[name])]
+    for m in report.models:
+        by_split = logits[m]
+        if "test" not in by_split or not len(test_truth):
+            continue
+        test = by_split["test"]
+        if has_val and "validation" in by_split:
+            val, val_truth = by_split["validation"], _truth(splits, "validation")
+            t = fit_temperature(val, val_truth)
+            report.scope[m] = {"score": "msp", "threshold": threshold_at_tpr(msp_score(val), scope_tpr),
+                               "tpr": scope_tpr, "temperature": t, "fitted_on": f"validation ({len(val)} rows)"}
+        else:
+            t = 1.0
+            report.not_evaluated.append({"model": m, "suite": "calibration/scope",
+                                         "reason": "no validation split to fit the temperature and threshold on"})
+        before, after = softmax(test, axis=-1), softmax(test / t, axis=-1)
+        report.calibration[m] = {"temperature": t, "ece_before": ece(before, test_truth),
+                                 "ece_after": ece(after, test_truth),
+                                 "reliability_before": reliability_bins(before, test_truth),
+                                 "reliability_after": reliability_bins(after, test_truth)}
+        for name in oods:
+            if name not in by_split:
+                continue
+            d = {}
+            for score_name, fn in (("msp", msp_score), ("energy", energy_score)):
+                d[score_name] = ood_detection(fn(test), fn(by_split[name]))
+            s_in, s_out = msp_score(test), msp_score(by_split[name])
+            edges = np.linspace(min(s_in.min(), s_out.min()), max(s_in.max(), s_out.max()), 21)
+            d["hist"] = {"score": "msp", "edges": edges.tolist(),
+                         "in": np.histogram(s_in, edges)[0].tolist(), "out": np.histogram(s_out, edges)[0].tolist()}
+            report.ood.setdefault(name, {})[m] = d
+    return report
+
+
+def add_stress(report: GapReport, predictors: dict, splits, models: list[str], *, rows: int, seed: int,
+               log=None) -> GapReport:
+    """Stress suites on a seeded sample of test: accuracy drop and prediction flips against the clean texts."""
+    from tasks.metrics import stress_result, stress_variants
+
+    test = splits["test"]
+    if rows <= 0 or not len(test):
+        return report
+    sample = test.sample(min(rows, len(test)), random_state=seed)
+    truth = _truth(splits, "test")[test.index.get_indexer(sample.index)]
+    clean_texts = sample["text"].tolist()
+    variants = stress_variants(clean_texts, seed=seed)
+    for m in models:
+        if m not in predictors:
+            continue
+        try:
+            clean = predictors[m](clean_texts).argmax(-1)
+            for variant, texts in variants.items():
+                report.stress.setdefault(variant, {})[m] = stress_result(clean, predictors[m](texts).argmax(-1), truth)
+        except Exception as err:  # a model that breaks on noisy text is reported, the others go on
+            report.not_evaluated.append({"model": m, "suite": "stress", "reason": f"{type(err).__name__}: {err}"})
+        if log:
+            log(f"stress suites done for {m}")
+    return report
+
+
 def gate_thresholds(evaluate_cfg) -> dict[str, float]:
     """All promotion thresholds in one place (mlops-stacks style): data, not literals in code."""
     return {"edge_accuracy_drop_vs_student": evaluate_cfg.max_edge_drop,
-            "edge_argmax_agreement_vs_student": evaluate_cfg.min_edge_agreement}
+            "edge_argmax_agreement_vs_student": evaluate_cfg.min_edge_agreement,
+            "retention_vs_teacher": evaluate_cfg.min_retention,
+            "critical_slices": evaluate_cfg.max_critical_slice_drop,
+            "calibration_ece": evaluate_cfg.max_ece,
+            "ood_auroc_vs_teacher": evaluate_cfg.max_ood_auroc_drop,
+            "stress_flip_rate_vs_teacher": evaluate_cfg.max_flip_rate_increase}
+
+
+def _gate(value: float, threshold: float, passed: bool, detail: str) -> dict:
+    return {"value": float(value), "threshold": float(threshold), "passed": bool(passed), "detail": detail}
 
 
 def evaluate_gates(report: GapReport, edge_model: str, edge_parity: dict, evaluate_cfg, *,
-                   quantization: dict | None = None) -> dict[str, dict]:
-    """Each gate with its measured value, threshold and verdict (and a `detail` sentence where it helps).
+                   quantization: dict | None = None, critical_slices: dict[str, list[str]] | None = None
+                   ) -> dict[str, dict]:
+    """Each gate with its measured value, threshold, verdict and the evidence in one sentence.
 
-    `quantization` comes from the quantize stage: {"passed": bool, "detail": str}; absent, the gate is not added.
+    Gates whose evidence the report does not hold (no OOD set, no stress suite, no validation split) are not
+    added; `quantization` comes from the quantize stage ({"passed", "detail"}).
     """
     limits = gate_thresholds(evaluate_cfg)
-    drop = report.metric("test", "student") - report.metric("test", edge_model)
-    agree = edge_parity["argmax_agreement"]
-    finite = bool(edge_parity.get("finite", True))
-    gates = {
-        "edge_accuracy_drop_vs_student": {"value": drop, "threshold": limits["edge_accuracy_drop_vs_student"],
-                                          "passed": drop <= limits["edge_accuracy_drop_vs_student"] + 1e-12,
-                                          "detail": f"{edge_model} test accuracy vs the fp32 student"},
-        "edge_argmax_agreement_vs_student": {"value": agree, "threshold": limits["edge_argmax_agreement_vs_student"],
-                                             "passed": finite and agree >= limits["edge_argmax_agreement_vs_student"],
-                                             "detail": f"{edge_model} on held-out validation texts"},
-        "edge_outputs_finite": {"value": float(finite), "threshold": 1.0, "passed": finite,
-                                "detail": "no NaN or inf in the edge model's held-out logits"},
-    }
+    gates: dict[str, dict] = {}
+    if edge_model not in report.suites.get("test", {}) or "accuracy" not in report.suites["test"][edge_model]:
+        gates["edge_evaluated"] = _gate(0.0, 1.0, False, f"{edge_model} could not be evaluated on test: " + "; ".join(
+            x["reason"] for x in report.not_evaluated if x["model"] == edge_model))
+        return gates
+    student, edge, teacher = (report.metric("test", m) for m in ("student", edge_model, "teacher"))
+    drop = student - edge
+    gates["edge_accuracy_drop_vs_student"] = _gate(drop, limits["edge_accuracy_drop_vs_student"],
+                                                   drop <= limits["edge_accuracy_drop_vs_student"] + 1e-12,
+                                                   f"{edge_model} test accuracy {edge:.3f} vs fp32 student {student:.3f}")
+    agree, finite = edge_parity["argmax_agreement"], bool(edge_parity.get("finite", True))
+    gates["edge_argmax_agreement_vs_student"] = _gate(
+        agree, limits["edge_argmax_agreement_vs_student"],
+        finite and agree >= limits["edge_argmax_agreement_vs_student"], f"{edge_model} on held-out validation texts")
+    gates["edge_outputs_finite"] = _gate(float(finite), 1.0, finite, "no NaN or inf in the edge model's held-out logits")
+    retention = edge / teacher if teacher else 0.0
+    gates["retention_vs_teacher"] = _gate(retention, limits["retention_vs_teacher"],
+                                          retention >= limits["retention_vs_teacher"] - 1e-12,
+                                          f"{edge_model} test accuracy {edge:.3f} / teacher {teacher:.3f}")
+    # critical slices: fail when the loss is beyond the threshold AND the model's whole 95% interval lies below
+    # the teacher's accuracy (a loss the interval cannot explain); too-small slices are reported, not gated
+    losses, checked = [], 0
+    for column, values in (critical_slices or {}).items():
+        for value in values:
+            by_model = report.suites.get(f"slice:{column}={value}", {})
+            t, e = by_model.get("teacher", {}), by_model.get(edge_model, {})
+            if "accuracy" not in e or t.get("n", 0) < MIN_SLICE_ROWS:
+                continue
+            checked += 1
+            gap = t["accuracy"] - e["accuracy"]
+            high = ((e.get("ci") or {}).get("accuracy") or {}).get("high")
+            if gap > limits["critical_slices"] and (high is None or high < t["accuracy"]):
+                losses.append(f"{column}={value} {-gap:+.3f} (n={e['n']})")
+    if critical_slices:
+        worst = max([0.0] + [report.metric(f"slice:{c}={v}", "teacher") - report.metric(f"slice:{c}={v}", edge_model)
+                             for c, vs in critical_slices.items() for v in vs
+                             if report.metric(f"slice:{c}={v}", edge_model) is not None])
+        gates["critical_slices"] = _gate(worst, limits["critical_slices"], not losses,
+                                         ("losses beyond the interval: " + ", ".join(losses)) if losses else
+                                         f"{checked} critical slice(s) checked, none loses beyond "
+                                         f"{limits['critical_slices']:.0%} with its interval")
+    if edge_model in report.calibration:
+        e = report.calibration[edge_model]["ece_after"]
+        gates["calibration_ece"] = _gate(e, limits["calibration_ece"], e <= limits["calibration_ece"],
+                                         f"{edge_model} test ECE after temperature scaling "
+                                         f"(T={report.calibration[edge_model]['temperature']:.2f})")
+    for suite, by_model in report.ood.items():
+        if edge_model in by_model and "teacher" in by_model:
+            a, ta = by_model[edge_model]["msp"]["auroc"], by_model["teacher"]["msp"]["auroc"]
+            gates[f"ood_auroc_vs_teacher:{suite.removeprefix('ood:')}"] = _gate(
+                ta - a, limits["ood_auroc_vs_teacher"], a >= ta - limits["ood_auroc_vs_teacher"] - 1e-12,
+                f"{edge_model} MSP AUROC {a:.3f} vs teacher {ta:.3f} on {suite}")
+    if report.stress:
+        worst_variant, worst_excess = None, -1.0
+        for variant, by_model in report.stress.items():
+            if edge_model in by_model and "teacher" in by_model:
+                excess = by_model[edge_model]["flip_rate"] - by_model["teacher"]["flip_rate"]
+                if excess > worst_excess:
+                    worst_variant, worst_excess = variant, excess
+        if worst_variant is not None:
+            gates["stress_flip_rate_vs_teacher"] = _gate(
+                worst_excess, limits["stress_flip_rate_vs_teacher"],
+                worst_excess <= limits["stress_flip_rate_vs_teacher"] + 1e-12,
+                f"worst variant {worst_variant}: {edge_model} flips "
+                f"{report.stress[worst_variant][edge_model]['flip_rate']:.3f} vs teacher "
+                f"{report.stress[worst_variant]['teacher']['flip_rate']:.3f}")
     if quantization is not None:
-        gates["quantization"] = {"value": float(quantization["passed"]), "threshold": 1.0,
-                                 "passed": bool(quantization["passed"]), "detail": quantization["detail"]}
+        gates["quantization"] = _gate(float(quantization["passed"]), 1.0, quantization["passed"], quantization["detail"])
     return gates
 
 
@@ -180,36 +375,145 @@ def model_predictors(paths: dict[str, str], *, max_length: int, batch_size: int,
 # Prefect task
 
 
+def collect_logits(predictors: dict, splits) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
+    """model -> split -> logits (N, C) for every split but train; a model that fails or returns the wrong number
+    of classes is left out and listed (the teacher is required: its failure raises)."""
+    from tasks.errors import DistillError
+
+    num_classes = len(splits.labels)
+    logits: dict[str, dict[str, np.ndarray]] = {}
+    missing: list[dict] = []
+    for name, predict in predictors.items():
+        out = {}
+        try:
+            for split in splits.frames:
+                if split == "train":
+                    continue
+                arr = np.asarray(predict(splits[split]["text"].tolist()))
+                if arr.ndim != 2 or arr.shape[1] != num_classes:
+                    raise DistillError(f"{name} returns logits of shape {arr.shape} on {split}; the label set "
+                                       f"has {num_classes} classes {list(splits.labels)}",
+                                       "check that the model was trained on data.labels, in that order")
+                out[split] = arr
+        except Exception as err:
+            if name == "teacher":
+                raise
+            missing.append({"model": name, "suite": "all", "reason": str(err).splitlines()[0]})
+            continue
+        logits[name] = out
+    return logits, missing
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(model_paths: dict[str, str], splits, cfg, *, device: str, client=None, run_id: str | None = None):
-    """Score teacher, student and each edge artifact independently; publish the gap report."""
+def evaluate_task(model_paths: dict[str, str], splits, cfg, *, device: str, client=None, run_id: str | None = None,
+                  stress_models: list[str] | None = None):
+    """Score teacher, student and each edge artifact independently on every suite; return the gap report.
+
+    A model that cannot be loaded or returns the wrong number of classes is reported under `not_evaluated` and
+    the others go on (the teacher is required). Stress suites run for `stress_models` (default: all).
+    """
+    import time
+
+    from prefect.logging import get_run_logger
+
+    log = get_run_logger()
+    start = time.perf_counter()
+    ev = cfg.evaluate
+    missing: list[dict] = []
+    predictors = {}
+    for name, path in model_paths.items():
+        try:
+            predictors.update(model_predictors({name: path}, max_length=cfg.runtime.max_length,
+                                               batch_size=ev.batch_size, device=device))
+        except Exception as err:
+            if name == "teacher":
+                raise
+            missing.append({"model": name, "suite": "all", "reason": f"could not be loaded: {err}"})
+    logits, failed = collect_logits(predictors, splits)
+    missing += failed
+    report = gap_report(logits, splits, ev.gap_threshold, bootstrap_samples=ev.bootstrap_samples, seed=cfg.seed)
+    report.not_evaluated += missing
+    add_calibration_and_ood(report, logits, splits, scope_tpr=ev.scope_tpr)
+    add_stress(report, {m: p for m, p in predictors.items() if m in logits}, splits,
+               stress_models or list(logits), rows=ev.stress_rows, seed=cfg.seed)
+    seconds = time.perf_counter() - start
+    if client is not None:
+        client.log_metric(run_id, "evaluate.seconds", seconds)
+        for suite in ("test", *[s for s in splits.frames if s.startswith("ood:")]):
+            for model, metrics in report.suites.get(suite, {}).items():
+                for k, v in metrics.items():
+                    if k != "n" and isinstance(v, (int, float)):
+                        client.log_metric(run_id, f"{model}.{suite.replace(':', '.')}.{k}", v)
+        for model, c in report.calibration.items():
+            client.log_metric(run_id, f"{model}.test.ece_after_scaling", c["ece_after"])
+        for suite, by_model in report.ood.items():
+            for model, d in by_model.items():
+                client.log_metric(run_id, f"{model}.{suite.replace(':', '.')}.msp_auroc", d["msp"]["auroc"])
+    for name in report.models:
+        log.info("%s: test accuracy %.3f, macro-F1 %.3f", name, report.metric("test", name),
+                 report.metric("test", name, "macro_f1"))
+    for miss in report.not_evaluated:
+        log.warning("not evaluated: %s on %s: %s", miss["model"], miss["suite"], miss["reason"])
+    log.info("evaluation of %d models took %.1f s", len(report.models), seconds)
+    report.seconds = seconds
+    return report
+
+
+def scope_record(report: GapReport, model: str, splits) -> dict | None:
+    """What ships with the edge model: its OOD threshold and the evidence it was evaluated on."""
+    if model not in report.scope:
+        return None
+    return {**report.scope[model], "model": model, "data_digests": splits.digests(),
+            "slices": [s.removeprefix("slice:") for s in report.suites if s.startswith("slice:")],
+            "ood_sets": {suite: report.ood.get(suite, {}).get(model, {}).get("msp") for suite in report.ood},
+            "test_accuracy": report.metric("test", model),
+            "calibration": {k: report.calibration.get(model, {}).get(k) for k in ("temperature", "ece_after")},
+            "rule": "in_scope = max softmax probability of the raw logits >= threshold"}
+
+
+def verdict_markdown(gates: dict[str, dict]) -> str:
+    failed = [k for k, g in gates.items() if not g["passed"]]
+    head = ("**Verdict: all gates passed.**" if not failed else
+            f"**Verdict: {len(failed)} gate(s) FAILED: {', '.join(failed)}** (@champion not moved)")
+    rows = ["| gate | value | threshold | result | evidence |", "|---|---|---|---|---|"]
+    rows += [f"| {k} | {g['value']:.3f} | {g['threshold']:.3f} | {'pass' if g['passed'] else '**FAIL**'} | "
+             f"{g.get('detail', '')} |" for k, g in gates.items()]
+    return "\n".join([head, "", *rows, ""])
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_report_task(report: GapReport, gates: dict[str, dict], cfg, *, client=None, run_id: str | None = None):
+    """The gap report three ways: Prefect markdown + table artifacts, HTML with plots and JSON in MLflow."""
     import json
     import tempfile
     from pathlib import Path
 
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.logging import get_run_logger
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    log = get_run_logger()
-    predictors = model_predictors(model_paths, max_length=cfg.runtime.max_length, batch_size=cfg.evaluate.batch_size,
-                                  device=device)
-    logits = {name: {split: predict(splits[split]["text"].tolist()) for split in splits.frames
-                     if split not in ("train", "validation")}
-              for name, predict in predictors.items()}
-    report = gap_report(logits, splits, cfg.evaluate.gap_threshold)
-    md = report.markdown(f"Gap report: {cfg.name} (teacher vs compressed models)")
+    title = f"Gap report: {cfg.name} (teacher vs compressed models)"
+    md = verdict_markdown(gates) + "\n" + report.markdown(title)
     create_markdown_artifact(key=f"{cfg.name}-gap-report", markdown=md, description=f"Evaluation parity for {cfg.name}")
+    table = [{"suite": suite, "model": m, "n": v.get("n"), "accuracy": v.get("accuracy"),
+              "low": ((v.get("ci") or {}).get("accuracy") or {}).get("low"),
+              "high": ((v.get("ci") or {}).get("accuracy") or {}).get("high"),
+              "gap_vs_teacher": (v["accuracy"] - by_model["teacher"]["accuracy"])
+              if "accuracy" in v and "accuracy" in by_model.get("teacher", {}) else None,
+              "fidelity": v.get("fidelity"), "kl_teacher": v.get("kl_teacher")}
+             for suite, by_model in report.suites.items() for m, v in by_model.items()]
+    create_table_artifact(key=f"{cfg.name}-gap-table", table=table, description=f"Per-suite metrics of {cfg.name}")
+    data = {**report.to_dict(), "gates": gates, "seconds": report.seconds}
+    html = None
+    try:
+        from tasks.report import render_html
+
+        html = render_html(report.to_dict(), title=title, gates=gates)
+    except ImportError:
+        pass
     if client is not None:
-        for suite in ("test", *[s for s in splits.frames if s.startswith("ood:")]):
-            for model, metrics in report.suites.get(suite, {}).items():
-                for k, v in metrics.items():
-                    if k != "n":
-                        client.log_metric(run_id, f"{model}.{suite.replace(':', '.')}.{k}", v)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "gap_report.md").write_text(md)
-            (Path(tmp) / "gap_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+            (Path(tmp) / "gap_report.json").write_text(json.dumps(data, indent=2, default=str))
+            if html:
+                (Path(tmp) / "gap_report.html").write_text(html)
             client.log_artifacts(run_id, tmp, "evaluation")
-    for name in report.models:
-        t = report.metric("test", name)
-        log.info("%s: test accuracy %.3f, macro-F1 %.3f", name, t, report.metric("test", name, "macro_f1"))
-    return report
+    return data

@@ -50,5 +50,111 @@ def test_gates_pass_and_fail_on_thresholds():
     gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 0.99}, EvaluateConfig(max_edge_drop=0.01))
     assert not gates["edge_accuracy_drop_vs_student"]["passed"]
     assert gates["edge_argmax_agreement_vs_student"]["passed"]
-    gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 0.99}, EvaluateConfig(max_edge_drop=0.05))
+    gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 0.99}, EvaluateConfig(max_edge_drop=0.05, min_retention=0.9))
     assert all(g["passed"] for g in gates.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# intervals, calibration, OOD, stress, scope and the gates built on them
+
+
+def _splits3(n=60, seed=0):
+    """test, validation and an OOD set over 3 classes, with a slice column (one slice under 10 rows)."""
+    rng = np.random.default_rng(seed)
+    labels = ["neg", "neu", "pos"]
+
+    def frame(n, prefix):
+        return pd.DataFrame({"id": [f"{prefix}{i}" for i in range(n)], "text": [f"{prefix} text {i}" for i in range(n)],
+                             "label": [labels[i % 3] for i in range(n)],
+                             "site": ["tiny" if i < 6 else ("a" if i % 2 else "b") for i in range(n)]})
+
+    frames = {"train": frame(n, "tr"), "validation": frame(n, "va"), "test": frame(n, "te"), "ood:far": frame(n, "oo")}
+    return Splits(frames, labels, ["site"]), rng
+
+
+def _confident(truth, rng, scale, wrong=0.0):
+    """Logits peaked on the truth (or on a wrong class for a share `wrong` of rows), with margin `scale`."""
+    out = rng.normal(0, 0.3, (len(truth), 3)).astype(np.float32)
+    target = truth.copy()
+    flip = rng.random(len(truth)) < wrong
+    target[flip] = (target[flip] + 1) % 3
+    out[np.arange(len(truth)), target] += scale
+    return out
+
+
+def test_intervals_calibration_ood_and_scope():
+    from tasks.evaluate import add_calibration_and_ood
+
+    splits, rng = _splits3()
+    truth = np.arange(60) % 3
+    logits = {}
+    for m, wrong, scale in (("teacher", 0.1, 4.0), ("student", 0.3, 8.0)):  # the student is over-confident
+        logits[m] = {"test": _confident(truth, rng, scale, wrong), "validation": _confident(truth, rng, scale, wrong),
+                     "ood:far": rng.normal(0, 0.3, (60, 3)).astype(np.float32)}  # OOD: flat, low confidence
+    report = gap_report(logits, splits, 0.02, bootstrap_samples=200, seed=1)
+    ci = report.suites["test"]["student"]["ci"]["accuracy"]
+    assert ci["low"] <= report.metric("test", "student") <= ci["high"]
+    assert report.suites["slice:site=tiny"]["student"]["ci"]["accuracy"]["note"] == "n too small"
+    assert report.suites["test"]["student"]["kl_teacher"] > 0
+    add_calibration_and_ood(report, logits, splits, scope_tpr=0.95)
+    cal = report.calibration["student"]
+    assert cal["temperature"] > 1.0 and cal["ece_after"] < cal["ece_before"]  # scaling fixes over-confidence
+    assert report.ood["ood:far"]["teacher"]["msp"]["auroc"] > 0.9  # flat OOD logits are easy to detect
+    assert 0 < report.scope["student"]["threshold"] < 1 and report.scope["student"]["tpr"] == 0.95
+    md = report.markdown()
+    assert "n too small" in md and "Calibration" in md and "OOD detection" in md
+
+
+def test_stress_suites_and_gates_with_evidence():
+    from tasks.evaluate import add_calibration_and_ood, add_stress
+
+    splits, rng = _splits3()
+    truth = np.arange(60) % 3
+    # real predictors over texts: the teacher ignores noise, the edge model breaks on any upper-case letter
+    def teacher(texts):
+        return np.stack([np.eye(3)[int(t.split()[-1].strip(".,!?;:")) % 3] * 5 if t.split()[-1].strip(".,!?;:").isdigit()
+                         else np.zeros(3) for t in texts]).astype(np.float32)
+
+    def edge(texts):
+        out = teacher(texts)
+        out[[t != t.lower() for t in texts]] = np.array([5.0, 0, 0], dtype=np.float32)
+        return out
+
+    logits = {"teacher": {}, "student": {}, "edge": {}}
+    for split in ("test", "validation", "ood:far"):
+        texts = splits[split]["text"].tolist()
+        logits["teacher"][split] = teacher(texts)
+        logits["student"][split] = teacher(texts)
+        logits["edge"][split] = edge(texts)
+    report = gap_report(logits, splits, 0.02, bootstrap_samples=100)
+    add_calibration_and_ood(report, logits, splits)
+    add_stress(report, {"teacher": teacher, "student": teacher, "edge": edge}, splits, ["teacher", "student", "edge"],
+               rows=40, seed=3)
+    assert set(report.stress) >= {"typos", "casing", "truncation", "negation", "domain_swap"}
+    assert report.stress["casing"]["edge"]["flip_rate"] > report.stress["casing"]["teacher"]["flip_rate"] + 0.05
+    gates = evaluate_gates(report, "edge", {"argmax_agreement": 1.0}, EvaluateConfig(),
+                           critical_slices={"site": ["a", "b", "tiny"]})
+    assert not gates["stress_flip_rate_vs_teacher"]["passed"] and "casing" in gates["stress_flip_rate_vs_teacher"]["detail"]
+    assert gates["critical_slices"]["passed"]  # clean texts: no slice loss; the tiny slice is reported, not gated
+    assert "calibration_ece" in gates and "ood_auroc_vs_teacher:far" in gates
+
+
+def test_a_model_with_the_wrong_number_of_classes_is_not_evaluated_and_the_others_go_on():
+    from tasks.evaluate import collect_logits
+
+    splits, rng = _splits3()
+
+    def three(texts):
+        return np.zeros((len(texts), 3), dtype=np.float32)
+
+    def two(texts):
+        return np.zeros((len(texts), 2), dtype=np.float32)
+
+    logits, missing = collect_logits({"teacher": three, "student": three, "broken": two}, splits)
+    assert set(logits) == {"teacher", "student"} and set(logits["student"]) == {"validation", "test", "ood:far"}
+    assert missing[0]["model"] == "broken" and "3 classes" in missing[0]["reason"]
+    report = gap_report(logits, splits, 0.02)
+    report.not_evaluated += missing
+    assert "not evaluated" in report.markdown()
+    gates = evaluate_gates(report, "broken", {"argmax_agreement": 1.0}, EvaluateConfig())
+    assert not gates["edge_evaluated"]["passed"] and "3 classes" in gates["edge_evaluated"]["detail"]
