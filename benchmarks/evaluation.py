@@ -1,0 +1,118 @@
+"""Issue 6 figure: the full evaluation of the demo (teacher, student, edge; all suites, bootstrap) on 2 cores.
+
+Runs the pipeline's own `evaluate` task (inside a Prefect flow on the ephemeral API) on the demo's registered
+models: demo-teacher@pinned, the newest demo-student and the demo-edge version made from it (its primary
+artifact). Three repetitions; the median wall time is `eval_seconds`. Needs `make demo` first.
+
+    .venv/bin/python benchmarks/evaluation.py
+writes benchmarks/results/evaluation.json (flat) and benchmarks/results/evaluation_report.json (the report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DISTILL_PROGRESS": "0",
+             "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+    os.environ.setdefault(k, v)
+
+REPEATS = 3
+OUT = ROOT / "benchmarks" / "results"
+
+
+def _models(cfg):
+    """teacher / student / edge-primary folders of the newest demo run, digests verified by fetch_model."""
+    from tasks.edge import read_manifest
+    from tasks.errors import DistillError
+    from tasks.registry import client_for, fetch_model
+
+    client = client_for(cfg.tracking)
+    try:
+        teacher = fetch_model(client, cfg.teacher_model_name, alias=cfg.teacher.alias)
+        students = client.search_model_versions(f"name='{cfg.student_model_name}'")
+        student_v = max(int(v.version) for v in students)
+        edges = [v for v in client.search_model_versions(f"name='{cfg.edge_model_name}'")
+                 if v.tags.get("parent") == f"{cfg.student_model_name}/{student_v}"]
+        if not edges:
+            raise DistillError(f"no {cfg.edge_model_name} version made from {cfg.student_model_name} v{student_v}",
+                               "run `make demo`")
+        student = fetch_model(client, cfg.student_model_name, version=student_v)
+        edge = fetch_model(client, cfg.edge_model_name, version=int(edges[0].version))
+    except DistillError as err:
+        sys.exit(f"{err}\nrun `make demo` first: this benchmark evaluates the demo's registered models")
+    manifest = read_manifest(edge.path)
+    primary = manifest["artifacts"][manifest["primary"]]
+    name = {"int8": "student-int8", "onnx-int8": "student-onnx-int8", "onnx": "student-onnx",
+            "fp32": "student-fp32-edge"}[manifest["primary"]]
+    return {"teacher": teacher.path, "student": student.path, name: edge.path / primary["path"]}, name, \
+        {"teacher": teacher.version, "student": student.version, "edge": edge.version}
+
+
+def main() -> None:
+    from prefect import flow
+
+    from flows.config import load_config
+    from tasks.data import load_data
+    from tasks.evaluate import evaluate_gates, evaluate_task
+    from tasks.runtime import configure_threads
+
+    cfg = load_config("configs/demo.yaml")
+    configure_threads(2)
+    splits = load_data(cfg.data, cfg.seed)  # a Prefect task, run on the ephemeral API
+    models, edge_name, versions = _models(cfg)
+
+    @flow(name="evaluation-benchmark")
+    def run_once():
+        return evaluate_task(models, splits, cfg, device="cpu", stress_models=list(models))
+
+    seconds, report = [], None
+    for i in range(REPEATS):
+        report = run_once()
+        seconds.append(report.seconds)
+        print(f"run {i + 1}/{REPEATS}: {report.seconds:.1f} s", file=sys.stderr)
+    worst = report.worst_slices("student", k=3)
+    ood = next(s for s in report.ood)
+    gates = evaluate_gates(report, edge_name, {"argmax_agreement": 1.0}, cfg.evaluate,
+                           critical_slices=cfg.data.critical_slices)
+    result = {
+        "eval_seconds": statistics.median(seconds),
+        "eval_seconds_runs": ",".join(f"{s:.1f}" for s in seconds),
+        "worst_slice": worst[0][0].removeprefix("slice:") if worst else None,
+        "worst_slice_gap_points": round(100 * worst[0][1], 2) if worst else None,
+        "worst_slice_n": report.suites[worst[0][0]]["student"]["n"] if worst else None,
+        "student_ood_auroc": report.ood[ood]["student"]["msp"]["auroc"],
+        "teacher_ood_auroc": report.ood[ood]["teacher"]["msp"]["auroc"],
+        "edge_ood_auroc": report.ood[ood][edge_name]["msp"]["auroc"],
+        "edge_model": edge_name,
+        "ood_set": ood,
+        "models": len(report.models),
+        "suites": len(report.suites),
+        "stress_variants": len(report.stress),
+        "bootstrap_samples": cfg.evaluate.bootstrap_samples,
+        "student_ece_after": report.calibration["student"]["ece_after"],
+        "teacher_ece_after": report.calibration["teacher"]["ece_after"],
+        "gates_failed": ",".join(k for k, g in gates.items() if not g["passed"]),
+        "versions": json.dumps(versions),
+        "cpu_threads": 2,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "evaluation.json").write_text(json.dumps(result, indent=2))
+    (OUT / "evaluation_report.json").write_text(json.dumps({**report.to_dict(), "gates": gates}, indent=2,
+                                                            default=str))
+    print(f"{'key':<28} value")
+    for k, v in result.items():
+        print(f"{k:<28} {v:.4f}" if isinstance(v, float) else f"{k:<28} {v}")
+    print("largest slice losses of the student:", ", ".join(f"{s.removeprefix('slice:')} {100 * g:+.1f} pts"
+                                                              for s, g in worst))
+
+
+if __name__ == "__main__":
+    main()
