@@ -282,3 +282,28 @@ def test_resolve_edge_uses_a_local_folder_as_is(edge_dir, tmp_path):
         resolve_edge(tmp_path, "sqlite:///unused.db")
     with pytest.raises(DistillError, match="neither a registry model URI nor an existing folder"):
         resolve_edge(tmp_path / "missing", "sqlite:///unused.db")
+
+
+def test_scope_adds_in_scope_and_abstain_routes_out_of_scope_rows(edge_dir, rows_file, tmp_path, in_tmp):
+    import shutil
+
+    from scipy.special import softmax
+
+    folder = tmp_path / "scoped"
+    shutil.copytree(edge_dir, folder)
+    plain = load_edge(folder).predict_logits([json.loads(x)["text"] for x in Path(rows_file).read_text().splitlines()])
+    msp = softmax(plain.astype(np.float64), axis=-1).max(-1)
+    threshold = float(np.median(msp))  # about half of the rows fall below it
+    (folder / "scope.json").write_text(json.dumps({"score": "msp", "threshold": threshold, "tpr": 0.95}))
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db")
+    assert out.exit_code == 0, out.stderr
+    rows = _jsonl(out.stdout)
+    assert [r["in_scope"] for r in rows] == [bool(m >= threshold) for m in msp]
+    assert any(not r["in_scope"] for r in rows) and "out of scope" in out.stderr
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db",
+                   "--out-of-scope", "abstain")
+    routed = [r for r in _jsonl(out.stdout) if not r["in_scope"]]
+    assert routed and all(r["label"] is None and r["route"] == "fallback" for r in routed)
+    # another artifact than the primary carries no scope: no in_scope field rather than a wrong one
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db", "--artifact", "int8")
+    assert all("in_scope" not in r for r in _jsonl(out.stdout))
