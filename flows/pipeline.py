@@ -59,8 +59,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         for art in edge.artifacts.values():
             if art["report_name"] not in models:
                 models[art["report_name"]] = edge.path / art["path"]
-        report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id,
-                               stress_models=["teacher", "student", edge.report_name])
+        report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id)
         gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], cfg.evaluate,
                                quantization=quantization_gate(edge, cfg.quantize),
                                critical_slices=cfg.data.critical_slices)

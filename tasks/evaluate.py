@@ -471,14 +471,15 @@ def scope_record(report: GapReport, model: str, splits) -> dict | None:
             "rule": "in_scope = max softmax probability of the raw logits >= threshold"}
 
 
-def verdict_markdown(gates: dict[str, dict]) -> str:
+def verdict_markdown(gates: dict[str, dict], not_evaluated: list[dict] | None = None) -> str:
     failed = [k for k, g in gates.items() if not g["passed"]]
     head = ("**Verdict: all gates passed.**" if not failed else
             f"**Verdict: {len(failed)} gate(s) FAILED: {', '.join(failed)}** (@champion not moved)")
     rows = ["| gate | value | threshold | result | evidence |", "|---|---|---|---|---|"]
     rows += [f"| {k} | {g['value']:.3f} | {g['threshold']:.3f} | {'pass' if g['passed'] else '**FAIL**'} | "
              f"{g.get('detail', '')} |" for k, g in gates.items()]
-    return "\n".join([head, "", *rows, ""])
+    missing = [f"- not evaluated: `{m['model']}` on {m['suite']}: {m['reason']}" for m in not_evaluated or []]
+    return "\n".join([head, "", *rows, "", *missing, ""])
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)
@@ -491,7 +492,7 @@ def publish_report_task(report: GapReport, gates: dict[str, dict], cfg, *, clien
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     title = f"Gap report: {cfg.name} (teacher vs compressed models)"
-    md = verdict_markdown(gates) + "\n" + report.markdown(title)
+    md = verdict_markdown(gates, report.not_evaluated) + "\n" + report.markdown(title)
     create_markdown_artifact(key=f"{cfg.name}-gap-report", markdown=md, description=f"Evaluation parity for {cfg.name}")
     table = [{"suite": suite, "model": m, "n": v.get("n"), "accuracy": v.get("accuracy"),
               "low": ((v.get("ci") or {}).get("accuracy") or {}).get("low"),
