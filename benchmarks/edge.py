@@ -24,6 +24,9 @@ int8_speedup_b1, int8_size_ratio_vs_student, size_ratio_vs_teacher, speedup_vs_t
 benchmarks/results/edge_details.json; logs both to MLflow (experiment distill-gap-benchmarks, run
 edge-benchmark). `--reuse-artifacts` skips the rebuild when .distill/bench/edge/ already holds artifacts of
 the same student (development only; the reported build times are then those of the earlier build).
+EDGE_BENCH_ROUNDS (quiet rounds wanted, default 9) and EDGE_BENCH_MAX_S (seconds to wait for them, default 480)
+shorten or lengthen the measurement. The best INT8 artifact is the INT8 one (INC or ONNX) with the highest b32
+throughput among those within 1 test-accuracy point of the student (`best_int8_artifact`).
 """
 
 from __future__ import annotations
@@ -52,11 +55,11 @@ import numpy as np  # noqa: E402
 THREADS = 2
 MAX_LENGTH = 128
 ROUNDS = int(os.environ.get("EDGE_BENCH_ROUNDS", 9))  # quiet round-robin rounds wanted; figures are medians
-MIN_QUIET = 5          # fewer quiet rounds than this: the figures use every round (and say so)
+MIN_QUIET = 3          # fewer quiet rounds than this: the figures use every round (and say so)
 QUIET_SHARE = 0.10     # a round is quiet when other processes used < 10% of the 2 cores during it
 MAX_MEASURE_S = float(os.environ.get("EDGE_BENCH_MAX_S", 480))  # waiting for quiet rounds stops after this
 B32_BATCHES = 2        # timed batches of 32 per artifact and round (after one untimed call)
-B1_CALLS = 10          # timed single-example calls per artifact and round (after one untimed call)
+B1_CALLS = 20          # timed single-example calls per artifact and round (after one untimed call)
 PAUSE_S = 0.1          # between workers: lets the previous worker's spinning OpenMP/ORT threads go to sleep
 TRACKING_URI = "sqlite:///.distill/mlflow.db"
 EXPERIMENT = "distill-gap-benchmarks"

@@ -159,8 +159,8 @@ class QuantizeConfig(_Section):
     onnx: bool = True  # keep the fp32 student exported to ONNX (optimum) in the edge folder
     onnx_int8: bool = True  # ONNX Runtime INT8 (dynamic int8 MatMuls + 4-bit embeddings)
     onnx_embedding_bits: Literal[4, 8] = 4
-    # which INT8 artifact is the edge model's primary when several pass: auto = int8 (INC, compiled: fastest on
-    # x86) then onnx-int8 (smallest, portable runtime); or a comma list such as "onnx-int8,int8"
+    # which INT8 artifact is the edge model's primary when several pass: auto = onnx-int8 (fastest, smallest and
+    # leanest measured on the demo, benchmarks/RESULTS.md) then int8 (INC, torch.compile); or a list "int8,onnx-int8"
     primary: str = Field("auto", pattern=r"^(auto|(int8|onnx-int8)(,(int8|onnx-int8))*)$")
     require_int8: bool = True  # gate: an fp32-only edge model (quantization impossible) is never promoted
 
