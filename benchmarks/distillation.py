@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DISTILL_PROGRESS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tasks.runtime import apply_embedded_env  # noqa: E402
+
+apply_embedded_env({"DISTILL_PROGRESS": "0"})
 
 import numpy as np  # noqa: E402
 

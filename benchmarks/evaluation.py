@@ -19,10 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
-for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DISTILL_PROGRESS": "0",
-             "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
-    os.environ.setdefault(k, v)
+from tasks.runtime import apply_embedded_env  # noqa: E402
+
+apply_embedded_env({"DISTILL_PROGRESS": "0", "PREFECT_LOGGING_LEVEL": "WARNING"})
 
 REPEATS = 3
 OUT = ROOT / "benchmarks" / "results"

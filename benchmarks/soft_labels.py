@@ -11,7 +11,6 @@ labelling engine the pipeline uses by default on CPU (soft_labels.engine auto = 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -19,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DISTILL_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.runtime import apply_embedded_env  # noqa: E402
+
+apply_embedded_env({"DISTILL_PROGRESS": "0"})
 
 import numpy as np  # noqa: E402
 

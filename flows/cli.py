@@ -14,21 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-# Embedded defaults: no telemetry, no hub downloads, a patient ephemeral Prefect API.
-_ENV_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-for _k, _v in _ENV_DEFAULTS.items():
-    os.environ.setdefault(_k, _v)
+from tasks.runtime import apply_embedded_env  # noqa: E402  (light: os and random only)
+
+apply_embedded_env()
 
 app = typer.Typer(help="distill-gap: accountable distillation and quantization for edge models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

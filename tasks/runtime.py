@@ -5,6 +5,27 @@ from __future__ import annotations
 import os
 import random
 
+# Embedded defaults for every entry point (the distill command, benchmark scripts): no telemetry, no hub
+# downloads, quiet libraries, a patient ephemeral Prefect API. setdefault: the user's environment wins.
+EMBEDDED_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def apply_embedded_env(extra: dict[str, str] | None = None) -> None:
+    """Set EMBEDDED_ENV (and `extra`) where the environment does not already say otherwise."""
+    for key, value in {**EMBEDDED_ENV, **(extra or {})}.items():
+        os.environ.setdefault(key, value)
+
 
 def select_device(preference: str = "auto") -> str:
     """'cuda' when available (or asked for), else 'cpu'."""
