@@ -306,6 +306,180 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
                          if edge.scope is not None else "; no scope record shipped with this model"), highlight=False)
 
 
+TrackingOpt = typer.Option("sqlite:///.distill/mlflow.db", "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                           help="the MLflow registry holding the model")
+
+
+class _Branch:
+    """A tree printed line by line (rich's Tree crops long lines; digests must stay whole)."""
+
+    def __init__(self, text: str):
+        self.text, self.children = text, []
+
+    def add(self, text: str, **_) -> "_Branch":
+        self.children.append(_Branch(text))
+        return self.children[-1]
+
+    def lines(self, prefix: str = "") -> list[str]:
+        out = [self.text] if not prefix else []
+        for i, child in enumerate(self.children):
+            last = i == len(self.children) - 1
+            out.append(f"{prefix}{'└── ' if last else '├── '}{child.text}")
+            out += child.lines(prefix + ("    " if last else "│   "))
+        return out
+
+
+@app.command()
+def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion or models:/<name>-edge/3"),
+            tracking_uri: str = TrackingOpt,
+            mlflow_ui: str = typer.Option("http://127.0.0.1:5000", help="MLflow UI base URL for the links"),
+            as_json: bool = typer.Option(False, "--json", help="print the chain as JSON")):
+    """Print the chain edge -> student -> soft labels -> teacher version -> data digests, with runs and links."""
+    import json
+
+    from tasks.errors import DistillError
+    from tasks.lineage import _client, lineage as build
+
+    try:
+        info = build(_client(tracking_uri), model, mlflow_ui=mlflow_ui)
+    except DistillError as err:
+        _fail(err)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    run = info["pipeline_run"]
+    root = _Branch(f"[bold]{info['name']} v{info['version']}[/]  ({model})  pipeline run {run['run_id']} "
+                   f"(trigger: {run['trigger_reason']})")
+    node = root
+    for link in info["chain"]:
+        role = link["role"]
+        if role in ("edge", "student", "teacher"):
+            text = (f"[bold]{role}[/] {link['name']} v{link['version']}  sha256 {str(link['digest'])[:16]}  "
+                    f"run {link['run_id']}" + (f"  @{', @'.join(link['aliases'])}" if link["aliases"] else ""))
+            node = node.add(text, highlight=False)
+            if role == "edge":
+                node.add(f"{link['primary']} (INT8: {link['quantized']}, candidate {link['candidate']}), gates passed: "
+                         f"{link['gates_passed']}, owner {link['owner']}", highlight=False)
+                if link["promotion"]:
+                    node.add(f"promoted by {link['promotion'].get('approver')} at {link['promotion'].get('at')}",
+                             highlight=False)
+            if role == "teacher":
+                moved = {a: v for a, v in link["aliases_now"].items() if v != link["version"]}
+                node.add(f"licence {link['license']}" + (f" (override: {link['license_override']})"
+                                                         if link.get("license_override") else ""), highlight=False)
+                if moved:
+                    node.add(f"[yellow]aliases now elsewhere: {', '.join(f'@{a} -> v{v}' for a, v in moved.items())}; "
+                             f"this model was made from v{link['version']}[/]", highlight=False)
+            node.add(f"[dim]{link['link']}[/]", highlight=False)
+        elif role == "soft labels":
+            node = node.add(f"[bold]soft labels[/] key {str(link['key'])[:16]}  {link['uri']}", highlight=False)
+        elif role == "data":
+            data = node.add(f"[bold]data[/] sha256 {link['digest'][:16]}", highlight=False)
+            for split, digest in link.get("splits", {}).items():
+                data.add(f"{split}: sha256 {digest}", highlight=False)
+            if link.get("problem"):
+                data.add(f"[red]{link['problem']}[/]", highlight=False)
+    for line in root.lines():
+        console.print(line, highlight=False)  # never cropped: digests and run ids stay whole
+    console.print(f"pipeline run  {run['link']}" + (f"\nprefect run   {run['prefect_flow_run']}" if run["prefect_flow_run"] else ""),
+                  highlight=False)
+    console.print(f"attestations  {info['attestation_uri']}  (check them: distill verify {model})", highlight=False)
+
+
+@app.command()
+def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion or models:/<name>-edge/3"),
+           tracking_uri: str = TrackingOpt,
+           public_key: Optional[list[str]] = typer.Option(None, "--public-key", help="trusted signing public key (PEM); "
+                                                          "default: the local key pair's (governance.key_dir)"),
+           key_dir: Optional[Path] = typer.Option(None, help="folder of the local key pair (default .distill/keys)")):
+    """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
+    from tasks.errors import DistillError
+    from tasks.lineage import _client, verify as run_verify
+
+    try:
+        with _quiet_stdout():
+            result = run_verify(_client(tracking_uri), model, public_keys=public_key, key_dir=key_dir,
+                                log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    except DistillError as err:
+        _fail(err)
+    table = Table(title=f"verify {result.uri} (keys: {result.key_source})")
+    for col in ("link", "result", "detail"):
+        table.add_column(col)
+    for c in result.checks:
+        table.add_row(c.link, "[green]ok[/]" if c.ok else "[bold red]BROKEN[/]", c.detail)
+    console.print(table)
+    if not result.ok:
+        broken = [c.link for c in result.checks if not c.ok]
+        err_console.print(f"[bold red]verification failed[/]: {', '.join(broken)}")
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(result.checks)} checks passed[/]")
+
+
+def _quiet_stdout():
+    from tasks.edge import stdout_to_stderr
+
+    return stdout_to_stderr()
+
+
+@app.command()
+def promote(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
+            version: int = typer.Option(..., help="the <name>-edge version to promote"),
+            reason: str = typer.Option("manual", help="recorded on the promotion")):
+    """Promote an edge version that passed its gates (asks for approval when approval.required); idempotent."""
+    from tasks.errors import DistillError
+
+    try:
+        cfg = _load(config, set)
+        from flows.promote import promote_edge
+
+        result = promote_edge(cfg, version=version, reason=reason)
+    except DistillError as err:
+        _fail(err)
+    console.print(f"{cfg.edge_model_name}: @champion -> v{result['champion']}"
+                  + ("" if result["changed"] else f" (unchanged: {result['reason']})"), highlight=False)
+
+
+@app.command()
+def approve(flow_run_id: str = typer.Argument(..., help="the paused flow run (printed by the run, shown in the UI)"),
+            approver: str = typer.Option(..., help="your name (recorded)"),
+            decision: str = typer.Option(..., help="approve or reject"),
+            comment: str = typer.Option("", help="why (recorded)")):
+    """Answer a paused promotion without the UI (same form, same validation as the Prefect UI)."""
+    from tasks.errors import DistillError
+    from tasks.promote import answer_run
+
+    try:
+        answer_run(flow_run_id, {"approver": approver, "decision": decision, "comment": comment})
+    except DistillError as err:
+        _fail(err)
+    console.print(f"flow run {flow_run_id} resumed with decision {decision} by {approver}")
+
+
+@app.command()
+def rollback(model: str = typer.Argument(..., help="the registered edge model, e.g. demo-edge"),
+             to: int = typer.Option(..., "--to", help="the version to make @champion again"),
+             reason: str = typer.Option(..., help="why (recorded on the version and in a signed attestation)"),
+             by: Optional[str] = typer.Option(None, help="who rolls back (default: the login name)"),
+             tracking_uri: str = TrackingOpt,
+             key_dir: Path = typer.Option(Path(".distill/keys"), envvar="DISTILL_KEY_DIR", help="signing key pair")):
+    """Move @champion back to an earlier version that passed its gates; record who and why."""
+    from flows.config import GovernanceConfig, TrackingConfig
+    from tasks.errors import DistillError
+    from tasks.lineage import _client
+    from tasks.promote import rollback as do_rollback
+
+    try:
+        result = do_rollback(_client(tracking_uri), model, to, reason=reason, by=by,
+                             governance=GovernanceConfig(key_dir=str(key_dir)),
+                             tracking=TrackingConfig(uri=tracking_uri))
+    except DistillError as err:
+        _fail(err)
+    if not result["changed"]:
+        console.print(f"{model} v{to} is already @champion: nothing changed")
+        return
+    console.print(f"{model}: @champion v{result['previous']} -> v{to} (by {result['by']}: {reason})", highlight=False)
+
+
 def main() -> None:
     app()
 

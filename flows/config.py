@@ -187,6 +187,28 @@ class TrackingConfig(_Section):
     experiment: str = "distill-gap"
 
 
+class GovernanceConfig(_Section):
+    """Who owns the models, which teacher licences may be distilled, and the signing key."""
+
+    owner: str = Field("ml-platform", min_length=1)  # `owner` tag on every registered model and version
+    review_days: int = Field(90, ge=1)  # review cadence: versions carry review.due = registration date + this
+    # licences (SPDX ids, case-insensitive) of teachers that may be distilled; a teacher with another licence is
+    # refused unless license_override_reason says why (recorded on the run, the versions and the attestation)
+    allowed_licenses: list[str] = Field(default_factory=lambda: ["apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause",
+                                                                 "cc-by-4.0"])
+    license_override_reason: str | None = None
+    key_dir: str = ".distill/keys"  # local EC signing key pair, created on first use (DISTILL_KEY_DIR overrides)
+
+
+class ApprovalConfig(_Section):
+    """A named approver answers in the Prefect UI before @champion moves (gates must pass first)."""
+
+    required: bool = False
+    approvers: list[str] = Field(default_factory=list)  # who may approve; empty: anyone who names themselves
+    timeout_seconds: int = Field(3600, ge=1)  # no answer by then: the run fails and nothing is promoted
+    poll_seconds: int = Field(5, ge=1)  # how often the paused run checks for the answer
+
+
 class RuntimeConfig(_Section):
     max_length: int = Field(128, ge=8)  # tokens per example (part of the soft-label key)
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
@@ -203,6 +225,8 @@ class PipelineConfig(_Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The distill-pipeline flow: validate -> soft labels -> distill -> quantize -> evaluate -> register.
+"""The distill-pipeline flow: validate -> soft labels -> distill -> quantize -> evaluate -> register -> promote.
 
 The flow composes tasks and nothing else (STYLE.md); each stage lives in tasks/.
 """
@@ -13,12 +13,16 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
+from tasks.attest import (ATTESTATION_DIR, distill_statement, evaluate_statement, export_statement,
+                          quantize_statement, soft_labels_statement)
 from tasks.data import load_data
-from tasks.digest import folder_bytes, tokenizer_digest
+from tasks.digest import folder_bytes, model_digest, tokenizer_digest
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_gates, evaluate_task, publish_report_task, scope_record
 from tasks.quantize import quantization_gate, quantize_edge
-from tasks.registry import client_for, register_task, start_pipeline_run
+from tasks.mlflow_model import log_split_inputs
+from tasks.promote import promote_task
+from tasks.registry import attest_task, check_teacher_license, client_for, register_task, stage_run, start_pipeline_run
 from tasks.runtime import configure_threads, select_device
 from tasks.soft_labels import soft_labels_stage
 from tasks.teacher import resolve_teacher_task
@@ -29,59 +33,81 @@ WORK_ROOT = Path(".distill/work")
 
 @flow(name="distill-pipeline", log_prints=True)
 def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> dict:
-    """Distill the pinned teacher into a student and an INT8 edge model, evaluate each, register them."""
+    """Distill the pinned teacher into a student and an INT8 edge model, evaluate each, register, promote."""
     cfg = config
     configure_threads(cfg.runtime.threads)
     device = select_device(cfg.runtime.device)
     client = client_for(cfg.tracking)
     run_id = start_pipeline_run(client, cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id())
+    ctx = {"mlflow_run_id": run_id, "prefect_flow_run_id": str(flow_run.get_id())}
     workdir = WORK_ROOT / run_id
     try:
-        splits = load_data(cfg.data, cfg.seed)
-        validate_data(splits.frames, splits.labels, splits.slice_columns)
+        with stage_run(client, run_id, "validate"):
+            splits = load_data(cfg.data, cfg.seed)
+            validate_data(splits.frames, splits.labels, splits.slice_columns)
+        log_split_inputs(client, run_id, splits, sources=cfg.data.model_dump(include={"train", "validation", "test"}))
         teacher = resolve_teacher_task(cfg)
+        license_override = check_teacher_license(teacher, cfg.governance)
         client.log_dict(run_id, {"data": splits.digests(), "teacher": teacher.summary()}, "lineage/inputs.json")
         train = splits["train"]
         sl = cfg.soft_labels
-        soft = soft_labels_stage(
-            sl.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
-            tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
-            ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels,
-            max_length=cfg.runtime.max_length, batch_size=sl.batch_size, shard_size=sl.shard_size, dtype=sl.dtype,
-            top_k=sl.top_k, device=device, engine=sl.engine, task_runner=sl.task_runner,
-            dask_address=sl.dask_address, dask_workers=sl.dask_workers, threads=cfg.runtime.threads,
-            teacher_meta={"name": teacher.name, "version": teacher.version})
-        student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=run_id)
-        edge = quantize_edge(cfg, splits, student.path, workdir / "edge", client=client, run_id=run_id)
+        with stage_run(client, run_id, "soft-labels"):
+            soft = soft_labels_stage(
+                sl.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
+                tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
+                ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels,
+                max_length=cfg.runtime.max_length, batch_size=sl.batch_size, shard_size=sl.shard_size, dtype=sl.dtype,
+                top_k=sl.top_k, device=device, engine=sl.engine, task_runner=sl.task_runner,
+                dask_address=sl.dask_address, dask_workers=sl.dask_workers, threads=cfg.runtime.threads,
+                teacher_meta={"name": teacher.name, "version": teacher.version})
+        attest_task(client, run_id, cfg.governance, soft_labels_statement(cfg, soft, teacher, splits, ctx))
+        with stage_run(client, run_id, "distill") as rid:
+            student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=rid)
+        attest_task(client, run_id, cfg.governance, distill_statement(cfg, student, soft, teacher, splits, ctx))
+        with stage_run(client, run_id, "quantize") as rid:
+            edge = quantize_edge(cfg, splits, student.path, workdir / "edge", client=client, run_id=rid)
+        attest_task(client, run_id, cfg.governance, quantize_statement(cfg, edge, student, splits, ctx))
+        attest_task(client, run_id, cfg.governance, export_statement(cfg, edge, student, ctx))
         models = {"teacher": teacher.path, "student": student.path}
         if student.baseline is not None:
             models["student-hard"] = student.baseline.path  # what distillation bought, in the same report
         for art in edge.artifacts.values():
             if art["report_name"] not in models:
                 models[art["report_name"]] = edge.path / art["path"]
-        report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=run_id)
-        gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], cfg.evaluate,
-                               quantization=quantization_gate(edge, cfg.quantize),
-                               critical_slices=cfg.data.critical_slices)
-        scope = scope_record(report, edge.report_name, splits)
-        if scope is not None:  # ships with the edge model (part of its digest): distill predict adds in_scope
-            (edge.path / "scope.json").write_text(json.dumps(scope, indent=2, default=str))
-        publish_report_task(report, gates, cfg, client=client, run_id=run_id)
-        sizes = {name: folder_bytes(path) for name, path in models.items()}
-        client.log_dict(run_id, sizes, "evaluation/sizes_bytes.json")
-        registered = register_task(client, run_id, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft,
-                                   student=student, edge=edge, report=report, gates=gates)
+        with stage_run(client, run_id, "evaluate") as rid:
+            report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=rid)
+            gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], cfg.evaluate,
+                                   quantization=quantization_gate(edge, cfg.quantize),
+                                   critical_slices=cfg.data.critical_slices)
+            scope = scope_record(report, edge.report_name, splits)
+            if scope is not None:  # ships with the edge model (part of its digest): distill predict adds in_scope
+                (edge.path / "scope.json").write_text(json.dumps(scope, indent=2, default=str))
+            publish_report_task(report, gates, cfg, client=client, run_id=rid)
+            sizes = {name: folder_bytes(path) for name, path in models.items()}
+            client.log_dict(rid, sizes, "evaluation/sizes_bytes.json")
+        attest_task(client, run_id, cfg.governance, evaluate_statement(
+            cfg, report, gates, model_digest(edge.path), {m: model_digest(p) for m, p in models.items()}, splits, ctx))
+        with stage_run(client, run_id, "register") as rid:
+            registered = register_task(
+                client, rid, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft, student=student, edge=edge,
+                report=report, gates=gates, example_texts=splits["test"]["text"].head(3).tolist(),
+                attestation_uri=f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ATTESTATION_DIR}",
+                trigger_reason=trigger_reason, license_override=license_override)
+        promotion = promote_task(client, cfg, registered["edge"]["version"], run_id=run_id)
+        client.set_tag(run_id, "gates.passed", str(registered["gates_passed"]).lower())
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # what is kept is in MLflow (and the soft-label store)
     client.set_terminated(run_id, "FINISHED")
+    registered["edge"]["champion"] = promotion["champion"] == registered["edge"]["version"]
     return {"run_id": run_id, "teacher": teacher.summary(), "soft_labels": {"key": soft.key, "uri": soft.uri, "hit": soft.hit},
             "student": student.summary(),
             "edge": {"primary": edge.primary, "quantized": edge.quantized, "reason": edge.reason,
                      "errors": edge.errors, "report_name": edge.report_name},
-            "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered, "tracking_uri": client._registry_uri}
+            "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered,
+            "promotion": promotion, "tracking_uri": client._registry_uri}
 
 
 @flow(name="distill-pipeline-from-file", log_prints=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import task
@@ -35,8 +36,16 @@ def client_for(tracking):
     from mlflow import MlflowClient
 
     uri = tracking_uri(tracking)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then override every later config in
+    # this process (a worker running several configs, a test session): keep the variable as the user set it
+    user_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for k, v in user_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -73,16 +82,74 @@ def log_model_dir(client, run_id: str, local_dir: str | Path, artifact_path: str
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
-def create_version(client, name: str, *, source: str, run_id: str, tags: dict, description: str = ""):
-    """Register a model version with all its tags in one call (no version without lineage)."""
+def ownership_tags(governance) -> dict:
+    """`owner` and the review cadence: on every registered model; versions also get their review.due date."""
+    from datetime import date, timedelta
+
+    return {"owner": governance.owner, "review.cadence_days": str(governance.review_days),
+            "review.due": (date.today() + timedelta(days=governance.review_days)).isoformat()}
+
+
+def create_version(client, name: str, *, source: str, run_id: str, tags: dict, governance, description: str = "",
+                   model_id: str | None = None):
+    """Register a model version with all its tags in one call (no version without lineage or owner)."""
     from mlflow.exceptions import MlflowException
 
+    owner = ownership_tags(governance)
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name)
-    tags = {k: str(v) for k, v in tags.items()}
-    return client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+        client.create_registered_model(name, tags={k: owner[k] for k in ("owner", "review.cadence_days")})
+    tags = {k: str(v) for k, v in {**owner, **tags}.items()}
+    return client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
+                                       model_id=model_id)
+
+
+def sign_and_log(client, run_id: str, folder: Path, role: str, governance) -> dict:
+    """Sign a model folder (sigstore model-signing, local key) and log the bundle; return its registry tags."""
+    import tempfile
+
+    from tasks.attest import signing_key
+    from tasks.signing import sign_folder
+
+    key = signing_key(governance)
+    with tempfile.TemporaryDirectory() as tmp:
+        sign_folder(folder, key, Path(tmp) / f"{role}.sig")
+        client.log_artifacts(run_id, tmp, "signatures")
+    return {"signature.uri": f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/signatures/{role}.sig",
+            "signing.keyid": key.keyid, "signing.public_key": key.public_pem}
+
+
+def check_teacher_license(teacher, governance) -> str | None:
+    """Refuse a teacher whose licence is not allowed, unless an override reason is recorded (returned)."""
+    license = (teacher.tags.get("license") or "").strip()
+    allowed = {a.lower() for a in governance.allowed_licenses}
+    if license.lower() in allowed:
+        return None
+    if governance.license_override_reason:
+        return governance.license_override_reason
+    what = f"licence '{license}'" if license else "no licence tag"
+    raise DistillError(
+        f"teacher {teacher.name} v{teacher.version} has {what}, which is not in governance.allowed_licenses "
+        f"{sorted(allowed)}",
+        "distill a teacher with an allowed licence, add this licence to governance.allowed_licenses after review, "
+        "or set governance.license_override_reason='<why>' (recorded on the run, the versions and the attestation)")
+
+
+@contextlib.contextmanager
+def stage_run(client, parent_run_id: str, stage: str):
+    """A nested MLflow run for one pipeline stage; FAILED when the stage raises, never left RUNNING."""
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name.removesuffix('-pipeline')}-{stage}",
+                            tags={"mlflow.parentRunId": parent_run_id, "distill.stage": stage,
+                                  **{k: parent.data.tags[k] for k in ("config.digest", "trigger.reason", "model.name")
+                                     if k in parent.data.tags}})
+    try:
+        yield run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
 
 
 @dataclass
@@ -95,6 +162,7 @@ class ModelRef:
     path: Path
     run_id: str | None
     alias: str | None = None
+    tags: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -117,6 +185,20 @@ def resolve_version(client, name: str, *, alias: str | None = None, version: int
         ) from None
 
 
+def version_folder(downloaded: Path, source: str) -> Path:
+    """The model folder inside a downloaded version source: an MLflow pyfunc model (the folder is its `model`
+    artifact, tasks.mlflow_model) or a plain artifact folder (named by the source's last component)."""
+    import yaml
+
+    mlmodel = downloaded / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        path = (flavor.get("artifacts") or {}).get("model", {}).get("path")
+        if path:
+            return downloaded / path
+    return downloaded / Path(source.rstrip("/")).name
+
+
 def fetch_model(client, name: str, *, alias: str | None = None, version: int | None = None,
                 cache_root: str | Path = ".distill/models") -> ModelRef:
     """Download a registered model folder (cached by digest) and verify it against its digest tag."""
@@ -134,7 +216,7 @@ def fetch_model(client, name: str, *, alias: str | None = None, version: int | N
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=client._tracking_client.tracking_uri)
-        inner = tmp / Path(mv.source.rstrip("/")).name
+        inner = version_folder(tmp, mv.source)
         got = model_digest(inner)
         if got != expected:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -143,7 +225,8 @@ def fetch_model(client, name: str, *, alias: str | None = None, version: int | N
         shutil.rmtree(local, ignore_errors=True)
         inner.rename(local)
         shutil.rmtree(tmp, ignore_errors=True)
-    return ModelRef(name=name, version=int(mv.version), digest=expected, path=local, run_id=mv.run_id, alias=alias)
+    return ModelRef(name=name, version=int(mv.version), digest=expected, path=local, run_id=mv.run_id, alias=alias,
+                    tags=dict(mv.tags))
 
 
 def _describe_spec(student) -> str:
@@ -184,80 +267,66 @@ def start_pipeline_run(client, cfg, *, trigger_reason: str, flow_run_id: str | N
     return run.info.run_id
 
 
-def attestation_statement(*, subjects: dict[str, str], predicate_type: str, predicate: dict) -> dict:
-    """An in-toto Statement v1 (unsigned here; signing is added by the lineage issue)."""
-    return {
-        "_type": "https://in-toto.io/Statement/v1",
-        "subject": [{"name": n, "digest": {"sha256": d}} for n, d in subjects.items()],
-        "predicateType": predicate_type,
-        "predicate": predicate,
-    }
+def gap_summary(report, gates: dict, edge_name: str) -> str:
+    """Two lines for a version description: the gap against the teacher and the verdict."""
+    test = report.suites["test"]
+    edge_acc, teacher_acc = test[edge_name]["accuracy"], test["teacher"]["accuracy"]
+    worst = [f"{s.removeprefix('slice:')} {g * 100:+.1f} pts" for s, g in report.worst_slices(edge_name) if g < 0]
+    failed = [k for k, g in gates.items() if not g["passed"]]
+    return (f"Gap vs the teacher: test accuracy {edge_acc:.3f} vs {teacher_acc:.3f} "
+            f"(retention {edge_acc / max(teacher_acc, 1e-9):.3f})"
+            + (f"; largest slice losses: {', '.join(worst)}" if worst else "") + ". "
+            + ("Verdict: all gates passed." if not failed else f"Verdict: gates FAILED: {', '.join(failed)}."))
 
 
-def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge,
-                    report, gates: dict, log=print) -> dict:
-    """Register the student and the edge model with their lineage tags; move `champion` only on passed gates."""
-    import json
-    import tempfile
+def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
+                    example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
+                    license_override: str | None = None, log=print) -> dict:
+    """Register the student and the edge model, signed and logged as MLflow models, with every lineage tag.
 
+    No alias moves here: promotion (challenger, approval, champion) is tasks.promote's step.
+    """
     from tasks.digest import model_digest
+    from tasks.mlflow_model import link_version, log_model_folder
 
     passed = all(g["passed"] for g in gates.values())
-    edge_dir = edge.path
-    edge_digest = model_digest(edge_dir)
-    # 1. the attestation of this run: what went in, what came out, the evidence
-    statement = attestation_statement(
-        subjects={f"{cfg.student_model_name}": student.digest, f"{cfg.edge_model_name}": edge_digest},
-        predicate_type="https://distill-gap.dev/compression/v1",
-        predicate={"teacher": {"name": teacher.name, "version": teacher.version, "digest": teacher.digest},
-                   "data": {"digest": data_digest}, "soft_labels": {"uri": soft.uri, "key": soft.key},
-                   "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(), "code_version": code_version(),
-                   "results": {"test": report.suites.get("test", {}), "flags": report.flags}, "gates": gates,
-                   "quantization": {"primary": edge.primary, "quantized": edge.quantized, "reason": edge.reason,
-                                    "errors": edge.errors, "tuning": edge.tuning,
-                                    "artifacts": {n: {k: a[k] for k in ("digest", "size_bytes", "parity", "check")}
-                                                  for n, a in edge.artifacts.items()}},
-                   "approver": None})
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "statement.json").write_text(json.dumps(statement, indent=2, default=str))
-        client.log_artifacts(run_id, tmp, "attestation")
-    attestation_uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/attestation/statement.json"
+    edge_digest = model_digest(edge.path)
     lineage = {
         "teacher.name": teacher.name, "teacher.version": teacher.version, "teacher.digest": teacher.digest,
+        "teacher.license": teacher.tags.get("license", ""),
         "data.digest": data_digest, "soft_labels.uri": soft.uri, "soft_labels.key": soft.key,
         "config.digest": cfg.digest(), "code.version": code_version(), "gates.passed": str(passed).lower(),
-        "attestation.uri": attestation_uri,
+        "attestation.uri": attestation_uri, "trigger.reason": trigger_reason,
+        **({"license.override_reason": license_override} if license_override else {}),
     }
     test = report.suites["test"]
-    # 2. student version
-    student_src = log_model_dir(client, run_id, student.path, "student")
-    sv = create_version(client, cfg.student_model_name, source=student_src, run_id=run_id, description=(
+    labels = list(cfg.data.labels)
+    summary = gap_summary(report, gates, edge.report_name)
+    # 1. student version: signed, logged as an MLflow model (signature + input example), all tags at once
+    signed = sign_and_log(client, run_id, student.path, "student", cfg.governance)
+    logged = log_model_folder(client, run_id, student.path, "student", example_texts=example_texts, labels=labels)
+    sv = create_version(client, cfg.student_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                        governance=cfg.governance, description=(
         f"Student of {teacher.name} v{teacher.version} ({_describe_spec(student)}), test accuracy "
         f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f}"
-        + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")"),
-        tags={**lineage, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
-    # 3. edge version, parent = the student version it was quantized from
-    edge_src = log_model_dir(client, run_id, edge_dir, "edge")
-    edge_name = edge.report_name
-    failed_gates = [k for k, g in gates.items() if not g["passed"]]
+        + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")."),
+        tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
+    link_version(client, logged, cfg.student_model_name, sv.version)
+    # 2. edge version, parent = the student version it was quantized from
+    signed = sign_and_log(client, run_id, edge.path, "edge", cfg.governance)
+    logged = log_model_folder(client, run_id, edge.path, "edge", example_texts=example_texts, labels=labels)
     kind = f"INT8 edge model ({edge.primary})" if edge.quantized else "Edge model, NOT quantized (fp32 student)"
-    ev = create_version(client, cfg.edge_model_name, source=edge_src, run_id=run_id, description=(
-        f"{kind} of {cfg.student_model_name} v{sv.version}: test accuracy {test[edge_name]['accuracy']:.3f} "
-        f"(student {test['student']['accuracy']:.3f}), {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB. "
-        f"{edge.reason}. Gates {'passed' if passed else 'FAILED: ' + ', '.join(failed_gates)}."),
-        tags={**lineage, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest,
+    ev = create_version(client, cfg.edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                        governance=cfg.governance, description=(
+        f"{kind} of {cfg.student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
+        f"(student {test['student']['accuracy']:.3f}). {summary} {edge.reason}."),
+        tags={**lineage, **signed, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest,
               "edge.primary": edge.primary, "edge.quantized": str(edge.quantized).lower(),
               "quantization.candidate": (edge.tuning or {}).get("best") or "none"})
-    # 4. promotion: only past passed gates
-    if passed:
-        client.set_registered_model_alias(cfg.edge_model_name, "champion", ev.version)
-        log(f"{cfg.edge_model_name} v{ev.version} is now @champion")
-    else:
-        failed = [k for k, g in gates.items() if not g["passed"]]
-        log(f"gates failed ({', '.join(failed)}): {cfg.edge_model_name} v{ev.version} registered, @champion not moved")
-    client.set_tag(run_id, "gates.passed", str(passed).lower())
+    link_version(client, logged, cfg.edge_model_name, ev.version)
+    log(f"registered {cfg.student_model_name} v{sv.version} and {cfg.edge_model_name} v{ev.version}: {summary}")
     return {"student": {"name": cfg.student_model_name, "version": int(sv.version)},
-            "edge": {"name": cfg.edge_model_name, "version": int(ev.version), "champion": passed},
+            "edge": {"name": cfg.edge_model_name, "version": int(ev.version), "digest": edge_digest},
             "gates_passed": passed, "attestation_uri": attestation_uri}
 
 
@@ -265,9 +334,17 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
 # Prefect task
 
 
+@task(name="attest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def attest_task(client, run_id: str, governance, statement: dict | None) -> str | None:
+    """Sign one step's in-toto Statement and log it to the pipeline run (attestations/<step>.dsse.json)."""
+    from tasks.attest import record
+
+    return None if statement is None else record(client, run_id, governance, statement)
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(client, run_id: str, cfg, **kwargs) -> dict:
-    """Register student and edge versions with lineage tags; promote only when gates passed."""
+    """Register the signed student and edge versions with their lineage tags (no alias moves)."""
     from prefect.logging import get_run_logger
 
     return register_models(client, run_id, cfg, log=get_run_logger().info, **kwargs)

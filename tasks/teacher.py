@@ -68,16 +68,26 @@ def fine_tune_teacher(cfg, splits, out_dir: Path, device: str, on_epoch=None):
     return save_classifier(model.cpu(), tokenizer, out_dir), result
 
 
-def _register_teacher(client, cfg, model_dir: Path, run_id: str, tags: dict, pin: bool):
+def _register_teacher(client, cfg, model_dir: Path, run_id: str, tags: dict, pin: bool, example_texts: list[str]):
+    """Sign, log (MLflow model with signature) and register a teacher with its licence, owner and digests."""
     from tasks.digest import model_digest, tokenizer_digest
-    from tasks.registry import create_version, log_model_dir
+    from tasks.mlflow_model import link_version, log_model_folder
+    from tasks.registry import create_version, sign_and_log
 
+    license = (cfg.teacher.license or "").strip()
+    if not license:
+        raise DistillError("registering a teacher requires a licence, and none was given",
+                           "set teacher.license in the config (an SPDX id such as apache-2.0) or pass --license")
     digest = model_digest(model_dir)
-    source = log_model_dir(client, run_id, model_dir, "teacher")
+    signed = sign_and_log(client, run_id, model_dir, "teacher", cfg.governance)
+    logged = log_model_folder(client, run_id, model_dir, "teacher", example_texts=example_texts,
+                              labels=list(cfg.data.labels))
     all_tags = {"model.digest": digest, "tokenizer.digest": tokenizer_digest(model_dir),
-                "labels": ",".join(cfg.data.labels), "license": cfg.teacher.license, **tags}
-    mv = create_version(client, cfg.teacher_model_name, source=source, run_id=run_id, tags=all_tags,
-                        description=f"Teacher for {cfg.name}: {tags.get('origin', '')}")
+                "labels": ",".join(cfg.data.labels), "license": license, **signed, **tags}
+    mv = create_version(client, cfg.teacher_model_name, source=logged.model_uri, run_id=run_id, tags=all_tags,
+                        governance=cfg.governance, model_id=logged.model_id,
+                        description=f"Teacher for {cfg.name}: {tags.get('origin', '')}, licence {license}")
+    link_version(client, logged, cfg.teacher_model_name, mv.version)
     if pin:
         client.set_registered_model_alias(cfg.teacher_model_name, cfg.teacher.alias, mv.version)
     return mv, digest
@@ -133,7 +143,8 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
             test_acc = float(np.mean(np.asarray(cfg.data.labels)[preds] == test["label"].to_numpy()))
             client.log_metric(run_id, "teacher.test_accuracy", test_acc)
             # 3. register with its identity and pin it
-            mv, digest = _register_teacher(client, cfg, model_dir, run_id, pin=True, tags={
+            mv, digest = _register_teacher(client, cfg, model_dir, run_id, pin=True,
+                                           example_texts=splits["train"]["text"].head(3).tolist(), tags={
                 "origin": f"bootstrap from {cfg.teacher.base}", "bootstrap.key": key, "data.digest": splits.digest(),
                 "test.accuracy": f"{test_acc:.4f}", "code.version": code_version()})
         client.set_terminated(run_id, "FINISHED")
@@ -167,7 +178,10 @@ def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log
             for name in model_files(root):
                 (clean / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(root / name, clean / name)
-            mv, digest = _register_teacher(client, cfg, clean, run.info.run_id, pin=pin,
+            from tasks.data import load_splits
+
+            examples = load_splits(cfg.data, cfg.seed)["train"]["text"].head(3).tolist()
+            mv, digest = _register_teacher(client, cfg, clean, run.info.run_id, pin=pin, example_texts=examples,
                                            tags={"origin": f"import of {root.resolve()}", "code.version": code_version()})
         client.set_terminated(run.info.run_id, "FINISHED")
     except BaseException:

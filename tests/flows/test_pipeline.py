@@ -60,13 +60,20 @@ def _manifests():
     return sorted(o["Key"] for o in objs if o["Key"].endswith("manifest.json"))
 
 
-def test_pipeline_end_to_end_then_cache_hit(workspace):
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    from flows.pipeline import distill_pipeline
+
+    cfg = _config(workspace)
+    return cfg, distill_pipeline(cfg, trigger_reason="test: first run")
+
+
+def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import distill_pipeline
 
-    cfg = _config(workspace)
-    first = distill_pipeline(cfg)
+    cfg, first = first_run
     client = client_for(cfg.tracking)
 
     # every model evaluated on its own, on test and the OOD set
@@ -105,13 +112,15 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
     if first["registered"]["gates_passed"]:
         assert client.get_model_version_by_alias("tiny-edge", "champion").version == edge.version
 
-    # the MLflow run finished, with the config digest; the gap report is a Prefect artifact
+    # the MLflow run finished, with the config digest; each stage logs into its nested run
     run = client.get_run(first["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["config.digest"] == cfg.digest()
-    assert "student-int8.test.accuracy" in run.data.metrics
-    trials = client.get_metric_history(first["run_id"], "quantize.trial_accuracy")
+    stages = {r.data.tags["distill.stage"]: r.info.run_id for r in client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'")}
+    assert "student-int8.test.accuracy" in client.get_run(stages["evaluate"]).data.metrics
+    trials = client.get_metric_history(stages["quantize"], "quantize.trial_accuracy")
     assert 1 <= len(trials) <= 2  # tiny.yaml: candidates [static, dynamic], max_trials 2
-    local = client.download_artifacts(first["run_id"], "quantization/edge.json", str(Path(workspace[0])))
+    local = client.download_artifacts(stages["quantize"], "quantization/edge.json", str(Path(workspace[0])))
     manifest_edge = json.loads(Path(local).read_text())
     assert manifest_edge["primary"] == e["primary"] and manifest_edge["tuning"]["trials"]
     assert {"int8", "onnx", "onnx-int8"} <= set(manifest_edge["artifacts"])
@@ -132,6 +141,87 @@ def test_pipeline_end_to_end_then_cache_hit(workspace):
     assert second["soft_labels"]["hit"] and second["soft_labels"]["key"] == first["soft_labels"]["key"]
     assert second["registered"]["student"]["version"] == first["registered"]["student"]["version"] + 1
     assert len(_manifests()) == 1
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_records_lineage_signatures_and_attestations(workspace, first_run):
+    """Nested stage runs, datasets as run inputs, signed versions, one signed Statement per step; lineage and
+    verify through the command; one changed byte named by verify; a moved teacher alias rewrites no history."""
+    import mlflow
+
+    cfg, first = first_run
+    client = client_for(cfg.tracking)
+    run_id, edge_v = first["run_id"], first["registered"]["edge"]["version"]
+    uri = f"models:/tiny-edge/{edge_v}"
+
+    # 1. one parent run, a nested run per stage, the splits as dataset inputs with our sha256
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert {r.data.tags["distill.stage"] for r in children} == {"validate", "soft-labels", "distill", "quantize",
+                                                                "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in client.get_run(run_id).inputs.dataset_inputs}
+    recorded = json.loads(Path(client.download_artifacts(run_id, "lineage/inputs.json", str(workspace[0]))).read_text())
+    assert {n: t["distill.sha256"] for n, t in inputs.items()} == recorded["data"]
+
+    # 2. versions: MLflow models with a signature, owner and review tags, signed, gap summary and verdict
+    edge = client.get_model_version("tiny-edge", str(edge_v))
+    for key in ("owner", "review.due", "signature.uri", "signing.public_key", "signing.keyid", "teacher.license"):
+        assert edge.tags.get(key), key
+    assert edge.tags["trigger.reason"] == "test: first run" and edge.tags["owner"] == cfg.governance.owner
+    assert "Gap vs the teacher" in edge.description and "Verdict" in edge.description
+    info = mlflow.models.get_model_info(f"models:/tiny-edge/{edge_v}")
+    assert info.signature is not None and info.signature.inputs.input_names() == ["text"]
+    assert client.get_registered_model("tiny-edge").tags["owner"] == cfg.governance.owner
+
+    # 3. lineage: the whole chain down to the data digests, from the command
+    out = _cli("lineage", uri, "--tracking-uri", cfg.tracking.uri)
+    assert out.exit_code == 0, out.output
+    student_v = first["registered"]["student"]["version"]
+    for piece in (f"tiny-edge v{edge_v}", f"tiny-student v{student_v}", first["soft_labels"]["key"][:16],
+                  "tiny-teacher v1", f"train: sha256 {recorded['data']['train']}", run_id):
+        assert piece in out.output, (piece, out.output)
+
+    # 4. verify: every digest and signature holds ...
+    out = _cli("verify", uri, "--tracking-uri", cfg.tracking.uri)
+    assert out.exit_code == 0, out.output
+    assert "attestation distill" in out.output and "attestation evaluate" in out.output
+    # ... and one changed byte in a stored weight file fails it, naming that file
+    from tasks.registry import version_folder
+
+    assert edge.source.startswith("models:/m-")  # the logged MLflow model; its `model` artifact is the folder
+    stored_root = Path(client.get_logged_model(edge.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    src = version_folder(stored_root, edge.source)
+    stored = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    rel = stored.relative_to(src)
+    original = stored.read_bytes()
+    try:
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0x01
+        stored.write_bytes(bytes(damaged))
+        out = _cli("verify", uri, "--tracking-uri", cfg.tracking.uri)
+        assert out.exit_code == 1
+        assert f"{rel}: digest differs" in out.output and "BROKEN" in out.output
+    finally:
+        stored.write_bytes(original)
+
+    # 5. moving the teacher's alias rewrites no history: the edge version still reports teacher v1
+    from tasks.registry import fetch_model
+    from tasks.teacher import import_teacher
+
+    teacher_dir = fetch_model(client, "tiny-teacher", version=1, cache_root=workspace[0] / "models").path
+    assert import_teacher(cfg, teacher_dir, license="apache-2.0", pin=True, log=lambda *_: None)["version"] == 2
+    out = _cli("lineage", uri, "--tracking-uri", cfg.tracking.uri, "--json")
+    chain = {link["role"]: link for link in json.loads(out.stdout)["chain"]}
+    assert chain["teacher"]["version"] == 1 and chain["teacher"]["aliases_now"] == {"pinned": 2}
+    client.set_registered_model_alias("tiny-teacher", "pinned", "1")  # later tests distill from v1 again
 
 
 def _bad_csv(workspace, name, rows):
@@ -156,6 +246,9 @@ BAD_INPUTS = {
                    "column 'text'"),
     "teacher label count": (lambda ws: [f"data.train={_bad_csv(ws, 'two.csv', _rows(labels=('negative', 'positive')))}",
                                         "data.labels=[negative, positive]"], "predicts 3 labels"),
+    "teacher licence not allowed": (lambda ws: [f"data.train={_bad_csv(ws, 'good.csv', _rows(60))}",
+                                                "governance.allowed_licenses=[mit]"],
+                                    "licence 'apache-2.0', which is not in governance.allowed_licenses"),
 }
 
 
@@ -176,8 +269,12 @@ def test_bad_input_stops_with_a_clear_error_and_leaves_nothing(workspace, case):
     assert {n: len(_versions(client, n)) for n in before} == before  # no registry version
     assert _manifests() == manifests  # no cache manifest
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                              filter_string="tags.distill.stage = 'pipeline'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     assert runs[0].info.status == "FAILED"  # never left RUNNING
+    stages = client.search_runs([runs[0].info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'")
+    assert all(r.info.status != "RUNNING" for r in stages)
 
 
 def test_cli_prints_one_clear_message_without_traceback(workspace):

@@ -60,7 +60,7 @@ def _register(edge: Path, root: Path, name: str) -> tuple[str, str]:
 
     Returns (tracking URI, version source).
     """
-    from flows.config import TrackingConfig
+    from flows.config import GovernanceConfig, TrackingConfig
     from tasks.digest import model_digest
     from tasks.registry import client_for, create_version, experiment_id, log_model_dir
 
@@ -70,7 +70,8 @@ def _register(edge: Path, root: Path, name: str) -> tuple[str, str]:
         client = client_for(tracking)
         run_id = client.create_run(experiment_id(client, tracking)).info.run_id
         source = log_model_dir(client, run_id, edge, "edge")
-        mv = create_version(client, name, source=source, run_id=run_id, tags={"model.digest": model_digest(edge)})
+        mv = create_version(client, name, source=source, run_id=run_id, tags={"model.digest": model_digest(edge)},
+                            governance=GovernanceConfig())
         client.set_registered_model_alias(name, "champion", mv.version)
     return tracking.uri, source
 

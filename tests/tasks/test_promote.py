@@ -1,0 +1,187 @@
+"""Promotion through the real promote-edge flow: a real Prefect API (test harness), MLflow on SQLite, real
+signed attestations. Failed gates never move @champion; approval is asked in a paused run and asked again on
+an unacceptable answer; a timeout promotes nothing; a second promotion changes nothing; rollback is recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.config import load_config
+from tasks.errors import DistillError
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model_dir):
+    """tiny-edge v1 and v3 passed their gates, v2 failed them; a signing key pair in a temporary folder."""
+    from tasks.digest import model_digest
+    from tasks.registry import client_for, create_version, experiment_id, log_model_dir
+
+    tmp = tmp_path_factory.mktemp("promote")
+    old_key_dir = os.environ.get("DISTILL_KEY_DIR")
+    os.environ["DISTILL_KEY_DIR"] = str(tmp / "keys")
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                                                   f"tracking.artifact_location={tmp}/artifacts"])
+    client = client_for(cfg.tracking)
+    run = client.create_run(experiment_id(client, cfg.tracking), run_name="register")
+    source = log_model_dir(client, run.info.run_id, tiny_model_dir, "edge")
+    for passed in ("true", "false", "true"):
+        create_version(client, cfg.edge_model_name, source=source, run_id=run.info.run_id, governance=cfg.governance,
+                       tags={"gates.passed": passed, "model.digest": model_digest(tiny_model_dir)},
+                       description="test accuracy 0.7; Verdict: " + ("all gates passed" if passed == "true" else "FAILED"))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    yield cfg, client
+    if old_key_dir is None:
+        os.environ.pop("DISTILL_KEY_DIR", None)
+    else:
+        os.environ["DISTILL_KEY_DIR"] = old_key_dir
+
+
+def _config(cfg, **approval):
+    return cfg.model_copy(update={"approval": cfg.approval.model_copy(update=approval)})
+
+
+def _registry_state(client, name):
+    """Everything promotion could change: aliases, and every version's tags and update time."""
+    model = client.get_registered_model(name)
+    versions = client.search_model_versions(f"name='{name}'")
+    return {"aliases": dict(model.aliases), "tags": dict(model.tags),
+            "versions": {v.version: (dict(v.tags), v.last_updated_timestamp) for v in versions}}
+
+
+def _paused_run(pause_key: str, timeout: float = 60):
+    """Wait for the promote-edge flow run to be paused under `pause_key`; return its id."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as c:
+        while time.monotonic() < deadline:
+            runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            for r in runs:
+                if r.state.state_details.pause_key == pause_key:
+                    time.sleep(0.5)  # the form's schema is saved just after the state is set
+                    return str(r.id)
+            time.sleep(0.3)
+    raise AssertionError(f"no flow run paused under {pause_key}")
+
+
+def _attestation(client, uri: str, tmp_path) -> dict:
+    import mlflow
+
+    from tasks.signing import verify_statement
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path),
+                                               tracking_uri=client._tracking_client.tracking_uri)
+    pub = (Path(os.environ["DISTILL_KEY_DIR"]) / "signing-key.pub.pem").read_text()
+    return verify_statement(json.loads(Path(path).read_text()), [pub])
+
+
+def test_failed_gates_never_move_champion(registry, prefect_api):
+    from flows.promote import promote_edge
+
+    cfg, client = registry
+    before = _registry_state(client, cfg.edge_model_name)
+    result = promote_edge(cfg, version=2)
+    assert not result["changed"] and result["reason"] == "gates failed"
+    assert _registry_state(client, cfg.edge_model_name) == before  # no alias, no tag
+
+
+def test_approval_timeout_promotes_nothing(registry, prefect_api):
+    from flows.promote import promote_edge
+
+    cfg, client = registry
+    champion_before = client.get_registered_model(cfg.edge_model_name).aliases.get("champion")
+    with pytest.raises(DistillError, match="no approval for tiny-edge v1 within approval.timeout_seconds=2"):
+        promote_edge(_config(cfg, required=True, timeout_seconds=2, poll_seconds=1), version=1)
+    assert client.get_registered_model(cfg.edge_model_name).aliases.get("champion") == champion_before
+    assert "promotion.approver" not in client.get_model_version(cfg.edge_model_name, "1").tags
+
+
+def test_approval_asks_again_then_promotes_once(registry, prefect_api, tmp_path):
+    from flows.promote import promote_edge
+    from tasks.promote import answer_run
+
+    cfg, client = registry
+    strict = _config(cfg, required=True, approvers=["dana"], timeout_seconds=120, poll_seconds=1)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(promote_edge(strict, version=1)))
+    worker.start()
+    try:
+        run_id = _paused_run("approval-1-1")
+        # invalid input: refused by the API against the form's schema; the run keeps waiting
+        with pytest.raises(DistillError, match="answer refused"):
+            answer_run(run_id, {"approver": "dana", "decision": "maybe"})
+        # a valid form from someone who is not an approver: the run asks again
+        answer_run(run_id, {"approver": "eve", "decision": "approve", "comment": ""})
+        assert _paused_run("approval-1-2") == run_id
+        assert client.get_registered_model(cfg.edge_model_name).aliases.get("champion") is None
+        answer_run(run_id, {"approver": "dana", "decision": "approve", "comment": "reviewed the gap report"})
+    finally:
+        worker.join(timeout=120)
+    assert outcome["changed"] and outcome["champion"] == 1
+    mv = client.get_model_version(cfg.edge_model_name, "1")
+    assert client.get_registered_model(cfg.edge_model_name).aliases["champion"] == 1
+    assert mv.tags["promotion.approver"] == "dana" and mv.tags["promotion.comment"] == "reviewed the gap report"
+    stmt = _attestation(client, mv.tags["promotion.attestation.uri"], tmp_path)  # signed, with the approver
+    assert stmt["predicate"]["step"] == "promote" and stmt["predicate"]["approver"]["approver"] == "dana"
+    assert stmt["predicate"]["results"]["aliases_after"]["champion"] == 1
+
+    # the same promotion again (a second run, a redelivered event): the registry does not change
+    before = _registry_state(client, cfg.edge_model_name)
+    again = promote_edge(strict, version=1)
+    assert not again["changed"] and again["reason"] == "already champion"
+    assert _registry_state(client, cfg.edge_model_name) == before
+
+
+def test_rollback_records_who_and_why(registry, prefect_api, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.promote import promote_edge
+
+    cfg, client = registry
+    assert promote_edge(cfg, version=3)["champion"] == 3
+    args = ["rollback", cfg.edge_model_name, "--tracking-uri", cfg.tracking.uri, "--reason", "false alarms on device"]
+    result = CliRunner().invoke(app, [*args, "--to", "2"])
+    assert result.exit_code == 2 and "did not pass its gates" in result.output
+    result = CliRunner().invoke(app, [*args, "--to", "1", "--by", "oncall-kim"])
+    assert result.exit_code == 0, result.output
+    assert client.get_registered_model(cfg.edge_model_name).aliases["champion"] == 1
+    mv = client.get_model_version(cfg.edge_model_name, "1")
+    assert mv.tags["rollback.by"] == "oncall-kim" and mv.tags["rollback.reason"] == "false alarms on device"
+    assert mv.tags["rollback.from"] == "3"
+    stmt = _attestation(client, mv.tags["rollback.attestation.uri"], tmp_path)
+    assert stmt["predicate"]["parameters"]["action"] == "rollback"
+
+
+def test_teacher_licence_allow_list_and_recorded_override(tmp_path):
+    from flows.config import GovernanceConfig
+    from tasks.registry import ModelRef, check_teacher_license
+
+    teacher = ModelRef("x-teacher", 3, "d" * 64, tmp_path, None, tags={"license": "CC-BY-NC-4.0"})
+    with pytest.raises(DistillError, match="licence 'CC-BY-NC-4.0', which is not in governance.allowed_licenses"):
+        check_teacher_license(teacher, GovernanceConfig())
+    assert check_teacher_license(teacher, GovernanceConfig(allowed_licenses=["cc-by-nc-4.0"])) is None
+    reason = "research prototype, legal review LR-12"
+    assert check_teacher_license(teacher, GovernanceConfig(license_override_reason=reason)) == reason
+    with pytest.raises(DistillError, match="no licence tag"):
+        check_teacher_license(ModelRef("x-teacher", 4, "d" * 64, tmp_path, None), GovernanceConfig())
