@@ -480,6 +480,31 @@ def rollback(model: str = typer.Argument(..., help="the registered edge model, e
     console.print(f"{model}: @champion v{result['previous']} -> v{to} (by {result['by']}: {reason})", highlight=False)
 
 
+@app.command()
+def deploy(pool: str = typer.Option("distill-process", help="the work pool named in prefect.yaml")):
+    """Create the work pool if missing, deploy everything in prefect.yaml, apply deployments/automations.yaml."""
+    from tasks.deploy import apply_automations, deploy_all, ensure_work_pool
+    from tasks.errors import DistillError
+
+    try:
+        created = ensure_work_pool(pool)
+        console.print(f"work pool {pool}: {'created' if created else 'exists'}")
+        deploy_all()
+        console.print("deployments: distill-pipeline, drift-monitor, teacher-watch (prefect.yaml)")
+        for name in apply_automations():
+            console.print(f"automation {name}: applied")
+    except DistillError as err:
+        _fail(err)
+    console.print(f"next: `distill worker --pool {pool}` runs them; the Prefect UI shows schedules and runs")
+
+
+@app.command()
+def worker(pool: str = typer.Option("distill-process", help="the work pool to take runs from")):
+    """Start a Prefect worker on the pool, in this directory (the deployments run flows from here)."""
+    bindir = Path(sys.executable).parent
+    os.execv(str(bindir / "prefect"), [str(bindir / "prefect"), "worker", "start", "--pool", pool, "--type", "process"])
+
+
 def main() -> None:
     app()
 

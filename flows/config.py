@@ -209,6 +209,26 @@ class ApprovalConfig(_Section):
     poll_seconds: int = Field(5, ge=1)  # how often the paused run checks for the answer
 
 
+class DriftConfig(_Section):
+    """drift-monitor: production rows against the champion's reference profile (tasks.drift). An effect must
+    exceed its threshold AND its test be significant at p_value to count as drift."""
+
+    max_psi: float = Field(0.2, ge=0)  # population stability index of the predicted labels
+    max_js: float = Field(0.1, ge=0, le=1)  # Jensen-Shannon distance (base 2) of the predicted-label shares
+    max_ks: float = Field(0.1, ge=0, le=1)  # KS statistic of a text statistic (length, words, digits, case, ASCII)
+    max_out_of_scope_increase: float = Field(0.10, ge=0, le=1)  # share of rows beyond the scope threshold, absolute
+    p_value: float = Field(0.01, gt=0, lt=1)  # text tests Holm-corrected across the statistics
+    min_accuracy: float | None = Field(None, ge=0, le=1)  # labelled rows: overall / slice accuracy below this is drift
+    min_slice_rows: int = Field(20, ge=1)
+    min_rows: int = Field(50, ge=1)  # fewer production rows: too few to judge (a clear error, no event)
+    sample_size: int = Field(2000, ge=10)  # production rows scored by the model (text statistics use every row)
+
+    def thresholds(self):
+        from tasks.drift import DriftThresholds
+
+        return DriftThresholds(**self.model_dump(exclude={"sample_size"}))
+
+
 class RuntimeConfig(_Section):
     max_length: int = Field(128, ge=8)  # tokens per example (part of the soft-label key)
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
@@ -227,6 +247,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from tasks.registry import attest_task, check_teacher_license, client_for, regis
 from tasks.runtime import configure_threads, select_device
 from tasks.soft_labels import soft_labels_stage
 from tasks.teacher import resolve_teacher_task
+from tasks.triggers import write_reference
 from tasks.validate import validate_data
 
 WORK_ROOT = Path(".distill/work")
@@ -82,6 +83,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             scope = scope_record(report, edge.report_name, splits)
             if scope is not None:  # ships with the edge model (part of its digest): distill predict adds in_scope
                 (edge.path / "scope.json").write_text(json.dumps(scope, indent=2, default=str))
+            write_reference(edge.path, splits, list(cfg.data.labels), sample_size=cfg.drift.sample_size, seed=cfg.seed)
             publish_report_task(report, gates, cfg, client=client, run_id=rid)
             sizes = {name: folder_bytes(path) for name, path in models.items()}
             client.log_dict(rid, sizes, "evaluation/sizes_bytes.json")

@@ -1,0 +1,179 @@
+"""Redistillation end to end with real parts: `prefect server` on 127.0.0.1 (SQLite in a temporary folder), the
+work pool, the deployments of prefect.yaml and the automations of deployments/ applied by `distill deploy`, and
+a process worker. A drifted production sample starts exactly one distill-pipeline run, which completes on a tiny
+config and records the trigger on its model versions; moving the teacher's alias starts one run; an undrifted
+sample starts none."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, review_frame):
+    """Server + pool + deployments + automations + worker; a tiny config whose gates let a champion exist."""
+    tmp = tmp_path_factory.mktemp("triggers")
+    port = _port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_LEVEL": "INFO", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+           "DISTILL_KEY_DIR": str(tmp / "keys"), "DISTILL_PROGRESS": "0"}
+    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    logs = tmp / "logs"
+    logs.mkdir()
+    procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)]
+    old_env = {k: os.environ.get(k) for k in env}
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
+        os.environ.update(env)  # this process talks to the same server and stores
+        config = tmp / "tiny.yaml"
+        raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+        raw["soft_labels"]["store"] = f"file://{tmp}/soft-labels"
+        raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
+        raw["governance"] = {"key_dir": str(tmp / "keys")}
+        # gates loose enough that the tiny model becomes champion: this test is about triggers, not quality
+        raw["evaluate"] = {"min_retention": 0.0, "max_edge_drop": 1.0, "min_edge_agreement": 0.0, "max_ece": 1.0,
+                           "max_ood_auroc_drop": 1.0, "max_flip_rate_increase": 1.0, "max_critical_slice_drop": 1.0,
+                           "bootstrap_samples": 50, "stress_rows": 40}
+        raw["quantize"]["require_int8"] = False
+        raw["drift"] = {"sample_size": 200, "min_rows": 50}
+        config.write_text(yaml.safe_dump(raw))
+        deployed = subprocess.run([str(BIN / "distill"), "deploy"], env=env, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=180)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        procs.append(subprocess.Popen([str(BIN / "distill"), "worker"], env=env, cwd=ROOT,
+                                      stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        yield {"tmp": tmp, "config": config, "env": env, "logs": logs}
+    finally:
+        for p in procs:
+            with pytest.MonkeyPatch.context():
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pipeline_runs() -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as c:
+        return c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["distill-pipeline"])))
+
+
+def _run(deployment: str, parameters: dict, timeout: float = 240):
+    """Run a deployment through the worker and wait for its final state."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters=parameters, timeout=timeout)
+    assert run.state.is_final(), f"{deployment} still {run.state.name} after {timeout} s"
+    return run
+
+
+def _wait_for_pipeline_runs(n: int, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = _pipeline_runs()
+        if len(runs) >= n and all(r.state.is_final() for r in runs):
+            return runs
+        time.sleep(2)
+    runs = _pipeline_runs()
+    raise AssertionError(f"expected {n} finished distill-pipeline runs, found {[(r.name, r.state.name) for r in runs]}")
+
+
+def _production(path: Path, frame, *, drifted: bool) -> str:
+    rows = frame.sample(n=len(frame), random_state=1)
+    with path.open("w") as f:
+        for i, r in enumerate(rows.itertuples()):
+            text = " ".join(str(r.text).split()[:3]).upper() if drifted else str(r.text)
+            f.write(json.dumps({"text": text, "condition": r.condition, "timestamp": 1_790_000_000 + i}) + "\n")
+    return str(path)
+
+
+def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame):
+    from flows.config import load_config
+    from flows.pipeline import distill_pipeline
+    from tasks.registry import client_for, fetch_model
+    from tasks.teacher import bootstrap_teacher, import_teacher
+
+    cfg = load_config(stack["config"])
+    client = client_for(cfg.tracking)
+    # a champion to monitor (in this process, not through the worker: it is the starting point)
+    bootstrap_teacher(cfg, log=lambda *_: None)
+    assert distill_pipeline(cfg, trigger_reason="initial")["registered"]["edge"]["champion"]
+    monitor = {"config_path": str(stack["config"]), "overrides": []}
+
+    # 1. an undrifted sample: a report, no event, no run
+    calm = _run("drift-monitor/drift-monitor", {**monitor, "production": _production(stack["tmp"] / "calm.jsonl",
+                                                                                   review_frame, drifted=False)})
+    assert calm.state.is_completed(), calm.state.message
+    # 2. a drifted sample, seen twice (one burst): exactly one distill-pipeline run, reason recorded
+    drifted = _production(stack["tmp"] / "drifted.jsonl", review_frame, drifted=True)
+    for _ in range(2):
+        assert _run("drift-monitor/drift-monitor", {**monitor, "production": drifted}).state.is_completed()
+    runs = _wait_for_pipeline_runs(1, 300)
+    time.sleep(5)
+    runs = _pipeline_runs()
+    assert len(runs) == 1 and runs[0].state.is_completed(), [(r.name, r.state.name) for r in runs]
+    assert runs[0].parameters["trigger_reason"].startswith("distill.drift.detected")
+    edge = client.get_model_version_by_alias(cfg.edge_model_name, "champion")
+    assert edge.tags["trigger.reason"].startswith("distill.drift.detected"), edge.tags["trigger.reason"]
+
+    # 3. the teacher's alias moves: teacher-watch starts one run
+    teacher_dir = fetch_model(client, cfg.teacher_model_name, version=1, cache_root=stack["tmp"] / "models").path
+    import_teacher(cfg, teacher_dir, license="apache-2.0", pin=True, log=lambda *_: None)
+    assert _run("teacher-watch/teacher-watch", monitor).state.is_completed()
+    runs = _wait_for_pipeline_runs(2, 300)
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    newest = max(runs, key=lambda r: r.created)
+    assert newest.parameters["trigger_reason"].startswith("distill.teacher.changed")
+    edge = client.get_model_version_by_alias(cfg.edge_model_name, "champion")
+    assert edge.tags["teacher.version"] == "2" and edge.tags["trigger.reason"].startswith("distill.teacher.changed")
