@@ -83,11 +83,11 @@ def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
     from tasks.drift import drift_report, read_production_rows
     from tasks.edge import load_edge, resolve_edge
 
+    rows = read_production_rows(production)  # bad input fails here, before the registry or the model
     current = champion(client, cfg)
     if current is None:
         raise DistillError(f"{cfg.edge_model_name} has no @champion yet: there is nothing to monitor",
                            "run the pipeline until a version passes its gates (`distill run --config <config>`)")
-    rows = read_production_rows(production)  # bad input fails here, before the model loads
     folder = resolve_edge(f"models:/{cfg.edge_model_name}/{current.version}", client._registry_uri, log=log)
     if not (folder / REFERENCE_FILE).is_file():
         raise DistillError(f"{cfg.edge_model_name} v{current.version} ships no {REFERENCE_FILE} (registered before "
