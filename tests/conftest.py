@@ -32,6 +32,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A real Prefect API (the test harness: a server on a temporary SQLite database), one per test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint: moto's server on 127.0.0.1 (credentials are moto's dummies)."""

@@ -19,14 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory, s3_endpoint, prefect_api):
     """A working directory with a bucket for soft labels, a SQLite MLflow store and a pinned tiny teacher."""
     import boto3

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
-
-
-@pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_model_dir):
     """tiny-edge v1 and v3 passed their gates, v2 failed them; a signing key pair in a temporary folder."""
     from tasks.digest import model_digest

@@ -202,14 +202,6 @@ def test_nan_outputs_fail_the_checks_and_the_gate():
     assert not gates["edge_outputs_finite"]["passed"] and not gates["edge_argmax_agreement_vs_student"]["passed"]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
-
-
 def _unexportable_model(tmp_path) -> Path:
     """A real Hugging Face architecture (CANINE) that neither torch.export (dynamic seq) nor optimum can export."""
     import transformers

@@ -25,14 +25,6 @@ FP16_ATOL = 4e-3
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
-
-
-@pytest.fixture(scope="module")
 def rows(review_frame):
     return review_frame.head(N)
 
