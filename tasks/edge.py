@@ -50,6 +50,9 @@ def _registry_client(tracking_uri: str):
                            "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the pipeline registered into")
     from mlflow import MlflowClient
 
+    from tasks.registry import use_store
+
+    use_store(tracking_uri)  # a version's source may be a logged model (models:/m-...), resolved in this store
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -36,8 +36,18 @@ def client_for(tracking):
     from mlflow import MlflowClient
 
     uri = tracking_uri(tracking)
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then override every later config in
-    # this process (a worker running several configs, a test session): keep the variable as the user set it
+    use_store(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def use_store(uri: str) -> None:
+    """Point MLflow's global tracking and registry URIs at `uri` (models:/ and runs:/ URIs resolve there).
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would then override every later config in this
+    process (a worker running several configs, a test session): the variables stay as the user set them.
+    """
+    import mlflow
+
     user_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -46,7 +56,6 @@ def client_for(tracking):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(client, tracking) -> str:
