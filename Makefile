@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-integration test-all bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Only the tests that start real servers (prefect, mlflow, PostgreSQL, moto); `make test` runs them too.
+test-integration: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m integration
 
 bench: install
 	@shopt -s nullglob; scripts=(benchmarks/*.py); \

@@ -225,7 +225,7 @@ class _S3Backend:
             endpoint = self._client.meta.endpoint_url if self._client else "the S3 endpoint"
             raise DistillError(f"cannot reach {endpoint} for {where}: {err}",
                                "check AWS_ENDPOINT_URL and that the S3/MinIO server is up "
-                               "(docker compose -f infra/docker-compose.yaml up -d minio)") from err
+                               "(docker compose -f infra/docker-compose.yml up -d minio)") from err
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
             if code == "NoSuchBucket":
