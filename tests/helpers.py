@@ -47,3 +47,21 @@ def spread_classifier(model_dir, texts: Sequence[str], out_dir, *, max_length: i
         mean = predict_logits(model, tokenizer, list(texts), max_length=max_length).mean(0)
         model.classifier.bias -= torch.from_numpy(mean)
     return save_classifier(model, tokenizer, out_dir)
+
+
+def wait_http(url: str, proc, log: Path, timeout: float) -> None:
+    """Wait until `url` answers 200; fail early, with the end of its log, when the server process exits."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import wait_http
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -27,20 +29,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def stack(tmp_path_factory, review_frame):
                               start_new_session=True)]
     old_env = {k: os.environ.get(k) for k in env}
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
+        wait_http(f"http://127.0.0.1:{port}/api/health", procs[0], logs / "server.log", 120)
         os.environ.update(env)  # this process talks to the same server and stores
         config = tmp / "tiny.yaml"
         raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())

@@ -22,6 +22,7 @@ import pytest
 
 from tasks.registry import LINEAGE_TAGS
 from tests.conftest import _free_port
+from tests.helpers import wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,22 +45,6 @@ def _pg_bindir() -> Path | None:
 def _as_postgres(cmd: list) -> list[str]:
     """initdb and postgres refuse to run as root: as root, run them as the `postgres` OS user."""
     return (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []) + [str(c) for c in cmd]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +126,7 @@ def stack(postgres, s3_endpoint, tmp_path_factory):
         import mlflow, torch, transformers  # noqa: F401,E401  (imported while the servers migrate their databases)
 
         for name, (_, _, health) in servers.items():
-            _wait_http(health, procs[name], tmp / f"{name}.log", 180)
+            wait_http(health, procs[name], tmp / f"{name}.log", 180)
         # what a user of the compose stack exports, and nothing else (plus where this test keeps its signing key)
         client_env = {"PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
                       "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", **aws,
