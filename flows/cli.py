@@ -393,11 +393,12 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
                                                           "default: the local key pair's (governance.key_dir)"),
            key_dir: Optional[Path] = typer.Option(None, help="folder of the local key pair (default .distill/keys)")):
     """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
+    from tasks.edge import stdout_to_stderr
     from tasks.errors import DistillError
     from tasks.lineage import _client, verify as run_verify
 
     try:
-        with _quiet_stdout():
+        with stdout_to_stderr():
             result = run_verify(_client(tracking_uri), model, public_keys=public_key, key_dir=key_dir,
                                 log=lambda m: err_console.print(f"[dim]{m}[/]"))
     except DistillError as err:
@@ -413,12 +414,6 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
         err_console.print(f"[bold red]verification failed[/]: {', '.join(broken)}")
         raise typer.Exit(1)
     console.print(f"[green]all {len(result.checks)} checks passed[/]")
-
-
-def _quiet_stdout():
-    from tasks.edge import stdout_to_stderr
-
-    return stdout_to_stderr()
 
 
 @app.command()

@@ -7,7 +7,6 @@ production sample does not turn every negligible difference into an alert.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -107,15 +106,11 @@ def _parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
             return rows, numbers
     except ValueError:  # json.JSONDecodeError, orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
         pass
+    from tasks.edge import decode_json_line
+
     problems, n_bad = [], 0
     for i in numbers:  # the slow path, only to name the bad lines
-        try:
-            row = json.loads(lines[i - 1].decode("utf-8"))
-            problem = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
-        except UnicodeDecodeError:
-            problem = "not UTF-8"
-        except json.JSONDecodeError as err:
-            problem = f"not valid JSON ({err.msg} at column {err.colno})"
+        _, problem = decode_json_line(lines[i - 1])
         if problem:
             n_bad += 1
             if len(problems) < _MAX_REPORTED:

@@ -241,6 +241,19 @@ def load_edge(folder: str | Path, artifact: str | None = None) -> EdgeModel:
 # JSONL input rows
 
 
+def decode_json_line(line: bytes | str) -> tuple[dict | None, str | None]:
+    """One JSONL line as an object, or why it is not one (not UTF-8, not JSON, not an object)."""
+    try:
+        row = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    return row, None
+
+
 def parse_rows(lines: Iterable[bytes | str], source: str = "input") -> list[dict]:
     """Rows {"text", "id"?} from JSONL lines, all checked before any is used; blank lines are skipped.
 
@@ -248,24 +261,16 @@ def parse_rows(lines: Iterable[bytes | str], source: str = "input") -> list[dict
     """
     rows, bad, n_bad = [], [], 0
     for number, line in enumerate(lines, start=1):
-        problem = None
-        try:
-            text = line.decode("utf-8") if isinstance(line, bytes) else line
-            if not text.strip():
-                continue
-            row = json.loads(text)
-            if not isinstance(row, dict):
-                problem = f"expected a JSON object, got {type(row).__name__}"
-            elif not isinstance(row.get("text"), str) or not row["text"].strip():
+        if not line.strip():
+            continue
+        row, problem = decode_json_line(line)
+        if problem is None:
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
                 problem = 'no "text" (a non-empty string)' if "text" not in row else '"text" must be a non-empty string'
             elif row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
                 problem = '"id" must be a string or an integer'
             else:
                 rows.append({"id": row.get("id"), "text": row["text"]})
-        except UnicodeDecodeError:
-            problem = "not UTF-8"
-        except json.JSONDecodeError as err:
-            problem = f"not valid JSON ({err.msg} at column {err.colno})"
         if problem:
             n_bad += 1
             if len(bad) < _MAX_REPORTED:

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from tasks.errors import DistillError
+from tasks.triggers import GATES_FAILED, MODEL_PROMOTED, emit
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -28,13 +29,6 @@ def aliases(client, name: str) -> dict[str, int]:
         return {a: int(v) for a, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
         return {}
-
-
-def _emit(event: str, name: str, payload: dict) -> None:
-    """A Prefect event on resource distill.model.<name> (DESIGN.md, events); no-op outside Prefect."""
-    from prefect.events import emit_event
-
-    emit_event(event=event, resource={"prefect.resource.id": f"distill.model.{name}"}, payload=payload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +137,7 @@ def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], 
     mv = client.get_model_version(name, str(version))
     before = aliases(client, name)
     if mv.tags.get("gates.passed") != "true":
-        _emit("distill.gates.failed", name, {"version": version, "failed": mv.description})
+        emit(GATES_FAILED, name, {"version": version, "failed": mv.description})
         log(f"{name} v{version}: gates failed, @champion stays at "
             f"{('v' + str(before[CHAMPION])) if CHAMPION in before else 'no version'}")
         return {"changed": False, "champion": before.get(CHAMPION), "reason": "gates failed"}
@@ -174,7 +168,7 @@ def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], 
                  "promotion.previous": str(before.get(CHAMPION, ""))}.items():
         client.set_model_version_tag(name, str(version), k, v)
     client.set_registered_model_alias(name, CHAMPION, version)
-    _emit("distill.model.promoted", name, {"version": version, "previous": before.get(CHAMPION),
+    emit(MODEL_PROMOTED, name, {"version": version, "previous": before.get(CHAMPION),
                                            "approver": approver["approver"]})
     log(f"{name} v{version} is now @champion (approver: {approver['approver']})")
     return {"changed": True, "champion": version, "previous": before.get(CHAMPION), "approval": approver,

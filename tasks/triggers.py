@@ -1,5 +1,6 @@
 """Redistillation triggers: the teacher moved, or the world drifted. Each emits one Prefect event with its
-evidence; automations in deployments/ turn the event into a run of the distill-pipeline deployment."""
+evidence; automations in deployments/ turn the event into a run of the distill-pipeline deployment.
+`emit` also sends the promotion events (DESIGN.md, events)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from tasks.errors import DistillError
 
 TEACHER_CHANGED = "distill.teacher.changed"
 DRIFT_DETECTED = "distill.drift.detected"
+GATES_FAILED = "distill.gates.failed"
+MODEL_PROMOTED = "distill.model.promoted"
 
 
 def resource(name: str) -> dict:

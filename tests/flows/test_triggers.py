@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import _free_port
 from tests.helpers import wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -25,17 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, review_frame):
     """Server + pool + deployments + automations + worker; a tiny config whose gates let a champion exist."""
     tmp = tmp_path_factory.mktemp("triggers")
-    port = _port()
+    port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
