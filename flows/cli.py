@@ -50,11 +50,32 @@ def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
         cfg = _load(config, set)
         console.print(f"[bold]distill-pipeline[/] {cfg.name} (config digest {cfg.digest()[:12]})")
         from flows.pipeline import distill_pipeline
+        from tasks.ephemeral import tie_ephemeral_server
+
+        tie_ephemeral_server()  # a SIGKILLed run leaves no orphaned API server behind
 
         result = distill_pipeline(cfg, trigger_reason=reason)
     except DistillError as err:
         _fail(err)
     _print_summary(cfg, result)
+
+
+@app.command()
+def recover(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
+    """Mark pipeline runs whose process died (SIGKILL, OOM) as KILLED in MLflow and Crashed in Prefect."""
+    from tasks.errors import DistillError
+    from tasks.ephemeral import tie_ephemeral_server
+    from tasks.recovery import reap
+    from tasks.registry import client_for
+
+    try:
+        cfg = _load(config, set)
+        tie_ephemeral_server()
+        found = reap(client_for(cfg.tracking), cfg.tracking, log=console.print)
+    except DistillError as err:
+        _fail(err)
+    if not found:
+        console.print("no crashed runs: every pipeline run still RUNNING has a live process")
 
 
 def _mb(n: int) -> str:

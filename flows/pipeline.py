@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.transactions import transaction
 
 from flows.config import PipelineConfig
 from tasks.attest import (ATTESTATION_DIR, distill_statement, evaluate_statement, export_statement,
@@ -22,7 +23,9 @@ from tasks.evaluate import evaluate_gates, evaluate_task, publish_report_task, s
 from tasks.quantize import quantization_gate, quantize_edge
 from tasks.mlflow_model import log_split_inputs
 from tasks.promote import promote_task
-from tasks.registry import attest_task, check_teacher_license, client_for, register_task, stage_run, start_pipeline_run
+from tasks.recovery import reap
+from tasks.registry import (attest_task, check_teacher_license, client_for, register_task, release_task, stage_run,
+                            start_pipeline_run)
 from tasks.runtime import configure_threads, select_device
 from tasks.soft_labels import soft_labels_stage
 from tasks.teacher import resolve_teacher_task
@@ -39,6 +42,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
     configure_threads(cfg.runtime.threads)
     device = select_device(cfg.runtime.device)
     client = client_for(cfg.tracking)
+    reap(client, cfg.tracking)  # runs whose process was killed (SIGKILL) are marked KILLED/Crashed, not left RUNNING
     run_id = start_pipeline_run(client, cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id())
     ctx = {"mlflow_run_id": run_id, "prefect_flow_run_id": str(flow_run.get_id())}
     workdir = WORK_ROOT / run_id
@@ -89,14 +93,16 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             client.log_dict(rid, sizes, "evaluation/sizes_bytes.json")
         attest_task(client, run_id, cfg.governance, evaluate_statement(
             cfg, report, gates, model_digest(edge.path), {m: model_digest(p) for m, p in models.items()}, splits, ctx))
-        with stage_run(client, run_id, "register") as rid:
+        # the release: versions are staged, then the last gate; a gate that fails rolls the staging back
+        # (register_task's on_rollback), so no version or alias exists for a model that failed a gate
+        with transaction(), stage_run(client, run_id, "register") as rid:
             registered = register_task(
                 client, rid, cfg, teacher=teacher, data_digest=splits.digest(), soft=soft, student=student, edge=edge,
                 report=report, gates=gates, example_texts=splits["test"]["text"].head(3).tolist(),
                 attestation_uri=f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ATTESTATION_DIR}",
                 trigger_reason=trigger_reason, license_override=license_override)
+            release_task(client, cfg, registered, gates, run_id=run_id, cache_root=workdir / "release")
         promotion = promote_task(client, cfg, registered["edge"]["version"], run_id=run_id)
-        client.set_tag(run_id, "gates.passed", str(registered["gates_passed"]).lower())
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import DistillError
+from tasks.faults import failpoint
 
 
 def student_from_teacher(teacher, layers: list[int]):
@@ -175,6 +176,7 @@ def distill_task(teacher_dir, splits, soft, cfg, workdir, *, device: str, client
                 for k, v in row.items():
                     if k != "epoch":
                         client.log_metric(run_id, f"{prefix}.{k}", v, step=row["epoch"])
+            failpoint("distill.epoch-end")
         return on_epoch
 
     common = dict(train_texts=train["text"].tolist(), train_label_ids=train["label"].map(label_id).to_numpy(),

@@ -100,21 +100,80 @@ def ownership_tags(governance) -> dict:
 
 
 def create_version(client, name: str, *, source: str, run_id: str, tags: dict, governance, description: str = "",
-                   model_id: str | None = None):
+                   model_id: str | None = None, staged: "Staged | None" = None):
     """Register a model version with all its tags in one call (no version without lineage or owner)."""
     from mlflow.exceptions import MlflowException
 
     owner = ownership_tags(governance)
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, tags={k: owner[k] for k in ("owner", "review.cadence_days")})
+        try:
+            client.create_registered_model(name, tags={k: owner[k] for k in ("owner", "review.cadence_days")})
+            if staged is not None:
+                staged.models.append(name)
+        except MlflowException as exc:  # a concurrent run created it between the two calls: use theirs
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
     tags = {k: str(v) for k, v in {**owner, **tags}.items()}
-    return client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
-                                       model_id=model_id)
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
+                                     model_id=model_id)
+    if staged is not None:
+        staged.versions.append((name, str(mv.version)))
+    return mv
 
 
-def sign_and_log(client, run_id: str, folder: Path, role: str, governance) -> dict:
+@dataclass
+class Staged:
+    """What the register step wrote, so that a failure or a transaction rollback removes all of it."""
+
+    versions: list[tuple[str, str]] = field(default_factory=list)   # (registered model, version)
+    models: list[str] = field(default_factory=list)                 # registered models this step created
+    logged_models: list[str] = field(default_factory=list)          # MLflow logged-model ids
+    artifacts: list[tuple[str, str]] = field(default_factory=list)  # (run id, artifact path)
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} v{v}" for n, v in self.versions) or "nothing"
+
+
+def unstage(client, staged: Staged, log=print) -> list[str]:
+    """Delete what `staged` records, newest first; each step tolerates what is already gone. Returns what went."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    removed = []
+
+    def attempt(what: str, fn, *args):
+        try:
+            fn(*args)
+            removed.append(what)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+                log(f"rollback: could not remove {what}: {exc.message}")
+        except OSError as exc:
+            log(f"rollback: could not remove {what}: {exc}")
+
+    for name, version in reversed(staged.versions):
+        attempt(f"{name} v{version}", client.delete_model_version, name, version)
+    for name in staged.models:
+        if not client.search_model_versions(f"name='{name}'"):
+            attempt(f"registered model {name}", client.delete_registered_model, name)
+    for model_id in staged.logged_models:
+        try:
+            location = client.get_logged_model(model_id).artifact_location
+            attempt(f"logged model {model_id} files", get_artifact_repository(location).delete_artifacts)
+        except MlflowException:
+            pass
+        attempt(f"logged model {model_id}", client.delete_logged_model, model_id)
+    for run_id, path in staged.artifacts:
+        root = client.get_run(run_id).info.artifact_uri
+        attempt(f"{path} of run {run_id}", get_artifact_repository(root).delete_artifacts, path)
+    return removed
+
+
+def sign_and_log(client, run_id: str, folder: Path, role: str, governance, staged: Staged | None = None) -> dict:
     """Sign a model folder (sigstore model-signing, local key) and log the bundle; return its registry tags."""
     import tempfile
 
@@ -125,6 +184,8 @@ def sign_and_log(client, run_id: str, folder: Path, role: str, governance) -> di
     with tempfile.TemporaryDirectory() as tmp:
         sign_folder(folder, key, Path(tmp) / f"{role}.sig")
         client.log_artifacts(run_id, tmp, "signatures")
+    if staged is not None:
+        staged.artifacts.append((run_id, f"signatures/{role}.sig"))
     return {"signature.uri": f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/signatures/{role}.sig",
             "signing.keyid": key.keyid, "signing.public_key": key.public_pem}
 
@@ -264,9 +325,12 @@ def start_pipeline_run(client, cfg, *, trigger_reason: str, flow_run_id: str | N
 
     from mlflow.entities import Param
 
+    from tasks.recovery import process_tags
+
     run = client.create_run(experiment_id(client, cfg.tracking), run_name=f"{cfg.name}-pipeline", tags={
         "distill.stage": "pipeline", "config.digest": cfg.digest(), "trigger.reason": trigger_reason,
-        "code.version": code_version(), "prefect.flow_run_id": str(flow_run_id or ""), "model.name": cfg.name})
+        "code.version": code_version(), "prefect.flow_run_id": str(flow_run_id or ""), "model.name": cfg.name,
+        **process_tags()})
     params = [Param(k, str(v)[:6000]) for k, v in _flatten(cfg.model_dump(mode="json")).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -290,11 +354,28 @@ def gap_summary(report, gates: dict, edge_name: str) -> str:
 
 def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
                     example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
-                    license_override: str | None = None, log=print) -> dict:
+                    license_override: str | None = None, staged: Staged | None = None, log=print) -> dict:
     """Register the student and the edge model, signed and logged as MLflow models, with every lineage tag.
 
-    No alias moves here: promotion (challenger, approval, champion) is tasks.promote's step.
+    No alias moves here: promotion (challenger, approval, champion) is tasks.promote's step. Everything written
+    is recorded in `staged`; when this raises (an exception, SIGTERM), what it wrote is removed before re-raising.
     """
+    staged = staged if staged is not None else Staged()
+    try:
+        return _register(client, run_id, cfg, teacher=teacher, data_digest=data_digest, soft=soft, student=student,
+                         edge=edge, report=report, gates=gates, example_texts=example_texts,
+                         attestation_uri=attestation_uri, trigger_reason=trigger_reason,
+                         license_override=license_override, staged=staged, log=log)
+    except BaseException:
+        removed = unstage(client, staged, log)
+        log(f"registration interrupted; removed what it had written: {', '.join(removed) or 'nothing'}")
+        raise
+
+
+def _register(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
+              example_texts: list[str], attestation_uri: str, trigger_reason: str, license_override: str | None,
+              staged: Staged, log) -> dict:
+    from tasks.faults import failpoint
     from tasks.digest import model_digest
     from tasks.mlflow_model import link_version, log_model_folder
 
@@ -312,21 +393,24 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
     labels = list(cfg.data.labels)
     summary = gap_summary(report, gates, edge.report_name)
     # 1. student version: signed, logged as an MLflow model (signature + input example), all tags at once
-    signed = sign_and_log(client, run_id, student.path, "student", cfg.governance)
+    signed = sign_and_log(client, run_id, student.path, "student", cfg.governance, staged)
     logged = log_model_folder(client, run_id, student.path, "student", example_texts=example_texts, labels=labels)
+    staged.logged_models.append(logged.model_id)
     sv = create_version(client, cfg.student_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                        governance=cfg.governance, description=(
+                        governance=cfg.governance, staged=staged, description=(
         f"Student of {teacher.name} v{teacher.version} ({_describe_spec(student)}), test accuracy "
         f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f}"
         + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")."),
         tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
     link_version(client, logged, cfg.student_model_name, sv.version)
+    failpoint("register.student-registered")
     # 2. edge version, parent = the student version it was quantized from
-    signed = sign_and_log(client, run_id, edge.path, "edge", cfg.governance)
+    signed = sign_and_log(client, run_id, edge.path, "edge", cfg.governance, staged)
     logged = log_model_folder(client, run_id, edge.path, "edge", example_texts=example_texts, labels=labels)
+    staged.logged_models.append(logged.model_id)
     kind = f"INT8 edge model ({edge.primary})" if edge.quantized else "Edge model, NOT quantized (fp32 student)"
     ev = create_version(client, cfg.edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                        governance=cfg.governance, description=(
+                        governance=cfg.governance, staged=staged, description=(
         f"{kind} of {cfg.student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
         f"(student {test['student']['accuracy']:.3f}). {summary} {edge.reason}."),
         tags={**lineage, **signed, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest,
@@ -353,7 +437,70 @@ def attest_task(client, run_id: str, governance, statement: dict | None) -> str 
 
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(client, run_id: str, cfg, **kwargs) -> dict:
-    """Register the signed student and edge versions with their lineage tags (no alias moves)."""
+    """Register the signed student and edge versions with their lineage tags (no alias moves).
+
+    Inside the pipeline's release transaction: what it staged is removed again (`unregister`) when a later gate
+    fails.
+    """
+    from prefect.logging import get_run_logger
+    from prefect.transactions import get_transaction
+
+    staged = Staged()
+    out = register_models(client, run_id, cfg, log=get_run_logger().info, staged=staged, **kwargs)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("staged", staged)
+        txn.set("client", client)
+    return out
+
+
+@register_task.on_rollback
+def unregister(txn) -> None:
+    """Rollback hook: delete the versions, logged models and signatures that the register task staged."""
+    from prefect.logging import get_logger
+
+    staged = txn.get("staged", None)
+    if staged is None:
+        return
+    log = get_logger("distill.register").warning
+    removed = unstage(txn.get("client"), staged, log)
+    log(f"rolled back the registration: removed {', '.join(removed) or 'nothing'}")
+
+
+class GatesFailed(DistillError):
+    """The release gate refused the staged versions (the transaction rolls them back)."""
+
+
+def release_check(client, cfg, registered: dict, gates: dict, *, run_id: str, cache_root: str | Path, log=print) -> dict:
+    """The last gate, after registration staged the versions: every quality gate passed, and the edge version
+    as stored in the registry has the digest that was evaluated. Raises GatesFailed otherwise."""
+    from tasks.triggers import GATES_FAILED, emit
+
+    edge = registered["edge"]
+    failed = {k: g for k, g in gates.items() if not g["passed"]}
+    try:
+        ref = fetch_model(client, edge["name"], version=edge["version"], cache_root=cache_root)
+        if ref.digest != edge["digest"]:
+            raise DistillError(f"{edge['name']} v{edge['version']} carries digest {ref.digest[:12]}, but "
+                               f"{edge['digest'][:12]} was evaluated", "re-run the pipeline")
+    except DistillError as exc:
+        failed["registry_roundtrip"] = {"passed": False, "value": 0.0, "threshold": 1.0, "detail": exc.problem}
+    client.set_tag(run_id, "gates.passed", str(not failed).lower())
+    if not failed:
+        return {"passed": True, "edge": edge}
+    why = "; ".join(f"{k} {g['value']:.3f} (threshold {g['threshold']:.3f}): {g.get('detail', '')}"
+                    for k, g in failed.items())
+    emit(GATES_FAILED, edge["name"], {"version": None, "failed": list(failed), "evidence": why, "mlflow_run_id": run_id})
+    log(f"release gate: {len(failed)} gate(s) failed ({why}); rolling back the staged versions")
+    raise GatesFailed(
+        f"{edge['name']}: gates failed ({why}); the staged versions were rolled back, nothing is registered",
+        "read the gap report (Prefect artifact <name>-gap-report, MLflow evaluate run) and change the student, "
+        "the quantization, or the evaluate.* thresholds")
+
+
+@task(name="release-gate", cache_policy=NO_CACHE)
+def release_task(client, cfg, registered: dict, gates: dict, *, run_id: str, cache_root: str | Path) -> dict:
     from prefect.logging import get_run_logger
 
-    return register_models(client, run_id, cfg, log=get_run_logger().info, **kwargs)
+    return release_check(client, cfg, registered, gates, run_id=run_id, cache_root=cache_root,
+                         log=get_run_logger().warning)
