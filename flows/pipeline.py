@@ -102,7 +102,8 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
                 attestation_uri=f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ATTESTATION_DIR}",
                 trigger_reason=trigger_reason, license_override=license_override)
             release_task(client, cfg, registered, gates, run_id=run_id, cache_root=workdir / "release")
-        promotion = promote_task(client, cfg, registered["edge"]["version"], run_id=run_id)
+        promotion = promote_task(client, cfg, registered["edge"]["version"], run_id=run_id,
+                                 request_id=f"pipeline-run:{run_id}")  # a retried promote step acts once
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -127,27 +127,62 @@ def _record(client, run_id: str, governance, *, name: str, mv, action: str, appr
     return record(client, run_id, governance, stmt)
 
 
+def promotion_lock(name: str, timeout_seconds: float = 600):
+    """One promotion step of `name` at a time, across processes and machines: a Prefect global concurrency limit
+    with one slot (created on first use). Two deliveries of the same request then see each other's result."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    limit = f"distill-promote-{name}"
+    with get_client(sync_client=True) as c:
+        try:
+            c.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            try:
+                c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:
+                pass
+    return concurrency(limit, occupy=1, timeout_seconds=timeout_seconds, strict=True)
+
+
+def _handled(client, name: str, request_id: str | None):
+    """The version a promotion request (an event id, a pipeline run) was already carried out on, if any."""
+    if not request_id:
+        return None
+    done = client.search_model_versions(f"name='{name}' and tags.`promotion.request_id` = '{request_id}'")
+    return done[0] if done else None
+
+
 def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], dict] | None = None,
-            log: Callable = print) -> dict:
+            request_id: str | None = None, log: Callable = print) -> dict:
     """Move @challenger then @champion to `version` of <name>-edge; a no-op when it already is @champion.
 
-    `approve(summary)` returns the approver's answer (required when approval.required).
+    `approve(summary)` returns the approver's answer (required when approval.required). `request_id` (the id of
+    the event that asked for this promotion) makes a redelivered request a no-op, even one that arrives after a
+    newer version was promoted; the check-and-move steps hold `promotion_lock`, so two deliveries at once cannot
+    both act.
     """
     name = cfg.edge_model_name
     mv = client.get_model_version(name, str(version))
-    before = aliases(client, name)
-    if mv.tags.get("gates.passed") != "true":
-        emit(GATES_FAILED, name, {"version": version, "failed": mv.description})
-        log(f"{name} v{version}: gates failed, @champion stays at "
-            f"{('v' + str(before[CHAMPION])) if CHAMPION in before else 'no version'}")
-        return {"changed": False, "champion": before.get(CHAMPION), "reason": "gates failed"}
-    if before.get(CHAMPION) == version:  # idempotent: a second run (or a redelivered event) changes nothing
-        log(f"{name} v{version} is already @champion: nothing changed")
-        return {"changed": False, "champion": version, "reason": "already champion"}
-    if before.get(CHALLENGER) != version:
-        client.set_registered_model_alias(name, CHALLENGER, version)
+    with promotion_lock(name):
+        before = aliases(client, name)
+        if mv.tags.get("gates.passed") != "true":
+            emit(GATES_FAILED, name, {"version": version, "failed": mv.description})
+            log(f"{name} v{version}: gates failed, @champion stays at "
+                f"{('v' + str(before[CHAMPION])) if CHAMPION in before else 'no version'}")
+            return {"changed": False, "champion": before.get(CHAMPION), "reason": "gates failed"}
+        if (done := _handled(client, name, request_id)) is not None:
+            log(f"promotion request {request_id} was already carried out on {name} v{done.version}: nothing changed")
+            return {"changed": False, "champion": before.get(CHAMPION), "reason": "request already handled"}
+        if before.get(CHAMPION) == version:  # idempotent: a second run (or a redelivered event) changes nothing
+            log(f"{name} v{version} is already @champion: nothing changed")
+            return {"changed": False, "champion": version, "reason": "already champion"}
+        if before.get(CHALLENGER) != version:
+            client.set_registered_model_alias(name, CHALLENGER, version)
     approval = None
-    if cfg.approval.required:
+    if cfg.approval.required:  # outside the lock: a person may take hours
         if approve is None:
             raise DistillError(f"approval.required is set but {name} v{version} has no approver",
                                "promote inside a Prefect flow run (distill run / distill promote), which asks in the UI")
@@ -160,16 +195,22 @@ def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], 
             return {"changed": False, "champion": before.get(CHAMPION), "reason": "rejected", "approval": approval}
     approver = approval or {"approver": "policy: gates passed, approval not required", "decision": "approve",
                             "comment": "", "at": datetime.now(timezone.utc).isoformat()}
-    after = {**aliases(client, name), CHAMPION: version}
-    uri = _record(client, run_id, cfg.governance, name=name, mv=mv, action="promote", approver=approver,
-                  before=before, after=after, reason=approver.get("comment", ""))
-    for k, v in {"promotion.approver": approver["approver"], "promotion.at": approver["at"],
-                 "promotion.comment": approver.get("comment", ""), "promotion.attestation.uri": uri,
-                 "promotion.previous": str(before.get(CHAMPION, ""))}.items():
-        client.set_model_version_tag(name, str(version), k, v)
-    client.set_registered_model_alias(name, CHAMPION, version)
+    with promotion_lock(name):
+        before = aliases(client, name)  # again: another delivery may have acted while this one waited
+        if (done := _handled(client, name, request_id)) is not None or before.get(CHAMPION) == version:
+            log(f"{name} v{version}: promoted meanwhile by another delivery of the request: nothing changed")
+            return {"changed": False, "champion": before.get(CHAMPION), "reason": "request already handled"}
+        after = {**before, CHAMPION: version}
+        uri = _record(client, run_id, cfg.governance, name=name, mv=mv, action="promote", approver=approver,
+                      before=before, after=after, reason=approver.get("comment", ""))
+        for k, v in {"promotion.approver": approver["approver"], "promotion.at": approver["at"],
+                     "promotion.comment": approver.get("comment", ""), "promotion.attestation.uri": uri,
+                     "promotion.previous": str(before.get(CHAMPION, "")),
+                     **({"promotion.request_id": request_id} if request_id else {})}.items():
+            client.set_model_version_tag(name, str(version), k, v)
+        client.set_registered_model_alias(name, CHAMPION, version)
     emit(MODEL_PROMOTED, name, {"version": version, "previous": before.get(CHAMPION),
-                                           "approver": approver["approver"]})
+                                "approver": approver["approver"], "request_id": request_id})
     log(f"{name} v{version} is now @champion (approver: {approver['approver']})")
     return {"changed": True, "champion": version, "previous": before.get(CHAMPION), "approval": approver,
             "attestation_uri": uri}
@@ -218,10 +259,11 @@ def rollback(client, name: str, to: int, *, reason: str, by: str | None, governa
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(client, cfg, version: int, *, run_id: str) -> dict:
-    """@challenger, the approver's answer when required, then @champion; a no-op for the current champion."""
+def promote_task(client, cfg, version: int, *, run_id: str, request_id: str | None = None) -> dict:
+    """@challenger, the approver's answer when required, then @champion; a no-op for the current champion or a
+    request already carried out."""
     from prefect.logging import get_run_logger
 
     log = get_run_logger().info
-    return promote(client, cfg, version, run_id=run_id, log=log, approve=lambda summary: request_approval(
+    return promote(client, cfg, version, run_id=run_id, log=log, request_id=request_id, approve=lambda summary: request_approval(
         cfg.approval, name=cfg.edge_model_name, version=version, summary=summary, log=log))
