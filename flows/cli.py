@@ -6,6 +6,7 @@ Heavy libraries are imported inside the commands so that `distill --help` stays 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,6 +41,22 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _stopped(signum, _frame) -> None:
+    """SIGTERM (a worker cancelling, `kill`, a node draining): one clear message, then exit 128+signal."""
+    err_console.print(f"[bold red]stopped:[/] signal {signum}. A flow run in progress is marked Crashed in Prefect "
+                      "and FAILED in MLflow; a half-done registration is removed.\n  fix: run the same command again; "
+                      "the soft labels already stored are reused", highlight=False)
+    try:  # what Prefect has logged reaches its API before the process goes
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)  # no traceback; the ephemeral API server dies with this process (tasks/ephemeral.py)
+
+
 @app.command()
 def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
         reason: str = typer.Option("manual", help="why this run started (recorded as trigger.reason)")):
@@ -53,6 +70,7 @@ def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
         from tasks.ephemeral import tie_ephemeral_server
 
         tie_ephemeral_server()  # a SIGKILLed run leaves no orphaned API server behind
+        signal.signal(signal.SIGTERM, _stopped)  # Prefect marks the run Crashed first, then calls this
 
         result = distill_pipeline(cfg, trigger_reason=reason)
     except DistillError as err:

@@ -2,7 +2,9 @@
 
 Off unless DISTILL_FAILPOINTS names them (comma-separated). At a named point the process writes
 `$DISTILL_FAILPOINT_DIR/<name>` (its pid inside) and waits to be signalled; the reliability tests
-(tests/reliability/test_crash.py) then send SIGKILL or SIGTERM and run the pipeline again.
+(tests/reliability/test_crash.py) then send SIGKILL or SIGTERM, remove the file (which releases a hold in a
+worker thread, so that a SIGTERMed process can finish the shard in hand and exit, as it would without the
+hold) and run the pipeline again.
 `<name>@N` holds at the N-th time the point is reached (default 1).
 
 Points: soft-labels.shard-written (after a shard is stored), distill.epoch-end (after a training epoch),
@@ -44,6 +46,8 @@ def failpoint(name: str, hold_seconds: float = 600.0) -> None:
     marker.write_text(str(os.getpid()))
     deadline = time.monotonic() + hold_seconds
     while time.monotonic() < deadline:
+        if not marker.exists():  # released: the drill removed the marker (after its signal), carry on
+            return
         time.sleep(0.05)
     raise DistillError(f"failpoint {name} held {hold_seconds:.0f} s and nobody stopped the process",
                        "unset DISTILL_FAILPOINTS (it is for crash drills only)")

@@ -47,6 +47,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.digest import model_digest, sha256_bytes, sha256_json
 from tasks.digest import tokenizer_digest as compute_tokenizer_digest
 from tasks.errors import DistillError
+from tasks.faults import failpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -969,6 +970,7 @@ def label_shard(job: ShardJob, teacher_dir, *, batch_size: int = 32, device: str
         raise DistillError(f"the teacher in {teacher_dir} gives {logits.shape[1]} logits per example, the labels "
                            f"name {job.num_classes} classes", "use a teacher trained on data.labels")
     info = store.write_shard(job.key, job.index, job.ids, logits, dtype=job.dtype, top_k=job.top_k)
+    failpoint("soft-labels.shard-written")  # crash drills (tasks/faults.py): hold here, the test kills the run
     if info is None:
         return {"index": job.index, "complete": True}
     return {**info, "index": job.index, "reused": False, "labelled": len(job.ids), "seconds": seconds}
@@ -1101,15 +1103,39 @@ def is_transient(exc: BaseException | None) -> bool:
 
 
 def retry_on_transient_store_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry S3/connection blips only, never bad labels or data."""
+    """Prefect retry condition: retry S3/connection blips only, never bad labels or data.
+
+    Prefect asks only while retries are left, so a True here is a retry that will happen: it is logged
+    as a warning (attempt, delay, the store's error), visible in the run's logs at the default level.
+    """
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the failure being judged
-        return is_transient(exc)
+        transient = is_transient(exc)
+        if transient and task is not None and task_run is not None:
+            _warn_retry(task, task_run, exc)
+        return transient
     return False
 
 
-RETRY_DELAYS = [5, 15]          # seconds between the attempts of a store-touching task (exponential-ish)
+def _warn_retry(task, task_run, exc: BaseException) -> None:
+    attempt = max(1, int(getattr(task_run, "run_count", 1) or 1))
+    delays = task.retry_delay_seconds
+    if isinstance(delays, (list, tuple)):
+        delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0
+    else:
+        delay = delays or 0
+    problem = exc.problem if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}"
+    _warn(f"{task_run.name}: soft-label store error on attempt {attempt} of {task.retries + 1}, retrying in "
+          f"{delay:g} s: {problem}")
+
+
+# Seconds between the attempts of a store-touching task. An S3/MinIO endpoint that is back within ~20 s
+# is ridden out (down 10 s from a shard write: the retry at +5 s fails, the one at +15 s more succeeds;
+# tests/reliability/test_s3_outage.py); one that stays down fails the stage ~20-30 s after its first
+# error. Each attempt's S3 calls also get botocore's own quick retries (standard mode, AWS_MAX_ATTEMPTS,
+# 3 by default). soft_labels_stage(retry_delays=...) sets another schedule for one run.
+RETRY_DELAYS = [5, 15]
 _RETRYING = dict(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
                  retry_condition_fn=retry_on_transient_store_error, cache_policy=NO_CACHE)
 
@@ -1162,22 +1188,61 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
                       batch_size: int = 32, shard_size: int = 256, dtype: str = "float16", device: str = "cpu",
                       teacher_meta: dict | None = None, top_k: int | None = None, engine: str = "auto",
                       task_runner: str = "local", dask_address: str | None = None, dask_workers: int = 2,
-                      threads: int | None = None) -> SoftLabels:
+                      threads: int | None = None, retry_delays: Sequence[float] | None = None) -> SoftLabels:
     """The soft-labels stage of a flow: lookup task, one mapped `label-shard` task per missing shard, manifest task.
 
-    Call it from inside a flow. Store-touching tasks retry transient S3 errors (RETRY_DELAYS); with
+    Call it from inside a flow. Store-touching tasks retry transient S3 errors (RETRY_DELAYS, or
+    `retry_delays`: one retry per entry, that many seconds after the failed attempt), each retry
+    logged as a warning; when the store stays unreachable the stage fails with a DistillError that
+    names the endpoint, the fix and how long it was retried. Shards are created before the manifest,
+    so a failed stage leaves no manifest, only whole shards that a later run reuses. With
     task_runner dask the shard tasks run on a Dask cluster (a LocalCluster of `dask_workers`
     processes sharing `threads`, or the scheduler at `dask_address`).
     """
+    started = time.monotonic()
+    try:
+        return _soft_labels_stage(
+            store_uri, teacher_dir=teacher_dir, teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
+            data_digest=data_digest, ids=ids, texts=texts, labels=labels, max_length=max_length,
+            batch_size=batch_size, shard_size=shard_size, dtype=dtype, device=device, teacher_meta=teacher_meta,
+            top_k=top_k, engine=engine, task_runner=task_runner, dask_address=dask_address,
+            dask_workers=dask_workers, threads=threads, retry_delays=retry_delays)
+    except DistillError as err:
+        if not is_transient(err):
+            raise
+        # Only retries running out let a transient error through: say so, once, with the store's fix.
+        attempts = (len(retry_delays) if retry_delays is not None else label_shard_task.retries) + 1
+        raise DistillError(f"{err.problem} (gave up after {attempts} attempts, {time.monotonic() - started:.0f} s "
+                           "into the soft-labels stage)", err.fix) from err
+
+
+def _retrying(task, retry_delays: Sequence[float] | None):
+    if retry_delays is None:
+        return task
+    delays = [float(d) for d in retry_delays]
+    if any(d < 0 for d in delays):
+        raise DistillError(f"soft-label store retry delays must be >= 0 seconds, got {delays}",
+                           "use e.g. [5, 15] (one retry per entry)")
+    return task.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
+
+
+def _soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, tokenizer_digest: str,
+                       data_digest: str, ids: list[str], texts: list[str], labels: list[str], max_length: int,
+                       batch_size: int, shard_size: int, dtype: str, device: str, teacher_meta: dict | None,
+                       top_k: int | None, engine: str, task_runner: str, dask_address: str | None,
+                       dask_workers: int, threads: int | None, retry_delays: Sequence[float] | None) -> SoftLabels:
     from prefect.utilities.annotations import unmapped
 
     logger = get_run_logger()
+    lookup_task = _retrying(soft_labels_lookup_task, retry_delays)
+    shard_task = _retrying(label_shard_task, retry_delays)
+    manifest_task = _retrying(finish_soft_labels_task, retry_delays)
     plan = plan_soft_labels(store_uri, teacher_digest=teacher_digest, tokenizer_digest=tokenizer_digest,
                             data_digest=data_digest, ids=ids, texts=texts, labels=labels, max_length=max_length,
                             shard_size=shard_size, dtype=dtype, top_k=top_k)
     run = dict(batch_size=batch_size, device=device, engine=engine, threads=threads)
-    hit, jobs = soft_labels_lookup_task(plan, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
-                                        tokenizer_digest=tokenizer_digest, labels=list(labels), run=run)
+    hit, jobs = lookup_task(plan, teacher_dir=teacher_dir, teacher_digest=teacher_digest,
+                            tokenizer_digest=tokenizer_digest, labels=list(labels), run=run)
     if hit is not None:
         logger.info(f"cache hit {hit.key}" + (f" (recomputed {', '.join(hit.repaired)})" if hit.repaired else ""))
         result = hit
@@ -1186,12 +1251,12 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
         shard_run = {**run, "threads": max(1, (threads or 2) // dask_workers) if local_dask else threads}
         logger.info(f"cache miss {plan.key}: {len(jobs)} shards on the {task_runner} task runner")
         with shard_task_runner(task_runner, dask_address=dask_address, dask_workers=dask_workers) as runner:
-            futures = runner.map(label_shard_task, {"job": jobs, "teacher_dir": unmapped(str(teacher_dir)),
-                                                    "run": unmapped(shard_run)})
+            futures = runner.map(shard_task, {"job": jobs, "teacher_dir": unmapped(str(teacher_dir)),
+                                              "run": unmapped(shard_run)})
             shards = [f.result() for f in futures]
-        result = finish_soft_labels_task(plan, shards, teacher_meta=teacher_meta,
-                                         produced_by={"device": device, "engine": resolve_engine(engine, device),
-                                                      "batch_size": batch_size, "task_runner": task_runner})
+        result = manifest_task(plan, shards, teacher_meta=teacher_meta,
+                               produced_by={"device": device, "engine": resolve_engine(engine, device),
+                                            "batch_size": batch_size, "task_runner": task_runner})
         logger.info(f"labelled {result.labelled} examples in {result.seconds:.1f} s of teacher time "
                     f"({result.manifest['produced_by'].get('reused_shards', 0)} shards reused)")
     stored_as = f" (top-{top_k} stored)" if top_k is not None else ""
