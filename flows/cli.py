@@ -465,6 +465,9 @@ def promote(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
     try:
         cfg = _load(config, set)
         from flows.promote import promote_edge
+        from tasks.ephemeral import tie_ephemeral_server
+
+        tie_ephemeral_server()
 
         result = promote_edge(cfg, version=version, reason=reason)
     except DistillError as err:
@@ -479,9 +482,11 @@ def approve(flow_run_id: str = typer.Argument(..., help="the paused flow run (pr
             decision: str = typer.Option(..., help="approve or reject"),
             comment: str = typer.Option("", help="why (recorded)")):
     """Answer a paused promotion without the UI (same form, same validation as the Prefect UI)."""
+    from tasks.ephemeral import tie_ephemeral_server
     from tasks.errors import DistillError
     from tasks.promote import answer_run
 
+    tie_ephemeral_server()
     try:
         answer_run(flow_run_id, {"approver": approver, "decision": decision, "comment": comment})
     except DistillError as err:
