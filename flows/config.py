@@ -91,6 +91,8 @@ class SoftLabelConfig(_Section):
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None  # e.g. tcp://scheduler:8786; the teacher folder must be readable there
     dask_workers: int = Field(2, ge=1)  # LocalCluster processes (runtime.threads are split between them)
+    # seconds before each retry of a store call that failed (S3 down, throttled): [5, 15] rides out ~20 s of outage
+    retry_delays: list[float] = Field(default_factory=lambda: [5.0, 15.0], max_length=10)
 
 
 class StudentConfig(_Section):

@@ -64,6 +64,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
                 max_length=cfg.runtime.max_length, batch_size=sl.batch_size, shard_size=sl.shard_size, dtype=sl.dtype,
                 top_k=sl.top_k, device=device, engine=sl.engine, task_runner=sl.task_runner,
                 dask_address=sl.dask_address, dask_workers=sl.dask_workers, threads=cfg.runtime.threads,
+                retry_delays=sl.retry_delays,
                 teacher_meta={"name": teacher.name, "version": teacher.version})
         attest_task(client, run_id, cfg.governance, soft_labels_statement(cfg, soft, teacher, splits, ctx))
         with stage_run(client, run_id, "distill") as rid:
