@@ -143,7 +143,10 @@ def read_table(uri: str, fmt: str | None = None) -> pd.DataFrame:
             return pd.read_json(io.StringIO(text), lines=True, dtype=False)
         return pd.read_csv(io.StringIO(text), sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=True)
     except UnicodeDecodeError as err:
-        raise DistillError(f"{uri} is not UTF-8 text (byte {err.start})", "re-encode the file as UTF-8") from None
+        line = raw.count(b"\n", 0, err.start) + 1  # 1-based; line 1 of a CSV/TSV is its header
+        raise DistillError(f"{uri} is not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} "
+                           f"(line {line}) cannot be decoded",
+                           "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that line") from None
     except (ValueError, pd.errors.ParserError) as err:
         raise DistillError(f"cannot parse {uri} as {kind}: {err}", "check data.format and the file contents") from None
 
@@ -171,7 +174,9 @@ def canonicalize(df: pd.DataFrame, *, source: str, text_column: str, label_colum
     out["label"] = out["label"].map(lambda v: v if pd.isna(v) else str(v))
     for col in slice_columns:
         out[col] = df[col].map(lambda v: MISSING_SLICE if pd.isna(v) else str(v))
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs["source"] = source  # follows the rows through splitting; validation names the file
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from tasks.errors import DistillError
+from tasks.modeling import check_no_code
 
 EDGE_FILE = "edge.json"
 EDGE_FORMAT = 1
@@ -69,7 +70,8 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
             raise DistillError(f"{folder} is not an edge model folder (no {EDGE_FILE})",
                                "point to the edge folder written by the quantize stage")
         return folder
-    from tasks.registry import fetch_model, resolve_version
+    from tasks.modeling import fetch_verified
+    from tasks.registry import resolve_version
 
     name, alias, version = parse_model_uri(text)
     client = _registry_client(tracking_uri)
@@ -80,7 +82,7 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
         raise DistillError(err.problem, f"check the name and {'alias' if alias else 'version'} in the MLflow registry "
                            "(`distill ui`); `distill run --config <config>` registers <name>-edge and moves @champion "
                            "when the gates pass") from None
-    ref = fetch_model(client, name, version=int(mv.version), cache_root=cache_root)
+    ref = fetch_verified(client, name, version=int(mv.version), cache_root=cache_root)  # digest checked before use
     if log:
         log(f"{name} v{ref.version}{f' (@{alias})' if alias else ''}: digest {ref.digest[:12]} verified")
     return ref.path
@@ -153,9 +155,11 @@ def _onnx_runtime(path: Path, max_length: int):
 
 
 def _int8_runtime(path: Path, max_length: int):
-    from tasks.quantize import load_int8
+    from tasks.quantize import INT8_FILE, load_int8
 
-    int8 = load_int8(path)  # eager: a first compile would cost more than a command-line call saves
+    check_torch_archive(path / INT8_FILE)
+    with _weights_only_unpickling():
+        int8 = load_int8(path)  # eager: a first compile would cost more than a command-line call saves
 
     def predict(texts, batch_size):
         return int8.predict_logits(texts, batch_size=batch_size)
@@ -176,6 +180,64 @@ def _transformers_runtime(path: Path, max_length: int):
 
 
 _LOADERS = {"onnxruntime": _onnx_runtime, "torch-pt2": _int8_runtime, "transformers": _transformers_runtime}
+_PT2_PAYLOADS = ("weight_", "tensor_")  # raw tensor bytes in a torch.export archive; anything else is pickled
+
+
+def check_torch_archive(file: Path) -> None:
+    """Refuse a torch.export archive (model.pt2) that would unpickle anything but tensors.
+
+    torch.export.load unpickles parts of the archive, and when its weights-only unpickler refuses one it retries
+    with plain pickle, which runs whatever the file says. So: every pickled member must pass the weights-only
+    unpickler here, and objects stored as plain pickles (custom or opaque constants, pickled payloads) are refused.
+    """
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+
+    fix = "this is not an archive the quantize stage writes: export the INT8 artifact again, from a trusted student"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    entries = json.loads(archive.read(name)).get("config") or {}
+                    pickled = sorted(k for k, meta in entries.items() if meta.get("use_pickle")
+                                     or not str(meta.get("path_name", "")).startswith(_PT2_PAYLOADS))
+                    if pickled:
+                        raise DistillError(f"{file} stores {pickled[:3]} as pickled objects ({name}); "
+                                           "unpickling them could run code, so the artifact is refused", fix)
+                elif name.endswith(".pt"):
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except pickle.UnpicklingError as err:
+                        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+                        reason = f"it references {found.group(1)}" if found else "weights-only unpickling failed"
+                        raise DistillError(f"{file}: member {name} holds pickled objects other than tensors "
+                                           f"({reason}); unpickling it could run code, so the artifact is refused",
+                                           fix) from None
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as err:
+        raise DistillError(f"{file} is not a readable torch.export archive ({type(err).__name__}: {err})",
+                           "the INT8 artifact is truncated or damaged: fetch or export it again") from None
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling():
+    """Every torch.load inside uses the weights-only unpickler, also where torch.export.load asks for plain pickle.
+
+    A second line of defence after check_torch_archive (TORCH_FORCE_WEIGHTS_ONLY_LOAD is read per torch.load call;
+    the variable is process-wide, so other threads loading meanwhile are held to weights-only too).
+    """
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class EdgeModel:
@@ -229,7 +291,19 @@ def load_edge(folder: str | Path, artifact: str | None = None) -> EdgeModel:
                            f"choose one of {sorted(artifacts)} (primary: {manifest['primary']})")
     spec = artifacts[name]
     labels, max_length = list(manifest["labels"]), int(manifest.get("max_length", 128))
-    predict, artifact_labels, width = _LOADERS[spec["runtime"]](_artifact_dir(folder, name, spec), max_length)
+    path = _artifact_dir(folder, name, spec)
+    check_no_code(path)  # the artifact's own folder: pickle files, auto_map in its config or tokenizer config
+    check_no_code(folder)  # and pickle files anywhere else in the edge folder
+    try:
+        predict, artifact_labels, width = _LOADERS[spec["runtime"]](path, max_length)
+    except DistillError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a runtime that cannot read its files: the folder is damaged
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DistillError(f"artifact {name!r} in {path} cannot be loaded with {spec['runtime']}: "
+                           f"{type(err).__name__}: {first}",
+                           "the edge folder is damaged or incomplete: fetch or export it again, or choose another "
+                           "--artifact") from None
     if (artifact_labels is not None and artifact_labels != labels) or (width is not None and width != len(labels)):
         raise DistillError(f"{folder / EDGE_FILE} lists labels {labels} but artifact {name!r} predicts "
                            f"{artifact_labels or f'{width} classes'}",

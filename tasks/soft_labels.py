@@ -475,7 +475,9 @@ class SoftLabelStore:
             all_ids += ids
             parts.append(logits)
         logits = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, num_classes), np.float32)
-        assert len(all_ids) == manifest["num_examples"], "manifest row counts disagree with num_examples"
+        if len(all_ids) != manifest["num_examples"]:  # an edited or damaged manifest: never trust its rows
+            raise DistillError(f"{self.entry_uri(key)}/{MANIFEST} is inconsistent: its shards hold {len(all_ids)} rows "
+                               f"but it says num_examples {manifest['num_examples']}", fix)
         return all_ids, logits, bad
 
     def _read_shard(self, key: str, shard: dict, num_classes: int, top_k: int | None) -> tuple[list[str], np.ndarray]:

@@ -29,7 +29,9 @@ def base_model_dir(base: str) -> Path:
     if not path.is_dir():
         raise DistillError(f"teacher.base '{base}' is not a folder",
                            f"use {BUILTIN_MINILM}, 'scratch', or a local Hugging Face model folder (no hub downloads)")
-    return path
+    from tasks.modeling import check_model_dir
+
+    return check_model_dir(path)  # no pickle, no remote code, readable weights: before any data is read
 
 
 def bootstrap_key(cfg) -> str:
@@ -115,7 +117,9 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
                         "digest": mv.tags.get("model.digest"), "test_accuracy": mv.tags.get("test.accuracy")}
         except MlflowException:
             pass
-    # 2. fine-tune on the training split, tracked in its own MLflow run
+    # 2. fine-tune on the training split, tracked in its own MLflow run (a local base folder checked first)
+    if cfg.teacher.base != "scratch":
+        base_model_dir(cfg.teacher.base)
     configure_threads(cfg.runtime.threads)
     device = select_device(cfg.runtime.device)
     splits = load_splits(cfg.data, cfg.seed)
@@ -193,12 +197,12 @@ def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log
 
 def resolve_teacher(cfg, cache_root: str | Path = ".distill/models"):
     """The teacher through the registry only (exact version, or the alias), checked against the label set."""
-    from tasks.modeling import check_teacher_labels, config_labels
-    from tasks.registry import client_for, fetch_model
+    from tasks.modeling import check_teacher_labels, config_labels, fetch_verified
+    from tasks.registry import client_for
 
     client = client_for(cfg.tracking)
-    ref = fetch_model(client, cfg.teacher_model_name, alias=None if cfg.teacher.version else cfg.teacher.alias,
-                      version=cfg.teacher.version, cache_root=cache_root)
+    ref = fetch_verified(client, cfg.teacher_model_name, alias=None if cfg.teacher.version else cfg.teacher.alias,
+                         version=cfg.teacher.version, cache_root=cache_root)
     check_teacher_labels(config_labels(ref.path), list(cfg.data.labels), f"teacher {ref.name} v{ref.version}")
     return ref
 

@@ -1,8 +1,9 @@
 """Data validation: one Great Expectations suite per split, a JSON-able report, one readable error.
 
 Runs before anything is written (DESIGN.md, data flow): a split with missing columns, missing or
-blank texts, duplicated ids or labels outside `data.labels` stops the pipeline here, with every
-problem listed at once rather than the first one found.
+blank texts, a text column of numbers only, duplicated ids (within a split, or across train,
+validation and test) or labels outside `data.labels` stops the pipeline here, with every problem
+listed at once rather than the first one found, each under its split and the file it came from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import re
 import threading
 from typing import Any
 
@@ -30,6 +32,8 @@ _FIX_LABELS = "add the missing labels to data.labels, or fix or drop those rows"
 _FIX_ROWS = "fix or drop the offending rows in the data"
 _FIX_TYPES = "id, text and label must hold strings: check that data.*_column names the right column"
 _FIX_SPLITS = "check data.train / data.validation / data.test / data.ood (a file may be empty)"
+_FIX_IDS = "an id names one row in all splits: drop the repeated rows or give them distinct ids"
+_NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
 
 _gx_lock = threading.Lock()  # the cached GX context is shared; validate one split at a time
 
@@ -41,8 +45,9 @@ class DataValidationError(DistillError):
         self.report = report
         lines, hints = [], []
         for name, split in report["splits"].items():
+            source = f" ({split['source']})" if split.get("source") else ""
             for failure in split["failed"]:
-                lines.append(f"  split '{name}': {failure['detail']}")
+                lines.append(f"  split '{name}'{source}: {failure['detail']}")
                 hint = _fix_hint(failure["expectation"])
                 if hint not in hints:
                     hints.append(hint)
@@ -75,10 +80,16 @@ def validate_splits(
     for name in REQUIRED_SPLITS:
         if name not in splits:
             report["splits"][name] = {"rows": 0, "passed": False, "failed": [_missing_split(name, splits)]}
+    seen: dict[str, str] = {}  # id -> the first split that holds it
     for name, frame in splits.items():
         assert isinstance(frame, pd.DataFrame), f"split {name!r} is a {type(frame).__name__}, not a DataFrame"
         failed = _validate_frame(batch_definition, frame, list(labels), columns, max_text_chars)
+        if name in REQUIRED_SPLITS:  # an OOD set may come from elsewhere and reuse ids of the training data
+            failed += _ids_in_earlier_splits(frame, name, seen)
         report["splits"][name] = {"rows": int(len(frame)), "passed": not failed, "failed": failed}
+        source = frame.attrs.get("source")  # set by tasks.data: the file the rows were read from
+        if isinstance(source, str):
+            report["splits"][name]["source"] = source
     report["passed"] = all(s["passed"] for s in report["splits"].values())
     if not report["passed"]:
         raise DataValidationError(report)
@@ -134,7 +145,37 @@ def _validate_frame(
     for r in result.results:
         if not r.success:
             failed.append(_describe(r, data, labels, max_text_chars))
-    return failed
+    return failed + _numbers_as_text(data)
+
+
+def _numbers_as_text(data: pd.DataFrame) -> list[dict]:
+    """A text column of numbers only: read as strings (CSV), it passes every type check, yet it is not text."""
+    if "text" not in data.columns or not _holds_strings(data["text"]):
+        return []
+    values = data["text"].dropna()
+    values = values[values.map(lambda v: isinstance(v, str))]
+    if values.empty or not values.map(lambda v: bool(_NUMBER.match(v))).all():
+        return []
+    ids = _ids_at(data, list(range(min(len(data), MAX_EXAMPLES))))
+    detail = (f"column 'text' holds only numbers: {_short(list(dict.fromkeys(values)))} "
+              f"{_rows(len(values), 'id', ids)}; a numeric column is named as the text column")
+    return [_failure("text_is_not_only_numbers", "text", detail, ids)]
+
+
+def _ids_in_earlier_splits(frame: pd.DataFrame, name: str, seen: dict[str, str]) -> list[dict]:
+    """Ids of `frame` that an earlier split holds (one row twice, or two rows under one id); `seen` grows."""
+    if "id" not in frame.columns:
+        return []
+    ids = [v for v in frame["id"].tolist() if isinstance(v, str)]
+    repeated = [i for i in dict.fromkeys(ids) if i in seen]
+    for i in ids:
+        seen.setdefault(i, name)
+    if not repeated:
+        return []
+    where = sorted({seen[i] for i in repeated})
+    detail = (f"column 'id' has values also in split {', '.join(repr(w) for w in where)}: {_short(repeated)} "
+              f"{_rows(len(repeated), 'id', repeated[:MAX_EXAMPLES])}")
+    return [_failure("ids_unique_across_splits", "id", detail, repeated[:MAX_EXAMPLES])]
 
 
 def _gx_view(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -238,8 +279,10 @@ def _fix_hint(expectation: str) -> str:
         return _FIX_LABELS
     if expectation in ("expect_table_row_count_to_be_between", "split_exists"):
         return _FIX_SPLITS
-    if expectation == "expect_column_values_to_be_in_type_list":
+    if expectation in ("expect_column_values_to_be_in_type_list", "text_is_not_only_numbers"):
         return _FIX_TYPES
+    if expectation == "ids_unique_across_splits":
+        return _FIX_IDS
     return _FIX_ROWS
 
 
