@@ -65,3 +65,13 @@ def wait_http(url: str, proc, log: Path, timeout: float) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def import_tiny_teacher(config, model_dir) -> dict:
+    """Register `model_dir` as the config's pinned teacher (`distill teacher import`, in this process): seconds,
+    where `distill teacher bootstrap` trains one for ~30 s. For tests about faults, not about teacher quality."""
+    from flows.config import load_config
+    from tasks.teacher import import_teacher
+
+    cfg = config if hasattr(config, "teacher_model_name") else load_config(config)  # a PipelineConfig or a path
+    return import_teacher(cfg, model_dir, license="apache-2.0", log=lambda *_: None)

@@ -14,20 +14,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import import_tiny_teacher
+
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("concurrent")
     raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     raw["name"] = "twin"
     raw["soft_labels"]["store"] = f"file://{tmp}/soft-labels"
     raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
     raw["governance"] = {"key_dir": str(tmp / "keys")}
-    raw["quantize"].update(candidates=["dynamic"], max_trials=1)
+    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False)
+    raw["data"]["max_rows"] = 64  # per split; 4 shards of 16
+    raw["soft_labels"]["shard_size"] = 16
     raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, "min_retention": 0.0, "max_edge_drop": 1.0,
                        "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
                        "max_critical_slice_drop": 1.0}  # about concurrency, not quality
@@ -36,9 +40,7 @@ def ws(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
     env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO", DISTILL_PROGRESS="0",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    boot = subprocess.run([str(BIN / "distill"), "teacher", "bootstrap", "--config", str(config)], env=env, cwd=tmp,
-                          capture_output=True, text=True, timeout=300)
-    assert boot.returncode == 0, boot.stdout + boot.stderr
+    import_tiny_teacher(config, tiny_model_dir)  # a pinned teacher in seconds (not trained: faults, not quality)
     return {"tmp": tmp, "config": config, "env": env}
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
+from tests.helpers import import_tiny_teacher
 from tasks.errors import DistillError
 from tests.reliability._tcp_proxy import TcpProxy
 
@@ -54,9 +55,8 @@ def proxy(s3_endpoint):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, proxy, moto_client, prefect_api):
+def workspace(tmp_path_factory, proxy, moto_client, prefect_api, tiny_model_dir):
     """A working directory with a bucket (behind the proxy), a SQLite MLflow store and the pinned tiny teacher."""
-    from tasks.teacher import bootstrap_teacher
 
     tmp = tmp_path_factory.mktemp("s3-outage")
     old = os.getcwd()
@@ -65,7 +65,7 @@ def workspace(tmp_path_factory, proxy, moto_client, prefect_api):
     # 64 training rows in shards of 16: four shard PUTs, the outage starts at the second
     base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"soft_labels.store=s3://{BUCKET}/labels", "data.max_rows=64",
             "soft_labels.shard_size=16"]
-    bootstrap_teacher(load_config(ROOT / "configs/tiny.yaml", base), log=lambda *_: None)
+    import_tiny_teacher(load_config(ROOT / "configs/tiny.yaml", base), tiny_model_dir)  # faults, not quality
     yield tmp, base
     os.chdir(old)
 
