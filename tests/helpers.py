@@ -75,3 +75,31 @@ def import_tiny_teacher(config, model_dir) -> dict:
 
     cfg = config if hasattr(config, "teacher_model_name") else load_config(config)  # a PipelineConfig or a path
     return import_teacher(cfg, model_dir, license="apache-2.0", log=lambda *_: None)
+
+
+def drill_workspace(tmp: Path, name: str, model_dir) -> dict:
+    """A workspace for `distill run` subprocesses on the embedded defaults: configs/tiny.yaml trimmed for speed
+    (64 rows per split, 4 shards of 16, one INC trial, no ONNX copies, no bootstrap or stress suites, gates open:
+    these tests are about faults, not quality), its own PREFECT_HOME, MLflow SQLite store, soft-label folder and
+    keys, and a pinned teacher. Returns {"tmp", "config", "env"}."""
+    import os
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny.yaml").read_text())
+    raw["name"] = name
+    raw["data"]["max_rows"] = 64
+    raw["soft_labels"].update(store=f"file://{tmp}/soft-labels", shard_size=16, task_runner="local")
+    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
+    raw["governance"] = {"key_dir": str(tmp / "keys")}
+    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False)
+    raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, "min_retention": 0.0, "max_edge_drop": 1.0,
+                       "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
+                       "max_critical_slice_drop": 1.0}
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO", DISTILL_PROGRESS="0",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    import_tiny_teacher(config, model_dir)
+    return {"tmp": tmp, "config": config, "env": env}

@@ -6,15 +6,13 @@ SQLite lock contention shows up as log lines at most, never as a failure."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.helpers import import_tiny_teacher
+from tests.helpers import drill_workspace
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,25 +21,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("concurrent")
-    raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    raw["name"] = "twin"
-    raw["soft_labels"]["store"] = f"file://{tmp}/soft-labels"
-    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
-    raw["governance"] = {"key_dir": str(tmp / "keys")}
-    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False)
-    raw["data"]["max_rows"] = 64  # per split; 4 shards of 16
-    raw["soft_labels"]["shard_size"] = 16
-    raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, "min_retention": 0.0, "max_edge_drop": 1.0,
-                       "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
-                       "max_critical_slice_drop": 1.0}  # about concurrency, not quality
-    config = tmp / "twin.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
-    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO", DISTILL_PROGRESS="0",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    import_tiny_teacher(config, tiny_model_dir)  # a pinned teacher in seconds (not trained: faults, not quality)
-    return {"tmp": tmp, "config": config, "env": env}
+    return drill_workspace(tmp_path_factory.mktemp("concurrent"), "twin", tiny_model_dir)
 
 
 def _mlflow_state(ws) -> dict:

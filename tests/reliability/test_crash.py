@@ -10,7 +10,6 @@ API server outlives its process."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from tests.helpers import import_tiny_teacher
+from tests.helpers import drill_workspace
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,26 +40,9 @@ DRILLS = [
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model_dir):
     """A workspace: config, PREFECT_HOME, MLflow SQLite store, soft-label folder, signing keys, a pinned teacher."""
-    tmp = tmp_path_factory.mktemp("crash")
-    raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    raw["name"] = "crash"
-    raw["soft_labels"]["store"] = f"file://{tmp}/soft-labels"
-    raw["soft_labels"]["task_runner"] = "local"
-    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
-    raw["governance"] = {"key_dir": str(tmp / "keys")}
-    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False)
-    raw["data"]["max_rows"] = 64  # per split; 4 shards of 16
-    raw["soft_labels"]["shard_size"] = 16
-    raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, "min_retention": 0.0, "max_edge_drop": 1.0,
-                       "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
-                       "max_critical_slice_drop": 1.0}  # this test is about crashes, not quality
-    config = tmp / "crash.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
-    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO", DISTILL_PROGRESS="0",
-               DISTILL_FAILPOINT_DIR=str(tmp / "failpoints"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    import_tiny_teacher(config, tiny_model_dir)  # a pinned teacher in seconds (not trained: faults, not quality)
-    return {"tmp": tmp, "config": config, "env": env}
+    ws = drill_workspace(tmp_path_factory.mktemp("crash"), "crash", tiny_model_dir)
+    ws["env"]["DISTILL_FAILPOINT_DIR"] = str(ws["tmp"] / "failpoints")
+    return ws
 
 
 def _servers(prefect_home: Path) -> list[psutil.Process]:
