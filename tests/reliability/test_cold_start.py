@@ -13,7 +13,7 @@ embedded environment (tasks.runtime.EMBEDDED_ENV, 120 s; the Makefile and confte
 
 Cost (measured on the 2-core machine, 2026-11-23): one start takes ~35 s from spawn to exit at load average 2.5
 and 45-80 s at 5-7 (the server's own start, its imports and ~140 SQLite migrations, is 17-43 s of it; the MLflow
-store 6-20 s). 20 in a row is benchmarks/cold_start.py (numbers in benchmarks/RESULTS.md); this test runs 4 by
+store 6-20 s). 20 in a row is benchmarks/cold_start.py (numbers in benchmarks/RESULTS.md); this test runs 2 by
 default to keep `make test` in budget, and DISTILL_COLD_STARTS=20 runs the full drill here.
 """
 
@@ -27,7 +27,7 @@ from tasks.cold_start import TIMED_OUT, configured_timeout, run_cold_starts, sum
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-COLD_STARTS = int(os.environ.get("DISTILL_COLD_STARTS", "4"))  # the full 20: benchmarks/cold_start.py
+COLD_STARTS = int(os.environ.get("DISTILL_COLD_STARTS", "2"))  # the full 20: benchmarks/cold_start.py
 TIMEOUT_S = configured_timeout()
 
 
