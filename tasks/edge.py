@@ -70,8 +70,7 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
             raise DistillError(f"{folder} is not an edge model folder (no {EDGE_FILE})",
                                "point to the edge folder written by the quantize stage")
         return folder
-    from tasks.modeling import fetch_verified
-    from tasks.registry import resolve_version
+    from tasks.registry import fetch_model, resolve_version
 
     name, alias, version = parse_model_uri(text)
     client = _registry_client(tracking_uri)
@@ -82,7 +81,7 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
         raise DistillError(err.problem, f"check the name and {'alias' if alias else 'version'} in the MLflow registry "
                            "(`distill ui`); `distill run --config <config>` registers <name>-edge and moves @champion "
                            "when the gates pass") from None
-    ref = fetch_verified(client, name, version=int(mv.version), cache_root=cache_root)  # digest checked before use
+    ref = fetch_model(client, name, version=int(mv.version), cache_root=cache_root)  # digest checked before use
     if log:
         log(f"{name} v{ref.version}{f' (@{alias})' if alias else ''}: digest {ref.digest[:12]} verified")
     return ref.path

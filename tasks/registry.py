@@ -289,14 +289,43 @@ def fetch_model(client, name: str, *, alias: str | None = None, version: int | N
         inner = version_folder(tmp, mv.source)
         got = model_digest(inner)
         if got != expected:
+            detail = signature_problem(client, mv, inner)  # which files changed, from the folder's signature
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DistillError(f"{name} version {mv.version}: downloaded files have digest {got[:12]}, registry says {expected[:12]}",
+            raise DistillError(f"{name} version {mv.version}: downloaded files have digest {got[:12]}, registry says "
+                               f"{expected[:12]}" + (f"; {detail}" if detail else ""),
                                "the stored artifact was changed or damaged; re-register the model")
         shutil.rmtree(local, ignore_errors=True)
         inner.rename(local)
         shutil.rmtree(tmp, ignore_errors=True)
     return ModelRef(name=name, version=int(mv.version), digest=expected, path=local, run_id=mv.run_id, alias=alias,
                     tags=dict(mv.tags))
+
+
+def signature_problem(client, mv, folder: Path) -> str | None:
+    """Why a downloaded version folder fails its signature ('<file>: digest differs ...'), else None.
+
+    None also when the version is unsigned or its signature cannot be read: this only explains a refusal that
+    the whole-folder digest has already made.
+    """
+    import tempfile
+
+    import mlflow
+
+    from tasks.signing import SignatureError, verify_folder
+
+    sig_uri, public_pem = mv.tags.get("signature.uri"), mv.tags.get("signing.public_key")
+    if not (sig_uri and public_pem):
+        return None
+    with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
+        try:
+            sig = mlflow.artifacts.download_artifacts(artifact_uri=sig_uri, dst_path=tmp,
+                                                      tracking_uri=client._tracking_client.tracking_uri)
+            verify_folder(folder, public_pem, sig)
+        except SignatureError as err:  # names each changed, missing or extra file; the temporary paths are not news
+            return err.problem.replace(str(folder), f"the stored folder {mv.source}").replace(str(sig), sig_uri)
+        except Exception:  # noqa: BLE001 - a diagnosis that fails leaves the refusal as it was
+            return None
+    return None
 
 
 def _describe_spec(student) -> str:

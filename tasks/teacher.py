@@ -197,12 +197,12 @@ def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log
 
 def resolve_teacher(cfg, cache_root: str | Path = ".distill/models"):
     """The teacher through the registry only (exact version, or the alias), checked against the label set."""
-    from tasks.modeling import check_teacher_labels, config_labels, fetch_verified
-    from tasks.registry import client_for
+    from tasks.modeling import check_teacher_labels, config_labels
+    from tasks.registry import client_for, fetch_model
 
     client = client_for(cfg.tracking)
-    ref = fetch_verified(client, cfg.teacher_model_name, alias=None if cfg.teacher.version else cfg.teacher.alias,
-                         version=cfg.teacher.version, cache_root=cache_root)
+    ref = fetch_model(client, cfg.teacher_model_name, alias=None if cfg.teacher.version else cfg.teacher.alias,
+                      version=cfg.teacher.version, cache_root=cache_root)
     check_teacher_labels(config_labels(ref.path), list(cfg.data.labels), f"teacher {ref.name} v{ref.version}")
     return ref
 
