@@ -244,7 +244,10 @@ def cold_start(workdir: Path, *, timeout: int | None = None, index: int = 0) -> 
         except psutil.NoSuchProcess:
             leftover_desc.append(f"{p.pid} (exited while being listed)")
     _kill(leftover)  # never leave them to the next start; the start counts as failed
-    locks = sorted(str(p.relative_to(workdir)) for p in home.rglob("*") if "lock" in p.name.lower())
+    from tasks.ephemeral import START_LOCK, start_lock_held
+
+    locks = sorted(str(p.relative_to(workdir)) for p in home.rglob("*") if "lock" in p.name.lower()
+                   and (p.name != START_LOCK or start_lock_held(p)))
     temp_left = sorted(str(p.relative_to(workdir)) for p in tmp.iterdir())
 
     def since(t):

@@ -6,6 +6,7 @@ SQLite lock contention shows up as log lines at most, never as a failure."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.helpers import drill_workspace
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")  # the last line of a traceback
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,15 @@ def test_two_runs_at_once_both_finish_and_lose_nothing(ws):
     finished = [n for n, rc in rcs.items() if rc == 0]
     for name, rc in rcs.items():  # a run that does not finish fails with one clear message, not a traceback
         assert rc in (0, 2), f"{name} exited {rc}:\n{logs[name][-4000:]}"
-        assert "Traceback" not in logs[name], logs[name][-4000:]
+        # SQLite lock contention may be logged (the issue allows "lock errors only as logs"); any other exception
+        # in a log is a defect. Before the ephemeral server's start-up lock, the two servers' migrations raced on
+        # the fresh prefect.db ("index ... already exists", an ERROR traceback and a restart on another port).
+        raised = [line for line in logs[name].splitlines() if EXCEPTION_LINE.match(line)]
+        assert all("database is locked" in line for line in raised), (name, raised)
+        assert "Application startup failed" not in logs[name], logs[name][-4000:]
         if rc == 2:
             assert "error:" in logs[name] and "fix:" in logs[name]
+            assert "Traceback" not in logs[name].rsplit("error:", 1)[1]
     assert finished, logs
 
     state = _mlflow_state(ws)
