@@ -385,6 +385,50 @@ def ood_detection(in_scores, out_scores, *, tpr: float = 0.95) -> dict:
             "n_in": int(len(s_in)), "n_out": int(len(s_out))}
 
 
+def _auroc_last_axis(s_in: np.ndarray, s_out: np.ndarray) -> np.ndarray:
+    """AUROC (in = positive) along the last axis by the Mann-Whitney rank sum, ties averaged: what
+    roc_auc_score returns, for any leading batch shape."""
+    from scipy.stats import rankdata
+
+    n_in, n_out = s_in.shape[-1], s_out.shape[-1]
+    ranks = rankdata(np.concatenate([s_in, s_out], axis=-1), axis=-1)
+    return (ranks[..., :n_in].sum(axis=-1) - n_in * (n_in + 1) / 2) / (n_in * n_out)
+
+
+def auroc_drop_interval(ref_in, ref_out, model_in, model_out, *, n_boot: int = 1000, seed: int = 0,
+                        alpha: float = 0.05, min_n: int = MIN_BOOTSTRAP_ROWS) -> dict:
+    """The OOD AUROC drop of a model against a reference (reference AUROC minus the model's) on the SAME rows,
+    with a paired percentile bootstrap interval: in- and out-of-distribution rows are resampled independently
+    (scipy.stats.bootstrap, two samples), each row keeping both models' scores, so the interval holds the noise
+    of which rows the suite happens to contain and not the two models' shared difficulty.
+
+    Returns {"value", "low", "high"} ("note": "n too small" and None bounds under `min_n` rows on either side).
+    """
+    from scipy.stats import bootstrap
+
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    r_in, m_in = _scores(ref_in, "ref_in"), _scores(model_in, "model_in")
+    r_out, m_out = _scores(ref_out, "ref_out"), _scores(model_out, "model_out")
+    n_in, n_out = _same_length(ref_in=r_in, model_in=m_in), _same_length(ref_out=r_out, model_out=m_out)
+    ins, outs = np.stack([r_in, m_in]), np.stack([r_out, m_out])  # (2, n): row j keeps both models' scores
+    value = float(np.subtract(*_auroc_last_axis(ins, outs)))
+    if min(n_in, n_out) < max(min_n, 2):
+        return _interval(value, None, None, n=min(n_in, n_out), min_n=min_n)
+
+    def statistic(a, b, axis=-1):  # a: (2, B, n_in), b: (2, B, n_out) -> (B,)
+        auc = _auroc_last_axis(a, b)
+        return auc[0] - auc[1]
+
+    res = bootstrap((ins, outs), statistic, n_resamples=n_boot, vectorized=True, paired=False, axis=-1,
+                    confidence_level=1 - alpha, method="percentile",
+                    batch=max(1, BOOTSTRAP_BATCH_CELLS // (2 * (n_in + n_out))), rng=np.random.default_rng(seed))
+    return _interval(value, res.confidence_interval.low, res.confidence_interval.high, n=min(n_in, n_out),
+                     min_n=min_n)
+
+
 def threshold_at_tpr(in_scores, tpr: float = 0.95) -> float:
     """The highest score threshold keeping at least `tpr` of in-distribution rows in scope (`score >= t`).
 

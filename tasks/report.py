@@ -252,14 +252,24 @@ def _ood_table(ood: dict) -> str:
             msp, energy = o.get("msp") or {}, o.get("energy") or {}
             tpr = msp.get("tpr", energy.get("tpr", tpr))
             rows.append("<tr>" + _td(_e(suite.removeprefix("ood:")), "name") + _td(_e(m), "name")
-                        + _td(_num(msp.get("auroc"))) + _td(_num(msp.get("fpr_at_tpr")))
+                        + _td(_num(msp.get("auroc"))) + _td(_e(drop_cell(msp.get("drop_vs_teacher"))))
+                        + _td(_num(msp.get("fpr_at_tpr")))
                         + _td(_num(energy.get("auroc"))) + _td(_num(energy.get("fpr_at_tpr")))
                         + _td(_e(msp.get("n_in", energy.get("n_in", DASH))))
                         + _td(_e(msp.get("n_out", energy.get("n_out", DASH)))) + "</tr>")
     at = f"FPR@{_num(tpr * 100 if _finite(tpr) else None, '.0f')}"
-    head = [[("OOD suite", 1), ("model", 1), ("MSP", 2), ("energy", 2), ("n in", 1), ("n out", 1)],
-            [("", 1), ("", 1), ("AUROC", 1), (at, 1), ("AUROC", 1), (at, 1), ("", 1), ("", 1)]]
+    head = [[("OOD suite", 1), ("model", 1), ("MSP", 3), ("energy", 2), ("n in", 1), ("n out", 1)],
+            [("", 1), ("", 1), ("AUROC", 1), ("drop vs teacher [paired 95%]", 1), (at, 1), ("AUROC", 1), (at, 1),
+             ("", 1), ("", 1)]]
     return _table(head, rows)
+
+
+def drop_cell(drop: dict | None) -> str:
+    if not drop or not _finite(drop.get("value")):
+        return DASH
+    if drop.get("low") is None:
+        return f"{drop['value']:+.3f} (n too small)"
+    return f"{drop['value']:+.3f} [{drop['low']:+.3f}, {drop['high']:+.3f}]"
 
 
 def _stress_table(stress: dict, models: list[str]) -> str:

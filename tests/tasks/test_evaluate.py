@@ -158,3 +158,37 @@ def test_a_model_with_the_wrong_number_of_classes_is_not_evaluated_and_the_other
     assert "not evaluated" in report.markdown()
     gates = evaluate_gates(report, "broken", {"argmax_agreement": 1.0}, EvaluateConfig())
     assert not gates["edge_evaluated"]["passed"] and "3 classes" in gates["edge_evaluated"]["detail"]
+
+
+def test_ood_gate_fails_a_drop_beyond_noise_and_passes_one_within_it():
+    """The OOD AUROC gate fails only a drop beyond the threshold that its paired 95% interval confirms; a dozen
+    OOD rows cannot tell a 0.09 step from noise (the CI failure on the tiny config: 0.038 on 64 rows)."""
+    from tasks.evaluate import add_calibration_and_ood
+
+    def run(n_ood, noise, shift, bootstrap_samples, seed=0):
+        splits, _ = _splits3()
+        rng = np.random.default_rng(seed)
+        frames = dict(splits.frames)
+        frames["ood:far"] = pd.concat([frames["ood:far"]] * (n_ood // 60 + 1)).head(n_ood).reset_index(drop=True)
+        frames["ood:far"]["id"] = [f"oo{i}" for i in range(n_ood)]
+        splits = Splits(frames, splits.labels, ["site"])
+        test = _confident(np.arange(60) % 3, rng, 2.0, 0.1)
+        ood = (rng.normal(0, 1, (n_ood, 3)) * 1.5).astype(np.float32)
+        edge_ood = ood + rng.normal(0, noise, ood.shape).astype(np.float32)  # a noisier copy of the teacher
+        edge_ood[np.arange(n_ood), ood.argmax(1)] += shift  # and/or more confident on OOD rows
+        logits = {"teacher": {"test": test, "validation": test, "ood:far": ood},
+                  "student": {"test": test, "validation": test, "ood:far": ood},
+                  "edge": {"test": test, "validation": test, "ood:far": edge_ood}}
+        report = gap_report(logits, splits, 0.02)
+        add_calibration_and_ood(report, logits, splits, bootstrap_samples=bootstrap_samples, seed=3)
+        gate = evaluate_gates(report, "edge", {"argmax_agreement": 1.0}, EvaluateConfig())["ood_auroc_vs_teacher:far"]
+        return gate, report.ood["ood:far"]["edge"]["msp"]
+
+    gate, msp = run(12, 1.0, 0.0, 1000)  # 0.086 lower on 12 OOD rows: beyond 0.03, but the interval holds 0
+    assert gate["value"] > 0.03 and msp["drop_vs_teacher"]["low"] <= 0 < msp["drop_vs_teacher"]["high"]
+    assert gate["passed"] and "within noise" in gate["detail"]
+    gate, _ = run(12, 1.0, 0.0, 0)  # no interval: the point drop alone decides
+    assert not gate["passed"] and "interval" not in gate["detail"]
+    gate, msp = run(600, 0.0, 1.0, 1000)  # a large, confirmed drop on 600 rows fails
+    assert gate["value"] > 0.1 and msp["drop_vs_teacher"]["low"] > 0.03
+    assert not gate["passed"] and "95% interval" in gate["detail"] and "noise" not in gate["detail"]

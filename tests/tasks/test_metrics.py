@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 from tasks.errors import DistillError
 from tasks.metrics import (
     LABEL_CHANGING_VARIANTS,
+    auroc_drop_interval,
     _confusion_stack,
     _metrics_from_confusion,
     bootstrap_ci,
@@ -248,6 +249,28 @@ def test_ood_detection_separable_identical_and_hand_computed():
     out = ood_detection(np.arange(1, 21), np.array([0.5, 3.0, 5.0, 1.5]))
     assert out["fpr_at_tpr"] == 0.5
     assert out["auroc"] == pytest.approx((20 + 17.5 + 15.5 + 19) / 80)  # ties count one half
+
+
+def test_auroc_drop_interval_is_paired_and_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    t_in, t_out = rng.normal(1, 1, 80).round(1), rng.normal(0, 1, 30).round(1)  # rounded: ties are averaged
+    m_in, m_out = t_in + rng.normal(0, 0.5, 80), t_out + rng.normal(0.3, 0.5, 30)  # worse separation
+    y = np.r_[np.ones(80), np.zeros(30)]
+    expected = roc_auc_score(y, np.r_[t_in, t_out]) - roc_auc_score(y, np.r_[m_in, m_out])
+    d = auroc_drop_interval(t_in, t_out, m_in, m_out, n_boot=500, seed=1)
+    assert d["value"] == pytest.approx(expected) and d["low"] <= d["value"] <= d["high"]
+    assert d == auroc_drop_interval(t_in, t_out, m_in, m_out, n_boot=500, seed=1)  # seeded
+    # the same model against itself: no drop on any resample, so the paired interval is exactly [0, 0]
+    assert auroc_drop_interval(t_in, t_out, t_in, t_out, n_boot=200) == {"value": 0.0, "low": 0.0, "high": 0.0}
+    # paired: a model whose scores are the reference's plus a shift per row-group moves AUROC by the same
+    # amount on every resample; unpaired intervals of each AUROC would both be ~0.1 wide
+    wide = auroc_drop_interval(t_in, t_out, t_in + 0.0, t_out + 0.4, n_boot=500)
+    assert wide["low"] > 0 and wide["high"] - wide["low"] < 0.1
+    # too few rows on a side: the point drop, no interval
+    small = auroc_drop_interval(t_in, t_out[:5], m_in, m_out[:5])
+    assert small["low"] is None and small["note"] == "n too small"
 
 
 def test_threshold_keeps_the_requested_share_in_scope():
