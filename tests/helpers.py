@@ -5,6 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+# Quality gates opened, for tests about wiring, stores and faults rather than model quality. A tiny model trained
+# on 120 rows moves with the CPU's float kernels, so a gate near its threshold flips between machines: CI once
+# failed the tiny pipeline on an OOD AUROC drop of 0.038 against 0.030, and one flipped validation row of 64 is
+# beyond the INC tolerance of 1%. The gates themselves are tested in tests/tasks/test_evaluate.py and, failing
+# inside a pipeline run, in tests/reliability/test_gate_rollback.py.
+OPEN_GATES = {"min_retention": 0.0, "max_edge_drop": 1.0, "min_edge_agreement": 0.0, "max_ece": 1.0,
+              "max_ood_auroc_drop": 1.0, "max_critical_slice_drop": 1.0, "max_flip_rate_increase": 1.0}
+OPEN_TOLERABLE_LOSS = 0.5  # quantize.tolerable_loss: the first INC candidate is accepted
+OPEN_GATE_OVERRIDES = [*(f"evaluate.{k}={v}" for k, v in OPEN_GATES.items()),
+                       f"quantize.tolerable_loss={OPEN_TOLERABLE_LOSS}"]
+
 
 def sharpened_teacher(model_dir, texts: Sequence[str], out_dir) -> Path:
     """A copy of a tiny classifier whose head is rescaled so that logits spread ~1 across `texts`.
@@ -92,10 +103,9 @@ def drill_workspace(tmp: Path, name: str, model_dir) -> dict:
     raw["soft_labels"].update(store=f"file://{tmp}/soft-labels", shard_size=16, task_runner="local")
     raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
     raw["governance"] = {"key_dir": str(tmp / "keys")}
-    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False)
-    raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, "min_retention": 0.0, "max_edge_drop": 1.0,
-                       "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
-                       "max_critical_slice_drop": 1.0}
+    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False,
+                           tolerable_loss=OPEN_TOLERABLE_LOSS)
+    raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, **OPEN_GATES}
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import _free_port
-from tests.helpers import wait_http
+from tests.helpers import OPEN_GATES, OPEN_TOLERABLE_LOSS, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,10 +51,8 @@ def stack(tmp_path_factory, review_frame):
         raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
         raw["governance"] = {"key_dir": str(tmp / "keys")}
         # gates loose enough that the tiny model becomes champion: this test is about triggers, not quality
-        raw["evaluate"] = {"min_retention": 0.0, "max_edge_drop": 1.0, "min_edge_agreement": 0.0, "max_ece": 1.0,
-                           "max_ood_auroc_drop": 1.0, "max_flip_rate_increase": 1.0, "max_critical_slice_drop": 1.0,
-                           "bootstrap_samples": 50, "stress_rows": 40}
-        raw["quantize"]["require_int8"] = False
+        raw["evaluate"] = {**OPEN_GATES, "bootstrap_samples": 50, "stress_rows": 40}
+        raw["quantize"].update(require_int8=False, tolerable_loss=OPEN_TOLERABLE_LOSS)
         raw["drift"] = {"sample_size": 200, "min_rows": 50}
         config.write_text(yaml.safe_dump(raw))
         deployed = subprocess.run([str(BIN / "distill"), "deploy"], env=env, cwd=ROOT, capture_output=True, text=True,

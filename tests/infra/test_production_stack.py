@@ -22,7 +22,7 @@ import pytest
 
 from tasks.registry import LINEAGE_TAGS
 from tests.conftest import _free_port
-from tests.helpers import wait_http
+from tests.helpers import OPEN_GATE_OVERRIDES, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,8 +181,9 @@ def pipeline(stack):
     bootstrapped = time.monotonic()
     # fewer bootstrap resamples and stress rows (as tests/flows/test_triggers.py): this test is about where things
     # are stored, not about the intervals
+    gates = [arg for override in OPEN_GATE_OVERRIDES for arg in ("--set", override)]  # stores, not quality
     out = _distill(stack, "run", "--config", TINY, "--set", store[0], "--set", "evaluate.bootstrap_samples=50",
-                   "--set", "evaluate.stress_rows=40", "--reason", "test: production stack")
+                   "--set", "evaluate.stress_rows=40", *gates, "--reason", "test: production stack")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return {"stdout": out.stdout, "bootstrap_s": bootstrapped - started, "run_s": time.monotonic() - bootstrapped}
 

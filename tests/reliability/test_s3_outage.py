@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tests.helpers import import_tiny_teacher
+from tests.helpers import OPEN_GATE_OVERRIDES, import_tiny_teacher
 from tasks.errors import DistillError
 from tests.reliability._tcp_proxy import TcpProxy
 
@@ -74,9 +74,7 @@ def workspace(tmp_path_factory, proxy, moto_client, prefect_api, tiny_model_dir)
 # needs (one INC candidate, no ONNX copies, no bootstrap intervals or stress suites) and the quality
 # gates are opened: a tiny model missing a gate is not what is tested here.
 TRIMMED = ["quantize.candidates=[dynamic]", "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
-           "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "evaluate.max_edge_drop=1",
-           "evaluate.min_edge_agreement=0", "evaluate.min_retention=0", "evaluate.max_critical_slice_drop=1",
-           "evaluate.max_ece=1", "evaluate.max_ood_auroc_drop=1", "evaluate.max_flip_rate_increase=1"]
+           "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *OPEN_GATE_OVERRIDES]
 
 
 def _config(workspace, *overrides):
