@@ -32,13 +32,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A real Prefect API (the test harness: a server on a temporary SQLite database), one per test module."""
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="session")
+def _prefect_server(tmp_path_factory):
+    """One real Prefect API server for the session (a uvicorn subprocess on a temporary SQLite database): each
+    start costs ~27 s on 2 cores (imports and migrations), and nine modules use it. Started on first use."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=240):
-        yield
+    db = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('prefect-api')}/prefect-test.db"
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: db}):  # read by the server command
+        server = SubprocessASGIServer(port=_free_port())
+        server.start(timeout=240)
+    yield server, db
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(_prefect_server):
+    """A real Prefect API for this module: what `prefect_test_harness` sets up (settings pointing at the server,
+    the server registered as the default ephemeral one, logs and events drained at the end), on the session's
+    server. Settings are entered per module, so modules that run their own server (tests/flows/test_triggers.py,
+    the production stack) never see this one. Queries in tests filter by their own flow run ids or keys."""
+    import contextlib
+
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.database.dependencies import temporary_database_interface
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    server, db = _prefect_server
+    prior = SubprocessASGIServer._instances.get(None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(temporary_database_interface())
+        stack.enter_context(temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: db,
+                                                        PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()))
+        SubprocessASGIServer._instances[None] = server  # flows started here find this server, never a second one
+        try:
+            yield
+        finally:
+            async def drain():  # as the harness does: nothing of this module reaches the next one
+                with contextlib.suppress(RuntimeError):
+                    result = APILogWorker.instance().drain()
+                    if hasattr(result, "__await__"):
+                        await result
+                result = EventsWorker.drain_all()
+                if hasattr(result, "__await__"):
+                    await result
+
+            run_coro_as_sync(drain())
+            if prior is not None:
+                SubprocessASGIServer._instances[None] = prior
+            else:
+                SubprocessASGIServer._instances.pop(None, None)
 
 
 @pytest.fixture(scope="session")
