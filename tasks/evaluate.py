@@ -229,13 +229,16 @@ def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.nd
     if bootstrap_samples and "teacher" in logits:
         from tasks.metrics import auroc_drop_interval
 
-        ref = logits["teacher"]
+        ref_in = msp_score(logits["teacher"]["test"])
         for name, by_model in report.ood.items():
+            if "teacher" not in by_model:
+                continue
+            ref_out = msp_score(logits["teacher"][name])
             for m, d in by_model.items():
-                if m != "teacher" and "teacher" in by_model:
+                if m != "teacher":
                     d["msp"]["drop_vs_teacher"] = auroc_drop_interval(
-                        msp_score(ref["test"]), msp_score(ref[name]), msp_score(logits[m]["test"]),
-                        msp_score(logits[m][name]), n_boot=bootstrap_samples, seed=seed)
+                        ref_in, ref_out, msp_score(logits[m]["test"]), msp_score(logits[m][name]),
+                        n_boot=bootstrap_samples, seed=seed)
     return report
 
 

@@ -145,6 +145,13 @@ def _metrics_from_confusion(cm: np.ndarray, metrics: Sequence[str]) -> np.ndarra
     return np.stack(rows)
 
 
+def _check_bootstrap_args(alpha: float, n_boot: int) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+
 def _interval(value, low, high, *, n: int, min_n: int) -> dict:
     if n < min_n or low is None or not (math.isfinite(low) and math.isfinite(high)):
         return {"value": value, "low": None, "high": None, "note": "n too small"}
@@ -169,10 +176,7 @@ def bootstrap_metrics(truth, pred, *, num_classes: int | None = None, metrics: S
     unknown = [m for m in metrics if m not in BOOTSTRAP_METRICS]
     if unknown or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {BOOTSTRAP_METRICS}, got {list(metrics)}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    _check_bootstrap_args(alpha, n_boot)
     t0, p0 = _labels(truth, "truth"), _labels(pred, "pred")
     n = _same_length(truth=t0, pred=p0)
     c = num_classes if num_classes is not None else int(max(t0.max(), p0.max())) + 1
@@ -406,10 +410,7 @@ def auroc_drop_interval(ref_in, ref_out, model_in, model_out, *, n_boot: int = 1
     """
     from scipy.stats import bootstrap
 
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    _check_bootstrap_args(alpha, n_boot)
     r_in, m_in = _scores(ref_in, "ref_in"), _scores(model_in, "model_in")
     r_out, m_out = _scores(ref_out, "ref_out"), _scores(model_out, "model_out")
     n_in, n_out = _same_length(ref_in=r_in, model_in=m_in), _same_length(ref_out=r_out, model_out=m_out)
