@@ -2,15 +2,15 @@
 
     .venv/bin/python benchmarks/cold_start.py
 
-One start = a new process (tasks.cold_start.probe) that starts the real ephemeral Prefect API (a uvicorn
+One start = a new process (benchmarks.cold_start_probe.probe) that starts the real ephemeral Prefect API (a uvicorn
 subprocess on a new SQLite database: its migrations), creates a flow run that reads itself back as Running, creates
-a new SQLite MLflow store (its migrations) and starts the pipeline's MLflow run in it (tasks.registry.client_for +
+a new SQLite MLflow store (its migrations) and starts the pipeline's MLflow run in it (tasks.register.client_for +
 start_pipeline_run), then exits; loopback only. Watched from outside: seconds from the spawn to the API's first 200
 from /api/health, to the flow run Running, to the MLflow run (`startup_seconds_*`), to the exit (`total_seconds_*`);
 after each exit, nothing left running for that PREFECT_HOME, no lock or temporary file left.
 
 `timeout_seconds` is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as the `distill` CLI sets it
-(tasks.runtime.EMBEDDED_ENV); a start fails if the API is not ready within it, or on any problem above.
+(distill_gap.ops.runtime.EMBEDDED_ENV); a start fails if the API is not ready within it, or on any problem above.
 Writes benchmarks/results/cold_start.json (flat) and benchmarks/results/cold_start_details.json (per start).
 The load average beside each start is recorded: other processes on a 2-core machine stretch every number.
 """
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-from tasks.cold_start import run_cold_starts, summary, table  # noqa: E402
+from benchmarks.cold_start_probe import run_cold_starts, summary, table  # noqa: E402
 
 COLD_STARTS = 20
 OUT = ROOT / "benchmarks" / "results" / "cold_start.json"

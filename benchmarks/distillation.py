@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.runtime import apply_embedded_env  # noqa: E402
+from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402
 
 apply_embedded_env({"DISTILL_PROGRESS": "0"})
 
@@ -36,8 +36,8 @@ OUT = Path(__file__).resolve().parent / "results" / "distillation.json"
 
 
 def _accuracy(model_dir, texts, truth, max_length) -> tuple[float, np.ndarray]:
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
 
     model, tok = load_classifier(model_dir)
     pred = predict_logits(model, tok, texts, batch_size=32, max_length=max_length).argmax(-1)
@@ -51,10 +51,10 @@ def step_times(teacher_dir, student_layers, texts, labels, *, batch_size: int, m
     hits both alike. Returns the median step times and the median of the per-batch ratios."""
     import torch
 
-    from tasks.inference import pad_batch
-    from tasks.losses import KDLoss
-    from tasks.modeling import load_classifier
-    from tasks.students import student_from_layers
+    from distill_gap.models.batching import pad_batch
+    from distill_gap.kd.losses import KDLoss
+    from distill_gap.models.loading import load_classifier
+    from distill_gap.kd.students import student_from_layers
 
     teacher, tok = load_classifier(teacher_dir)
     student = student_from_layers(load_classifier(teacher_dir)[0], student_layers)
@@ -91,11 +91,12 @@ def main() -> None:
     import torch
 
     from flows.config import load_config
-    from tasks.data import load_splits
-    from tasks.digest import tokenizer_digest
+    from distill_gap.data.splits import load_splits
+    from distill_gap.digest import tokenizer_digest
     from tasks.distill import distill_student
     from tasks.soft_labels import ensure_soft_labels
-    from tasks.teacher import bootstrap_teacher, resolve_teacher
+    from distill_gap.kd.teacher import bootstrap_teacher
+    from tasks.teacher import resolve_teacher
 
     os.chdir(ROOT)
     # The demo config with frozen student word embeddings: the configuration whose step is >= 3x faster

@@ -4,9 +4,9 @@
 
 The model is the registered demo edge champion (models:/demo-edge@champion in sqlite:///.distill/mlflow.db, digest
 verified), using its ONNX Runtime INT8 artifact when the edge folder has one (DRIFT_BENCH_ARTIFACT=<name> picks
-another, e.g. int8 for the INC primary); without a champion, an untrained tiny BERT from tasks.scratch (the output
+another, e.g. int8 for the INC primary); without a champion, an untrained tiny BERT from distill_gap.models.from_scratch (the output
 says which). The reference profile is built from the demo's validation + test texts; the production sample is
-100,000 real in-scope reviews resampled with seeded light perturbations (tasks.metrics stress variants) and a week of
+100,000 real in-scope reviews resampled with seeded light perturbations (distill_gap.evaluation.metrics stress variants) and a week of
 timestamps, written to .distill/bench/drift/production.jsonl. Each run times read_production_rows + drift_report
 (2,000 rows scored); the median of REPEATS runs is `drift_monitor_seconds_100k` in benchmarks/results/drift.json.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
-from tasks.runtime import apply_embedded_env  # noqa: E402
+from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402
 
 apply_embedded_env({"DISTILL_PROGRESS": "0", "PREFECT_LOGGING_LEVEL": "WARNING"})
 
@@ -48,10 +48,10 @@ def log(msg: str) -> None:
 
 def load_model(splits):
     """(predict_logits, labels, scope threshold or None, description): the demo edge champion, else a scratch BERT."""
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     try:
-        from tasks.edge import load_edge, read_manifest, resolve_edge
+        from distill_gap.edge.serving import load_edge, read_manifest, resolve_edge
 
         said = []
         folder = resolve_edge(CHAMPION, TRACKING_URI, log=said.append)
@@ -63,10 +63,10 @@ def load_model(splits):
         return edge.predict_logits, edge.labels, scope, \
             f"{said[0].split(':')[0]}, artifact {artifact} ({edge.runtime}; primary {manifest['primary']})"
     except DistillError as err:
-        log(f"no demo edge champion ({err.problem}); using an untrained tiny BERT from tasks.scratch")
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
-    from tasks.scratch import build_scratch_classifier
+        log(f"no demo edge champion ({err.problem}); using an untrained tiny BERT from distill_gap.models.from_scratch")
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
+    from distill_gap.models.from_scratch import build_scratch_classifier
 
     model, tokenizer = load_classifier(build_scratch_classifier(splits["train"]["text"].tolist(), splits.labels,
                                                                 SCRATCH / "scratch-model", seed=0))
@@ -79,7 +79,7 @@ def write_production(splits, path: Path, seed: int = 0) -> None:
     import orjson
     import pandas as pd
 
-    from tasks.metrics import stress_variants
+    from distill_gap.evaluation.metrics import stress_variants
 
     pool = pd.concat([splits["train"], splits["validation"], splits["test"]], ignore_index=True)
     variants = {"clean": pool["text"].tolist(), **stress_variants(pool["text"].tolist(), seed=seed)}
@@ -100,10 +100,10 @@ def write_production(splits, path: Path, seed: int = 0) -> None:
 
 def main() -> None:
     from flows.config import load_config
-    from tasks.data import load_splits
-    from tasks.drift import DriftThresholds, drift_markdown, drift_report, read_production_rows, reference_profile
-    from tasks.metrics import msp_score, threshold_at_tpr
-    from tasks.runtime import configure_threads
+    from distill_gap.data.splits import load_splits
+    from distill_gap.monitoring.drift import DriftThresholds, drift_markdown, drift_report, read_production_rows, reference_profile
+    from distill_gap.evaluation.metrics import msp_score, threshold_at_tpr
+    from distill_gap.ops.runtime import configure_threads
 
     configure_threads(THREADS)
     cfg = load_config("configs/demo.yaml")

@@ -7,7 +7,7 @@ the teacher (demo-teacher@pinned, fp32 torch eager), the student (latest demo-st
 and three edge artifacts built here from that student with tasks/quantize.py into .distill/bench/edge/:
 INC INT8 (autotune, run through torch.compile), the fp32 ONNX export and ONNX Runtime INT8.
 
-For each artifact: bytes on disk (tasks.digest.folder_bytes), test accuracy on the demo test split, latency
+For each artifact: bytes on disk (distill_gap.digest.folder_bytes), test accuracy on the demo test split, latency
 p50/p95 at batch 1 and throughput at batch 32 (both with 128-token inputs: real test texts padded/truncated
 to 128), the peak memory of a fresh process (VmHWM), and load / first-call (compile) seconds apart from the
 steady state. Every artifact lives in its own worker process (the compiled INC module twice: one process and
@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.runtime import apply_embedded_env  # noqa: E402
+from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402
 
 apply_embedded_env({"DISTILL_PROGRESS": "0"})
 
@@ -105,7 +105,7 @@ class _Worker:
         if self.kind == "torch":
             import torch
 
-            from tasks.modeling import load_classifier, model_labels
+            from distill_gap.models.loading import load_classifier, model_labels
 
             torch.set_num_threads(THREADS)
             rec["import_s"], rec["rss_mb_after_imports"] = time.perf_counter() - t0, _vm("VmRSS")
@@ -238,13 +238,13 @@ class _Worker:
         if self.kind == "inc" and self.batch != 32:
             return {}
         if self.kind == "torch":
-            from tasks.inference import predict_logits
+            from distill_gap.models.batching import predict_logits
 
             logits = predict_logits(self.model, self.tok, self.texts, batch_size=32, max_length=MAX_LENGTH)
         elif self.kind == "inc":
             logits = self.pred.predict_logits(self.texts, batch_size=32)  # pads to the compiled (32, 128)
         else:  # the loop of tasks.quantize.onnx_predict_logits (length-sorted batches, dynamic padding)
-            from tasks.inference import length_sorted_batches, pad_batch
+            from distill_gap.models.batching import length_sorted_batches, pad_batch
 
             enc = self._ort_encode()
             logits = np.zeros((len(self.texts), len(self.labels)), dtype=np.float32)
@@ -325,8 +325,8 @@ def registry_models(cache_root: Path):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.errors import DistillError
-    from tasks.registry import fetch_model
+    from distill_gap.errors import DistillError
+    from tasks.register import fetch_model
 
     mlflow.set_tracking_uri(TRACKING_URI)
     mlflow.set_registry_uri(TRACKING_URI)
@@ -349,7 +349,7 @@ def build_artifacts(student, splits, reuse: bool) -> dict:
     """INC INT8 (autotune), fp32 ONNX and ONNX Runtime INT8 of the student, in SCRATCH; their build records."""
     import torch
 
-    from tasks.digest import folder_bytes
+    from distill_gap.digest import folder_bytes
     from tasks.quantize import autotune_int8, export_onnx, quantize_onnx_int8
 
     torch.set_num_threads(THREADS)
@@ -617,8 +617,8 @@ def main() -> None:
     import torch
 
     from flows.config import load_config
-    from tasks.data import load_splits
-    from tasks.digest import folder_bytes
+    from distill_gap.data.splits import load_splits
+    from distill_gap.digest import folder_bytes
 
     os.chdir(ROOT)
     reuse = "--reuse-artifacts" in sys.argv[1:]

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
-from tasks.runtime import apply_embedded_env  # noqa: E402
+from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402
 
 apply_embedded_env({"DISTILL_PROGRESS": "0", "PREFECT_LOGGING_LEVEL": "WARNING"})
 
@@ -29,9 +29,9 @@ OUT = ROOT / "benchmarks" / "results"
 
 def _models(cfg):
     """teacher / student / edge-primary folders of the newest demo run, digests verified by fetch_model."""
-    from tasks.edge import read_manifest
-    from tasks.errors import DistillError
-    from tasks.registry import client_for, fetch_model
+    from distill_gap.edge.serving import read_manifest
+    from distill_gap.errors import DistillError
+    from tasks.register import client_for, fetch_model
 
     client = client_for(cfg.tracking)
     try:
@@ -61,7 +61,7 @@ def main() -> None:
     from flows.config import load_config
     from tasks.data import load_data
     from tasks.evaluate import evaluate_gates, evaluate_task
-    from tasks.runtime import configure_threads
+    from distill_gap.ops.runtime import configure_threads
 
     cfg = load_config("configs/demo.yaml")
     configure_threads(2)

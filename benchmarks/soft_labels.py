@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.runtime import apply_embedded_env  # noqa: E402
+from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402
 
 apply_embedded_env({"DISTILL_PROGRESS": "0"})
 
@@ -40,8 +40,8 @@ def _shard_bytes(root: Path) -> int:
 
 def _teacher_dir(tmp: Path) -> Path:
     """The demo teacher's architecture: MiniLM-L6 with a 3-label head (weights as shipped offline)."""
-    from tasks.modeling import load_classifier, save_classifier
-    from tasks.teacher import BUILTIN_MINILM, base_model_dir
+    from distill_gap.models.loading import load_classifier, save_classifier
+    from distill_gap.kd.teacher import BUILTIN_MINILM, base_model_dir
 
     model, tok = load_classifier(base_model_dir(BUILTIN_MINILM), labels=LABELS)
     return save_classifier(model, tok, tmp / "teacher")
@@ -81,7 +81,7 @@ def labelling(tmp: Path, texts: list[str]) -> dict:
 
 
 def cache_hit_ratio(tmp: Path, teacher: Path, ids: list[str], texts: list[str]) -> dict:
-    from tasks.digest import model_digest, sha256_json, tokenizer_digest
+    from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
     from tasks.soft_labels import ensure_soft_labels
 
     args = dict(teacher_dir=teacher, teacher_digest=model_digest(teacher), tokenizer_digest=tokenizer_digest(teacher),
@@ -139,7 +139,7 @@ def peak_rss_1m(tmp: Path) -> float:
 
 
 def main() -> None:
-    from tasks.data import load_splits
+    from distill_gap.data.splits import load_splits
     from flows.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml")

@@ -10,19 +10,19 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import DistillError
-from tasks.faults import failpoint
+from distill_gap.errors import DistillError
+from distill_gap.ops.failpoints import failpoint
 
 
 def student_from_teacher(teacher, layers: list[int]):
     """A copy of `teacher` keeping only the encoder layers in `layers` (DistilBERT-style init)."""
-    from tasks.students import student_from_layers
+    from distill_gap.kd.students import student_from_layers
 
     return student_from_layers(teacher, layers)
 
 
 def student_spec(cfg) -> dict:
-    """The tasks.students.build_student spec of a DistillConfig."""
+    """The distill_gap.kd.students.build_student spec of a DistillConfig."""
     s = cfg.student
     if s.kind == "layers":
         return {"kind": "layers", "every": s.every} if s.every else {"kind": "layers", "layers": list(cfg.student_layers)}
@@ -59,7 +59,7 @@ class StudentResult:
 
 def settings_for(cfg, *, max_length: int, seed: int, hard_labels_only: bool = False):
     """TrainSettings of a DistillConfig; the hard-label baseline keeps the budget and drops every teacher term."""
-    from tasks.training import TrainSettings
+    from distill_gap.kd.training import TrainSettings
 
     return TrainSettings(
         epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
@@ -100,12 +100,12 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
     """
     import torch
 
-    from tasks.digest import model_digest
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, model_labels, save_classifier
-    from tasks.runtime import seed_everything
-    from tasks.students import build_student, check_layer_map, default_layer_map
-    from tasks.training import _hidden_dims, train_classifier
+    from distill_gap.digest import model_digest
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier, model_labels, save_classifier
+    from distill_gap.ops.runtime import seed_everything
+    from distill_gap.kd.students import build_student, check_layer_map, default_layer_map
+    from distill_gap.kd.training import _hidden_dims, train_classifier
 
     seed_everything(seed)
     teacher, tokenizer = load_classifier(teacher_dir)

@@ -98,7 +98,7 @@ class GapReport:
             lines += [f"| {m} | {c['temperature']:.2f} | {c['ece_before']:.3f} | {c['ece_after']:.3f} |"
                       for m, c in self.calibration.items()]
         if self.ood:
-            from tasks.report import drop_cell
+            from distill_gap.evaluation.html_report import drop_cell
 
             lines += ["", "### OOD detection (in = test)", "", "| OOD set | model | MSP AUROC | MSP AUROC drop vs teacher "
                       "[paired 95%] | MSP FPR@95 | energy AUROC | energy FPR@95 |", "|---|---|---|---|---|---|---|"]
@@ -159,11 +159,11 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
             pred = model_logits.argmax(-1)
             by_model[m] = score(pred, truth, len(labels), None if m == "teacher" else teacher_pred)
             if len(truth) and m != "teacher":
-                from tasks.metrics import mean_kl
+                from distill_gap.evaluation.metrics import mean_kl
 
                 by_model[m]["kl_teacher"] = mean_kl(teacher_logits, model_logits)
             if bootstrap_samples and len(truth):
-                from tasks.metrics import bootstrap_metrics
+                from distill_gap.evaluation.metrics import bootstrap_metrics
 
                 by_model[m]["ci"] = bootstrap_metrics(truth, pred, num_classes=len(labels), n_boot=bootstrap_samples,
                                                       seed=seed, min_n=MIN_SLICE_ROWS)
@@ -190,7 +190,7 @@ def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.nd
     interval (ood[suite][model]["msp"]["drop_vs_teacher"]), which the OOD gate reads."""
     from scipy.special import softmax
 
-    from tasks.metrics import ece, energy_score, fit_temperature, msp_score, ood_detection, reliability_bins, \
+    from distill_gap.evaluation.metrics import ece, energy_score, fit_temperature, msp_score, ood_detection, reliability_bins, \
         threshold_at_tpr
 
     has_val = "validation" in splits.frames and len(splits["validation"]) > 0
@@ -227,7 +227,7 @@ def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.nd
                          "in": np.histogram(s_in, edges)[0].tolist(), "out": np.histogram(s_out, edges)[0].tolist()}
             report.ood.setdefault(name, {})[m] = d
     if bootstrap_samples and "teacher" in logits:
-        from tasks.metrics import auroc_drop_interval
+        from distill_gap.evaluation.metrics import auroc_drop_interval
 
         ref_in = msp_score(logits["teacher"]["test"])
         for name, by_model in report.ood.items():
@@ -245,7 +245,7 @@ def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.nd
 def add_stress(report: GapReport, predictors: dict, splits, models: list[str], *, rows: int, seed: int,
                log=None) -> GapReport:
     """Stress suites on a seeded sample of test: accuracy drop and prediction flips against the clean texts."""
-    from tasks.metrics import stress_result, stress_variants
+    from distill_gap.evaluation.metrics import stress_result, stress_variants
 
     test = splits["test"]
     if rows <= 0 or not len(test):
@@ -378,8 +378,8 @@ def model_predictors(paths: dict[str, str], *, max_length: int, batch_size: int,
     """name -> callable(texts) -> logits, for HF folders, INC INT8 folders and ONNX folders."""
     from pathlib import Path
 
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
 
     predictors = {}
     for name, path in paths.items():
@@ -408,7 +408,7 @@ def model_predictors(paths: dict[str, str], *, max_length: int, batch_size: int,
 def collect_logits(predictors: dict, splits) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
     """model -> split -> logits (N, C) for every split but train; a model that fails or returns the wrong number
     of classes is left out and listed (the teacher is required: its failure raises)."""
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     num_classes = len(splits.labels)
     logits: dict[str, dict[str, np.ndarray]] = {}
@@ -540,7 +540,7 @@ def publish_report_task(report: GapReport, gates: dict[str, dict], cfg, *, clien
     data = {**report.to_dict(), "gates": gates, "seconds": report.seconds}
     html = None
     try:
-        from tasks.report import render_html
+        from distill_gap.evaluation.html_report import render_html
 
         html = render_html(report.to_dict(), title=title, gates=gates)
     except ImportError:

@@ -15,8 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from tasks.errors import DistillError
-from tasks.triggers import GATES_FAILED, MODEL_PROMOTED, emit
+from distill_gap.errors import DistillError
+from distill_gap.monitoring.watches import GATES_FAILED, MODEL_PROMOTED, emit
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -118,7 +118,7 @@ def answer_run(flow_run_id: str, answer: dict) -> None:
 def _record(client, run_id: str, governance, *, name: str, mv, action: str, approver: dict | None,
             before: dict, after: dict, reason: str) -> str:
     """Sign and log the promote Statement before the alias moves: an alias never moves without its evidence."""
-    from tasks.attest import promote_statement, record
+    from distill_gap.governance.attestation import promote_statement, record
 
     gates = {"passed": mv.tags.get("gates.passed") == "true", "attestation.uri": mv.tags.get("attestation.uri")}
     stmt = promote_statement(name=name, version=int(mv.version), digest=mv.tags.get("model.digest", ""),
@@ -220,7 +220,7 @@ def rollback(client, name: str, to: int, *, reason: str, by: str | None, governa
     """Move @champion back to an earlier version that passed its gates; record who, why, and a signed Statement."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.registry import experiment_id
+    from tasks.register import experiment_id
 
     if not reason.strip():
         raise DistillError("a rollback needs a reason", "pass --reason '<what went wrong>'")

@@ -17,7 +17,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 
 INT8_FILE = "model.pt2"
 INT8_META = "int8_meta.json"
@@ -63,7 +63,7 @@ def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 def _check_inputs(student_dir, heldout_texts: Sequence[str], max_length: int) -> Path:
     """The student folder is a loadable HF model and there is something to measure parity on."""
-    from tasks.modeling import check_model_dir
+    from distill_gap.models.loading import check_model_dir
 
     root = Path(student_dir)
     if not root.is_dir():
@@ -283,7 +283,7 @@ def _save_int8(program, root: Path, out: Path, meta: dict) -> None:
     import neural_compressor
     import torch
 
-    from tasks.digest import model_digest
+    from distill_gap.digest import model_digest
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -301,8 +301,8 @@ def _load_student(root: Path, heldout_texts, *, batch_size: int, max_length: int
     """(student in eval mode, tokenizer, labels, fp32 held-out logits (N, C)) for the parity checks."""
     import torch
 
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, model_labels
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier, model_labels
 
     torch.manual_seed(seed)
     student, tokenizer = load_classifier(root)
@@ -322,7 +322,7 @@ def quantize_int8(student_dir, calibration_texts: list[str], heldout_texts: list
 
     Parity is measured on the artifact reloaded from disk (eager), against the fp32 student on `heldout_texts`.
     """
-    from tasks.digest import folder_bytes, model_digest
+    from distill_gap.digest import folder_bytes, model_digest
 
     start = time.perf_counter()
     if approach not in CANDIDATES:
@@ -395,8 +395,8 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
     from neural_compressor.common.base_tuning import TuningConfig
     from neural_compressor.torch.quantization import autotune
 
-    from tasks.digest import folder_bytes, model_digest
-    from tasks.inference import predict_logits
+    from distill_gap.digest import folder_bytes, model_digest
+    from distill_gap.models.batching import predict_logits
 
     start = time.perf_counter()
     log = log or (lambda *a: None)
@@ -528,7 +528,7 @@ class Int8Predictor:
         """Logits (N, num_labels) float32 in the order of `texts`."""
         import torch
 
-        from tasks.inference import length_sorted_batches
+        from distill_gap.models.batching import length_sorted_batches
 
         texts = [str(t) for t in texts]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
@@ -575,9 +575,9 @@ def export_onnx(student_dir, out_dir, *, heldout_texts: list[str], max_length: i
     """Export the fp32 student to ONNX (dynamic batch and sequence axes) and compare ORT logits with torch."""
     from optimum.exporters.onnx import main_export
 
-    from tasks.digest import folder_bytes, model_digest
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
+    from distill_gap.digest import folder_bytes, model_digest
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
 
     start = time.perf_counter()
     root = _check_inputs(student_dir, heldout_texts, max_length)
@@ -622,7 +622,7 @@ def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], max_lengt
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    from tasks.digest import folder_bytes, model_digest
+    from distill_gap.digest import folder_bytes, model_digest
 
     start = time.perf_counter()
     src = Path(onnx_dir)
@@ -683,7 +683,7 @@ def onnx_predict_logits(onnx_dir, texts: Sequence[str], *, batch_size: int = 32,
     """Logits (N, C) float32 from ONNX Runtime, in the order of `texts` (length-sorted batches, dynamic padding)."""
     from transformers import AutoTokenizer
 
-    from tasks.inference import length_sorted_batches, pad_batch
+    from distill_gap.models.batching import length_sorted_batches, pad_batch
 
     session = session or onnx_session(onnx_dir)
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir, trust_remote_code=False)
@@ -757,8 +757,8 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     with its error and the others go on; with no INT8 artifact at all the edge model is the fp32 student,
     marked as not quantized.
     """
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, model_labels
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier, model_labels
 
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
@@ -835,7 +835,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
         reason = f"no INT8 artifact passed its checks; {primary} kept for the record: {artifacts[primary]['check']}"
     else:
         shutil.copytree(student_dir, out / "fp32")
-        from tasks.digest import folder_bytes, model_digest
+        from distill_gap.digest import folder_bytes, model_digest
 
         artifacts["fp32"] = {"path": "fp32", "runtime": "transformers", "report_name": "student",
                              "size_bytes": folder_bytes(out / "fp32"), "digest": model_digest(out / "fp32"),

@@ -44,10 +44,10 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.digest import model_digest, sha256_bytes, sha256_json
-from tasks.digest import tokenizer_digest as compute_tokenizer_digest
-from tasks.errors import DistillError
-from tasks.faults import failpoint
+from distill_gap.digest import model_digest, sha256_bytes, sha256_json
+from distill_gap.digest import tokenizer_digest as compute_tokenizer_digest
+from distill_gap.errors import DistillError
+from distill_gap.ops.failpoints import failpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -77,7 +77,7 @@ def cache_key_inputs(*, teacher_digest: str, tokenizer_digest: str, data_digest:
                         ("data_digest", data_digest)):
         if not isinstance(value, str) or not value:
             raise DistillError(f"soft-label cache key needs a non-empty {name}, got {value!r}",
-                               "compute it with tasks.digest (model_digest / tokenizer_digest / dataset digest)")
+                               "compute it with distill_gap.digest (model_digest / tokenizer_digest / dataset digest)")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
         raise DistillError(f"max_length must be a positive integer, got {max_length!r}", "set data.max_length, e.g. 128")
     labels = list(labels)
@@ -715,7 +715,7 @@ def onnx_teacher(teacher_dir, digest: str, cache_root: str | Path | None = None)
     """
     import shutil
 
-    from tasks.digest import sha256_file
+    from distill_gap.digest import sha256_file
 
     out = Path(cache_root or ONNX_CACHE) / digest
     model, sidecar = out / "model.onnx", out / "model.onnx.sha256"
@@ -742,7 +742,7 @@ def onnx_teacher(teacher_dir, digest: str, cache_root: str | Path | None = None)
 
 
 class _OrtTeacher:
-    """ONNX Runtime session over an exported teacher; same batching as tasks.inference.predict_logits."""
+    """ONNX Runtime session over an exported teacher; same batching as distill_gap.models.batching.predict_logits."""
 
     def __init__(self, onnx_dir: Path, tokenizer, threads: int | None):
         import onnxruntime as ort
@@ -759,8 +759,8 @@ class _OrtTeacher:
     def __call__(self, texts: Sequence[str], *, batch_size: int, max_length: int, desc: str | None) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        from tasks.inference import length_sorted_batches, pad_batch
-        from tasks.runtime import progress_disabled
+        from distill_gap.models.batching import length_sorted_batches, pad_batch
+        from distill_gap.ops.runtime import progress_disabled
 
         out = np.zeros((len(texts), self.num_labels), dtype=np.float32)     # (N, C)
         if not len(texts):
@@ -781,9 +781,9 @@ def _predictor(teacher_dir, *, engine: str, device: str, threads: int | None = N
     """
     import torch
 
-    from tasks.digest import model_digest
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
+    from distill_gap.digest import model_digest
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
 
     requested = engine
     engine = resolve_engine(engine, device)
@@ -829,7 +829,7 @@ def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max
     """
     import torch
 
-    from tasks.runtime import select_device
+    from distill_gap.ops.runtime import select_device
 
     if device == "auto":
         device = select_device("auto")
@@ -854,14 +854,14 @@ def _warn(message: str) -> None:
 
 def _check_teacher(teacher_dir, labels: list[str], teacher_digest: str, tokenizer_digest: str) -> None:
     """Refuse to label with a teacher whose classes or files are not the ones the key names."""
-    from tasks.modeling import check_teacher_labels, config_labels
+    from distill_gap.models.loading import check_teacher_labels, config_labels
 
     check_teacher_labels(config_labels(teacher_dir), labels, f"the teacher in {teacher_dir}")
     got_model, got_tok = model_digest(teacher_dir), compute_tokenizer_digest(teacher_dir)
     if (got_model, got_tok) != (teacher_digest, tokenizer_digest):
         raise DistillError(f"the teacher files in {teacher_dir} have digest {got_model[:12]} / tokenizer "
                            f"{got_tok[:12]}, but the pinned teacher is {teacher_digest[:12]} / {tokenizer_digest[:12]}",
-                           "point teacher_dir at the pinned teacher's files (tasks.digest.model_digest and "
+                           "point teacher_dir at the pinned teacher's files (distill_gap.digest.model_digest and "
                            "tokenizer_digest of that folder are the digests to pass)")
 
 
@@ -972,7 +972,7 @@ def label_shard(job: ShardJob, teacher_dir, *, batch_size: int = 32, device: str
         raise DistillError(f"the teacher in {teacher_dir} gives {logits.shape[1]} logits per example, the labels "
                            f"name {job.num_classes} classes", "use a teacher trained on data.labels")
     info = store.write_shard(job.key, job.index, job.ids, logits, dtype=job.dtype, top_k=job.top_k)
-    failpoint("soft-labels.shard-written")  # crash drills (tasks/faults.py): hold here, the test kills the run
+    failpoint("soft-labels.shard-written")  # crash drills (distill_gap/ops/failpoints.py): hold here, the test kills the run
     if info is None:
         return {"index": job.index, "complete": True}
     return {**info, "index": job.index, "reused": False, "labelled": len(job.ids), "seconds": seconds}

@@ -146,7 +146,7 @@ def review_frame():
 @pytest.fixture(scope="session")
 def tiny_model_dir(review_frame, tmp_path_factory):
     """A tiny real BERT classifier (hidden 32, 2 layers) with a tokenizer trained on the texts."""
-    from tasks.scratch import build_scratch_classifier
+    from distill_gap.models.from_scratch import build_scratch_classifier
 
     out = tmp_path_factory.mktemp("tiny-model")
     return build_scratch_classifier(review_frame["text"].tolist(), LABELS, out, seed=0)

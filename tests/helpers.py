@@ -25,7 +25,7 @@ def sharpened_teacher(model_dir, texts: Sequence[str], out_dir) -> Path:
     """
     import torch
 
-    from tasks.modeling import load_classifier, save_classifier
+    from distill_gap.models.loading import load_classifier, save_classifier
 
     model, tok = load_classifier(model_dir)
     model.eval()
@@ -45,8 +45,8 @@ def spread_classifier(model_dir, texts: Sequence[str], out_dir, *, max_length: i
     """
     import torch
 
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier, save_classifier
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier, save_classifier
 
     model, tokenizer = load_classifier(model_dir)
     torch.manual_seed(1)
@@ -82,7 +82,7 @@ def import_tiny_teacher(config, model_dir) -> dict:
     """Register `model_dir` as the config's pinned teacher (`distill teacher import`, in this process): seconds,
     where `distill teacher bootstrap` trains one for ~30 s. For tests about faults, not about teacher quality."""
     from flows.config import load_config
-    from tasks.teacher import import_teacher
+    from distill_gap.kd.teacher import import_teacher
 
     cfg = config if hasattr(config, "teacher_model_name") else load_config(config)  # a PipelineConfig or a path
     return import_teacher(cfg, model_dir, license="apache-2.0", log=lambda *_: None)

@@ -3,7 +3,7 @@
 import pytest
 
 from flows.config import apply_overrides, config_from_dict, load_config
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 
 
 def _raw():

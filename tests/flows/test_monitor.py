@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from flows.config import load_config
-from tasks.errors import DistillError
-from tasks.registry import LINEAGE_TAGS, client_for
+from distill_gap.errors import DistillError
+from tasks.register import LINEAGE_TAGS, client_for
 from tests.helpers import OPEN_GATE_OVERRIDES
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def workspace(tmp_path_factory, s3_endpoint, prefect_api):
     """A working directory with a bucket for soft labels, a SQLite MLflow store and a pinned tiny teacher."""
     import boto3
 
-    from tasks.teacher import bootstrap_teacher
+    from distill_gap.kd.teacher import bootstrap_teacher
 
     tmp = tmp_path_factory.mktemp("pipeline")
     old = os.getcwd()
@@ -191,7 +191,7 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "attestation distill" in proc.stdout and "tiny-teacher v1 signature" in proc.stdout
     # ... and one changed byte in a stored weight file fails it, naming that file
-    from tasks.registry import version_folder
+    from tasks.register import version_folder
 
     assert edge.source.startswith("models:/m-")  # the logged MLflow model; its `model` artifact is the folder
     stored_root = Path(client.get_logged_model(edge.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
@@ -210,8 +210,8 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
         stored.write_bytes(original)
 
     # 5. moving the teacher's alias rewrites no history: the edge version still reports teacher v1
-    from tasks.registry import fetch_model
-    from tasks.teacher import import_teacher
+    from tasks.register import fetch_model
+    from distill_gap.kd.teacher import import_teacher
 
     teacher_dir = fetch_model(client, "tiny-teacher", version=1, cache_root=workspace[0] / "models").path
     assert import_teacher(cfg, teacher_dir, license="apache-2.0", pin=True, log=lambda *_: None)["version"] == 2

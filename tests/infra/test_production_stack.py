@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import LINEAGE_TAGS
+from tasks.register import LINEAGE_TAGS
 from tests.conftest import _free_port
 from tests.helpers import OPEN_GATE_OVERRIDES, wait_http
 
@@ -172,7 +172,7 @@ def _distill(stack, *args, timeout: float = 600) -> subprocess.CompletedProcess:
 def pipeline(stack):
     """Bootstrap the tiny teacher into the MLflow server, then `distill run` once; returns the timings."""
     from flows.config import load_config
-    from tasks.teacher import bootstrap_teacher
+    from distill_gap.kd.teacher import bootstrap_teacher
 
     store = [f"soft_labels.store=s3://{SOFT}/labels"]
     started = time.monotonic()

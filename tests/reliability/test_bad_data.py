@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from flows.config import load_config
-from tasks.errors import DistillError
-from tasks.registry import client_for
+from distill_gap.errors import DistillError
+from tasks.register import client_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def workspace(tmp_path_factory, s3_endpoint, prefect_api, tiny_model_dir):
     """
     import boto3
 
-    from tasks.teacher import import_teacher
+    from distill_gap.kd.teacher import import_teacher
 
     tmp = tmp_path_factory.mktemp("bad-data")
     old = os.getcwd()

@@ -1,15 +1,15 @@
 """Issue 10, item 9: a cold start with an empty PREFECT_HOME and MLflow store, 20 times in a row: all start within
 the configured timeout.
 
-Each start is a new process (tasks.cold_start.probe) with a new, empty PREFECT_HOME and a new SQLite MLflow store,
+Each start is a new process (benchmarks.cold_start_probe.probe) with a new, empty PREFECT_HOME and a new SQLite MLflow store,
 loopback only: the real ephemeral Prefect API starts (a uvicorn subprocess migrating a new database), a flow run is
 created and reads itself back as Running, the MLflow store is created and the pipeline's MLflow run started in it
-(tasks.registry.client_for + start_pipeline_run, as flows/pipeline.py does). Watched from outside: seconds to the
+(tasks.register.client_for + start_pipeline_run, as flows/pipeline.py does). Watched from outside: seconds to the
 API's first 200 from /api/health, to the flow run Running, to the MLflow run; after the exit, nothing left running
 for that PREFECT_HOME, no lock or temporary file left.
 
 The timeout is the one a `distill` user gets: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS from the CLI's
-embedded environment (tasks.runtime.EMBEDDED_ENV, 120 s; the Makefile and conftest raise it to 180 for tests).
+embedded environment (distill_gap.ops.runtime.EMBEDDED_ENV, 120 s; the Makefile and conftest raise it to 180 for tests).
 
 Cost (measured on the 2-core machine, 2026-11-23): one start takes ~35 s from spawn to exit at load average 2.5
 and 45-80 s at 5-7 (the server's own start, its imports and ~140 SQLite migrations, is 17-43 s of it; the MLflow
@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-from tasks.cold_start import TIMED_OUT, configured_timeout, run_cold_starts, summary, table
+from benchmarks.cold_start_probe import TIMED_OUT, configured_timeout, run_cold_starts, summary, table
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

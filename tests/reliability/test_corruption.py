@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from flows.config import load_config
-from tasks.digest import model_digest, sha256_json, tokenizer_digest
-from tasks.errors import DistillError
+from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
+from distill_gap.errors import DistillError
 from tasks.soft_labels import SoftLabelStore, ensure_soft_labels, is_transient
 from tests.conftest import LABELS
 
@@ -147,9 +147,9 @@ def test_edited_row_count_in_the_manifest_is_a_clear_error(s3_bucket, teacher):
 def registry(tiny_model_dir, review_frame, tmp_path_factory):
     """tiny-teacher v1 (`distill teacher import`) and tiny-edge v1 (an fp32 edge folder), both signed and logged as
     MLflow models in a SQLite registry with file artifacts, like the pipeline registers them."""
-    from tasks.mlflow_model import link_version, log_model_folder
-    from tasks.registry import client_for, create_version, experiment_id, sign_and_log
-    from tasks.teacher import import_teacher
+    from distill_gap.registry.pyfunc import link_version, log_model_folder
+    from tasks.register import client_for, create_version, experiment_id, sign_and_log
+    from distill_gap.kd.teacher import import_teacher
 
     tmp = tmp_path_factory.mktemp("corruption-registry")
     old, old_env = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -182,7 +182,7 @@ def registry(tiny_model_dir, review_frame, tmp_path_factory):
 
 def _stored(client, name: str, rel: str) -> Path:
     """The file `rel` of version 1 of `name` as the MLflow artifact store holds it."""
-    from tasks.registry import version_folder
+    from tasks.register import version_folder
 
     mv = client.get_model_version(name, "1")
     root = client.get_logged_model(mv.source.removeprefix("models:/")).artifact_location.removeprefix("file://")

@@ -1,6 +1,6 @@
 """Issue 10, item 1: SIGKILL and SIGTERM during soft-label generation, distillation and registration, then run
 again. `distill run` is a real subprocess on the default ephemeral Prefect API (SQLite in PREFECT_HOME) and an
-MLflow SQLite store; failpoints (tasks/faults.py) hold it at the exact place, the test signals the process.
+MLflow SQLite store; failpoints (distill_gap/ops/failpoints.py) hold it at the exact place, the test signals the process.
 
 After each kill the next run starts from the work already done: completed soft-label shards are reused, never
 duplicated or truncated; every killed run ends Crashed in Prefect and FAILED or KILLED in MLflow, never RUNNING
@@ -88,7 +88,7 @@ def _state(ws) -> dict:
     code = """
 import json, sys
 from prefect.client.orchestration import get_client
-from tasks.registry import client_for
+from tasks.register import client_for
 from flows.config import load_config
 cfg = load_config(sys.argv[1])
 with get_client(sync_client=True) as c:

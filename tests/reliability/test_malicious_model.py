@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 from tests.conftest import LABELS
 
 pytestmark = pytest.mark.reliability
@@ -201,8 +201,8 @@ def test_teacher_bootstrap_from_a_local_base_refuses(evil, store, in_tmp, case):
 def test_pretrained_student_folder_refuses(evil, tiny_model_dir, case):
     from flows.config import load_config
     from tasks.distill import student_spec
-    from tasks.modeling import load_classifier
-    from tasks.students import build_student
+    from distill_gap.models.loading import load_classifier
+    from distill_gap.kd.students import build_student
 
     folders, marker = evil
     cfg = load_config(ROOT / "configs/tiny.yaml", ["distill.student.kind=pretrained",

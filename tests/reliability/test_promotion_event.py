@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_model_dir, prefect_api):
     """dup-edge v1, v2, v3, all with passed gates; signing keys in a temporary folder."""
-    from tasks.digest import model_digest
-    from tasks.registry import client_for, create_version, experiment_id, log_model_dir
+    from distill_gap.digest import model_digest
+    from tasks.register import client_for, create_version, experiment_id, log_model_dir
 
     tmp = tmp_path_factory.mktemp("promotion-event")
     cfg = load_config(ROOT / "configs/tiny.yaml", [

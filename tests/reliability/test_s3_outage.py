@@ -25,7 +25,7 @@ import pytest
 
 from flows.config import load_config
 from tests.helpers import OPEN_GATE_OVERRIDES, import_tiny_teacher
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 from tests.reliability._tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -137,7 +137,7 @@ def _run_logs(flow_run_id, expect: str, timeout: float = 20.0) -> list[str]:
 
 def _mlflow_runs(cfg, flow_run_id):
     """(pipeline run, its stage runs) of one flow run."""
-    from tasks.registry import client_for
+    from tasks.register import client_for
 
     client = client_for(cfg.tracking)
     exp_ids = [e.experiment_id for e in client.search_experiments()]
@@ -148,7 +148,7 @@ def _mlflow_runs(cfg, flow_run_id):
 
 
 def _versions(cfg) -> dict[str, int]:
-    from tasks.registry import client_for
+    from tasks.register import client_for
 
     client = client_for(cfg.tracking)
     return {name: len(client.search_model_versions(f"name='{name}'")) for name in ("tiny-student", "tiny-edge")}
@@ -156,7 +156,7 @@ def _versions(cfg) -> dict[str, int]:
 
 def test_endpoint_down_10s_during_shard_writes_is_retried_and_the_run_completes(workspace, proxy, moto_client):
     from flows.pipeline import distill_pipeline
-    from tasks.cache_admin import show_entry, verify_entry
+    from distill_gap.softlabels.maintenance import show_entry, verify_entry
     from tasks.soft_labels import MANIFEST, SoftLabelStore
 
     prefix = "flaky"
@@ -219,8 +219,8 @@ def test_endpoint_down_10s_during_shard_writes_is_retried_and_the_run_completes(
 
 def test_endpoint_down_for_good_fails_clearly_and_leaves_only_whole_shards(workspace, proxy, moto_client):
     from flows.pipeline import distill_pipeline
-    from tasks.data import load_splits
-    from tasks.digest import sha256_bytes, tokenizer_digest
+    from distill_gap.data.splits import load_splits
+    from distill_gap.digest import sha256_bytes, tokenizer_digest
     from tasks.soft_labels import _decode_shard, ensure_soft_labels, plan_soft_labels
     from tasks.teacher import resolve_teacher
 

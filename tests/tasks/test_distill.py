@@ -6,8 +6,8 @@ import torch
 
 from flows.config import DistillConfig
 from tasks.distill import distill_student, student_from_teacher
-from tasks.errors import DistillError
-from tasks.modeling import load_classifier
+from distill_gap.errors import DistillError
+from distill_gap.models.loading import load_classifier
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -112,7 +112,7 @@ def test_bad_student_or_layer_map_fails_before_training(tiny_model_dir, review_f
 
 
 def test_student_with_another_tokenizer_is_refused(tiny_model_dir, review_frame, tmp_path):
-    from tasks.scratch import build_scratch_classifier
+    from distill_gap.models.from_scratch import build_scratch_classifier
 
     other = build_scratch_classifier(["completely different words here"] * 50 + review_frame["text"].tolist()[-40:],
                                      LABELS, tmp_path / "other", seed=1)

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from flows.config import EvaluateConfig
-from tasks.data import Splits
+from distill_gap.data.splits import Splits
 from tasks.evaluate import evaluate_gates, gap_report, score
 
 LABELS = ["a", "b"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_model_dir):
     """tiny-edge v1 and v3 passed their gates, v2 failed them; a signing key pair in a temporary folder."""
-    from tasks.digest import model_digest
-    from tasks.registry import client_for, create_version, experiment_id, log_model_dir
+    from distill_gap.digest import model_digest
+    from tasks.register import client_for, create_version, experiment_id, log_model_dir
 
     tmp = tmp_path_factory.mktemp("promote")
     old_key_dir = os.environ.get("DISTILL_KEY_DIR")
@@ -79,7 +79,7 @@ def _paused_run(pause_key: str, timeout: float = 60):
 def _attestation(client, uri: str, tmp_path) -> dict:
     import mlflow
 
-    from tasks.signing import verify_statement
+    from distill_gap.governance.signing import verify_statement
 
     path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path),
                                                tracking_uri=client._tracking_client.tracking_uri)
@@ -167,7 +167,7 @@ def test_rollback_records_who_and_why(registry, prefect_api, tmp_path):
 
 def test_teacher_licence_allow_list_and_recorded_override(tmp_path):
     from flows.config import GovernanceConfig
-    from tasks.registry import ModelRef, check_teacher_license
+    from tasks.register import ModelRef, check_teacher_license
 
     teacher = ModelRef("x-teacher", 3, "d" * 64, tmp_path, None, tags={"license": "CC-BY-NC-4.0"})
     with pytest.raises(DistillError, match="licence 'CC-BY-NC-4.0', which is not in governance.allowed_licenses"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 from tasks.quantize import export_onnx, load_int8, logit_parity, onnx_predict_logits, quantize_int8
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,8 +31,8 @@ def texts(review_frame):
 
 @pytest.fixture(scope="module")
 def fp32_logits(spread_model_dir, texts):
-    from tasks.inference import predict_logits
-    from tasks.modeling import load_classifier
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
 
     model, tokenizer = load_classifier(spread_model_dir)
     return predict_logits(model, tokenizer, texts["heldout"], max_length=64)
@@ -206,7 +206,7 @@ def _unexportable_model(tmp_path) -> Path:
     """A real Hugging Face architecture (CANINE) that neither torch.export (dynamic seq) nor optimum can export."""
     import transformers
 
-    from tasks.scratch import train_wordpiece_tokenizer
+    from distill_gap.models.from_scratch import train_wordpiece_tokenizer
 
     tok = train_wordpiece_tokenizer(["good drug", "bad side effects", "it was fine"] * 10)
     cfg = transformers.CanineConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tasks.digest import model_digest, sha256_json, tokenizer_digest
-from tasks.errors import DistillError
+from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
+from distill_gap.errors import DistillError
 from tasks.soft_labels import (SoftLabelStore, cache_key, ensure_soft_labels, is_transient,
                                retry_on_transient_store_error, teacher_logits)
 from tests.conftest import LABELS
@@ -44,7 +44,7 @@ def reference_logits(sharp_teacher_dir, rows):
     """Per-example fp32 logits, one unpadded forward pass per text, in frame order."""
     import torch
 
-    from tasks.modeling import load_classifier
+    from distill_gap.models.loading import load_classifier
 
     model, tok = load_classifier(sharp_teacher_dir)
     model.eval()

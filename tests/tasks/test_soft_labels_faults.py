@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.digest import model_digest, sha256_json, tokenizer_digest
-from tasks.errors import DistillError
+from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
+from distill_gap.errors import DistillError
 from tasks.soft_labels import SoftLabelStore, ensure_soft_labels, is_transient
 from tests.conftest import LABELS
 from tests.helpers import sharpened_teacher

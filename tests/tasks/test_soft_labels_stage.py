@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import tasks.soft_labels as sl
-from tasks.data import split_digest
-from tasks.digest import model_digest, tokenizer_digest
-from tasks.errors import DistillError
+from distill_gap.data.splits import split_digest
+from distill_gap.digest import model_digest, tokenizer_digest
+from distill_gap.errors import DistillError
 from tests.conftest import LABELS
 from tests.helpers import sharpened_teacher
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.errors import DistillError
+from distill_gap.errors import DistillError
 from tasks.soft_labels import SoftLabelStore, _encode_shard, cache_key, ensure_soft_labels
 # Module fixtures of the full-mode tests (the sharp tiny teacher and its review rows), reused here.
 from tests.tasks.test_soft_labels import rows, sharp_teacher_dir, teacher  # noqa: F401
@@ -164,7 +164,7 @@ def test_key_includes_top_k_only_when_set():
 
 def test_full_key_is_the_pre_top_k_key():
     """The key without top_k is the same sha256 of the same five inputs as before."""
-    from tasks.digest import sha256_json
+    from distill_gap.digest import sha256_json
 
     args = _key_args(c=3)
     assert cache_key(**args) == sha256_json(args)

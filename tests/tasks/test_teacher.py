@@ -6,9 +6,10 @@ import shutil
 import pytest
 
 from flows.config import load_config
-from tasks.errors import DistillError
-from tasks.registry import client_for, fetch_model
-from tasks.teacher import bootstrap_teacher, import_teacher, resolve_teacher
+from distill_gap.errors import DistillError
+from tasks.register import client_for, fetch_model
+from distill_gap.kd.teacher import bootstrap_teacher, import_teacher
+from tasks.teacher import resolve_teacher
 
 
 @pytest.fixture()

@@ -1,0 +1,386 @@
+"""Serving an edge model: resolve it (registry URI or folder), load the artifact edge.json names, predict rows.
+
+An edge folder holds one or more artifacts of the same classifier (ONNX Runtime INT8, INC INT8, fp32 ONNX,
+fp32 transformers) and an edge.json saying which is primary. `distill predict` is built on this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from distill_gap.errors import DistillError
+from distill_gap.models.loading import check_no_code
+
+EDGE_FILE = "edge.json"
+EDGE_FORMAT = 1
+RUNTIMES = ("onnxruntime", "torch-pt2", "transformers")
+DEFAULT_CACHE_ROOT = ".distill/models"
+_URI_FORMS = ("models:/<name>@<alias> (e.g. models:/demo-edge@champion) "
+              "or models:/<name>/<version> (e.g. models:/demo-edge/3)")
+_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))$")
+_ROW_EXAMPLE = '{"id": "r1", "text": "the tablets helped"}'
+_MAX_REPORTED = 5  # bad input lines named in one error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# where the edge folder comes from
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
+    """(name, alias, version) of `models:/name@alias` or `models:/name/N`; exactly one of alias/version is set."""
+    m = _URI.match(uri.strip())
+    if m is None:
+        raise DistillError(f"{uri!r} is not a registry model URI", f"use {_URI_FORMS}, or the path of an edge folder")
+    version = m["version"]
+    return m["name"], m["alias"], int(version) if version else None
+
+
+def _registry_client(tracking_uri: str):
+    """An MlflowClient on exactly `tracking_uri` (a missing local SQLite file is an error, never created)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise DistillError(f"no MLflow store at {tracking_uri}",
+                           "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store the pipeline registered into")
+    from mlflow import MlflowClient
+
+    from tasks.register import use_store
+
+    use_store(tracking_uri)  # a version's source may be a logged model (models:/m-...), resolved in this store
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str | Path = DEFAULT_CACHE_ROOT,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """A local edge folder: as is; a registry URI: downloaded (cached by digest) and verified against model.digest."""
+    text = str(uri_or_path)
+    if not text.startswith("models:"):
+        folder = Path(text)
+        if not folder.is_dir():
+            raise DistillError(f"{text} is neither a registry model URI nor an existing folder",
+                               f"use {_URI_FORMS}, or the path of an edge folder (one with {EDGE_FILE})")
+        if not (folder / EDGE_FILE).is_file():
+            raise DistillError(f"{folder} is not an edge model folder (no {EDGE_FILE})",
+                               "point to the edge folder written by the quantize stage")
+        return folder
+    from tasks.register import fetch_model, resolve_version
+
+    name, alias, version = parse_model_uri(text)
+    client = _registry_client(tracking_uri)
+    try:
+        # resolve once, then fetch that version: an alias moved in between cannot mix two versions
+        mv = resolve_version(client, name, alias=alias, version=version)
+    except DistillError as err:
+        raise DistillError(err.problem, f"check the name and {'alias' if alias else 'version'} in the MLflow registry "
+                           "(`distill ui`); `distill run --config <config>` registers <name>-edge and moves @champion "
+                           "when the gates pass") from None
+    ref = fetch_model(client, name, version=int(mv.version), cache_root=cache_root)  # digest checked before use
+    if log:
+        log(f"{name} v{ref.version}{f' (@{alias})' if alias else ''}: digest {ref.digest[:12]} verified")
+    return ref.path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# edge.json and the artifacts it names
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """edge.json of `folder`, checked: format, labels, artifacts with a known runtime, primary among them."""
+    path = Path(folder) / EDGE_FILE
+    fix = "re-run the quantize stage, which writes edge.json next to the artifacts"
+    if not path.is_file():
+        raise DistillError(f"{path} does not exist: {folder} is not an edge model folder", fix)
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DistillError(f"{path} is not valid JSON ({err})", fix) from None
+    problems = []
+    if not isinstance(manifest, dict):
+        raise DistillError(f"{path} must hold a JSON object, got {type(manifest).__name__}", fix)
+    if manifest.get("format") != EDGE_FORMAT:
+        problems.append(f"format is {manifest.get('format')!r}, this version reads format {EDGE_FORMAT}")
+    labels = manifest.get("labels")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(l, str) and l for l in labels)):
+        problems.append("labels must be a list of at least two label names")
+    if not (isinstance(manifest.get("max_length", 128), int) and manifest.get("max_length", 128) >= 2):
+        problems.append("max_length must be an integer >= 2")
+    artifacts = manifest.get("artifacts")
+    if not (isinstance(artifacts, dict) and artifacts):
+        problems.append("artifacts must map artifact names to {\"path\": ..., \"runtime\": ...}")
+        artifacts = {}
+    for name, spec in artifacts.items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("path"), str) and spec.get("runtime") in RUNTIMES):
+            problems.append(f"artifacts.{name} needs a path and a runtime in {list(RUNTIMES)}")
+    if artifacts and manifest.get("primary") not in artifacts:
+        problems.append(f"primary {manifest.get('primary')!r} is not one of the artifacts {sorted(artifacts)}")
+    if problems:
+        raise DistillError(f"{path} is malformed: " + "; ".join(problems), fix)
+    return manifest
+
+
+def _artifact_dir(folder: Path, name: str, spec: dict) -> Path:
+    path = (folder / spec["path"]).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise DistillError(f"{folder / EDGE_FILE}: artifact {name!r} points outside the edge folder ({spec['path']})",
+                           "artifact paths are relative to the edge folder")
+    if not path.is_dir():
+        raise DistillError(f"artifact {name!r} is listed in {folder / EDGE_FILE} but {path} does not exist",
+                           "the edge folder is incomplete; fetch or export it again, or choose another --artifact")
+    return path
+
+
+def _onnx_runtime(path: Path, max_length: int):
+    """(predict(texts, batch_size) -> logits, labels in config.json or None, output width)."""
+    from tasks.quantize import onnx_predict_logits, onnx_session
+
+    session = onnx_session(path)
+    width = session.get_outputs()[0].shape[-1]
+    labels = None
+    if (path / "config.json").is_file():
+        id2label = json.loads((path / "config.json").read_text()).get("id2label") or {}
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)] or None
+
+    def predict(texts, batch_size):
+        return onnx_predict_logits(path, texts, batch_size=batch_size, max_length=max_length, session=session)
+
+    return predict, labels, width if isinstance(width, int) else None
+
+
+def _int8_runtime(path: Path, max_length: int):
+    from tasks.quantize import INT8_FILE, load_int8
+
+    check_torch_archive(path / INT8_FILE)
+    with _weights_only_unpickling():
+        int8 = load_int8(path)  # eager: a first compile would cost more than a command-line call saves
+
+    def predict(texts, batch_size):
+        return int8.predict_logits(texts, batch_size=batch_size)
+
+    return predict, int8.labels, len(int8.labels)
+
+
+def _transformers_runtime(path: Path, max_length: int):
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier, model_labels
+
+    model, tokenizer = load_classifier(path)
+
+    def predict(texts, batch_size):
+        return predict_logits(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+
+    return predict, model_labels(model), model.config.num_labels
+
+
+_LOADERS = {"onnxruntime": _onnx_runtime, "torch-pt2": _int8_runtime, "transformers": _transformers_runtime}
+_PT2_PAYLOADS = ("weight_", "tensor_")  # raw tensor bytes in a torch.export archive; anything else is pickled
+
+
+def check_torch_archive(file: Path) -> None:
+    """Refuse a torch.export archive (model.pt2) that would unpickle anything but tensors.
+
+    torch.export.load unpickles parts of the archive, and when its weights-only unpickler refuses one it retries
+    with plain pickle, which runs whatever the file says. So: every pickled member must pass the weights-only
+    unpickler here, and objects stored as plain pickles (custom or opaque constants, pickled payloads) are refused.
+    """
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+
+    fix = "this is not an archive the quantize stage writes: export the INT8 artifact again, from a trusted student"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    entries = json.loads(archive.read(name)).get("config") or {}
+                    pickled = sorted(k for k, meta in entries.items() if meta.get("use_pickle")
+                                     or not str(meta.get("path_name", "")).startswith(_PT2_PAYLOADS))
+                    if pickled:
+                        raise DistillError(f"{file} stores {pickled[:3]} as pickled objects ({name}); "
+                                           "unpickling them could run code, so the artifact is refused", fix)
+                elif name.endswith(".pt"):
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except pickle.UnpicklingError as err:
+                        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+                        reason = f"it references {found.group(1)}" if found else "weights-only unpickling failed"
+                        raise DistillError(f"{file}: member {name} holds pickled objects other than tensors "
+                                           f"({reason}); unpickling it could run code, so the artifact is refused",
+                                           fix) from None
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as err:
+        raise DistillError(f"{file} is not a readable torch.export archive ({type(err).__name__}: {err})",
+                           "the INT8 artifact is truncated or damaged: fetch or export it again") from None
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling():
+    """Every torch.load inside uses the weights-only unpickler, also where torch.export.load asks for plain pickle.
+
+    A second line of defence after check_torch_archive (TORCH_FORCE_WEIGHTS_ONLY_LOAD is read per torch.load call;
+    the variable is process-wide, so other threads loading meanwhile are held to weights-only too).
+    """
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class EdgeModel:
+    """One loaded artifact of an edge folder: logits and labelled probabilities for texts."""
+
+    def __init__(self, folder: Path, artifact: str, runtime: str, labels: list[str], max_length: int,
+                 predict: Callable[[list[str], int], np.ndarray]):
+        self.folder, self.artifact, self.runtime = folder, artifact, runtime
+        self.labels, self.max_length = labels, max_length
+        self._predict = predict
+        scope_file = folder / "scope.json"
+        # the scope threshold was computed for the primary artifact; other artifacts carry no scope
+        self.scope = json.loads(scope_file.read_text()) if scope_file.is_file() and is_primary(folder, artifact) else None
+
+    def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Logits (N, C) float32 in the order of `texts`, C = len(self.labels)."""
+        logits = np.asarray(self._predict([str(t) for t in texts], batch_size), dtype=np.float32)
+        assert logits.shape == (len(texts), len(self.labels)), (logits.shape, len(texts), self.labels)
+        return logits
+
+    def predict_rows(self, rows: Sequence[dict], batch_size: int = 32) -> list[dict]:
+        """One result per row: {"id", "label", "probabilities": {label: p}, "artifact"}; rows need a "text"."""
+        from scipy.special import softmax
+
+        logits = self.predict_logits([r["text"] for r in rows], batch_size)  # (N, C)
+        probs = softmax(logits.astype(np.float64), axis=-1)  # (N, C), float64 so each row sums to 1 in JSON
+        out = [{"id": row.get("id"), "label": self.labels[int(p.argmax())],
+                "probabilities": {label: float(v) for label, v in zip(self.labels, p)}, "artifact": self.artifact}
+               for row, p in zip(rows, probs)]
+        if self.scope is not None:  # MSP of the raw logits against the threshold fitted on validation
+            for row, p in zip(out, probs):
+                row["in_scope"] = bool(p.max() >= self.scope["threshold"])
+        return out
+
+
+def is_primary(folder: Path, artifact: str) -> bool:
+    try:
+        return read_manifest(folder)["primary"] == artifact
+    except DistillError:
+        return False
+
+
+def load_edge(folder: str | Path, artifact: str | None = None) -> EdgeModel:
+    """Load the primary artifact of an edge folder (or `artifact`) with the runtime edge.json gives it."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    artifacts = manifest["artifacts"]
+    name = artifact or manifest["primary"]
+    if name not in artifacts:
+        raise DistillError(f"{folder} has no artifact {name!r}",
+                           f"choose one of {sorted(artifacts)} (primary: {manifest['primary']})")
+    spec = artifacts[name]
+    labels, max_length = list(manifest["labels"]), int(manifest.get("max_length", 128))
+    path = _artifact_dir(folder, name, spec)
+    check_no_code(path)  # the artifact's own folder: pickle files, auto_map in its config or tokenizer config
+    check_no_code(folder)  # and pickle files anywhere else in the edge folder
+    try:
+        predict, artifact_labels, width = _LOADERS[spec["runtime"]](path, max_length)
+    except DistillError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a runtime that cannot read its files: the folder is damaged
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DistillError(f"artifact {name!r} in {path} cannot be loaded with {spec['runtime']}: "
+                           f"{type(err).__name__}: {first}",
+                           "the edge folder is damaged or incomplete: fetch or export it again, or choose another "
+                           "--artifact") from None
+    if (artifact_labels is not None and artifact_labels != labels) or (width is not None and width != len(labels)):
+        raise DistillError(f"{folder / EDGE_FILE} lists labels {labels} but artifact {name!r} predicts "
+                           f"{artifact_labels or f'{width} classes'}",
+                           "the edge folder was assembled from different models; export it again")
+    return EdgeModel(folder, name, spec["runtime"], labels, max_length, predict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSONL input rows
+
+
+def decode_json_line(line: bytes | str) -> tuple[dict | None, str | None]:
+    """One JSONL line as an object, or why it is not one (not UTF-8, not JSON, not an object)."""
+    try:
+        row = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    return row, None
+
+
+def parse_rows(lines: Iterable[bytes | str], source: str = "input") -> list[dict]:
+    """Rows {"text", "id"?} from JSONL lines, all checked before any is used; blank lines are skipped.
+
+    Raises DistillError naming the line numbers of the first bad lines, or when there is no row at all.
+    """
+    rows, bad, n_bad = [], [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row, problem = decode_json_line(line)
+        if problem is None:
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
+                problem = 'no "text" (a non-empty string)' if "text" not in row else '"text" must be a non-empty string'
+            elif row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+                problem = '"id" must be a string or an integer'
+            else:
+                rows.append({"id": row.get("id"), "text": row["text"]})
+        if problem:
+            n_bad += 1
+            if len(bad) < _MAX_REPORTED:
+                bad.append(f"line {number}: {problem}")
+    if n_bad:
+        more = f" (and {n_bad - len(bad)} more)" if n_bad > len(bad) else ""
+        raise DistillError(f"{source}: {n_bad} bad line{'s' if n_bad > 1 else ''}: " + "; ".join(bad) + more,
+                           f"write one JSON object per line, like {_ROW_EXAMPLE}; nothing was predicted")
+    if not rows:
+        raise DistillError(f"{source} has no rows", f"write one JSON object per line, like {_ROW_EXAMPLE}")
+    return rows
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """parse_rows over a JSONL file, or standard input for '-'."""
+    if str(path) == "-":
+        return parse_rows(sys.stdin.buffer, "standard input")
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"input file {path} does not exist", "pass a JSONL file, or --input - to read stdin")
+    with open(path, "rb") as f:
+        return parse_rows(f, str(path))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send what libraries write to stdout (Python or C level) to stderr, so stdout carries only our JSONL."""
+    for stream in (sys.stdout, sys.__stdout__):
+        if stream is not None:
+            stream.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if sys.__stdout__ is not None:
+            sys.__stdout__.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

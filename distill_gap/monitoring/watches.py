@@ -1,0 +1,105 @@
+"""Redistillation triggers: the teacher moved, or the world drifted. Each emits one Prefect event with its
+evidence; automations in deployments/ turn the event into a run of the distill-pipeline deployment.
+`emit` also sends the promotion events (DESIGN.md, events)."""
+
+from __future__ import annotations
+
+from distill_gap.errors import DistillError
+
+TEACHER_CHANGED = "distill.teacher.changed"
+DRIFT_DETECTED = "distill.drift.detected"
+GATES_FAILED = "distill.gates.failed"
+MODEL_PROMOTED = "distill.model.promoted"
+
+
+def resource(name: str) -> dict:
+    return {"prefect.resource.id": f"distill.model.{name}", "prefect.resource.name": name}
+
+
+def emit(event: str, name: str, payload: dict) -> str | None:
+    """Emit one event on resource distill.model.<name>; returns its id (None when events are disabled)."""
+    from prefect.events import emit_event
+
+    sent = emit_event(event=event, resource=resource(name), payload=payload)
+    return str(sent.id) if sent is not None else None
+
+
+def champion(client, cfg):
+    """The <name>-edge version @champion, or None when nothing has been promoted yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(cfg.edge_model_name, "champion")
+    except MlflowException:
+        return None
+
+
+def teacher_change(client, cfg) -> dict:
+    """Compare the teacher's alias with the teacher version the champion edge model was distilled from."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        pinned = client.get_model_version_by_alias(cfg.teacher_model_name, cfg.teacher.alias)
+    except MlflowException:
+        raise DistillError(f"{cfg.teacher_model_name} has no @{cfg.teacher.alias} version",
+                           "register a teacher first: `distill teacher bootstrap --config <config>`") from None
+    current = champion(client, cfg)
+    if current is None:
+        return {"changed": False, "reason": f"{cfg.edge_model_name} has no @champion yet: nothing to compare",
+                "pinned_version": int(pinned.version), "champion": None}
+    made_from = int(current.tags.get("teacher.version", 0))
+    changed = made_from != int(pinned.version)
+    return {"changed": changed, "pinned_version": int(pinned.version), "champion_teacher_version": made_from,
+            "champion": f"{cfg.edge_model_name}/{current.version}",
+            "reason": (f"teacher changed: {cfg.teacher_model_name} @{cfg.teacher.alias} is v{pinned.version}, "
+                       f"champion {cfg.edge_model_name} v{current.version} was distilled from v{made_from}")
+            if changed else f"champion {cfg.edge_model_name} v{current.version} was distilled from the pinned "
+                            f"teacher v{made_from}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# drift: the reference ships with the edge model; the monitor compares production rows with it
+
+REFERENCE_FILE = "reference.json"
+
+
+def write_reference(edge_dir, splits, labels: list[str], *, sample_size: int, seed: int) -> dict:
+    """The champion-to-be's reference profile on validation + test texts, saved in its edge folder (signed with it)."""
+    import json
+    from pathlib import Path
+
+    from distill_gap.monitoring.drift import reference_profile
+    from distill_gap.edge.serving import load_edge
+
+    model = load_edge(edge_dir)
+    texts = [*splits["validation"]["text"].tolist(), *splits["test"]["text"].tolist()]
+    profile = reference_profile(texts, model.predict_logits(texts), labels,
+                                scope_threshold=(model.scope or {}).get("threshold"), sample_size=sample_size, seed=seed)
+    (Path(edge_dir) / REFERENCE_FILE).write_text(json.dumps(profile))
+    return profile
+
+
+def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
+    """Read the production rows, load the champion and its reference, and compare them (distill_gap.monitoring.drift)."""
+    import json
+
+    from distill_gap.monitoring.drift import drift_report, read_production_rows
+    from distill_gap.edge.serving import load_edge, resolve_edge
+
+    rows = read_production_rows(production)  # bad input fails here, before the registry or the model
+    current = champion(client, cfg)
+    if current is None:
+        raise DistillError(f"{cfg.edge_model_name} has no @champion yet: there is nothing to monitor",
+                           "run the pipeline until a version passes its gates (`distill run --config <config>`)")
+    folder = resolve_edge(f"models:/{cfg.edge_model_name}/{current.version}", client._registry_uri, log=log)
+    if not (folder / REFERENCE_FILE).is_file():
+        raise DistillError(f"{cfg.edge_model_name} v{current.version} ships no {REFERENCE_FILE} (registered before "
+                           "drift monitoring existed)", "run the pipeline once more to register a champion with a reference")
+    model = load_edge(folder)
+    report = drift_report(json.loads((folder / REFERENCE_FILE).read_text()), rows,
+                          lambda texts: model.predict_logits(texts), model.labels, thresholds=cfg.drift.thresholds(),
+                          scope_threshold=(model.scope or {}).get("threshold"), sample_size=cfg.drift.sample_size,
+                          seed=cfg.seed)
+    report["champion"] = f"{cfg.edge_model_name}/{current.version}"
+    report["production"] = production
+    return report

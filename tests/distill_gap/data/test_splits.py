@@ -1,0 +1,93 @@
+"""Data loading: formats, s3://, canonical columns, split digests, stratified splits, OOD hold-out."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from flows.config import DataConfig
+from distill_gap.data.splits import canonicalize, load_splits, read_table, split_digest
+from distill_gap.errors import DistillError
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def _frame(n=60):
+    return pd.DataFrame({"rid": [f"r{i}" for i in range(n)], "body": [f"text number {i}" for i in range(n)],
+                         "y": [LABELS[i % 3] for i in range(n)], "site": ["a" if i % 4 else "b" for i in range(n)]})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl"])
+def test_reads_every_format(tmp_path, fmt):
+    df = _frame(9)
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in df.to_dict("records")))
+    got = read_table(str(path))
+    assert got["body"].tolist() == df["body"].tolist()
+
+
+def test_reads_from_s3(s3_bucket):
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="data/train.csv", Body=_frame(6).to_csv(index=False).encode())
+    assert len(read_table(f"s3://{s3_bucket}/data/train.csv")) == 6
+    with pytest.raises(DistillError, match="cannot read"):
+        read_table(f"s3://{s3_bucket}/data/missing.csv")
+
+
+def test_missing_file_and_unknown_format_are_clear(tmp_path):
+    with pytest.raises(DistillError, match="data file not found"):
+        read_table(str(tmp_path / "nope.csv"))
+    (tmp_path / "x.dat").write_text("a")
+    with pytest.raises(DistillError, match="set data.format"):
+        read_table(str(tmp_path / "x.dat"))
+
+
+def test_non_utf8_file_is_named(tmp_path):
+    (tmp_path / "bad.csv").write_bytes(b"text,label\n\xff\xfe,positive\n")
+    with pytest.raises(DistillError, match="not UTF-8"):
+        read_table(str(tmp_path / "bad.csv"))
+
+
+def test_missing_column_suggests_the_nearest():
+    with pytest.raises(DistillError, match=r"column 'bdy' is missing.*did you mean 'body'"):
+        canonicalize(_frame(), source="x.csv", text_column="bdy", label_column="y", id_column="rid", slice_columns=[])
+
+
+def test_split_digest_ignores_row_order_but_not_content():
+    df = canonicalize(_frame(), source="x.csv", text_column="body", label_column="y", id_column="rid", slice_columns=[])
+    shuffled = df.sample(frac=1, random_state=0)
+    changed = df.copy()
+    changed.loc[3, "label"] = "neutral" if changed.loc[3, "label"] != "neutral" else "positive"
+    assert split_digest(df) == split_digest(shuffled) != split_digest(changed)
+
+
+def test_seeded_stratified_split_and_holdout(tmp_path):
+    path = tmp_path / "all.csv"
+    _frame(120).to_csv(path, index=False)
+    cfg = DataConfig(train=str(path), text_column="body", label_column="y", id_column="rid", labels=LABELS,
+                     slice_columns=["site"], holdout={"name": "site_b", "column": "site", "values": ["b"]})
+    a, b = load_splits(cfg, seed=1), load_splits(cfg, seed=1)
+    assert list(a.frames) == ["train", "validation", "test", "ood:site_b"]
+    assert a.digests() == b.digests()
+    assert (a["ood:site_b"]["site"] == "b").all() and not (a["train"]["site"] == "b").any()
+    assert sum(len(df) for df in a.frames.values()) == 120
+    assert set(a["test"]["label"]) == set(LABELS)  # stratified: every class in the test split
+    assert load_splits(cfg, seed=2).digests()["test"] != a.digests()["test"]
+
+
+def test_builtin_drugreview_demo_splits():
+    from flows.config import load_config
+
+    splits = load_splits(load_config("configs/demo.yaml").data, seed=13)
+    assert set(splits.frames) == {"train", "validation", "test", "ood:unseen_conditions"}
+    assert len(splits["train"]) > 400 and len(splits["ood:unseen_conditions"]) > 100
+    assert not splits["train"]["condition"].isin(["Acne", "Obesity"]).any()
+    assert "&#039;" not in " ".join(splits["train"]["text"])  # HTML entities decoded

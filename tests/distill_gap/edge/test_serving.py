@@ -1,0 +1,310 @@
+"""Edge folders of a tiny real BERT (ONNX, INC INT8, fp32) served by load_edge and `distill predict`,
+from a folder and from a real MLflow SQLite registry (digest-verified)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from distill_gap.edge.serving import EDGE_FILE, load_edge, parse_model_uri, parse_rows, resolve_edge
+from distill_gap.errors import DistillError
+from tasks.quantize import export_onnx, load_int8, onnx_predict_logits, quantize_int8
+
+from tests.conftest import LABELS
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def texts(review_frame):
+    return review_frame["text"].tolist()[:48]
+
+
+@pytest.fixture(scope="module")
+def spread_model_dir(tiny_model_dir, texts, tmp_path_factory):
+    """The tiny model with larger random weights and a centred head, so logits (and labels) vary by text."""
+    from tests.helpers import spread_classifier
+
+    return spread_classifier(tiny_model_dir, texts, tmp_path_factory.mktemp("spread-model"), max_length=MAX_LENGTH)
+
+
+def _manifest(primary="onnx", **artifacts) -> dict:
+    return {"format": 1, "primary": primary, "labels": LABELS, "max_length": MAX_LENGTH, "quantized": True,
+            "artifacts": artifacts or {"onnx": {"path": "onnx", "runtime": "onnxruntime"},
+                                       "int8": {"path": "int8", "runtime": "torch-pt2"},
+                                       "fp32": {"path": "fp32", "runtime": "transformers"}}}
+
+
+@pytest.fixture(scope="module")
+def edge_dir(spread_model_dir, texts, tmp_path_factory):
+    """An edge folder laid out as the quantize stage writes it: fp32 ONNX (primary), INC INT8 and fp32 HF."""
+    edge = tmp_path_factory.mktemp("edge") / "edge"
+    export_onnx(spread_model_dir, edge / "onnx", heldout_texts=texts[:8], max_length=MAX_LENGTH)
+    quantize_int8(spread_model_dir, texts[:16], texts[:8], edge / "int8", approach="dynamic", max_length=MAX_LENGTH)
+    shutil.copytree(spread_model_dir, edge / "fp32")
+    (edge / EDGE_FILE).write_text(json.dumps(_manifest(), indent=2))
+    return edge
+
+
+def _register(edge: Path, root: Path, name: str) -> tuple[str, str]:
+    """Log `edge` as a run artifact on the SQLite store under `root`, register it with its digest, alias champion.
+
+    Returns (tracking URI, version source).
+    """
+    from flows.config import GovernanceConfig, TrackingConfig
+    from distill_gap.digest import model_digest
+    from tasks.register import client_for, create_version, experiment_id, log_model_dir
+
+    tracking = TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        client = client_for(tracking)
+        run_id = client.create_run(experiment_id(client, tracking)).info.run_id
+        source = log_model_dir(client, run_id, edge, "edge")
+        mv = create_version(client, name, source=source, run_id=run_id, tags={"model.digest": model_digest(edge)},
+                            governance=GovernanceConfig())
+        client.set_registered_model_alias(name, "champion", mv.version)
+    return tracking.uri, source
+
+
+@pytest.fixture(scope="module")
+def registry_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="module")
+def registry(edge_dir, registry_root):
+    """Tracking URI of a SQLite store holding x-edge v1 @champion (the edge folder above)."""
+    return _register(edge_dir, registry_root, "x-edge")[0]
+
+
+@pytest.fixture()
+def rows_file(texts, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts[:6])))
+    return path
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    """Run from tmp_path, so the CLI's .distill/models cache starts empty and stays in the test's folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _predict(*args):
+    return CliRunner().invoke(app, ["predict", *map(str, args)])
+
+
+def _jsonl(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_edge
+
+
+def test_each_artifact_gives_the_logits_of_its_own_runtime(edge_dir, texts):
+    from distill_gap.models.batching import predict_logits
+    from distill_gap.models.loading import load_classifier
+
+    onnx = load_edge(edge_dir)
+    assert (onnx.artifact, onnx.runtime, onnx.labels) == ("onnx", "onnxruntime", LABELS)
+    reference = onnx_predict_logits(edge_dir / "onnx", texts, max_length=MAX_LENGTH)
+    np.testing.assert_allclose(onnx.predict_logits(texts, batch_size=7), reference, atol=1e-5)
+    assert np.bincount(reference.argmax(-1), minlength=3).min() > 0, "labels must vary for the checks to mean anything"
+
+    int8 = load_edge(edge_dir, "int8").predict_logits(texts)
+    np.testing.assert_allclose(int8, load_int8(edge_dir / "int8").predict_logits(texts), atol=1e-5)
+    assert np.abs(int8 - reference).max() > 0  # a different artifact really ran
+    model, tokenizer = load_classifier(edge_dir / "fp32")
+    np.testing.assert_allclose(load_edge(edge_dir, "fp32").predict_logits(texts),
+                               predict_logits(model, tokenizer, texts, max_length=MAX_LENGTH), atol=1e-5)
+
+
+def test_predict_rows_gives_softmax_probabilities_and_echoes_ids(edge_dir, texts):
+    from scipy.special import softmax
+
+    edge = load_edge(edge_dir)
+    rows = [{"id": "a", "text": texts[0]}, {"id": 7, "text": texts[1]}, {"id": None, "text": texts[2]}]
+    out = edge.predict_rows(rows)
+    expected = softmax(onnx_predict_logits(edge_dir / "onnx", texts[:3], max_length=MAX_LENGTH).astype(np.float64), -1)
+    assert [r["id"] for r in out] == ["a", 7, None] and {r["artifact"] for r in out} == {"onnx"}
+    for r, p in zip(out, expected):
+        assert list(r["probabilities"]) == LABELS
+        np.testing.assert_allclose(list(r["probabilities"].values()), p, atol=1e-6)
+        assert r["label"] == LABELS[int(p.argmax())]
+
+
+def test_unknown_artifact_and_broken_manifests_are_refused(edge_dir, tmp_path):
+    with pytest.raises(DistillError, match=r"(?s)no artifact 'onnx-int8'.*\['fp32', 'int8', 'onnx'\]"):
+        load_edge(edge_dir, "onnx-int8")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(DistillError, match=r"edge\.json does not exist.*\n  fix: re-run the quantize stage"):
+        load_edge(bad)
+    (bad / EDGE_FILE).write_text('{"format": 1, "primary": ')
+    with pytest.raises(DistillError, match=r"edge\.json is not valid JSON"):
+        load_edge(bad)
+    (bad / EDGE_FILE).write_text(json.dumps(_manifest(primary="onnx-int8")))
+    with pytest.raises(DistillError, match=r"primary 'onnx-int8' is not one of the artifacts"):
+        load_edge(bad)
+    (bad / EDGE_FILE).write_text(json.dumps(_manifest(onnx={"path": "onnx", "runtime": "tflite"})))
+    with pytest.raises(DistillError, match=r"artifacts\.onnx needs a path and a runtime"):
+        load_edge(bad)
+    (bad / EDGE_FILE).write_text(json.dumps(_manifest(onnx={"path": "onnx", "runtime": "onnxruntime"})))
+    with pytest.raises(DistillError, match=r"artifact 'onnx' is listed .* does not exist"):
+        load_edge(bad)
+    shutil.copytree(edge_dir / "onnx", bad / "onnx")
+    manifest = _manifest(onnx={"path": "onnx", "runtime": "onnxruntime"})
+    manifest["labels"] = ["neg", "neu", "pos"]
+    (bad / EDGE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(DistillError, match=r"lists labels \['neg', 'neu', 'pos'\] but artifact 'onnx' predicts"):
+        load_edge(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model URIs and input rows
+
+
+def test_parse_model_uri():
+    assert parse_model_uri("models:/x-edge@champion") == ("x-edge", "champion", None)
+    assert parse_model_uri("models:/x-edge/3") == ("x-edge", None, 3)
+    forms = r"(?s)not a registry model URI.*models:/<name>@<alias>.*models:/<name>/<version>"
+    for bad in ("models:/x-edge", "models:/x-edge/0", "models:/x-edge@", "models:x-edge@champion", "runs:/abc/edge",
+                "models:/x-edge/3/extra"):
+        with pytest.raises(DistillError, match=forms):
+            parse_model_uri(bad)
+
+
+def test_parse_rows_checks_every_line_and_names_the_bad_ones():
+    rows = parse_rows(['{"id": "a", "text": "fine"}\n', "\n", '{"text": "no id"}\n'])
+    assert rows == [{"id": "a", "text": "fine"}, {"id": None, "text": "no id"}]
+    with pytest.raises(DistillError, match=r"2 bad lines: line 2: not valid JSON .*; line 4: no \"text\""):
+        parse_rows(['{"text": "ok"}', '{"text": "cut', '{"text": "ok"}', '{"id": 1}'], "rows.jsonl")
+    with pytest.raises(DistillError, match=r"line 1: \"text\" must be a non-empty string"):
+        parse_rows(['{"text": "  "}'])
+    with pytest.raises(DistillError, match=r"line 1: expected a JSON object, got list"):
+        parse_rows(['["text"]'])
+    with pytest.raises(DistillError, match=r"line 1: \"id\" must be a string or an integer"):
+        parse_rows(['{"id": {"a": 1}, "text": "x"}'])
+    with pytest.raises(DistillError, match=r"input has no rows"):
+        parse_rows(["", "  \n"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `distill predict`
+
+
+def test_the_installed_command_predicts_stdin_rows_with_the_champion(registry, texts, tmp_path):
+    """Through the real console script and a pipe: rows on stdin, only JSONL on stdout, messages on stderr."""
+    rows = "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts[:5]))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([str(REPO / ".venv/bin/distill"), "predict", "--model", "models:/x-edge@champion",
+                           "--input", "-", "--tracking-uri", registry], input=rows, capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    out = _jsonl(proc.stdout)
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(5)] and {r["artifact"] for r in out} == {"onnx"}
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["label"] in LABELS for r in out)
+    assert "x-edge v1 (@champion)" in proc.stderr and "verified" in proc.stderr
+    assert (tmp_path / ".distill" / "models").is_dir()  # fetched into the cache of the working folder
+
+
+def test_predict_by_version_with_another_artifact_and_from_a_folder(registry, edge_dir, rows_file, in_tmp):
+    out = _predict("--model", "models:/x-edge/1", "--input", rows_file, "--tracking-uri", registry,
+                   "--artifact", "int8", "--batch-size", "4")
+    assert out.exit_code == 0, out.stderr
+    int8 = _jsonl(out.stdout)
+    assert [r["id"] for r in int8] == [f"r{i}" for i in range(6)] and {r["artifact"] for r in int8} == {"int8"}
+    # same batch size: dynamic INT8 takes its activation scales from each batch, so batches change the numbers
+    out = _predict("--model", edge_dir, "--input", rows_file, "--artifact", "int8", "--batch-size", "4",
+                   "--tracking-uri", "sqlite:///no.db")
+    assert out.exit_code == 0, out.stderr
+    assert _jsonl(out.stdout) == int8  # the folder offline and its registered copy answer alike
+
+
+def test_predict_errors_exit_non_zero_with_nothing_on_stdout(registry, edge_dir, rows_file, in_tmp):
+    bad_json = in_tmp / "bad.jsonl"
+    bad_json.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "text": \n')
+    no_text = in_tmp / "no_text.jsonl"
+    no_text.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "body": "x"}\n')
+    empty = in_tmp / "empty.jsonl"
+    empty.write_text("\n")
+    champion = "models:/x-edge@champion"
+    cases = [
+        (["--model", "models:/x-edge", "--input", rows_file], "not a registry model URI"),
+        (["--model", "models:/x-edge@staging", "--input", rows_file], "has no alias '@staging'"),
+        (["--model", "models:/x-edge/9", "--input", rows_file], "has no version 9"),
+        (["--model", champion, "--input", bad_json], "line 2: not valid JSON"),
+        (["--model", champion, "--input", no_text], 'line 2: no "text"'),
+        (["--model", champion, "--input", empty], "has no rows"),
+        (["--model", champion, "--input", in_tmp / "missing.jsonl"], "does not exist"),
+        (["--model", edge_dir, "--input", rows_file, "--artifact", "onnx-int8"], "no artifact 'onnx-int8'"),
+        (["--model", champion, "--input", rows_file, "--tracking-uri", f"sqlite:///{in_tmp}/none.db"],
+         "no MLflow store"),
+    ]
+    for args, message in cases:
+        if "--tracking-uri" not in args:
+            args = [*args, "--tracking-uri", registry]
+        out = _predict(*args)
+        assert out.exit_code == 2 and out.stdout == "", (args, out.stdout)
+        assert message in out.stderr and "fix:" in out.stderr, (args, out.stderr)
+
+
+def test_a_changed_byte_in_the_registered_artifact_is_refused(edge_dir, registry_root, rows_file, in_tmp):
+    from urllib.parse import urlparse
+
+    uri, source = _register(edge_dir, registry_root, "y-edge")
+    stored = Path(urlparse(source).path) / "onnx" / "model.onnx"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))
+    assert not (in_tmp / ".distill" / "models").exists()  # nothing cached: the download is what gets checked
+    out = _predict("--model", "models:/y-edge@champion", "--input", rows_file, "--tracking-uri", uri)
+    assert out.exit_code == 2 and out.stdout == ""
+    assert "y-edge version 1: downloaded files have digest" in out.stderr and "changed or damaged" in out.stderr
+    assert not list((in_tmp / ".distill" / "models").iterdir())  # nothing damaged left in the cache
+
+
+def test_resolve_edge_uses_a_local_folder_as_is(edge_dir, tmp_path):
+    assert resolve_edge(edge_dir, "sqlite:///unused.db") == edge_dir
+    with pytest.raises(DistillError, match="is not an edge model folder"):
+        resolve_edge(tmp_path, "sqlite:///unused.db")
+    with pytest.raises(DistillError, match="neither a registry model URI nor an existing folder"):
+        resolve_edge(tmp_path / "missing", "sqlite:///unused.db")
+
+
+def test_scope_adds_in_scope_and_abstain_routes_out_of_scope_rows(edge_dir, rows_file, tmp_path, in_tmp):
+    import shutil
+
+    from scipy.special import softmax
+
+    folder = tmp_path / "scoped"
+    shutil.copytree(edge_dir, folder)
+    plain = load_edge(folder).predict_logits([json.loads(x)["text"] for x in Path(rows_file).read_text().splitlines()])
+    msp = softmax(plain.astype(np.float64), axis=-1).max(-1)
+    threshold = float(np.median(msp))  # about half of the rows fall below it
+    (folder / "scope.json").write_text(json.dumps({"score": "msp", "threshold": threshold, "tpr": 0.95}))
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db")
+    assert out.exit_code == 0, out.stderr
+    rows = _jsonl(out.stdout)
+    assert [r["in_scope"] for r in rows] == [bool(m >= threshold) for m in msp]
+    assert any(not r["in_scope"] for r in rows) and "out of scope" in out.stderr
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db",
+                   "--out-of-scope", "abstain")
+    routed = [r for r in _jsonl(out.stdout) if not r["in_scope"]]
+    assert routed and all(r["label"] is None and r["route"] == "fallback" for r in routed)
+    # another artifact than the primary carries no scope: no in_scope field rather than a wrong one
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db", "--artifact", "int8")
+    assert all("in_scope" not in r for r in _jsonl(out.stdout))
