@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.runtime import apply_embedded_env  # noqa: E402  (light: os and random only)
+from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402  (light: os and random only)
 
 apply_embedded_env()
 
@@ -54,20 +54,20 @@ def _stopped(signum, _frame) -> None:
         pass
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(128 + signum)  # no traceback; the ephemeral API server dies with this process (tasks/ephemeral.py)
+    os._exit(128 + signum)  # no traceback; the ephemeral API server dies with this process (distill_gap/ops/prefect_server.py)
 
 
 @app.command()
 def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
         reason: str = typer.Option("manual", help="why this run started (recorded as trigger.reason)")):
     """Run the whole pipeline: validate, soft labels, distill, quantize, evaluate, register."""
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     try:
         cfg = _load(config, set)
         console.print(f"[bold]distill-pipeline[/] {cfg.name} (config digest {cfg.digest()[:12]})")
         from flows.pipeline import distill_pipeline
-        from tasks.ephemeral import tie_ephemeral_server
+        from distill_gap.ops.prefect_server import tie_ephemeral_server
 
         tie_ephemeral_server()  # a SIGKILLed run leaves no orphaned API server behind
         signal.signal(signal.SIGTERM, _stopped)  # Prefect marks the run Crashed first, then calls this
@@ -81,10 +81,10 @@ def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
 @app.command()
 def recover(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
     """Mark pipeline runs whose process died (SIGKILL, OOM) as KILLED in MLflow and Crashed in Prefect."""
-    from tasks.errors import DistillError
-    from tasks.ephemeral import tie_ephemeral_server
-    from tasks.recovery import reap
-    from tasks.registry import client_for
+    from distill_gap.errors import DistillError
+    from distill_gap.ops.prefect_server import tie_ephemeral_server
+    from distill_gap.ops.crash_recovery import reap
+    from tasks.register import client_for
 
     try:
         cfg = _load(config, set)
@@ -140,10 +140,10 @@ def _print_summary(cfg, result: dict) -> None:
 def teacher_bootstrap(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
                       force: bool = typer.Option(False, help="fine-tune again even if the pinned teacher matches")):
     """Fine-tune teacher.base on the training split, register it as <name>-teacher and pin it."""
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     try:
-        from tasks.teacher import bootstrap_teacher
+        from distill_gap.kd.teacher import bootstrap_teacher
 
         bootstrap_teacher(_load(config, set), force=force, log=console.print)
     except DistillError as err:
@@ -156,10 +156,10 @@ def teacher_import(path: Path = typer.Argument(..., help="a Hugging Face classif
                    license: str = typer.Option(..., help="the model's license, recorded in the registry"),
                    pin: bool = typer.Option(True, help="move the teacher alias to the new version")):
     """Register an existing fine-tuned classifier as <name>-teacher."""
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     try:
-        from tasks.teacher import import_teacher
+        from distill_gap.kd.teacher import import_teacher
 
         import_teacher(_load(config, set), path, license=license, pin=pin, log=console.print)
     except DistillError as err:
@@ -177,8 +177,8 @@ def _store(config: Path, overrides: Optional[list[str]]) -> str:
 @cache_app.command("ls")
 def cache_ls(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
     """List the complete cache entries, newest first."""
-    from tasks.cache_admin import list_entries
-    from tasks.errors import DistillError
+    from distill_gap.softlabels.maintenance import list_entries
+    from distill_gap.errors import DistillError
 
     try:
         store = _store(config, set)
@@ -203,8 +203,8 @@ def cache_show(key: str = typer.Argument(..., help="a cache key or a unique pref
     """Print the manifest of one entry."""
     import json
 
-    from tasks.cache_admin import show_entry
-    from tasks.errors import DistillError
+    from distill_gap.softlabels.maintenance import show_entry
+    from distill_gap.errors import DistillError
 
     try:
         manifest = show_entry(_store(config, set), key)
@@ -217,8 +217,8 @@ def cache_show(key: str = typer.Argument(..., help="a cache key or a unique pref
 def cache_verify(key: str = typer.Argument(..., help="a cache key or a unique prefix of 8+ characters"),
                  config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
     """Re-hash every shard of an entry against its manifest; exit 1 on any mismatch."""
-    from tasks.cache_admin import verify_entry
-    from tasks.errors import DistillError
+    from distill_gap.softlabels.maintenance import verify_entry
+    from distill_gap.errors import DistillError
 
     try:
         result = verify_entry(_store(config, set), key)
@@ -238,9 +238,9 @@ def cache_gc(keep: int = typer.Option(..., "--keep", min=0, help="newest complet
              config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
              dry_run: bool = typer.Option(False, help="say what would be deleted, delete nothing")):
     """Delete old entries; never one that a registered model version references (soft_labels.key)."""
-    from tasks.cache_admin import gc_entries, referenced_keys
-    from tasks.errors import DistillError
-    from tasks.registry import client_for
+    from distill_gap.softlabels.maintenance import gc_entries, referenced_keys
+    from distill_gap.errors import DistillError
+    from tasks.register import client_for
 
     try:
         cfg = _load(config, set)
@@ -260,7 +260,7 @@ def show_config(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
     """Validate a config and print it resolved, with its digest."""
     import yaml
 
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     try:
         cfg = _load(config, set)
@@ -319,8 +319,8 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
     """
     import json
 
-    from tasks.edge import load_edge, read_rows, resolve_edge, stdout_to_stderr
-    from tasks.errors import DistillError
+    from distill_gap.edge.serving import load_edge, read_rows, resolve_edge, stdout_to_stderr
+    from distill_gap.errors import DistillError
 
     try:
         if out_of_scope not in ("answer", "abstain"):
@@ -376,8 +376,8 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
     """Print the chain edge -> student -> soft labels -> teacher version -> data digests, with runs and links."""
     import json
 
-    from tasks.errors import DistillError
-    from tasks.lineage import _client, lineage as build
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.lineage import _client, lineage as build
 
     try:
         info = build(_client(tracking_uri), model, mlflow_ui=mlflow_ui)
@@ -432,9 +432,9 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
                                                           "default: the local key pair's (governance.key_dir)"),
            key_dir: Optional[Path] = typer.Option(None, help="folder of the local key pair (default .distill/keys)")):
     """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
-    from tasks.edge import stdout_to_stderr
-    from tasks.errors import DistillError
-    from tasks.lineage import _client, verify as run_verify
+    from distill_gap.edge.serving import stdout_to_stderr
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.lineage import _client, verify as run_verify
 
     try:
         with stdout_to_stderr():
@@ -460,12 +460,12 @@ def promote(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
             version: int = typer.Option(..., help="the <name>-edge version to promote"),
             reason: str = typer.Option("manual", help="recorded on the promotion")):
     """Promote an edge version that passed its gates (asks for approval when approval.required); idempotent."""
-    from tasks.errors import DistillError
+    from distill_gap.errors import DistillError
 
     try:
         cfg = _load(config, set)
         from flows.promote import promote_edge
-        from tasks.ephemeral import tie_ephemeral_server
+        from distill_gap.ops.prefect_server import tie_ephemeral_server
 
         tie_ephemeral_server()
 
@@ -482,8 +482,8 @@ def approve(flow_run_id: str = typer.Argument(..., help="the paused flow run (pr
             decision: str = typer.Option(..., help="approve or reject"),
             comment: str = typer.Option("", help="why (recorded)")):
     """Answer a paused promotion without the UI (same form, same validation as the Prefect UI)."""
-    from tasks.ephemeral import tie_ephemeral_server
-    from tasks.errors import DistillError
+    from distill_gap.ops.prefect_server import tie_ephemeral_server
+    from distill_gap.errors import DistillError
     from tasks.promote import answer_run
 
     tie_ephemeral_server()
@@ -503,8 +503,8 @@ def rollback(model: str = typer.Argument(..., help="the registered edge model, e
              key_dir: Path = typer.Option(Path(".distill/keys"), envvar="DISTILL_KEY_DIR", help="signing key pair")):
     """Move @champion back to an earlier version that passed its gates; record who and why."""
     from flows.config import GovernanceConfig, TrackingConfig
-    from tasks.errors import DistillError
-    from tasks.lineage import _client
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.lineage import _client
     from tasks.promote import rollback as do_rollback
 
     try:
@@ -522,8 +522,8 @@ def rollback(model: str = typer.Argument(..., help="the registered edge model, e
 @app.command()
 def deploy(pool: str = typer.Option("distill-process", help="the work pool named in prefect.yaml")):
     """Create the work pool if missing, deploy everything in prefect.yaml, apply deployments/automations.yaml."""
-    from tasks.deploy import apply_automations, deploy_all, ensure_work_pool
-    from tasks.errors import DistillError
+    from distill_gap.ops.deployments import apply_automations, deploy_all, ensure_work_pool
+    from distill_gap.errors import DistillError
 
     try:
         created = ensure_work_pool(pool)

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.digest import sha256_json
-from tasks.errors import DistillError
+from distill_gap.digest import sha256_json
+from distill_gap.errors import DistillError
 
 
 class _Section(BaseModel):
@@ -108,7 +108,7 @@ class StudentConfig(_Section):
 
 
 class DistillConfig(_Section):
-    # --- the student (tasks.students.build_student)
+    # --- the student (distill_gap.kd.students.build_student)
     student: StudentConfig = Field(default_factory=lambda: StudentConfig())
     student_layers: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)  # kind layers: teacher layers kept
     # --- the loss: alpha * CE(hard labels) + (1 - alpha) * T^2 * divergence(teacher_T, student_T)
@@ -213,7 +213,7 @@ class ApprovalConfig(_Section):
 
 
 class DriftConfig(_Section):
-    """drift-monitor: production rows against the champion's reference profile (tasks.drift). An effect must
+    """drift-monitor: production rows against the champion's reference profile (distill_gap.monitoring.drift). An effect must
     exceed its threshold AND its test be significant at p_value to count as drift."""
 
     max_psi: float = Field(0.2, ge=0)  # population stability index of the predicted labels
@@ -227,7 +227,7 @@ class DriftConfig(_Section):
     sample_size: int = Field(2000, ge=10)  # production rows scored by the model (text statistics use every row)
 
     def thresholds(self):
-        from tasks.drift import DriftThresholds
+        from distill_gap.monitoring.drift import DriftThresholds
 
         return DriftThresholds(**self.model_dump(exclude={"sample_size"}))
 

@@ -14,22 +14,22 @@ from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
 from flows.config import PipelineConfig
-from tasks.attest import (ATTESTATION_DIR, distill_statement, evaluate_statement, export_statement,
+from distill_gap.governance.attestation import (ATTESTATION_DIR, distill_statement, evaluate_statement, export_statement,
                           quantize_statement, soft_labels_statement)
 from tasks.data import load_data
-from tasks.digest import folder_bytes, model_digest, tokenizer_digest
+from distill_gap.digest import folder_bytes, model_digest, tokenizer_digest
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_gates, evaluate_task, publish_report_task, scope_record
 from tasks.quantize import quantization_gate, quantize_edge
-from tasks.mlflow_model import log_split_inputs
+from distill_gap.registry.pyfunc import log_split_inputs
 from tasks.promote import promote_task
-from tasks.recovery import reap
-from tasks.registry import (attest_task, check_teacher_license, client_for, register_task, release_task, stage_run,
+from distill_gap.ops.crash_recovery import reap
+from tasks.register import (attest_task, check_teacher_license, client_for, register_task, release_task, stage_run,
                             start_pipeline_run)
-from tasks.runtime import configure_threads, select_device
+from distill_gap.ops.runtime import configure_threads, select_device
 from tasks.soft_labels import soft_labels_stage
 from tasks.teacher import resolve_teacher_task
-from tasks.triggers import write_reference
+from distill_gap.monitoring.watches import write_reference
 from tasks.validate import validate_data
 
 WORK_ROOT = Path(".distill/work")

@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows.config import PipelineConfig
 from tasks.promote import promote_task
-from tasks.registry import client_for, experiment_id
+from tasks.register import client_for, experiment_id
 
 
 @flow(name="promote-edge", log_prints=True)
