@@ -60,7 +60,8 @@ def main() -> None:
 
     from flows.config import load_config
     from tasks.data import load_data
-    from tasks.evaluate import evaluate_gates, evaluate_task
+    from distill_gap.evaluation.gates import evaluate_gates
+    from tasks.evaluate import evaluate_task
     from distill_gap.ops.runtime import configure_threads
 
     cfg = load_config("configs/demo.yaml")

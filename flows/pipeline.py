@@ -19,8 +19,9 @@ from distill_gap.governance.attestation import (ATTESTATION_DIR, distill_stateme
 from tasks.data import load_data
 from distill_gap.digest import folder_bytes, model_digest, tokenizer_digest
 from tasks.distill import distill_task
-from tasks.evaluate import evaluate_gates, evaluate_task, publish_report_task, scope_record
-from tasks.quantize import quantization_gate, quantize_edge
+from distill_gap.evaluation.gates import evaluate_gates, quantization_gate
+from tasks.evaluate import evaluate_task, publish_report_task, scope_record
+from tasks.quantize import quantize_edge
 from distill_gap.registry.pyfunc import log_split_inputs
 from tasks.promote import promote_task
 from distill_gap.ops.crash_recovery import reap

@@ -851,15 +851,6 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     return build
 
 
-def quantization_gate(edge: EdgeBuild, qcfg) -> dict:
-    """{"passed", "detail"}: the primary is INT8 and passed its checks (or fp32 is allowed by require_int8=false)."""
-    if edge.quantized:
-        return {"passed": edge.primary_ok, "detail": edge.reason}
-    if edge.primary == "fp32" and not qcfg.require_int8:
-        return {"passed": True, "detail": edge.reason + " (allowed: quantize.require_int8=false)"}
-    return {"passed": False, "detail": edge.reason}
-
-
 def tuning_markdown(edge: EdgeBuild) -> str:
     """The quantize stage for the Prefect UI: every autotune trial and every artifact with its checks."""
     lines = [f"## Quantization: primary `{edge.primary}` ({'INT8' if edge.quantized else 'NOT quantized'})", "",

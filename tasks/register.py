@@ -12,6 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distill_gap.errors import DistillError
+from distill_gap.evaluation.gates import GatesFailed
 
 # Every student/edge version carries these tags (DESIGN.md, registry); a version is created
 # with all of them at once so that none can exist without its lineage.
@@ -494,10 +495,6 @@ def unregister(txn) -> None:
     log = get_logger("distill.register").warning
     removed = unstage(txn.get("client"), staged, log)
     log(f"rolled back the registration: removed {', '.join(removed) or 'nothing'}")
-
-
-class GatesFailed(DistillError):
-    """The release gate refused the staged versions (the transaction rolls them back)."""
 
 
 def release_check(client, cfg, registered: dict, gates: dict, *, run_id: str, cache_root: str | Path, log=print) -> dict:

@@ -5,7 +5,8 @@ import pandas as pd
 
 from flows.config import EvaluateConfig
 from distill_gap.data.splits import Splits
-from tasks.evaluate import evaluate_gates, gap_report, score
+from distill_gap.evaluation.gates import evaluate_gates
+from tasks.evaluate import gap_report, score
 
 LABELS = ["a", "b"]
 

@@ -186,7 +186,8 @@ def test_onnx_int8_is_smaller_and_close(spread_model_dir, texts, fp32_logits, tm
 
 def test_nan_outputs_fail_the_checks_and_the_gate():
     from flows.config import EvaluateConfig
-    from tasks.evaluate import GapReport, evaluate_gates
+    from distill_gap.evaluation.gates import evaluate_gates
+    from tasks.evaluate import GapReport
     from tasks.quantize import _check
 
     ref = np.array([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]], dtype=np.float32)
@@ -221,7 +222,8 @@ def _unexportable_model(tmp_path) -> Path:
 
 def test_edge_stage_falls_back_to_fp32_and_names_stage_and_operator(prefect_api, texts, tmp_path):
     from flows.config import QuantizeConfig
-    from tasks.quantize import quantization_gate, quantize_stage
+    from distill_gap.evaluation.gates import quantization_gate
+    from tasks.quantize import quantize_stage
 
     model = _unexportable_model(tmp_path)
     qcfg = QuantizeConfig(candidates=["static"], max_trials=1)
