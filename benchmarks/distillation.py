@@ -36,7 +36,7 @@ OUT = Path(__file__).resolve().parent / "results" / "distillation.json"
 
 
 def _accuracy(model_dir, texts, truth, max_length) -> tuple[float, np.ndarray]:
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     model, tok = load_classifier(model_dir)
@@ -51,7 +51,7 @@ def step_times(teacher_dir, student_layers, texts, labels, *, batch_size: int, m
     hits both alike. Returns the median step times and the median of the per-batch ratios."""
     import torch
 
-    from distill_gap.models.batching import pad_batch
+    from distill_gap.inference.batching import pad_batch
     from distill_gap.kd.losses import KDLoss
     from distill_gap.models.loading import load_classifier
     from distill_gap.kd.students import student_from_layers

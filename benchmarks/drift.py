@@ -51,7 +51,8 @@ def load_model(splits):
     from distill_gap.errors import DistillError
 
     try:
-        from distill_gap.edge.serving import load_edge, read_manifest, resolve_edge
+        from distill_gap.edge.folder import read_manifest
+        from distill_gap.edge.serving import load_edge, resolve_edge
 
         said = []
         folder = resolve_edge(CHAMPION, TRACKING_URI, log=said.append)
@@ -64,7 +65,7 @@ def load_model(splits):
             f"{said[0].split(':')[0]}, artifact {artifact} ({edge.runtime}; primary {manifest['primary']})"
     except DistillError as err:
         log(f"no demo edge champion ({err.problem}); using an untrained tiny BERT from distill_gap.models.from_scratch")
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
     from distill_gap.models.from_scratch import build_scratch_classifier
 

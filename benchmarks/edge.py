@@ -92,7 +92,7 @@ def _vm(field: str) -> float:
 
 class _Worker:
     """One artifact, loaded the lean way its runtime ships: torch + transformers for the eager models,
-    tasks.quantize.load_int8 for INC (it imports prefect with tasks.quantize), onnxruntime + tokenizers (no torch,
+    distill_gap.inference.inc_int8.load_int8 for INC, onnxruntime + tokenizers (no torch,
     no transformers) for ONNX."""
 
     def __init__(self, kind: str, path: str, batch: int | None, texts: list[str], labels: list[str]):
@@ -118,7 +118,7 @@ class _Worker:
         elif self.kind == "inc":
             import torch
 
-            from tasks.quantize import load_int8
+            from distill_gap.inference.inc_int8 import load_int8
 
             torch.set_num_threads(THREADS)
             rec["import_s"], rec["rss_mb_after_imports"] = time.perf_counter() - t0, _vm("VmRSS")
@@ -133,8 +133,8 @@ class _Worker:
 
             rec["import_s"], rec["rss_mb_after_imports"] = time.perf_counter() - t0, _vm("VmRSS")
             t0 = time.perf_counter()
-            # as tasks.quantize.onnx_session() picks providers, but with 2 threads (onnx_session sets none: ORT
-            # would use every core); tasks.quantize is not imported here because it imports prefect.
+            # as distill_gap.inference.onnx_runtime.onnx_session(threads=2) does, with inter-op threads 1 too;
+            # onnxruntime + tokenizers only: what a lean ONNX worker needs (no transformers).
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                          if p in ort.get_available_providers()]
             so = ort.SessionOptions()
@@ -238,13 +238,13 @@ class _Worker:
         if self.kind == "inc" and self.batch != 32:
             return {}
         if self.kind == "torch":
-            from distill_gap.models.batching import predict_logits
+            from distill_gap.inference.batching import predict_logits
 
             logits = predict_logits(self.model, self.tok, self.texts, batch_size=32, max_length=MAX_LENGTH)
         elif self.kind == "inc":
             logits = self.pred.predict_logits(self.texts, batch_size=32)  # pads to the compiled (32, 128)
-        else:  # the loop of tasks.quantize.onnx_predict_logits (length-sorted batches, dynamic padding)
-            from distill_gap.models.batching import length_sorted_batches, pad_batch
+        else:  # the loop of distill_gap.inference.batching.run_batched (length-sorted batches, dynamic padding)
+            from distill_gap.inference.batching import length_sorted_batches, pad_batch
 
             enc = self._ort_encode()
             logits = np.zeros((len(self.texts), len(self.labels)), dtype=np.float32)
@@ -598,10 +598,10 @@ def summarize(raw: dict, use: list[int]) -> dict:
 
 def cross_check_onnx(paths: dict, texts: list[str], arts: dict) -> dict:
     """The ONNX workers tokenize with `tokenizers` alone: check their predictions against the project's
-    tasks.quantize.onnx_predict_logits (HF tokenizer) on the same test texts (2-thread sessions)."""
+    distill_gap.inference.onnx_runtime.onnx_predict_logits (HF tokenizer) on the same test texts (2-thread sessions)."""
     import onnxruntime as ort
 
-    from tasks.quantize import ONNX_FILE, onnx_predict_logits
+    from distill_gap.inference.onnx_runtime import ONNX_FILE, onnx_predict_logits
 
     out = {}
     for k in ("onnx-fp32", "onnx-int8"):
@@ -651,7 +651,7 @@ def main() -> None:
     if len(set(digests.values())) != 1:
         log(f"WARNING: the workers' 128-token inputs differ: {digests}")
     onnx_check = cross_check_onnx(paths, test_texts, arts)
-    log(f"ONNX worker predictions vs tasks.quantize.onnx_predict_logits: agreement {onnx_check}")
+    log(f"ONNX worker predictions vs onnx_predict_logits: agreement {onnx_check}")
     for k in ORDER:
         arts[k]["size_bytes"] = sizes[k]
         for ref in ("student", "teacher"):  # share of test rows where the artifact predicts what `ref` predicts

@@ -29,7 +29,7 @@ OUT = ROOT / "benchmarks" / "results"
 
 def _models(cfg):
     """teacher / student / edge-primary folders of the newest demo run, digests verified by fetch_model."""
-    from distill_gap.edge.serving import read_manifest
+    from distill_gap.edge.folder import read_manifest
     from distill_gap.errors import DistillError
     from tasks.register import client_for, fetch_model
 

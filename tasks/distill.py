@@ -101,7 +101,7 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
     import torch
 
     from distill_gap.digest import model_digest
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier, model_labels, save_classifier
     from distill_gap.ops.runtime import seed_everything
     from distill_gap.kd.students import build_student, check_layer_map, default_layer_map

@@ -273,19 +273,19 @@ def model_predictors(paths: dict[str, str], *, max_length: int, batch_size: int,
     """name -> callable(texts) -> logits, for HF folders, INC INT8 folders and ONNX folders."""
     from pathlib import Path
 
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     predictors = {}
     for name, path in paths.items():
         path = Path(path)
         if (path / "int8_meta.json").is_file():
-            from tasks.quantize import load_int8
+            from distill_gap.inference.inc_int8 import load_int8
 
             int8 = load_int8(path)
             predictors[name] = lambda texts, m=int8: m.predict_logits(list(texts), batch_size=batch_size)
         elif (path / "model.onnx").is_file():
-            from tasks.quantize import onnx_predict_logits
+            from distill_gap.inference.onnx_runtime import onnx_predict_logits
 
             predictors[name] = lambda texts, p=path: onnx_predict_logits(p, list(texts), batch_size=batch_size,
                                                                         max_length=max_length)

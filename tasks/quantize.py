@@ -17,11 +17,10 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from distill_gap.edge.folder import EDGE_FILE, write_manifest
 from distill_gap.errors import DistillError
-
-INT8_FILE = "model.pt2"
-INT8_META = "int8_meta.json"
-ONNX_FILE = "model.onnx"
+from distill_gap.inference.inc_int8 import INT8_FILE, INT8_META, encode, load_int8
+from distill_gap.inference.onnx_runtime import ONNX_FILE, onnx_predict_logits
 # Files copied next to model.pt2 so the INT8 folder loads on its own (tokenizer + the student's config).
 _COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                  "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
@@ -137,17 +136,6 @@ def _int8_embedding(embedding):
     return Int8Embedding(embedding.weight.detach())
 
 
-def _encode(tokenizer, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> tuple:
-    """(input_ids, attention_mask, token_type_ids), each (B, T) int64; T = longest text or max_length."""
-    import torch
-
-    enc = tokenizer([str(t) for t in texts], truncation=True, max_length=max_length,
-                    padding="max_length" if pad_to_max else "longest", return_tensors="pt")
-    ids = enc["input_ids"]
-    tt = enc.get("token_type_ids")
-    return ids, enc["attention_mask"], tt if tt is not None else torch.zeros_like(ids)
-
-
 def _drop_unused_attributes(gm) -> None:
     """Delete fp32 weights the converted graph no longer reads (folded into int8 constants) before saving."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -230,7 +218,7 @@ def _export_graph(student, tokenizer, *, max_length: int, int8_embeddings: bool)
     module = _logits_module(student)
     batch, seq = Dim("batch", min=1), Dim("seq", min=2, max=max_length)
     dynamic_shapes = ({0: batch, 1: seq},) * 3
-    example = _encode(tokenizer, ["example input", "a second, longer example input"], max_length, pad_to_max=True)
+    example = encode(tokenizer, ["example input", "a second, longer example input"], max_length, pad_to_max=True)
     # What INC's export() does (strict torch.export, then non-strict), but keeping the exception: INC logs it and
     # raises "check the logs above", which names no operator.
     errors = []
@@ -255,7 +243,7 @@ def _calibrate(prepared, tokenizer, texts, *, max_length: int, batch_size: int) 
 
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            prepared(*_encode(tokenizer, texts[i:i + batch_size], max_length))
+            prepared(*encode(tokenizer, texts[i:i + batch_size], max_length))
 
 
 def _convert_folded(graph, config, tokenizer, texts, example, dynamic_shapes, *, max_length, batch_size):
@@ -301,7 +289,7 @@ def _load_student(root: Path, heldout_texts, *, batch_size: int, max_length: int
     """(student in eval mode, tokenizer, labels, fp32 held-out logits (N, C)) for the parity checks."""
     import torch
 
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier, model_labels
 
     torch.manual_seed(seed)
@@ -396,7 +384,7 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
     from neural_compressor.torch.quantization import autotune
 
     from distill_gap.digest import folder_bytes, model_digest
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
 
     start = time.perf_counter()
     log = log or (lambda *a: None)
@@ -440,7 +428,7 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
         logits = np.zeros((len(val_texts), len(labels)), dtype=np.float32)
         with torch.no_grad():
             for i in range(0, len(val_texts), batch_size):
-                logits[i:i + batch_size] = model(*_encode(tokenizer, val_texts[i:i + batch_size], max_length)).float().numpy()
+                logits[i:i + batch_size] = model(*encode(tokenizer, val_texts[i:i + batch_size], max_length)).float().numpy()
         metric = _accuracy(logits, label_ids) if np.isfinite(logits).all() else 0.0
         name, config = configs[len(evaluations) - 1]
         evaluations.append(metric)
@@ -498,75 +486,6 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
     return result
 
 
-class Int8Predictor:
-    """Logits from a saved INT8 folder; `compile=True` runs it through inductor (real int8 kernels, faster)."""
-
-    def __init__(self, path: Path, module, tokenizer, labels: list[str], max_length: int, compiled: bool):
-        self.path, self.module, self.tokenizer = path, module, tokenizer
-        self.labels, self.max_length, self.compiled = labels, max_length, compiled
-        self.compile_seconds: float | None = None
-
-    def _run(self, batch: tuple):
-        import torch
-
-        if not self.compiled:
-            return self.module(*batch)
-        with torch._inductor.config.patch(freezing=True):
-            return self.module(*batch)
-
-    def warm_up(self, batch_size: int = 32) -> float:
-        """Trigger the first compile on the fixed shape and return its seconds (0 when not compiled)."""
-        import torch
-
-        start = time.perf_counter()
-        with torch.no_grad():
-            self._run(_encode(self.tokenizer, ["warm up"] * batch_size, self.max_length, pad_to_max=True))
-        self.compile_seconds = time.perf_counter() - start if self.compiled else 0.0
-        return self.compile_seconds
-
-    def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """Logits (N, num_labels) float32 in the order of `texts`."""
-        import torch
-
-        from distill_gap.models.batching import length_sorted_batches
-
-        texts = [str(t) for t in texts]
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        if not texts:
-            return out
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
-        with torch.no_grad():
-            for idx in length_sorted_batches(lengths, batch_size):
-                chunk = [texts[i] for i in idx]
-                if self.compiled:
-                    # one shape (batch_size, max_length) for every call: no recompiles; pad rows are dropped below
-                    chunk = chunk + [""] * (batch_size - len(chunk))
-                batch = _encode(self.tokenizer, chunk, self.max_length, pad_to_max=self.compiled)
-                out[idx] = self._run(batch)[: len(idx)].float().numpy()  # (B, C)
-        return out
-
-
-def load_int8(path, *, compile: bool = False) -> Int8Predictor:
-    """Reload a folder written by quantize_int8 (any process); `compile=True` trades a first compile for speed."""
-    import torch
-    # Registers the quantized_decomposed ops the saved graph calls, and (for compile) the x86 int8 fusions.
-    import torch.ao.quantization.fx._decomposed  # noqa: F401
-    from transformers import AutoTokenizer
-
-    root = Path(path)
-    if not (root / INT8_FILE).is_file() or not (root / INT8_META).is_file():
-        raise DistillError(f"{root} is not an INT8 model folder (no {INT8_FILE} / {INT8_META})",
-                           "point to the folder written by the quantize stage")
-    meta = json.loads((root / INT8_META).read_text())
-    module = torch.export.load(root / INT8_FILE).module()
-    if compile:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers fusion passes)
-
-        module = torch.compile(module, dynamic=False)
-    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
-    return Int8Predictor(root, module, tokenizer, list(meta["labels"]), int(meta["max_length"]), compile)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 ONNX with optimum, run with ONNX Runtime
 
@@ -576,7 +495,7 @@ def export_onnx(student_dir, out_dir, *, heldout_texts: list[str], max_length: i
     from optimum.exporters.onnx import main_export
 
     from distill_gap.digest import folder_bytes, model_digest
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     start = time.perf_counter()
@@ -667,42 +586,10 @@ def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], max_lengt
                       parity=logit_parity(reference, candidate), seconds=time.perf_counter() - start)
 
 
-def onnx_session(onnx_dir):
-    """An ONNX Runtime session on the folder's model.onnx (CUDA when this onnxruntime build has it, else CPU)."""
-    import onnxruntime as ort
-
-    path = Path(onnx_dir) / ONNX_FILE
-    if not path.is_file():
-        raise DistillError(f"no {ONNX_FILE} in {onnx_dir}", "run the ONNX export stage first or fix the path")
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), providers=providers)
-
-
-def onnx_predict_logits(onnx_dir, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
-                        session=None) -> np.ndarray:
-    """Logits (N, C) float32 from ONNX Runtime, in the order of `texts` (length-sorted batches, dynamic padding)."""
-    from transformers import AutoTokenizer
-
-    from distill_gap.models.batching import length_sorted_batches, pad_batch
-
-    session = session or onnx_session(onnx_dir)
-    tokenizer = AutoTokenizer.from_pretrained(onnx_dir, trust_remote_code=False)
-    names = [i.name for i in session.get_inputs()]
-    texts = [str(t) for t in texts]
-    out = np.zeros((len(texts), session.get_outputs()[0].shape[-1]), dtype=np.float32)
-    if not texts:
-        return out
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    for idx in length_sorted_batches([len(ids) for ids in enc["input_ids"]], batch_size):
-        out[idx] = session.run(None, pad_batch(enc, idx, tokenizer.pad_token_id or 0, names))[0]  # (B, C)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Prefect tasks
 
 
-EDGE_MANIFEST = "edge.json"
 # artifact name in edge.json -> (runtime, model name in the gap report)
 EDGE_ARTIFACTS = {"int8": ("torch-pt2", "student-int8"), "onnx-int8": ("onnxruntime", "student-onnx-int8"),
                   "onnx": ("onnxruntime", "student-onnx"), "fp32": ("transformers", "student")}
@@ -757,7 +644,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     with its error and the others go on; with no INT8 artifact at all the edge model is the fp32 student,
     marked as not quantized.
     """
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier, model_labels
 
     out = Path(out_dir)
@@ -847,7 +734,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
         log(f"edge model is the fp32 student, NOT quantized ({reason})")
     build = EdgeBuild(path=out, primary=primary, quantized=primary in INT8_ARTIFACTS, artifacts=artifacts,
                       tuning=tuning, errors=errors, reason=reason)
-    (out / EDGE_MANIFEST).write_text(json.dumps(build.manifest(labels, max_length), indent=2, default=str))
+    write_manifest(out, build.manifest(labels, max_length))
     return build
 
 
@@ -908,7 +795,7 @@ def quantize_edge(cfg, splits, student_dir, out_dir, *, client=None, run_id: str
         client.set_tag(run_id, "edge.quantized", str(edge.quantized).lower())
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "quantization.md").write_text(md)
-            shutil.copy2(edge.path / EDGE_MANIFEST, Path(tmp) / EDGE_MANIFEST)
+            shutil.copy2(edge.path / EDGE_FILE, Path(tmp) / EDGE_FILE)
             client.log_artifacts(run_id, tmp, "quantization")
     return edge
 

@@ -742,7 +742,7 @@ def onnx_teacher(teacher_dir, digest: str, cache_root: str | Path | None = None)
 
 
 class _OrtTeacher:
-    """ONNX Runtime session over an exported teacher; same batching as distill_gap.models.batching.predict_logits."""
+    """ONNX Runtime session over an exported teacher; same batching as distill_gap.inference.batching.predict_logits."""
 
     def __init__(self, onnx_dir: Path, tokenizer, threads: int | None):
         import onnxruntime as ort
@@ -759,7 +759,7 @@ class _OrtTeacher:
     def __call__(self, texts: Sequence[str], *, batch_size: int, max_length: int, desc: str | None) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        from distill_gap.models.batching import length_sorted_batches, pad_batch
+        from distill_gap.inference.batching import length_sorted_batches, pad_batch
         from distill_gap.ops.runtime import progress_disabled
 
         out = np.zeros((len(texts), self.num_labels), dtype=np.float32)     # (N, C)
@@ -782,7 +782,7 @@ def _predictor(teacher_dir, *, engine: str, device: str, threads: int | None = N
     import torch
 
     from distill_gap.digest import model_digest
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     requested = engine

@@ -45,7 +45,7 @@ def spread_classifier(model_dir, texts: Sequence[str], out_dir, *, max_length: i
     """
     import torch
 
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier, save_classifier
 
     model, tokenizer = load_classifier(model_dir)

@@ -16,12 +16,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from distill_gap.edge.folder import EDGE_FILE, read_manifest, read_scope
 from distill_gap.errors import DistillError
+from distill_gap.inference.predictor import Predictor, load_predictor
 from distill_gap.models.loading import check_no_code
 
-EDGE_FILE = "edge.json"
-EDGE_FORMAT = 1
-RUNTIMES = ("onnxruntime", "torch-pt2", "transformers")
 DEFAULT_CACHE_ROOT = ".distill/models"
 _URI_FORMS = ("models:/<name>@<alias> (e.g. models:/demo-edge@champion) "
               "or models:/<name>/<version> (e.g. models:/demo-edge/3)")
@@ -88,41 +87,7 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# edge.json and the artifacts it names
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """edge.json of `folder`, checked: format, labels, artifacts with a known runtime, primary among them."""
-    path = Path(folder) / EDGE_FILE
-    fix = "re-run the quantize stage, which writes edge.json next to the artifacts"
-    if not path.is_file():
-        raise DistillError(f"{path} does not exist: {folder} is not an edge model folder", fix)
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DistillError(f"{path} is not valid JSON ({err})", fix) from None
-    problems = []
-    if not isinstance(manifest, dict):
-        raise DistillError(f"{path} must hold a JSON object, got {type(manifest).__name__}", fix)
-    if manifest.get("format") != EDGE_FORMAT:
-        problems.append(f"format is {manifest.get('format')!r}, this version reads format {EDGE_FORMAT}")
-    labels = manifest.get("labels")
-    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(l, str) and l for l in labels)):
-        problems.append("labels must be a list of at least two label names")
-    if not (isinstance(manifest.get("max_length", 128), int) and manifest.get("max_length", 128) >= 2):
-        problems.append("max_length must be an integer >= 2")
-    artifacts = manifest.get("artifacts")
-    if not (isinstance(artifacts, dict) and artifacts):
-        problems.append("artifacts must map artifact names to {\"path\": ..., \"runtime\": ...}")
-        artifacts = {}
-    for name, spec in artifacts.items():
-        if not (isinstance(spec, dict) and isinstance(spec.get("path"), str) and spec.get("runtime") in RUNTIMES):
-            problems.append(f"artifacts.{name} needs a path and a runtime in {list(RUNTIMES)}")
-    if artifacts and manifest.get("primary") not in artifacts:
-        problems.append(f"primary {manifest.get('primary')!r} is not one of the artifacts {sorted(artifacts)}")
-    if problems:
-        raise DistillError(f"{path} is malformed: " + "; ".join(problems), fix)
-    return manifest
+# the artifacts edge.json names
 
 
 def _artifact_dir(folder: Path, name: str, spec: dict) -> Path:
@@ -136,124 +101,21 @@ def _artifact_dir(folder: Path, name: str, spec: dict) -> Path:
     return path
 
 
-def _onnx_runtime(path: Path, max_length: int):
-    """(predict(texts, batch_size) -> logits, labels in config.json or None, output width)."""
-    from tasks.quantize import onnx_predict_logits, onnx_session
-
-    session = onnx_session(path)
-    width = session.get_outputs()[0].shape[-1]
-    labels = None
-    if (path / "config.json").is_file():
-        id2label = json.loads((path / "config.json").read_text()).get("id2label") or {}
-        labels = [str(id2label[k]) for k in sorted(id2label, key=int)] or None
-
-    def predict(texts, batch_size):
-        return onnx_predict_logits(path, texts, batch_size=batch_size, max_length=max_length, session=session)
-
-    return predict, labels, width if isinstance(width, int) else None
-
-
-def _int8_runtime(path: Path, max_length: int):
-    from tasks.quantize import INT8_FILE, load_int8
-
-    check_torch_archive(path / INT8_FILE)
-    with _weights_only_unpickling():
-        int8 = load_int8(path)  # eager: a first compile would cost more than a command-line call saves
-
-    def predict(texts, batch_size):
-        return int8.predict_logits(texts, batch_size=batch_size)
-
-    return predict, int8.labels, len(int8.labels)
-
-
-def _transformers_runtime(path: Path, max_length: int):
-    from distill_gap.models.batching import predict_logits
-    from distill_gap.models.loading import load_classifier, model_labels
-
-    model, tokenizer = load_classifier(path)
-
-    def predict(texts, batch_size):
-        return predict_logits(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
-
-    return predict, model_labels(model), model.config.num_labels
-
-
-_LOADERS = {"onnxruntime": _onnx_runtime, "torch-pt2": _int8_runtime, "transformers": _transformers_runtime}
-_PT2_PAYLOADS = ("weight_", "tensor_")  # raw tensor bytes in a torch.export archive; anything else is pickled
-
-
-def check_torch_archive(file: Path) -> None:
-    """Refuse a torch.export archive (model.pt2) that would unpickle anything but tensors.
-
-    torch.export.load unpickles parts of the archive, and when its weights-only unpickler refuses one it retries
-    with plain pickle, which runs whatever the file says. So: every pickled member must pass the weights-only
-    unpickler here, and objects stored as plain pickles (custom or opaque constants, pickled payloads) are refused.
-    """
-    import io
-    import pickle
-    import zipfile
-
-    import torch
-
-    fix = "this is not an archive the quantize stage writes: export the INT8 artifact again, from a trusted student"
-    try:
-        with zipfile.ZipFile(file) as archive:
-            for name in archive.namelist():
-                if name.endswith(("_weights_config.json", "_constants_config.json")):
-                    entries = json.loads(archive.read(name)).get("config") or {}
-                    pickled = sorted(k for k, meta in entries.items() if meta.get("use_pickle")
-                                     or not str(meta.get("path_name", "")).startswith(_PT2_PAYLOADS))
-                    if pickled:
-                        raise DistillError(f"{file} stores {pickled[:3]} as pickled objects ({name}); "
-                                           "unpickling them could run code, so the artifact is refused", fix)
-                elif name.endswith(".pt"):
-                    try:
-                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                    except pickle.UnpicklingError as err:
-                        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-                        reason = f"it references {found.group(1)}" if found else "weights-only unpickling failed"
-                        raise DistillError(f"{file}: member {name} holds pickled objects other than tensors "
-                                           f"({reason}); unpickling it could run code, so the artifact is refused",
-                                           fix) from None
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as err:
-        raise DistillError(f"{file} is not a readable torch.export archive ({type(err).__name__}: {err})",
-                           "the INT8 artifact is truncated or damaged: fetch or export it again") from None
-
-
-@contextlib.contextmanager
-def _weights_only_unpickling():
-    """Every torch.load inside uses the weights-only unpickler, also where torch.export.load asks for plain pickle.
-
-    A second line of defence after check_torch_archive (TORCH_FORCE_WEIGHTS_ONLY_LOAD is read per torch.load call;
-    the variable is process-wide, so other threads loading meanwhile are held to weights-only too).
-    """
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class EdgeModel:
     """One loaded artifact of an edge folder: logits and labelled probabilities for texts."""
 
     def __init__(self, folder: Path, artifact: str, runtime: str, labels: list[str], max_length: int,
-                 predict: Callable[[list[str], int], np.ndarray]):
+                 predictor: Predictor):
         self.folder, self.artifact, self.runtime = folder, artifact, runtime
         self.labels, self.max_length = labels, max_length
-        self._predict = predict
-        scope_file = folder / "scope.json"
+        self.predictor = predictor
         # the scope threshold was computed for the primary artifact; other artifacts carry no scope
-        self.scope = json.loads(scope_file.read_text()) if scope_file.is_file() and is_primary(folder, artifact) else None
+        self.scope = read_scope(folder) if is_primary(folder, artifact) else None
 
     def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Logits (N, C) float32 in the order of `texts`, C = len(self.labels)."""
-        logits = np.asarray(self._predict([str(t) for t in texts], batch_size), dtype=np.float32)
+        logits = np.asarray(self.predictor.predict_logits([str(t) for t in texts], batch_size=batch_size),
+                            dtype=np.float32)
         assert logits.shape == (len(texts), len(self.labels)), (logits.shape, len(texts), self.labels)
         return logits
 
@@ -293,21 +155,13 @@ def load_edge(folder: str | Path, artifact: str | None = None) -> EdgeModel:
     path = _artifact_dir(folder, name, spec)
     check_no_code(path)  # the artifact's own folder: pickle files, auto_map in its config or tokenizer config
     check_no_code(folder)  # and pickle files anywhere else in the edge folder
-    try:
-        predict, artifact_labels, width = _LOADERS[spec["runtime"]](path, max_length)
-    except DistillError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a runtime that cannot read its files: the folder is damaged
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise DistillError(f"artifact {name!r} in {path} cannot be loaded with {spec['runtime']}: "
-                           f"{type(err).__name__}: {first}",
-                           "the edge folder is damaged or incomplete: fetch or export it again, or choose another "
-                           "--artifact") from None
+    predictor = load_predictor(path, runtime=spec["runtime"], max_length=max_length)
+    artifact_labels, width = predictor.labels, predictor.num_labels or None
     if (artifact_labels is not None and artifact_labels != labels) or (width is not None and width != len(labels)):
         raise DistillError(f"{folder / EDGE_FILE} lists labels {labels} but artifact {name!r} predicts "
                            f"{artifact_labels or f'{width} classes'}",
                            "the edge folder was assembled from different models; export it again")
-    return EdgeModel(folder, name, spec["runtime"], labels, max_length, predict)
+    return EdgeModel(folder, name, spec["runtime"], labels, max_length, predictor)
 
 
 # ----------------------------------------------------------------------------------------------------------------

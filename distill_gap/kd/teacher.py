@@ -98,7 +98,7 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
     from mlflow.exceptions import MlflowException
 
     from distill_gap.data.splits import load_splits
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
     from tasks.register import client_for, code_version, experiment_id
     from distill_gap.ops.runtime import configure_threads, select_device

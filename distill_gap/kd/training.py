@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from distill_gap.errors import DistillError
-from distill_gap.models.batching import length_sorted_batches, pad_batch, predict_logits
+from distill_gap.inference.batching import length_sorted_batches, pad_batch, predict_logits
 
 
 @dataclass

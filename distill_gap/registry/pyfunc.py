@@ -23,11 +23,12 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from distill_gap.edge.folder import EDGE_FILE, read_manifest
+
 ARTIFACT_KEY = "model"  # context.artifacts[ARTIFACT_KEY] is the model folder
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
 PROB_PREFIX = "prob_"
-EDGE_FILE = "edge.json"  # = distill_gap.edge.serving.EDGE_FILE, not imported here to keep the model code's imports small
 MAX_EXAMPLES = 5  # texts in the input example
 MODEL_TYPE = "text-classifier"
 
@@ -87,15 +88,13 @@ class DistillClassifier(PythonModel):
             self.labels = list(edge.labels)
             self._logits = edge.predict_logits
         else:
-            from distill_gap.models.batching import predict_logits
-            from distill_gap.models.loading import load_classifier, model_labels
+            from distill_gap.inference.predictor import load_predictor
 
-            model, tokenizer = load_classifier(folder)
-            max_length = int(config.get("max_length", 128))
-            self.labels = model_labels(model)
+            predictor = load_predictor(folder, runtime="transformers", max_length=int(config.get("max_length", 128)))
+            self.labels = list(predictor.labels)
 
             def logits(texts, batch_size):
-                return predict_logits(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+                return predictor.predict_logits(texts, batch_size=batch_size)
 
             self._logits = logits
 
@@ -127,7 +126,6 @@ class LoggedModel:
 
 def folder_labels(local_dir: str | Path) -> list[str]:
     """The label order of a model folder: edge.json's labels (manifest checked), else config.json's id2label."""
-    from distill_gap.edge.serving import read_manifest
     from distill_gap.models.loading import config_labels
 
     folder = Path(local_dir)

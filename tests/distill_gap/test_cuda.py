@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_gap.models.batching import predict_logits
+from distill_gap.inference.batching import predict_logits
 from distill_gap.kd.losses import AttentionKLLoss, ForwardKLLoss, HiddenStateLoss, JSDLoss, KDLoss, ReverseKLLoss
 from distill_gap.models.loading import load_classifier
 from distill_gap.ops.runtime import select_device

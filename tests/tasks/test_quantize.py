@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from distill_gap.errors import DistillError
-from tasks.quantize import export_onnx, load_int8, logit_parity, onnx_predict_logits, quantize_int8
+from distill_gap.inference.inc_int8 import load_int8
+from distill_gap.inference.onnx_runtime import onnx_predict_logits
+from tasks.quantize import export_onnx, logit_parity, quantize_int8
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +33,7 @@ def texts(review_frame):
 
 @pytest.fixture(scope="module")
 def fp32_logits(spread_model_dir, texts):
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     model, tokenizer = load_classifier(spread_model_dir)
@@ -75,7 +77,7 @@ def test_static_int8_is_self_contained_and_close_to_fp32(static_int8, texts, fp3
 
 def test_int8_artifact_reloads_in_a_fresh_process(static_int8, texts):
     # A fresh interpreter has not imported INC/torchao: load_int8 must register the quantized ops itself.
-    code = ("import json, sys; from tasks.quantize import load_int8; "
+    code = ("import json, sys; from distill_gap.inference.inc_int8 import load_int8; "
             "p = load_int8(sys.argv[1]); print(json.dumps(p.predict_logits(json.loads(sys.argv[2])).tolist()))")
     sample = texts["heldout"][:4]
     proc = subprocess.run([sys.executable, "-c", code, str(static_int8.path), json.dumps(sample)], cwd=REPO,
@@ -187,7 +189,7 @@ def test_onnx_int8_is_smaller_and_close(spread_model_dir, texts, fp32_logits, tm
 def test_nan_outputs_fail_the_checks_and_the_gate():
     from flows.config import EvaluateConfig
     from distill_gap.evaluation.gates import evaluate_gates
-    from tasks.evaluate import GapReport
+    from distill_gap.evaluation.gap_report import GapReport
     from tasks.quantize import _check
 
     ref = np.array([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]], dtype=np.float32)

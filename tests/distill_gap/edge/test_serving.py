@@ -14,9 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from distill_gap.edge.serving import EDGE_FILE, load_edge, parse_model_uri, parse_rows, resolve_edge
+from distill_gap.edge.folder import EDGE_FILE
+from distill_gap.edge.serving import load_edge, parse_model_uri, parse_rows, resolve_edge
 from distill_gap.errors import DistillError
-from tasks.quantize import export_onnx, load_int8, onnx_predict_logits, quantize_int8
+from distill_gap.inference.inc_int8 import load_int8
+from distill_gap.inference.onnx_runtime import onnx_predict_logits
+from tasks.quantize import export_onnx, quantize_int8
 
 from tests.conftest import LABELS
 
@@ -115,7 +118,7 @@ def _jsonl(stdout: str) -> list[dict]:
 
 
 def test_each_artifact_gives_the_logits_of_its_own_runtime(edge_dir, texts):
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     onnx = load_edge(edge_dir)

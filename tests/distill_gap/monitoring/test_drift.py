@@ -185,7 +185,7 @@ def test_too_few_rows_and_a_foreign_profile_are_errors(halves):
 
 
 def test_real_tiny_model_end_to_end(halves, tiny_model_dir, tmp_path):
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
     from tests.helpers import spread_classifier
 

@@ -164,7 +164,7 @@ def test_registered_version_is_fetched_digest_verified(store, logged, version, m
 def test_the_registered_model_predicts_through_pyfunc(store, version, model_dir, texts):
     import mlflow
 
-    from distill_gap.models.batching import predict_logits
+    from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
 
     client, _ = store
