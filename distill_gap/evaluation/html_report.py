@@ -15,8 +15,8 @@ import io
 import math
 from typing import Iterable
 
-# Matches tasks.evaluate.MIN_SLICE_ROWS / distill_gap.evaluation.metrics.MIN_BOOTSTRAP_ROWS: smaller slices are never flagged
-MIN_SLICE_ROWS = 10
+from distill_gap.evaluation.gates import MIN_SLICE_ROWS  # smaller slices are never flagged
+
 PLOT_DPI = 100  # 100 dpi keeps ~30 slices x 5 models well under 1 MB of PNG
 MAX_SLICES_PLOTTED = 30  # the table lists every slice; the bar chart shows the worst 30 by the reference gap
 MAX_LABEL_CHARS = 48  # slice names in plot axes are cut here (the table shows them in full)

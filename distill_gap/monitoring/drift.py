@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from distill_gap.errors import DistillError
+from distill_gap.evaluation.ood import msp_score
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -228,8 +229,6 @@ def _sample_index(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def _msp(logits: np.ndarray) -> np.ndarray:
-    from distill_gap.evaluation.metrics import msp_score
-
     return msp_score(logits)
 
 
