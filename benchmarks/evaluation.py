@@ -31,7 +31,8 @@ def _models(cfg):
     """teacher / student / edge-primary folders of the newest demo run, digests verified by fetch_model."""
     from distill_gap.edge.folder import read_manifest
     from distill_gap.errors import DistillError
-    from tasks.register import client_for, fetch_model
+    from distill_gap.registry.tracking import client_for
+    from distill_gap.registry.versions import fetch_model
 
     client = client_for(cfg.tracking)
     try:
@@ -71,7 +72,9 @@ def main() -> None:
 
     @flow(name="evaluation-benchmark")
     def run_once():
-        return evaluate_task(models, splits, cfg, device="cpu", stress_models=list(models))
+        # no edge_folder: the fetched versions are digest-checked cache folders, scope and reference stay as shipped
+        return evaluate_task(models, splits, cfg.evaluate, cfg.drift, seed=cfg.seed, max_length=cfg.runtime.max_length,
+                             device="cpu", stress_models=list(models))
 
     seconds, report = [], None
     for i in range(REPEATS):
@@ -107,8 +110,7 @@ def main() -> None:
     (OUT / "evaluation.json").write_text(json.dumps(result, indent=2))
     full = ROOT / ".distill" / "bench" / "evaluation_report.json"  # 0.6 MB: kept out of the repository
     full.parent.mkdir(parents=True, exist_ok=True)
-    full.write_text(json.dumps({**report.to_dict(), "gates": gates}, indent=2,
-                                                            default=str))
+    full.write_text(json.dumps({**report.to_dict(), "gates": gates}, indent=2, default=str))
     print(f"{'key':<28} value")
     for k, v in result.items():
         print(f"{k:<28} {v:.4f}" if isinstance(v, float) else f"{k:<28} {v}")

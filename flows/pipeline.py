@@ -5,7 +5,6 @@ The flow composes tasks and nothing else (STYLE.md); each stage lives in tasks/.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from flows.config import PipelineConfig
 from distill_gap.governance.attestation import (ATTESTATION_DIR, distill_statement, evaluate_statement, export_statement,
                           quantize_statement, soft_labels_statement)
 from tasks.data import load_data
-from distill_gap.digest import folder_bytes, model_digest, tokenizer_digest
+from distill_gap.digest import model_digest, tokenizer_digest
 from tasks.distill import distill_task
 from distill_gap.evaluation.gates import evaluate_gates, quantization_gate
-from tasks.evaluate import evaluate_task, publish_report_task, scope_record
+from tasks.evaluate import evaluate_task, publish_report_task
 from tasks.quantize import quantize_edge
 from distill_gap.registry.pyfunc import log_split_inputs
 from tasks.promote import promote_task
@@ -30,7 +29,6 @@ from tasks.register import (attest_task, check_teacher_license, client_for, regi
 from distill_gap.ops.runtime import configure_threads, select_device
 from tasks.soft_labels import soft_labels_stage
 from tasks.teacher import resolve_teacher_task
-from distill_gap.monitoring.watches import write_reference
 from tasks.validate import validate_data
 
 WORK_ROOT = Path(".distill/work")
@@ -82,17 +80,13 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             if art["report_name"] not in models:
                 models[art["report_name"]] = edge.path / art["path"]
         with stage_run(client, run_id, "evaluate") as rid:
-            report = evaluate_task(models, splits, cfg, device=device, client=client, run_id=rid)
+            report = evaluate_task(models, splits, cfg.evaluate, cfg.drift, seed=cfg.seed,
+                                   max_length=cfg.runtime.max_length, device=device, edge_model=edge.report_name,
+                                   edge_folder=edge.path, client=client, run_id=rid)
             gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], cfg.evaluate,
                                    quantization=quantization_gate(edge, cfg.quantize),
                                    critical_slices=cfg.data.critical_slices)
-            scope = scope_record(report, edge.report_name, splits)
-            if scope is not None:  # ships with the edge model (part of its digest): distill predict adds in_scope
-                (edge.path / "scope.json").write_text(json.dumps(scope, indent=2, default=str))
-            write_reference(edge.path, splits, list(cfg.data.labels), sample_size=cfg.drift.sample_size, seed=cfg.seed)
-            publish_report_task(report, gates, cfg, client=client, run_id=rid)
-            sizes = {name: folder_bytes(path) for name, path in models.items()}
-            client.log_dict(rid, sizes, "evaluation/sizes_bytes.json")
+            publish_report_task(report, gates, cfg.name, client=client, run_id=rid)
         attest_task(client, run_id, cfg.governance, evaluate_statement(
             cfg, report, gates, model_digest(edge.path), {m: model_digest(p) for m, p in models.items()}, splits, ctx))
         # the release: versions are staged, then the last gate; a gate that fails rolls the staging back
@@ -117,7 +111,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             "student": student.summary(),
             "edge": {"primary": edge.primary, "quantized": edge.quantized, "reason": edge.reason,
                      "errors": edge.errors, "report_name": edge.report_name},
-            "sizes": sizes, "report": report.to_dict(), "gates": gates, "registered": registered,
+            "sizes": report.sizes, "report": report.to_dict(), "gates": gates, "registered": registered,
             "promotion": promotion, "tracking_uri": client._registry_uri}
 
 

@@ -1,418 +1,100 @@
-"""Evaluation parity: every model scored on its own on the same suites, the gap shown per slice."""
+"""The evaluate stage: every model scored on its own on the same suites, the gap report published three ways, and
+the edge folder completed with what evaluation learnt (scope.json, reference.json).
+
+The gap report itself is distill_gap/evaluation/gap_report.py; the gates that read it are in gates.py.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import time
+from pathlib import Path
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distill_gap.evaluation.gates import MIN_SLICE_ROWS, verdict_markdown
+from distill_gap.digest import folder_bytes
+from distill_gap.edge.folder import write_reference, write_scope
+from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_logits,
+                                               gap_report, load_predictors, report_metrics, scope_record)
+from distill_gap.evaluation.gates import verdict_markdown
+from distill_gap.monitoring.drift import reference_profile
 
-# Slices smaller than this are reported but never flagged: one example would swing them by >10 points.
-
-
-def score(pred: np.ndarray, truth: np.ndarray, num_classes: int, teacher_pred: np.ndarray | None = None) -> dict:
-    """Accuracy, macro-F1 (scikit-learn) and fidelity (agreement with the teacher's predictions)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    out = {"n": int(len(truth))}
-    if len(truth) == 0:
-        return out
-    out["accuracy"] = float(accuracy_score(truth, pred))
-    out["macro_f1"] = float(f1_score(truth, pred, labels=list(range(num_classes)), average="macro", zero_division=0))
-    if teacher_pred is not None:
-        out["fidelity"] = float(np.mean(pred == teacher_pred))
-    return out
+_log = logging.getLogger("distill.evaluate")
 
 
-@dataclass
-class GapReport:
-    """Per model, per suite metrics; suites are splits and the slices of the test split."""
-
-    models: list[str]
-    suites: dict[str, dict[str, dict]] = field(default_factory=dict)  # suite -> model -> metrics (+ "ci")
-    flags: list[dict] = field(default_factory=list)
-    threshold: float = 0.02
-    labels: list[str] = field(default_factory=list)
-    calibration: dict[str, dict] = field(default_factory=dict)  # model -> temperature, ECE before/after, bins
-    ood: dict[str, dict[str, dict]] = field(default_factory=dict)  # ood suite -> model -> msp/energy detection
-    stress: dict[str, dict[str, dict]] = field(default_factory=dict)  # variant -> model -> drop, flip rate
-    scope: dict[str, dict] = field(default_factory=dict)  # model -> OOD score threshold at scope_tpr
-    not_evaluated: list[dict] = field(default_factory=list)  # {"model", "suite", "reason"}
-    seconds: float | None = None  # wall time of the evaluation
-
-    def metric(self, suite: str, model: str, key: str = "accuracy") -> float | None:
-        return self.suites.get(suite, {}).get(model, {}).get(key)
-
-    def to_dict(self) -> dict:
-        return {"models": self.models, "labels": self.labels, "threshold": self.threshold, "suites": self.suites,
-                "flags": self.flags, "calibration": self.calibration, "ood": self.ood, "stress": self.stress,
-                "scope": self.scope, "not_evaluated": self.not_evaluated,
-                "worst_slices": {m: self.worst_slices(m) for m in self.models if m != "teacher"}}
-
-    def worst_slices(self, model: str, k: int = 3) -> list[tuple[str, float]]:
-        """The slices where `model` lost most accuracy against the teacher."""
-        gaps = []
-        for suite, by_model in self.suites.items():
-            if (suite.startswith("slice:") and by_model["teacher"]["n"] >= MIN_SLICE_ROWS and model in by_model
-                    and "accuracy" in by_model[model]):
-                gaps.append((suite, by_model[model]["accuracy"] - by_model["teacher"]["accuracy"]))
-        return sorted(gaps, key=lambda g: g[1])[:k]
-
-    def markdown(self, title: str = "Gap report") -> str:
-        """A table ops teams read in the Prefect UI: teacher beside each compressed model, per suite."""
-        others = [m for m in self.models if m != "teacher"]
-        head = "| suite | n | teacher acc | " + " | ".join(f"{m} acc (Δ) | {m} F1 | {m} fidelity" for m in others) + " |"
-        sep = "|" + "---|" * (3 + 3 * len(others))
-        rows = [head, sep]
-        flagged = {(f["suite"], f["model"]) for f in self.flags}
-        for suite, by_model in self.suites.items():
-            t = by_model["teacher"]
-            if not t.get("n"):
-                continue
-            cells = [suite, str(t["n"]), f"{t['accuracy']:.3f}"]
-            for m in others:
-                s = by_model.get(m)
-                if not s or "accuracy" not in s:
-                    cells += ["not evaluated", "-", "-"]
-                    continue
-                mark = " ⚠" if (suite, m) in flagged else ""
-                cells += [f"{s['accuracy']:.3f}{_ci_text(s)} ({s['accuracy'] - t['accuracy']:+.3f}){mark}",
-                          f"{s['macro_f1']:.3f}", f"{s.get('fidelity', float('nan')):.3f}"]
-            rows.append("| " + " | ".join(cells) + " |")
-        lines = [f"## {title}", "", *rows, ""]
-        if self.flags:
-            lines.append(f"**⚠ {len(self.flags)} suite(s) where a compressed model loses more than "
-                         f"{self.threshold:.0%} accuracy against the teacher** (slices under {MIN_SLICE_ROWS} rows not flagged):")
-            lines += [f"- `{f['model']}` on `{f['suite']}`: {f['gap']:+.3f} (n={f['n']})" for f in self.flags]
-        else:
-            lines.append(f"No suite where a compressed model loses more than {self.threshold:.0%} against the teacher.")
-        for m in others:
-            worst = self.worst_slices(m)
-            if worst:
-                lines.append(f"- largest slice losses of `{m}`: " + ", ".join(f"{s.removeprefix('slice:')} {g:+.3f}" for s, g in worst))
-        if self.calibration:
-            lines += ["", "### Calibration (ECE on test, 15 bins; T fitted on validation)", "",
-                      "| model | T | ECE before | ECE after |", "|---|---|---|---|"]
-            lines += [f"| {m} | {c['temperature']:.2f} | {c['ece_before']:.3f} | {c['ece_after']:.3f} |"
-                      for m, c in self.calibration.items()]
-        if self.ood:
-            from distill_gap.evaluation.html_report import drop_cell
-
-            lines += ["", "### OOD detection (in = test)", "", "| OOD set | model | MSP AUROC | MSP AUROC drop vs teacher "
-                      "[paired 95%] | MSP FPR@95 | energy AUROC | energy FPR@95 |", "|---|---|---|---|---|---|---|"]
-            for suite, by_model in self.ood.items():
-                lines += [f"| {suite} | {m} | {d['msp']['auroc']:.3f} | {drop_cell(d['msp'].get('drop_vs_teacher'))} | "
-                          f"{d['msp']['fpr_at_tpr']:.3f} | {d['energy']['auroc']:.3f} | {d['energy']['fpr_at_tpr']:.3f} |"
-                          for m, d in by_model.items()]
-        if self.stress:
-            lines += ["", "### Stress suites (seeded sample of test)", "", "| variant | " +
-                      " | ".join(f"{m} drop / flips" for m in self.models) + " |", "|---|" + "---|" * len(self.models)]
-            for variant, by_model in self.stress.items():
-                lines.append(f"| {variant} | " + " | ".join(
-                    f"{by_model[m]['accuracy_drop']:+.3f} / {by_model[m]['flip_rate']:.3f}" if m in by_model else "-"
-                    for m in self.models) + " |")
-        for miss in self.not_evaluated:
-            lines.append(f"\n**not evaluated**: `{miss['model']}` on {miss['suite']}: {miss['reason']}")
-        return "\n".join(lines) + "\n"
-
-
-def _ci_text(metrics: dict) -> str:
-    ci = (metrics.get("ci") or {}).get("accuracy")
-    if not ci:
-        return ""
-    if ci.get("low") is None:
-        return " (n too small)"
-    return f" [{ci['low']:.3f}, {ci['high']:.3f}]"
-
-
-def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: float = 0.02, *,
-               bootstrap_samples: int = 0, seed: int = 0) -> GapReport:
-    """Score each model's logits (model -> split -> (N, C)) per split and per test slice against the teacher."""
-    labels = list(splits.labels)
-    label_id = {l: i for i, l in enumerate(labels)}
-    models = list(logits)
-    assert models[0] == "teacher", "the teacher comes first"
-    report = GapReport(models=models, threshold=threshold, labels=labels)
-    # train and validation shaped the models (fitting, checkpoint choice): report held-out suites only
-    suites: list[tuple[str, str, np.ndarray | None]] = [(name, name, None) for name in splits.frames
-                                                          if name not in ("train", "validation")]
-    test = splits["test"]
-    for col in splits.slice_columns:
-        for value in sorted(test[col].unique()):
-            suites.append((f"slice:{col}={value}", "test", (test[col] == value).to_numpy()))
-    for suite, split, mask in suites:
-        df = splits[split]
-        if split not in logits["teacher"]:
-            continue
-        truth = df["label"].map(label_id).to_numpy()
-        teacher_pred = logits["teacher"][split].argmax(-1)
-        if mask is not None:
-            truth, teacher_pred = truth[mask], teacher_pred[mask]
-        by_model = {}
-        teacher_logits = logits["teacher"][split] if mask is None else logits["teacher"][split][mask]
-        for m in models:
-            if split not in logits[m]:
-                continue
-            model_logits = logits[m][split] if mask is None else logits[m][split][mask]
-            pred = model_logits.argmax(-1)
-            by_model[m] = score(pred, truth, len(labels), None if m == "teacher" else teacher_pred)
-            if len(truth) and m != "teacher":
-                from distill_gap.evaluation.metrics import mean_kl
-
-                by_model[m]["kl_teacher"] = mean_kl(teacher_logits, model_logits)
-            if bootstrap_samples and len(truth):
-                from distill_gap.evaluation.metrics import bootstrap_metrics
-
-                by_model[m]["ci"] = bootstrap_metrics(truth, pred, num_classes=len(labels), n_boot=bootstrap_samples,
-                                                      seed=seed, min_n=MIN_SLICE_ROWS)
-        report.suites[suite] = by_model
-        if by_model["teacher"]["n"] >= MIN_SLICE_ROWS:
-            for m in [m for m in models[1:] if m in by_model]:
-                gap = by_model[m]["accuracy"] - by_model["teacher"]["accuracy"]
-                if gap < -threshold:
-                    report.flags.append({"suite": suite, "model": m, "gap": gap, "n": by_model[m]["n"]})
-    return report
-
-
-def _truth(splits, split: str) -> np.ndarray:
-    label_id = {label: i for i, label in enumerate(splits.labels)}
-    return splits[split]["label"].map(label_id).to_numpy()
-
-
-def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.ndarray]], splits, *,
-                            scope_tpr: float = 0.95, bootstrap_samples: int = 0, seed: int = 0) -> GapReport:
-    """Calibration (T fitted on validation, ECE on test before/after), OOD detection (MSP and energy AUROC,
-    FPR at 95% TPR, test = in-distribution) and the scope threshold (MSP at `scope_tpr` of validation).
-
-    With `bootstrap_samples`, each model's MSP AUROC drop against the teacher on the same rows gets a paired 95%
-    interval (ood[suite][model]["msp"]["drop_vs_teacher"]), which the OOD gate reads."""
-    from scipy.special import softmax
-
-    from distill_gap.evaluation.metrics import ece, energy_score, fit_temperature, msp_score, ood_detection, reliability_bins, \
-        threshold_at_tpr
-
-    has_val = "validation" in splits.frames and len(splits["validation"]) > 0
-    test_truth = _truth(splits, "test")
-    oods = [name for name in splits.frames if name.startswith("ood:") and len(splits[name])]
-    for m in report.models:
-        by_split = logits[m]
-        if "test" not in by_split or not len(test_truth):
-            continue
-        test = by_split["test"]
-        if has_val and "validation" in by_split:
-            val, val_truth = by_split["validation"], _truth(splits, "validation")
-            t = fit_temperature(val, val_truth)
-            report.scope[m] = {"score": "msp", "threshold": threshold_at_tpr(msp_score(val), scope_tpr),
-                               "tpr": scope_tpr, "temperature": t, "fitted_on": f"validation ({len(val)} rows)"}
-        else:
-            t = 1.0
-            report.not_evaluated.append({"model": m, "suite": "calibration/scope",
-                                         "reason": "no validation split to fit the temperature and threshold on"})
-        before, after = softmax(test, axis=-1), softmax(test / t, axis=-1)
-        report.calibration[m] = {"temperature": t, "ece_before": ece(before, test_truth),
-                                 "ece_after": ece(after, test_truth),
-                                 "reliability_before": reliability_bins(before, test_truth),
-                                 "reliability_after": reliability_bins(after, test_truth)}
-        for name in oods:
-            if name not in by_split:
-                continue
-            d = {}
-            for score_name, fn in (("msp", msp_score), ("energy", energy_score)):
-                d[score_name] = ood_detection(fn(test), fn(by_split[name]))
-            s_in, s_out = msp_score(test), msp_score(by_split[name])
-            edges = np.linspace(min(s_in.min(), s_out.min()), max(s_in.max(), s_out.max()), 21)
-            d["hist"] = {"score": "msp", "edges": edges.tolist(),
-                         "in": np.histogram(s_in, edges)[0].tolist(), "out": np.histogram(s_out, edges)[0].tolist()}
-            report.ood.setdefault(name, {})[m] = d
-    if bootstrap_samples and "teacher" in logits:
-        from distill_gap.evaluation.metrics import auroc_drop_interval
-
-        ref_in = msp_score(logits["teacher"]["test"])
-        for name, by_model in report.ood.items():
-            if "teacher" not in by_model:
-                continue
-            ref_out = msp_score(logits["teacher"][name])
-            for m, d in by_model.items():
-                if m != "teacher":
-                    d["msp"]["drop_vs_teacher"] = auroc_drop_interval(
-                        ref_in, ref_out, msp_score(logits[m]["test"]), msp_score(logits[m][name]),
-                        n_boot=bootstrap_samples, seed=seed)
-    return report
-
-
-def add_stress(report: GapReport, predictors: dict, splits, models: list[str], *, rows: int, seed: int,
-               log=None) -> GapReport:
-    """Stress suites on a seeded sample of test: accuracy drop and prediction flips against the clean texts."""
-    from distill_gap.evaluation.metrics import stress_result, stress_variants
-
-    test = splits["test"]
-    if rows <= 0 or not len(test):
-        return report
-    sample = test.sample(min(rows, len(test)), random_state=seed)
-    truth = _truth(splits, "test")[test.index.get_indexer(sample.index)]
-    clean_texts = sample["text"].tolist()
-    variants = stress_variants(clean_texts, seed=seed)
-    for m in models:
-        if m not in predictors:
-            continue
-        try:
-            clean = predictors[m](clean_texts).argmax(-1)
-            for variant, texts in variants.items():
-                report.stress.setdefault(variant, {})[m] = stress_result(clean, predictors[m](texts).argmax(-1), truth)
-        except Exception as err:  # a model that breaks on noisy text is reported, the others go on
-            report.not_evaluated.append({"model": m, "suite": "stress", "reason": f"{type(err).__name__}: {err}"})
-        if log:
-            log(f"stress suites done for {m}")
-    return report
-
-
-def model_predictors(paths: dict[str, str], *, max_length: int, batch_size: int, device: str) -> dict:
-    """name -> callable(texts) -> logits, for HF folders, INC INT8 folders and ONNX folders."""
-    from pathlib import Path
-
-    from distill_gap.inference.batching import predict_logits
-    from distill_gap.models.loading import load_classifier
-
-    predictors = {}
-    for name, path in paths.items():
-        path = Path(path)
-        if (path / "int8_meta.json").is_file():
-            from distill_gap.inference.inc_int8 import load_int8
-
-            int8 = load_int8(path)
-            predictors[name] = lambda texts, m=int8: m.predict_logits(list(texts), batch_size=batch_size)
-        elif (path / "model.onnx").is_file():
-            from distill_gap.inference.onnx_runtime import onnx_predict_logits
-
-            predictors[name] = lambda texts, p=path: onnx_predict_logits(p, list(texts), batch_size=batch_size,
-                                                                        max_length=max_length)
-        else:
-            model, tok = load_classifier(path)
-            predictors[name] = lambda texts, m=model, t=tok, n=name: predict_logits(
-                m, t, list(texts), batch_size=batch_size, max_length=max_length, device=device, desc=f"evaluate {n}")
-    return predictors
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefect task
-
-
-def collect_logits(predictors: dict, splits) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
-    """model -> split -> logits (N, C) for every split but train; a model that fails or returns the wrong number
-    of classes is left out and listed (the teacher is required: its failure raises)."""
-    from distill_gap.errors import DistillError
-
-    num_classes = len(splits.labels)
-    logits: dict[str, dict[str, np.ndarray]] = {}
-    missing: list[dict] = []
-    for name, predict in predictors.items():
-        out = {}
-        try:
-            for split in splits.frames:
-                if split == "train":
-                    continue
-                arr = np.asarray(predict(splits[split]["text"].tolist()))
-                if arr.ndim != 2 or arr.shape[1] != num_classes:
-                    raise DistillError(f"{name} returns logits of shape {arr.shape} on {split}; the label set "
-                                       f"has {num_classes} classes {list(splits.labels)}",
-                                       "check that the model was trained on data.labels, in that order")
-                out[split] = arr
-        except Exception as err:
-            if name == "teacher":
-                raise
-            missing.append({"model": name, "suite": "all", "reason": str(err).splitlines()[0]})
-            continue
-        logits[name] = out
-    return logits, missing
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(model_paths: dict[str, str], splits, cfg, *, device: str, client=None, run_id: str | None = None,
-                  stress_models: list[str] | None = None):
+def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, *, seed: int, max_length: int,
+             device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
+             stress_models: list[str] | None = None, client=None, run_id: str | None = None, log=_log) -> GapReport:
     """Score teacher, student and each edge artifact independently on every suite; return the gap report.
 
     A model that cannot be loaded or returns the wrong number of classes is reported under `not_evaluated` and
-    the others go on (the teacher is required). Stress suites run for `stress_models` (default: all).
+    the others go on (the teacher is required). Stress suites run for `stress_models` (default: all). With
+    `edge_folder`, the scope and the drift reference of `edge_model` (its primary artifact) are written into it
+    from the logits computed here; the folder sizes (report.sizes) are measured after that.
     """
-    import time
-
-    from prefect.logging import get_run_logger
-
-    log = get_run_logger()
+    ev = evaluate_cfg
     start = time.perf_counter()
-    ev = cfg.evaluate
-    missing: list[dict] = []
-    predictors = {}
-    for name, path in model_paths.items():
-        try:
-            predictors.update(model_predictors({name: path}, max_length=cfg.runtime.max_length,
-                                               batch_size=ev.batch_size, device=device))
-        except Exception as err:
-            if name == "teacher":
-                raise
-            missing.append({"model": name, "suite": "all", "reason": f"could not be loaded: {err}"})
+    # 1. one prediction per model and split (train excluded); these logits feed everything below
+    predictors, missing = load_predictors(models, max_length=max_length, batch_size=ev.batch_size, device=device)
     logits, failed = collect_logits(predictors, splits)
-    missing += failed
-    report = gap_report(logits, splits, ev.gap_threshold, bootstrap_samples=ev.bootstrap_samples, seed=cfg.seed)
-    report.not_evaluated += missing
+    # 2. the report: suites and slices with intervals, calibration, OOD and scope, stress
+    report = gap_report(logits, splits, ev.gap_threshold, bootstrap_samples=ev.bootstrap_samples, seed=seed)
+    report.not_evaluated += missing + failed
     add_calibration_and_ood(report, logits, splits, scope_tpr=ev.scope_tpr, bootstrap_samples=ev.bootstrap_samples,
-                            seed=cfg.seed)
+                            seed=seed)
     add_stress(report, {m: p for m, p in predictors.items() if m in logits}, splits,
-               stress_models or list(logits), rows=ev.stress_rows, seed=cfg.seed)
-    seconds = time.perf_counter() - start
+               stress_models or list(logits), rows=ev.stress_rows, seed=seed)
+    report.seconds = time.perf_counter() - start
     if client is not None:
-        client.log_metric(run_id, "evaluate.seconds", seconds)
-        for suite in ("test", *[s for s in splits.frames if s.startswith("ood:")]):
-            for model, metrics in report.suites.get(suite, {}).items():
-                for k, v in metrics.items():
-                    if k != "n" and isinstance(v, (int, float)):
-                        client.log_metric(run_id, f"{model}.{suite.replace(':', '.')}.{k}", v)
-        for model, c in report.calibration.items():
-            client.log_metric(run_id, f"{model}.test.ece_after_scaling", c["ece_after"])
-        for suite, by_model in report.ood.items():
-            for model, d in by_model.items():
-                client.log_metric(run_id, f"{model}.{suite.replace(':', '.')}.msp_auroc", d["msp"]["auroc"])
-                drop = d["msp"].get("drop_vs_teacher") or {}
-                for k in ("low", "high"):
-                    if drop.get(k) is not None:
-                        client.log_metric(run_id, f"{model}.{suite.replace(':', '.')}.msp_auroc_drop_{k}", drop[k])
+        client.log_metric(run_id, "evaluate.seconds", report.seconds)
+        for key, value in report_metrics(report).items():
+            client.log_metric(run_id, key, value)
     for name in report.models:
         log.info("%s: test accuracy %.3f, macro-F1 %.3f", name, report.metric("test", name),
                  report.metric("test", name, "macro_f1"))
     for miss in report.not_evaluated:
         log.warning("not evaluated: %s on %s: %s", miss["model"], miss["suite"], miss["reason"])
-    log.info("evaluation of %d models took %.1f s", len(report.models), seconds)
-    report.seconds = seconds
+    log.info("evaluation of %d models took %.1f s", len(report.models), report.seconds)
+    # 3. what ships with the edge model (part of its digest): its scope, and the drift monitor's reference
+    if edge_folder is not None:
+        write_scope_and_reference(report, logits, splits, edge_model, edge_folder, sample_size=drift_cfg.sample_size,
+                            seed=seed, log=log)
+    report.sizes = {name: folder_bytes(path) for name, path in models.items()}
+    if client is not None:
+        client.log_dict(run_id, report.sizes, "evaluation/sizes_bytes.json")
     return report
 
 
-def scope_record(report: GapReport, model: str, splits) -> dict | None:
-    """What ships with the edge model: its OOD threshold and the evidence it was evaluated on."""
-    if model not in report.scope:
-        return None
-    return {**report.scope[model], "model": model, "data_digests": splits.digests(),
-            "slices": [s.removeprefix("slice:") for s in report.suites if s.startswith("slice:")],
-            "ood_sets": {suite: report.ood.get(suite, {}).get(model, {}).get("msp") for suite in report.ood},
-            "test_accuracy": report.metric("test", model),
-            "calibration": {k: report.calibration.get(model, {}).get(k) for k in ("temperature", "ece_after")},
-            "rule": "in_scope = max softmax probability of the raw logits >= threshold"}
+def write_scope_and_reference(report: GapReport, logits: dict, splits, edge_model: str, edge_folder: str | Path, *,
+                        sample_size: int, seed: int, log=_log) -> None:
+    """scope.json (the OOD threshold and its evidence) and reference.json (the reference profile on validation +
+    test, from the logits the report was built on) in the edge folder."""
+    scope = scope_record(report, edge_model, splits)
+    if scope is not None:  # distill predict adds in_scope from it
+        write_scope(edge_folder, scope)
+    if edge_model not in logits:  # its gates fail with the reason (edge_evaluated); nothing to profile
+        log.warning("no reference profile: %s was not evaluated", edge_model)
+        return
+    texts = [*splits["validation"]["text"].tolist(), *splits["test"]["text"].tolist()]
+    edge_logits = np.concatenate([logits[edge_model]["validation"], logits[edge_model]["test"]])
+    write_reference(edge_folder, reference_profile(texts, edge_logits, list(splits.labels),
+                                                   scope_threshold=(scope or {}).get("threshold"),
+                                                   sample_size=sample_size, seed=seed))
 
 
-@task(name="publish-report", cache_policy=NO_CACHE)
-def publish_report_task(report: GapReport, gates: dict[str, dict], cfg, *, client=None, run_id: str | None = None):
+def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, client=None,
+                   run_id: str | None = None) -> dict:
     """The gap report three ways: Prefect markdown + table artifacts, HTML with plots and JSON in MLflow."""
     import json
     import tempfile
-    from pathlib import Path
 
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    title = f"Gap report: {cfg.name} (teacher vs compressed models)"
+    title = f"Gap report: {name} (teacher vs compressed models)"
     md = verdict_markdown(gates, report.not_evaluated) + "\n" + report.markdown(title)
-    create_markdown_artifact(key=f"{cfg.name}-gap-report", markdown=md, description=f"Evaluation parity for {cfg.name}")
+    create_markdown_artifact(key=f"{name}-gap-report", markdown=md, description=f"Evaluation parity for {name}")
     table = [{"suite": suite, "model": m, "n": v.get("n"), "accuracy": v.get("accuracy"),
               "low": ((v.get("ci") or {}).get("accuracy") or {}).get("low"),
               "high": ((v.get("ci") or {}).get("accuracy") or {}).get("high"),
@@ -420,14 +102,14 @@ def publish_report_task(report: GapReport, gates: dict[str, dict], cfg, *, clien
               if "accuracy" in v and "accuracy" in by_model.get("teacher", {}) else None,
               "fidelity": v.get("fidelity"), "kl_teacher": v.get("kl_teacher")}
              for suite, by_model in report.suites.items() for m, v in by_model.items()]
-    create_table_artifact(key=f"{cfg.name}-gap-table", table=table, description=f"Per-suite metrics of {cfg.name}")
+    create_table_artifact(key=f"{name}-gap-table", table=table, description=f"Per-suite metrics of {name}")
     data = {**report.to_dict(), "gates": gates, "seconds": report.seconds}
     html = None
     try:
         from distill_gap.evaluation.html_report import render_html
 
         html = render_html(report.to_dict(), title=title, gates=gates)
-    except ImportError:
+    except ImportError:  # matplotlib missing: the markdown and JSON still go out
         pass
     if client is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -437,3 +119,22 @@ def publish_report_task(report: GapReport, gates: dict[str, dict], cfg, *, clien
                 (Path(tmp) / "gap_report.html").write_text(html)
             client.log_artifacts(run_id, tmp, "evaluation")
     return data
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, *, seed: int, max_length: int,
+                  device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
+                  stress_models: list[str] | None = None, client=None, run_id: str | None = None) -> GapReport:
+    """Score every model on every suite (see `evaluate`), logging to the Prefect run."""
+    from prefect.logging import get_run_logger
+
+    return evaluate(models, splits, evaluate_cfg, drift_cfg, seed=seed, max_length=max_length, device=device,
+                    edge_model=edge_model, edge_folder=edge_folder, stress_models=stress_models, client=client,
+                    run_id=run_id, log=get_run_logger())
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_report_task(report: GapReport, gates: dict[str, dict], name: str, *, client=None,
+                        run_id: str | None = None) -> dict:
+    """Publish the gap report with its gates (see `publish_report`)."""
+    return publish_report(report, gates, name, client=client, run_id=run_id)

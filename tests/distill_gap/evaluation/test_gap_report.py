@@ -1,0 +1,134 @@
+"""The gap report: each model scored on its own, flags per suite and slice, calibration, OOD, stress and scope."""
+
+import numpy as np
+import pytest
+
+from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_logits,
+                                               gap_report, load_predictors, report_metrics, scope_record)
+from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
+                                                    one_hot_logits, three_class_splits, two_site_splits)
+
+
+def test_flags_a_slice_loss_hidden_by_the_aggregate():
+    truth = np.array([0] * 20 + [1] * 20)
+    student = truth.copy()
+    student[20:26] = 0  # loses 6 of 20 on slice s2 only
+    report = gap_report({"teacher": {"test": one_hot_logits(truth)}, "student": {"test": one_hot_logits(student)}},
+                        two_site_splits(), 0.02)
+    assert report.metric("test", "student") == 0.85
+    assert report.metric("slice:site=s1", "student") == 1.0
+    flagged = {(f["suite"], f["model"]) for f in report.flags}
+    assert ("slice:site=s2", "student") in flagged and ("slice:site=s1", "student") not in flagged
+    assert report.worst_slices("student")[0][0] == "slice:site=s2"
+    md = report.markdown()
+    assert "slice:site=s2" in md and "⚠" in md
+
+
+def test_intervals_calibration_ood_and_scope():
+    splits, rng = three_class_splits(), np.random.default_rng(0)
+    truth = np.arange(60) % 3
+    logits = {}
+    for m, wrong, scale in (("teacher", 0.1, 4.0), ("student", 0.3, 8.0)):  # the student is over-confident
+        logits[m] = {"test": confident_logits(truth, rng, scale, wrong),
+                     "validation": confident_logits(truth, rng, scale, wrong),
+                     "ood:far": rng.normal(0, 0.3, (60, 3)).astype(np.float32)}  # OOD: flat, low confidence
+    report = gap_report(logits, splits, 0.02, bootstrap_samples=200, seed=1)
+    ci = report.suites["test"]["student"]["ci"]["accuracy"]
+    assert ci["low"] <= report.metric("test", "student") <= ci["high"]
+    assert report.suites["slice:site=tiny"]["student"]["ci"]["accuracy"]["note"] == "n too small"
+    assert report.suites["test"]["student"]["kl_teacher"] > 0
+    assert "validation" not in report.suites and "train" not in report.suites  # they shaped the models
+    add_calibration_and_ood(report, logits, splits, scope_tpr=0.95, bootstrap_samples=50)
+    cal = report.calibration["student"]
+    assert cal["temperature"] > 1.0 and cal["ece_after"] < cal["ece_before"]  # scaling fixes over-confidence
+    assert report.ood["ood:far"]["teacher"]["msp"]["auroc"] > 0.9  # flat OOD logits are easy to detect
+    assert "drop_vs_teacher" in report.ood["ood:far"]["student"]["msp"]
+    assert 0 < report.scope["student"]["threshold"] < 1 and report.scope["student"]["tpr"] == 0.95
+    md = report.markdown()
+    assert "n too small" in md and "Calibration" in md and "OOD detection" in md
+
+    scope = scope_record(report, "student", splits)
+    assert scope["threshold"] == report.scope["student"]["threshold"] and scope["model"] == "student"
+    assert scope["data_digests"] == splits.digests() and "tiny" in {s.split("=")[1] for s in scope["slices"]}
+    assert scope["ood_sets"]["ood:far"]["auroc"] == report.ood["ood:far"]["student"]["msp"]["auroc"]
+    assert scope_record(report, "nobody", splits) is None
+
+    metrics = report_metrics(report)
+    assert metrics["student.test.accuracy"] == report.metric("test", "student")
+    assert metrics["student.test.ece_after_scaling"] == cal["ece_after"]
+    assert metrics["student.ood.far.msp_auroc"] == report.ood["ood:far"]["student"]["msp"]["auroc"]
+    assert "student.ood.far.msp_auroc_drop_low" in metrics and "teacher.ood.far.msp_auroc_drop_low" not in metrics
+    assert all(isinstance(v, float) for v in metrics.values()) and not any(k.endswith(".n") for k in metrics)
+
+
+def test_calibration_and_scope_without_a_validation_split_are_reported_missing():
+    splits = three_class_splits()
+    splits = type(splits)({k: v for k, v in splits.frames.items() if k != "validation"}, splits.labels, ["site"])
+    rng = np.random.default_rng(2)
+    logits = {"teacher": {"test": confident_logits(np.arange(60) % 3, rng, 3.0)}}
+    report = add_calibration_and_ood(gap_report(logits, splits), logits, splits)
+    assert report.calibration["teacher"]["temperature"] == 1.0 and "teacher" not in report.scope
+    assert report.not_evaluated == [{"model": "teacher", "suite": "calibration/scope",
+                                     "reason": "no validation split to fit the temperature and threshold on"}]
+
+
+def test_stress_suites_measure_flips_and_a_breaking_model_is_reported():
+    splits = three_class_splits()
+    logits = {m: {s: fn(splits[s]["text"].tolist()) for s in ("test", "validation", "ood:far")}
+              for m, fn in (("teacher", digit_teacher), ("edge", case_fragile_edge))}
+    report = gap_report(logits, splits)
+
+    def broken(texts):
+        raise RuntimeError("tokenizer exploded")
+
+    add_stress(report, {"teacher": digit_teacher, "edge": case_fragile_edge, "broken": broken}, splits,
+               ["teacher", "edge", "broken"], rows=40, seed=3)
+    assert set(report.stress) == {"typos", "casing", "whitespace", "punctuation", "truncation", "negation",
+                                  "domain_swap"}
+    assert report.stress["casing"]["edge"]["flip_rate"] > report.stress["casing"]["teacher"]["flip_rate"] + 0.05
+    assert report.stress["casing"]["edge"]["n"] == 40
+    assert report.not_evaluated == [{"model": "broken", "suite": "stress",
+                                     "reason": "RuntimeError: tokenizer exploded"}]
+    assert "Stress suites" in report.markdown()
+    empty = gap_report(logits, splits)
+    assert not add_stress(empty, {"teacher": digit_teacher}, splits, ["teacher"], rows=0, seed=3).stress
+
+
+def test_a_model_with_the_wrong_number_of_classes_is_not_evaluated_and_the_others_go_on():
+    splits = three_class_splits()
+
+    def three(texts):
+        return np.zeros((len(texts), 3), dtype=np.float32)
+
+    def two(texts):
+        return np.zeros((len(texts), 2), dtype=np.float32)
+
+    logits, missing = collect_logits({"teacher": three, "student": three, "broken": two}, splits)
+    assert set(logits) == {"teacher", "student"} and set(logits["student"]) == {"validation", "test", "ood:far"}
+    assert missing[0]["model"] == "broken" and "3 classes" in missing[0]["reason"]
+    report = gap_report(logits, splits, 0.02)
+    report.not_evaluated += missing
+    assert "not evaluated" in report.markdown()
+    with pytest.raises(Exception, match="3 classes"):  # the teacher is required
+        collect_logits({"teacher": two}, splits)
+
+
+def test_load_predictors_lists_what_cannot_be_loaded_and_requires_the_teacher(tiny_model_dir, tmp_path):
+    predictors, missing = load_predictors({"teacher": tiny_model_dir, "gone": tmp_path / "nothing"},
+                                          max_length=32, batch_size=8, device="cpu")
+    assert set(predictors) == {"teacher"} and predictors["teacher"](["a text", "another"]).shape == (2, 3)
+    assert missing[0]["model"] == "gone" and missing[0]["reason"].startswith("could not be loaded: ")
+    with pytest.raises(Exception, match="does not exist"):
+        load_predictors({"teacher": tmp_path / "nothing"}, max_length=32, batch_size=8, device="cpu")
+
+
+def test_report_dict_holds_every_section_and_the_worst_slices():
+    report = GapReport(models=["teacher", "student"], suites={
+        "slice:site=a": {"teacher": {"n": 12, "accuracy": 0.9}, "student": {"n": 12, "accuracy": 0.7}},
+        "slice:site=b": {"teacher": {"n": 12, "accuracy": 0.8}, "student": {"n": 12, "accuracy": 0.8}},
+        "slice:site=c": {"teacher": {"n": 3, "accuracy": 1.0}, "student": {"n": 3, "accuracy": 0.0}}})
+    assert [s for s, _ in report.worst_slices("student")] == ["slice:site=a", "slice:site=b"]  # c: under 10 rows
+    d = report.to_dict()
+    assert set(d) == {"models", "labels", "threshold", "suites", "flags", "calibration", "ood", "stress", "scope",
+                      "not_evaluated", "worst_slices"}
+    assert d["worst_slices"]["student"][0] == ("slice:site=a", pytest.approx(-0.2))
