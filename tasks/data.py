@@ -6,12 +6,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distill_gap.data.splits import Splits, load_splits
+from distill_gap.ops.transient import retry_if_transient
 
 
 @task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=lambda task, run, state: "cannot reach S3" in str(state.message or ""))
+      retry_condition_fn=retry_if_transient)
 def load_data(data, seed: int) -> Splits:
-    """Read and split the data set; retried only when S3 is unreachable."""
+    """Read and split the data set; retried only on transient errors (an S3 endpoint that cannot be reached)."""
     from prefect.logging import get_run_logger
 
     splits = load_splits(data, seed)

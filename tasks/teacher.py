@@ -7,6 +7,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from distill_gap.ops.transient import retry_if_transient
+
 
 def resolve_teacher(cfg, cache_root: str | Path = ".distill/models"):
     """The teacher through the registry only (exact version, or the alias), checked against the label set."""
@@ -21,7 +23,7 @@ def resolve_teacher(cfg, cache_root: str | Path = ".distill/models"):
 
 
 @task(name="resolve-teacher", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=lambda task, run, state: "ConnectionError" in str(state.message or ""))
+      retry_condition_fn=retry_if_transient)
 def resolve_teacher_task(cfg):
     """Resolve the pinned teacher version in the registry and verify its digest."""
     from prefect.logging import get_run_logger

@@ -108,7 +108,7 @@ def _read_bytes(uri: str) -> bytes:
             code = err.response.get("Error", {}).get("Code", "")
             raise DistillError(f"cannot read {uri}: {code or err}", "check the bucket, key and AWS credentials") from None
         except BotoCoreError as err:
-            raise DistillError(f"cannot reach S3 for {uri}: {err}", "check AWS_ENDPOINT_URL and network access") from None
+            raise DistillError(f"cannot reach S3 for {uri}: {err}", "check AWS_ENDPOINT_URL and network access") from err
     path = Path(uri.removeprefix("file://"))
     if not path.is_file():
         raise DistillError(f"data file not found: {path}", "fix the path under data: in the config (paths are relative to the working directory)")
