@@ -94,7 +94,7 @@ def main() -> None:
     from distill_gap.data.splits import load_splits
     from distill_gap.digest import tokenizer_digest
     from tasks.distill import distill_student
-    from tasks.soft_labels import ensure_soft_labels
+    from distill_gap.softlabels.labelling import ensure_soft_labels
     from distill_gap.kd.teacher import bootstrap_teacher
     from tasks.teacher import resolve_teacher
 

@@ -56,7 +56,7 @@ def labelling(tmp: Path, texts: list[str]) -> dict:
     import torch
     from transformers import pipeline
 
-    import tasks.soft_labels as sl
+    import distill_gap.softlabels.engines as sl
 
     torch.set_num_threads(THREADS)
     sl.ONNX_CACHE = tmp / "onnx"
@@ -82,7 +82,7 @@ def labelling(tmp: Path, texts: list[str]) -> dict:
 
 def cache_hit_ratio(tmp: Path, teacher: Path, ids: list[str], texts: list[str]) -> dict:
     from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
-    from tasks.soft_labels import ensure_soft_labels
+    from distill_gap.softlabels.labelling import ensure_soft_labels
 
     args = dict(teacher_dir=teacher, teacher_digest=model_digest(teacher), tokenizer_digest=tokenizer_digest(teacher),
                 data_digest=sha256_json(ids), ids=ids, texts=texts, labels=LABELS, max_length=MAX_LENGTH,
@@ -101,7 +101,7 @@ def cache_hit_ratio(tmp: Path, teacher: Path, ids: list[str], texts: list[str]) 
 
 
 def topk_ratio(tmp: Path, n: int = 2000, classes: int = 32000, k: int = 16) -> float:
-    from tasks.soft_labels import SoftLabelStore
+    from distill_gap.softlabels.store import SoftLabelStore
 
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=3.0, size=(n, classes)).astype(np.float32)
@@ -115,7 +115,7 @@ def topk_ratio(tmp: Path, n: int = 2000, classes: int = 32000, k: int = 16) -> f
 _RSS_CHILD = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
-from tasks.soft_labels import SoftLabelStore
+from distill_gap.softlabels.store import SoftLabelStore
 n, c = 1_000_000, 10
 ids = [f"e{i}" for i in range(n)]
 logits = np.random.default_rng(0).normal(size=(n, c)).astype(np.float32)

@@ -241,7 +241,7 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
     """The soft-label entry: every shard re-hashed against its manifest; the manifest against its Statement."""
     from distill_gap.softlabels.maintenance import verify_entry
     from distill_gap.digest import sha256_json
-    from tasks.soft_labels import SoftLabelStore
+    from distill_gap.softlabels.store import SoftLabelStore
 
     uri, key = tags.get("soft_labels.uri"), tags.get("soft_labels.key")
     store_uri = uri.rsplit("/", 1)[0]

@@ -1,7 +1,7 @@
 """Soft-label cache administration: plain functions behind `distill cache ls|show|verify|gc`.
 
-No Prefect here. Entries live under `<store>/<key>/` (tasks.soft_labels): an entry is complete when
-its `manifest.json` exists. Garbage collection deletes the manifest first, so an entry being removed
+No Prefect here. Entries live under `<store>/<key>/` (store.py): an entry is complete when its
+`manifest.json` exists. Garbage collection deletes the manifest first, so an entry being removed
 turns incomplete (never half-complete) before its shards go.
 """
 
@@ -16,11 +16,12 @@ from pathlib import Path
 
 from distill_gap.digest import sha256_bytes
 from distill_gap.errors import DistillError
-from tasks.soft_labels import MANIFEST, SoftLabelStore, _FileBackend, _S3Backend
+from distill_gap.softlabels.backends import FileBackend, S3Backend
+from distill_gap.softlabels.cache_key import KEY_RE
+from distill_gap.softlabels.shards import SHARD_RE
+from distill_gap.softlabels.store import MANIFEST, SoftLabelStore
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
 TAG = "soft_labels.key"
 INCOMPLETE_MAX_AGE_S = 3600.0
 
@@ -46,14 +47,14 @@ class _Entry:
 def _inventory(backend) -> dict[str, _Entry]:
     """Every object under a key folder, with its size and modification time, in one listing."""
     objects: dict[str, tuple[int, float]] = {}
-    if isinstance(backend, _FileBackend):
+    if isinstance(backend, FileBackend):
         root: Path = backend.root
         if root.is_dir():
             for p in root.rglob("*"):
                 if p.is_file():              # dotfiles too: an interrupted write's temp files
                     st = p.stat()
                     objects[p.relative_to(root).as_posix()] = (st.st_size, st.st_mtime)
-    elif isinstance(backend, _S3Backend):
+    elif isinstance(backend, S3Backend):
         start = f"{backend.prefix}/" if backend.prefix else ""
         with backend._errors("list"):
             for page in backend.client.get_paginator("list_objects_v2").paginate(Bucket=backend.bucket,
@@ -65,14 +66,14 @@ def _inventory(backend) -> dict[str, _Entry]:
     entries: dict[str, _Entry] = {}
     for rel, info in objects.items():
         key, _, rest = rel.partition("/")
-        if rest and _KEY_RE.match(key):
+        if rest and KEY_RE.match(key):
             entries.setdefault(key, _Entry(key)).objects[rel] = info
     return entries
 
 
 def delete(backend, rel: str) -> None:
     """Remove one object (missing is fine); on file:// also prune folders left empty."""
-    if isinstance(backend, _FileBackend):
+    if isinstance(backend, FileBackend):
         path = backend.root / rel
         try:
             os.remove(path)
@@ -85,7 +86,7 @@ def delete(backend, rel: str) -> None:
             except OSError:
                 break
             parent = parent.parent
-    elif isinstance(backend, _S3Backend):
+    elif isinstance(backend, S3Backend):
         with backend._errors(f"delete {rel}"):
             backend.client.delete_object(Bucket=backend.bucket, Key=backend._key(rel))
     else:  # pragma: no cover
@@ -190,7 +191,7 @@ def verify_entry(store_uri: str, key: str) -> dict:
     for shard in manifest.get("shards", []):
         name = str(shard.get("name"))
         problem = None
-        if not _SHARD_RE.match(name):
+        if not SHARD_RE.match(name):
             problem = f"invalid shard name {name!r} in the manifest"
         else:
             data = store._backend.get(f"{full}/shards/{name}")

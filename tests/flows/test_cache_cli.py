@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.soft_labels import SoftLabelStore
+from distill_gap.softlabels.store import SoftLabelStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

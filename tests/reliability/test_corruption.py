@@ -22,7 +22,9 @@ import pytest
 from flows.config import load_config
 from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
 from distill_gap.errors import DistillError
-from tasks.soft_labels import SoftLabelStore, ensure_soft_labels, is_transient
+from distill_gap.ops.transient import is_transient
+from distill_gap.softlabels.labelling import ensure_soft_labels
+from distill_gap.softlabels.store import SoftLabelStore
 from tests.conftest import LABELS
 
 pytestmark = pytest.mark.reliability

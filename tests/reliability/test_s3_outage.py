@@ -157,7 +157,7 @@ def _versions(cfg) -> dict[str, int]:
 def test_endpoint_down_10s_during_shard_writes_is_retried_and_the_run_completes(workspace, proxy, moto_client):
     from flows.pipeline import distill_pipeline
     from distill_gap.softlabels.maintenance import show_entry, verify_entry
-    from tasks.soft_labels import MANIFEST, SoftLabelStore
+    from distill_gap.softlabels.store import MANIFEST, SoftLabelStore
 
     prefix = "flaky"
     store_uri = f"s3://{BUCKET}/{prefix}"
@@ -221,7 +221,8 @@ def test_endpoint_down_for_good_fails_clearly_and_leaves_only_whole_shards(works
     from flows.pipeline import distill_pipeline
     from distill_gap.data.splits import load_splits
     from distill_gap.digest import sha256_bytes, tokenizer_digest
-    from tasks.soft_labels import _decode_shard, ensure_soft_labels, plan_soft_labels
+    from distill_gap.softlabels.labelling import ensure_soft_labels, plan_soft_labels
+    from distill_gap.softlabels.shards import decode_shard
     from tasks.teacher import resolve_teacher
 
     prefix = "gone"
@@ -264,7 +265,7 @@ def test_endpoint_down_for_good_fails_clearly_and_leaves_only_whole_shards(works
         assert sorted(left) == [f"{prefix}/{plan.key}/shards/part-00000.parquet"], sorted(left)
         jobs = {f"{prefix}/{plan.key}/shards/{job.name}": job for job in plan.jobs()}
         for key, data in left.items():
-            got_ids, logits = _decode_shard(data, key)      # Parquet page checksums: a torn object fails here
+            got_ids, logits = decode_shard(data, key)      # Parquet page checksums: a torn object fails here
             assert got_ids == jobs[key].ids and logits.shape == (len(got_ids), len(splits.labels))
 
         # no registry version, the MLflow run and its soft-labels stage FAILED, nothing left RUNNING

@@ -11,7 +11,7 @@ import pytest
 
 from distill_gap.softlabels.maintenance import gc_entries, list_entries, referenced_keys, show_entry, verify_entry
 from distill_gap.errors import DistillError
-from tasks.soft_labels import MANIFEST, SoftLabelStore
+from distill_gap.softlabels.store import MANIFEST, SoftLabelStore
 
 
 def _key(i: int) -> str:

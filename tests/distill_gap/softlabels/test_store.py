@@ -1,21 +1,39 @@
-"""Top-k soft-label storage: exact top-k probabilities and residual mass, key identity, size on disk."""
+"""SoftLabelStore on file:// and s3:// (moto on loopback): round trips, create-only manifests, damage detected,
+top-k entries (exact top-k probabilities and residual mass), size on disk."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
 from distill_gap.errors import DistillError
-from tasks.soft_labels import SoftLabelStore, _encode_shard, cache_key, ensure_soft_labels
-# Module fixtures of the full-mode tests (the sharp tiny teacher and its review rows), reused here.
-from tests.tasks.test_soft_labels import rows, sharp_teacher_dir, teacher  # noqa: F401
+from distill_gap.softlabels.cache_key import cache_key
+from distill_gap.softlabels.shards import encode_shard
+from distill_gap.softlabels.store import SoftLabelStore
 
 META = {"teacher": {"name": "t"}}
+
+
+def _key(**change):
+    args = dict(teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
+                labels=["negative", "neutral", "positive"])
+    return cache_key(**{**args, **change})
 
 
 def _key_args(c=200, **change):
     return {**dict(teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
                    labels=[f"class-{i}" for i in range(c)]), **change}
+
+
+def _entry_files(tmp_path):
+    return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def _random_entry(n=100, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"ex-{i}" for i in range(n)], rng.normal(size=(n, c)).astype(np.float32) * 4
 
 
 def _entry(n=50, c=200, seed=0, scale=3.0):
@@ -41,14 +59,105 @@ def _shard_bytes(root, key):
     return sum(p.stat().st_size for p in (root / key / "shards").glob("*.parquet"))
 
 
-# ------------------------------------------------------------------------------------ round trip
+# ------------------------------------------------------------------------------ full round trip
 
 
-@pytest.fixture(params=["file", "s3"])
-def store_uri(request, tmp_path):
-    if request.param == "file":
-        return f"file://{tmp_path}/store"
-    return f"s3://{request.getfixturevalue('s3_bucket')}/soft-labels/topk"
+@pytest.mark.parametrize("dtype,atol", [("float16", 5e-3), ("float32", 0.0)])
+def test_write_then_read_round_trip(store_uri, dtype, atol):
+    store = SoftLabelStore(store_uri)
+    ids, logits = _random_entry()
+    key = _key()
+    assert store.manifest(key) is None and store.list_keys() == []
+
+    manifest = store.write(key, ids, logits, dtype=dtype, shard_size=30, meta=META)
+
+    assert store.manifest(key) == manifest
+    assert [s["rows"] for s in manifest["shards"]] == [30, 30, 30, 10]
+    assert [s["name"] for s in manifest["shards"]][0] == "part-00000.parquet"
+    assert manifest["num_examples"] == 100 and manifest["num_classes"] == 3 and manifest["dtype"] == dtype
+    assert manifest["teacher"] == {"name": "t"} and manifest["created_at"].endswith("+00:00")
+    got_ids, got = store.read(key)
+    assert got_ids == ids and got.dtype == np.float32
+    np.testing.assert_allclose(got, logits, atol=atol, rtol=1e-3 if atol else 0)
+    assert store.list_keys() == [key]
+
+
+def test_file_store_layout_and_parquet_schema(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = SoftLabelStore(str(tmp_path))          # a plain path works too
+    ids, logits = _random_entry(n=10)
+    store.write(_key(), ids, logits, shard_size=8, meta=META)
+    assert _entry_files(tmp_path) == [f"{_key()}/manifest.json", f"{_key()}/shards/part-00000.parquet",
+                                      f"{_key()}/shards/part-00001.parquet"]
+    table = pq.read_table(tmp_path / _key() / "shards" / "part-00000.parquet")
+    assert str(table.schema.field("id").type) == "string"
+    assert str(table.schema.field("logits").type) == "fixed_size_list<element: halffloat>[3]"
+    assert store.uri == f"file://{tmp_path}"
+
+
+def test_manifest_is_create_only(store_uri):
+    """A second write under the same key changes nothing: the first complete entry stands."""
+    store = SoftLabelStore(store_uri)
+    ids, first = _random_entry(seed=1)
+    _, second = _random_entry(seed=2)
+    key = _key()
+    m1 = store.write(key, ids, first, shard_size=40, meta=META)
+
+    m2 = store.write(key, ids, second, shard_size=40, meta={"teacher": {"name": "other"}})
+
+    assert m2 == m1 and store.manifest(key) == m1
+    np.testing.assert_allclose(store.read(key)[1], first, atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_corrupted_shard_is_detected(store_uri, damage):
+    store = SoftLabelStore(store_uri)
+    ids, logits = _random_entry()
+    key = _key()
+    store.write(key, ids, logits, shard_size=40, meta=META)
+    rel = f"{key}/shards/part-00001.parquet"
+    data = store._backend.get(rel)
+    if damage == "flip":
+        data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+    elif damage == "truncate":
+        data = data[:-20]
+    if damage == "missing":
+        if store_uri.startswith("file://"):
+            (store._backend.root / rel).unlink()
+        else:
+            store._backend.client.delete_object(Bucket=store._backend.bucket, Key=store._backend._key(rel))
+    else:
+        store._backend.put(rel, data)
+
+    with pytest.raises(DistillError, match="part-00001.parquet") as err:
+        store.read(key)
+    assert "delete" in str(err.value)
+
+
+def test_manifest_json_is_readable_by_other_tools(tmp_path):
+    store = SoftLabelStore(tmp_path)
+    ids, logits = _random_entry(n=5)
+    store.write(_key(), ids, logits, meta={"key_inputs": dict(
+        teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
+        labels=["negative", "neutral", "positive"]), "teacher": {"name": "t"}})
+    manifest = json.loads((tmp_path / _key() / "manifest.json").read_text())
+    assert cache_key(**manifest["key_inputs"]) == manifest["key"] == _key()
+    assert set(manifest) >= {"key", "key_inputs", "teacher", "dtype", "num_examples", "num_classes", "shards",
+                             "created_at", "format_version"}
+    with pytest.raises(ValueError, match="does not hash to the key"):
+        store.write(_key(max_length=7), ids, logits, meta={"key_inputs": manifest["key_inputs"]})
+
+
+def test_fp16_overflow_is_refused(tmp_path):
+    ids, logits = _random_entry(n=4)
+    logits[0, 0] = 1e6
+    with pytest.raises(DistillError, match="float32"):
+        SoftLabelStore(tmp_path).write(_key(), ids, logits, meta=META)
+    assert SoftLabelStore(tmp_path).write(_key(), ids, logits, dtype="float32", meta=META)["dtype"] == "float32"
+
+
+# ------------------------------------------------------------------------------------ top-k entries
 
 
 # fp16 logits of |x| < 16 are within 2**-8 of the original: probabilities within about 2 * 2**-8 relative.
@@ -91,26 +200,6 @@ def test_top_k_probabilities_and_residual_mass_are_reconstructed(store_uri, dtyp
     assert (rest_logits[:, 0] <= np.take_along_axis(got, idx, 1).min(1)).all()
 
 
-def test_top_k_shard_schema(tmp_path):
-    import pyarrow.parquet as pq
-
-    ids, logits = _entry(n=10, c=50)
-    key = cache_key(**_key_args(c=50, top_k=4))
-    SoftLabelStore(tmp_path).write(key, ids, logits, meta=META, top_k=4)
-    table = pq.read_table(tmp_path / key / "shards" / "part-00000.parquet")
-    assert table.column_names == ["id", "indices", "logits", "lse_rest"]
-    assert str(table.schema.field("indices").type) == "fixed_size_list<element: uint16>[4]"
-    assert str(table.schema.field("logits").type) == "fixed_size_list<element: halffloat>[4]"
-    assert str(table.schema.field("lse_rest").type) == "float"
-    # Largest first, and lse_rest really is the log-sum-exp of the other logits.
-    idx = np.stack(table.column("indices").to_pylist())
-    assert np.array_equal(idx, np.argsort(-logits, axis=1, kind="stable")[:, :4])
-    rest = logits.astype(np.float64).copy()
-    np.put_along_axis(rest, idx.astype(np.int64), -np.inf, 1)
-    expect = np.log(np.exp(rest).sum(1))
-    np.testing.assert_allclose(table.column("lse_rest").to_numpy(), expect, rtol=1e-6)
-
-
 def test_wide_label_space_uses_int32_indices(tmp_path):
     ids, logits = _entry(n=3, c=70_000)
     key = cache_key(**_key_args(c=70_000, top_k=5))
@@ -147,35 +236,13 @@ def test_full_mode_is_unchanged(tmp_path):
     assert manifest["columns"] == {"id": "string", "logits": "fixed_size_list<float16>[7]"}
     for i, start in enumerate(range(0, 20, 8)):
         shard = (tmp_path / key / "shards" / f"part-{i:05d}.parquet").read_bytes()
-        assert shard == _encode_shard(ids[start:start + 8], logits[start:start + 8].astype(np.float16))
+        assert shard == encode_shard(ids[start:start + 8], logits[start:start + 8].astype(np.float16))
     np.testing.assert_allclose(store.read(key)[1], logits, atol=5e-3, rtol=1e-3)
 
 
-# ------------------------------------------------------------------------------------------- key
-
-
-def test_key_includes_top_k_only_when_set():
-    full = cache_key(**_key_args())
-    assert cache_key(**_key_args(), top_k=None) == full
-    top16 = cache_key(**_key_args(top_k=16))
-    assert top16 != full and top16 != cache_key(**_key_args(top_k=17))
-    assert cache_key(**_key_args(top_k=np.int64(16))) == top16
-
-
-def test_full_key_is_the_pre_top_k_key():
-    """The key without top_k is the same sha256 of the same five inputs as before."""
-    from distill_gap.digest import sha256_json
-
-    args = _key_args(c=3)
-    assert cache_key(**args) == sha256_json(args)
-    assert cache_key(**args, top_k=2) == sha256_json({**args, "top_k": 2})
-
-
 @pytest.mark.parametrize("bad", [0, -1, 200, 201, True, 2.5, "4"])
-def test_invalid_top_k_is_refused(tmp_path, bad):
+def test_invalid_top_k_is_refused_before_anything_is_written(tmp_path, bad):
     ids, logits = _entry(n=4)
-    with pytest.raises(DistillError, match="top_k"):
-        cache_key(**_key_args(top_k=bad))
     with pytest.raises(DistillError, match="top_k"):
         SoftLabelStore(tmp_path).write(cache_key(**_key_args()), ids, logits, meta=META, top_k=bad)
     assert list(tmp_path.iterdir()) == []
@@ -207,35 +274,3 @@ def test_top_k_entry_is_a_small_fraction_of_the_full_one(tmp_path):
     print(f"\ntop-{k} / full fp16 shard bytes: {top} / {full} = {ratio:.5f}")
     assert full > n * c                    # fp16 noise hardly compresses: ~2 bytes a logit
     assert ratio <= 0.10
-
-
-# ----------------------------------------------------------------------------- ensure_soft_labels
-
-
-def test_ensure_soft_labels_top_k_miss_hit_and_resume(tmp_path, teacher):
-    full = ensure_soft_labels(tmp_path, **teacher)
-    first = ensure_soft_labels(tmp_path, **teacher, top_k=2)
-    assert first.hit is False and first.key != full.key and first.manifest["top_k"] == 2
-    assert first.manifest["key_inputs"]["top_k"] == 2 and "top_k" not in full.manifest["key_inputs"]
-    assert first.logits.shape == full.logits.shape
-    # Top-2 of 3 classes: the probabilities of the two largest logits and of the third are all exact.
-    np.testing.assert_allclose(_softmax(first.logits), _softmax(full.logits), rtol=3e-3, atol=0)
-
-    second = ensure_soft_labels(tmp_path, **{**teacher, "teacher_dir": tmp_path / "gone"}, top_k=2)
-    assert second.hit and np.array_equal(second.logits, first.logits) and second.manifest == first.manifest
-    # A full request still gets the full entry, not the top-k one.
-    again_full = ensure_soft_labels(tmp_path, **{**teacher, "teacher_dir": tmp_path / "gone"})
-    assert again_full.hit and again_full.key == full.key and np.array_equal(again_full.logits, full.logits)
-
-    # Resume: the manifest and one shard are gone; the other top-k shards are reused, not relabelled.
-    (tmp_path / first.key / "manifest.json").unlink()
-    (tmp_path / first.key / "shards" / "part-00001.parquet").unlink()
-    resumed = ensure_soft_labels(tmp_path, **teacher, top_k=2)
-    assert resumed.labelled == 32 and resumed.manifest["produced_by"]["reused_shards"] == 2
-    np.testing.assert_allclose(resumed.logits, first.logits, atol=4e-3)
-
-
-def test_ensure_soft_labels_refuses_bad_top_k(tmp_path, teacher):
-    with pytest.raises(DistillError, match="top_k"):
-        ensure_soft_labels(tmp_path, **teacher, top_k=3)              # 3 labels: k must be < 3
-    assert list(tmp_path.iterdir()) == []

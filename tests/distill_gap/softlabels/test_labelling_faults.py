@@ -2,7 +2,7 @@
 
 A labelling process SIGKILLed mid-write, two processes labelling one key at once, a flipped byte in
 a stored shard, and an S3 endpoint that is down. The labelling runs in real subprocesses
-(tests/tasks/_labelling_worker.py) so that a kill and a race are what a real run would meet.
+(tests/distill_gap/softlabels/_labelling_worker.py) so that a kill and a race are what a real run would meet.
 """
 
 from __future__ import annotations
@@ -21,32 +21,23 @@ import pytest
 
 from distill_gap.digest import model_digest, sha256_json, tokenizer_digest
 from distill_gap.errors import DistillError
-from tasks.soft_labels import SoftLabelStore, ensure_soft_labels, is_transient
+from distill_gap.ops.transient import is_transient
+from distill_gap.softlabels.labelling import ensure_soft_labels
+from distill_gap.softlabels.store import SoftLabelStore
 from tests.conftest import LABELS
-from tests.helpers import sharpened_teacher
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("_labelling_worker.py")
-FP16_ATOL = 4e-3      # as in test_soft_labels.py: fp16 storage plus padding-dependent fp32 rounding
+FP16_ATOL = 4e-3      # as in test_labelling.py: fp16 storage plus padding-dependent fp32 rounding
 N = 96                # rows labelled per test
 SHARD = 16            # six shards of 16
 PREFIX = "soft-labels/v1"
 
 
 @pytest.fixture(scope="module")
-def rows(review_frame):
-    return review_frame.head(N)
-
-
-@pytest.fixture(scope="module")
-def sharp_teacher_dir(tiny_model_dir, rows, tmp_path_factory):
-    """The tiny teacher with logits that differ ~1 from text to text (tests.helpers.sharpened_teacher)."""
-    return sharpened_teacher(tiny_model_dir, rows["text"].tolist(), tmp_path_factory.mktemp("sharp-teacher-faults"))
-
-
-@pytest.fixture(scope="module")
 def teacher(sharp_teacher_dir, rows):
-    """JSON-able keyword arguments of ensure_soft_labels (also what the worker gets)."""
+    """JSON-able keyword arguments of ensure_soft_labels (also what the worker gets); the package's
+    sharp teacher and review rows (conftest.py), six shards of 16."""
     return dict(teacher_dir=str(sharp_teacher_dir), teacher_digest=model_digest(sharp_teacher_dir),
                 tokenizer_digest=tokenizer_digest(sharp_teacher_dir),
                 data_digest=sha256_json(rows[["id", "text", "label"]].values.tolist()),

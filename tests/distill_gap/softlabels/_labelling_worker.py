@@ -1,6 +1,6 @@
-"""Subprocess worker for tests/tasks/test_soft_labels_faults.py: one ensure_soft_labels call on a store.
+"""Subprocess worker for tests/distill_gap/softlabels/test_labelling_faults.py: one ensure_soft_labels call on a store.
 
-    python tests/tasks/_labelling_worker.py ARGS.json
+    python tests/distill_gap/softlabels/_labelling_worker.py ARGS.json
 
 ARGS.json holds the keyword arguments of ensure_soft_labels plus `store_uri` and `out` (a folder the
 worker writes `logits.npy` and `result.json` to). AWS_* settings come from the environment.
@@ -37,7 +37,8 @@ def _wait_for_parties(folder: Path, parties: int) -> None:
 def main(args_path: str) -> int:
     import numpy as np
 
-    import tasks.soft_labels as sl
+    from distill_gap.softlabels.backends import S3Backend
+    from distill_gap.softlabels.labelling import ensure_soft_labels
 
     args = json.loads(Path(args_path).read_text())
     out = Path(args.pop("out"))
@@ -45,7 +46,7 @@ def main(args_path: str) -> int:
 
     # Record every create-only put and whether it won (a race shows up as False).
     outcomes = []
-    plain_put_new = sl._S3Backend.put_new
+    plain_put_new = S3Backend.put_new
     barrier = os.environ.get("WORKER_WRITE_BARRIER")
 
     def recording_put_new(self, rel, data):
@@ -55,12 +56,12 @@ def main(args_path: str) -> int:
         outcomes.append([rel, won])
         return won
 
-    sl._S3Backend.put_new = recording_put_new
+    S3Backend.put_new = recording_put_new
 
     hang_after = int(os.environ.get("WORKER_HANG_AFTER_SHARDS", "0"))
     if hang_after:
         marker = Path(os.environ["WORKER_HANG_MARKER"])
-        original = sl._S3Backend.put_new
+        original = S3Backend.put_new
         created = []
 
         def put_new(self, rel, data):
@@ -72,7 +73,7 @@ def main(args_path: str) -> int:
                     time.sleep(120)          # killed here by the test
             return done
 
-        sl._S3Backend.put_new = put_new
+        S3Backend.put_new = put_new
 
     go = os.environ.get("WORKER_GO_FILE")
     if go:
@@ -84,7 +85,7 @@ def main(args_path: str) -> int:
                 return 3
             time.sleep(0.01)
 
-    result = sl.ensure_soft_labels(store_uri, progress=False, **args)
+    result = ensure_soft_labels(store_uri, progress=False, **args)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "logits.npy", result.logits)
     (out / "result.json").write_text(json.dumps({
