@@ -1,7 +1,8 @@
 """The teacher pass of soft labelling: torch, or the same teacher exported to ONNX and run by ONNX Runtime.
 
-One loaded teacher per process (and per Dask worker); the ONNX export is cached by the teacher's digest
-and checked against torch before it is used.
+Both load through the one predictor (distill_gap/inference/predictor.py): the teacher folder with runtime
+"transformers", its ONNX export with runtime "onnxruntime". One loaded teacher per process (and per Dask
+worker); the ONNX export is cached by the teacher's digest and checked against torch before it is used.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import numpy as np
 
 from distill_gap.digest import model_digest, sha256_file
 from distill_gap.errors import DistillError
-from distill_gap.inference.batching import length_sorted_batches, pad_batch, predict_logits
-from distill_gap.models.loading import load_classifier
-from distill_gap.ops.runtime import progress_disabled, select_device
+from distill_gap.inference.predictor import Predictor, load_predictor
+from distill_gap.ops.runtime import select_device
 
 ENGINES = ("auto", "torch", "onnxruntime")
 ONNX_CACHE = Path(".distill/onnx")
 _ONNX_PARITY_ATOL = 1e-3        # max |ORT - torch| logit difference accepted on the check texts
-_PREDICTORS: dict[tuple, object] = {}   # one loaded teacher per process (and per Dask worker)
+_PREDICTORS: dict[tuple, Predictor] = {}   # one loaded teacher per process (and per Dask worker)
 
 
 def resolve_engine(engine: str, device: str) -> str:
@@ -39,7 +39,8 @@ def onnx_teacher(teacher_dir, digest: str, cache_root: str | Path | None = None)
     """The teacher exported to ONNX by optimum, cached under `<cache_root>/<teacher digest>/model.onnx`.
 
     The export is written to a temporary folder and renamed into place; a `model.onnx.sha256` sidecar
-    written with it must match before a cached export is used.
+    written with it must match before a cached export is used. optimum writes the teacher's config and
+    tokenizer beside model.onnx, so the folder loads with load_predictor(..., runtime="onnxruntime").
     """
     import shutil
 
@@ -67,75 +68,37 @@ def onnx_teacher(teacher_dir, digest: str, cache_root: str | Path | None = None)
     return out
 
 
-class _OrtTeacher:
-    """ONNX Runtime session over an exported teacher; same batching as distill_gap.inference.batching.predict_logits."""
-
-    def __init__(self, onnx_dir: Path, tokenizer, threads: int | None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), options, providers=providers)
-        self.tokenizer = tokenizer
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.num_labels = self.session.get_outputs()[0].shape[-1]
-
-    def __call__(self, texts: Sequence[str], *, batch_size: int, max_length: int, desc: str | None) -> np.ndarray:
-        from tqdm.auto import tqdm
-
-        out = np.zeros((len(texts), self.num_labels), dtype=np.float32)     # (N, C)
-        if not len(texts):
-            return out
-        enc = self.tokenizer([str(t) for t in texts], truncation=True, max_length=max_length)
-        pad_id = self.tokenizer.pad_token_id or 0
-        batches = length_sorted_batches([len(x) for x in enc["input_ids"]], batch_size)
-        for idx in tqdm(batches, desc=desc, unit="batch", disable=desc is None or progress_disabled()):
-            out[idx] = self.session.run(None, pad_batch(enc, idx, pad_id, self.names))[0]  # (B, C)
-        return out
-
-
-def _predictor(teacher_dir, *, engine: str, device: str, threads: int | None = None):
-    """A callable texts -> (N, C) logits for the teacher, loaded once per process and engine.
+def _predictor(teacher_dir, *, engine: str, device: str, max_length: int, threads: int | None = None) -> Predictor:
+    """The teacher as a Predictor, loaded once per process, engine and settings.
 
     The ONNX engine is checked against torch on a few texts the first time (max |diff| <= 1e-3);
     with engine auto an export or parity failure falls back to torch with a warning.
     """
-    import torch
-
     requested = engine
     engine = resolve_engine(engine, device)
-    cache_key_ = (str(Path(teacher_dir).resolve()), requested, device, threads)
+    cache_key_ = (str(Path(teacher_dir).resolve()), requested, device, threads, max_length)
     if cache_key_ in _PREDICTORS:
         return _PREDICTORS[cache_key_]
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer = load_classifier(teacher_dir)
-
-    def torch_predict(texts, *, batch_size, max_length, desc=None):
-        return predict_logits(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device,
-                              desc=desc)
-
-    predict = torch_predict
+    predictor = load_predictor(teacher_dir, runtime="transformers", max_length=max_length, device=device,
+                               threads=threads)
     if engine == "onnxruntime":
         try:
-            ort_predict = _OrtTeacher(onnx_teacher(teacher_dir, model_digest(teacher_dir)), tokenizer, threads)
+            onnx_dir = onnx_teacher(teacher_dir, model_digest(teacher_dir))
+            ort = load_predictor(onnx_dir, runtime="onnxruntime", max_length=max_length, threads=threads)
             probe = ["an onnx parity probe", "the teacher must agree with itself " * 8, "short"]
-            diff = float(np.abs(ort_predict(probe, batch_size=3, max_length=64, desc=None)
-                                - torch_predict(probe, batch_size=3, max_length=64)).max())
+            diff = float(np.abs(ort.predict_logits(probe, batch_size=3)
+                                - predictor.predict_logits(probe, batch_size=3)).max())
             if not diff <= _ONNX_PARITY_ATOL:
                 raise DistillError(f"the teacher's ONNX export differs from torch by {diff:.2g} (> {_ONNX_PARITY_ATOL})",
                                    "set soft_labels.engine: torch")
-            predict = ort_predict
-            model = None                  # the torch copy is no longer needed
+            predictor = ort               # the torch copy is no longer needed
         except Exception as err:  # noqa: BLE001 - auto falls back, an explicit request fails
             if requested == "onnxruntime":
                 raise
             warn(f"ONNX Runtime teacher unavailable ({err}); labelling with torch instead")
     _PREDICTORS.clear()                   # one teacher at a time: memory stays bounded
-    _PREDICTORS[cache_key_] = predict
-    return predict
+    _PREDICTORS[cache_key_] = predictor
+    return predictor
 
 
 def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
@@ -153,8 +116,8 @@ def teacher_logits(model_dir, texts: Sequence[str], *, batch_size: int = 32, max
     elif str(device).startswith("cuda") and not torch.cuda.is_available():
         raise DistillError(f"device {device!r} asked for but no CUDA device is available",
                            "set runtime.device to auto or cpu")
-    predict = _predictor(model_dir, engine=engine, device=device, threads=threads)
-    return predict(list(texts), batch_size=batch_size, max_length=max_length, desc="teacher logits" if progress else None)
+    predictor = _predictor(model_dir, engine=engine, device=device, max_length=max_length, threads=threads)
+    return predictor.predict_logits(list(texts), batch_size=batch_size, desc="teacher logits" if progress else None)
 
 
 def warn(message: str) -> None:
