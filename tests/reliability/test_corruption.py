@@ -4,8 +4,8 @@ Stores: soft labels on S3 (a moto server on 127.0.0.1): shards and the manifest;
 (SQLite registry, file artifacts) holding a registered, signed teacher; the same store holding a registered,
 signed edge model served by `distill predict --model models:/tiny-edge/1`; and the local model cache both
 fetch into. Damage: one flipped byte, a file cut in half, and a valid-JSON edit (the damage a parser cannot
-see). tests/tasks/test_soft_labels_faults.py covers a flipped shard byte; this file adds truncation and the
-manifest.
+see). tests/distill_gap/softlabels/test_labelling_faults.py covers a flipped shard byte; this file adds
+truncation and the manifest.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tests.conftest import LABELS
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[2]
 N, SHARD = 48, 16         # three shards
-FP16_ATOL = 4e-3          # fp16 storage (as in test_soft_labels_faults.py)
+FP16_ATOL = 4e-3          # fp16 storage (as in test_labelling_faults.py)
 PREFIX = "soft-labels/v1"
 
 
