@@ -65,7 +65,7 @@ def step_times(teacher_dir, student_layers, texts, labels, *, batch_size: int, m
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     labels_t = torch.tensor(labels[:n])
     fake_teacher = torch.randn(n, teacher.config.num_labels)
-    kd = KDLoss(0.2, 4.0)
+    kd = KDLoss(0.2, 4.0, "forward_kl")
     runs = {}
     for name, model in (("teacher", teacher), ("student", student)):
         model.train()
@@ -122,7 +122,8 @@ def main() -> None:
 
     def run(tmp, name, seed, dcfg, **kw) -> dict:
         t0 = time.perf_counter()
-        res = distill_student(teacher.path, Path(tmp) / f"{name}-{seed}", cfg=dcfg, seed=seed, **common, **kw)
+        res = distill_student(teacher.path, Path(tmp) / f"{name}-{seed}", distill_cfg=dcfg, seed=seed, **common,
+                              **kw)
         acc, pred = _accuracy(res.path, test["text"].tolist(), y_test, ml)
         by_condition = {}
         for cond, rows in test.groupby("condition"):

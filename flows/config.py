@@ -65,6 +65,9 @@ class ScratchModelConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    """The teacher: where the pipeline finds it (alias, version) and how `distill teacher bootstrap` fine-tunes it
+    (plain cross-entropy; the rest of the recipe is fixed in distill_gap/kd/teacher.py)."""
+
     base: str = "builtin:all-MiniLM-L6-v2"  # HF model folder, builtin:all-MiniLM-L6-v2 or scratch
     scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
     license: str = "apache-2.0"  # recorded on the registered teacher
@@ -108,6 +111,9 @@ class StudentConfig(_Section):
 
 
 class DistillConfig(_Section):
+    """The distill stage (tasks/distill.py) builds the student, its loss and the training loop's arguments from this
+    section: these defaults are the only ones (the loss and the loop take every knob as an argument)."""
+
     # --- the student (distill_gap.kd.students.build_student)
     student: StudentConfig = Field(default_factory=lambda: StudentConfig())
     student_layers: list[int] = Field(default_factory=lambda: [0, 5], min_length=1)  # kind layers: teacher layers kept

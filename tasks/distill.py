@@ -1,8 +1,10 @@
-"""Distillation: build the student (teacher layers, a fresh config or a pretrained folder) and train
-it on the cached soft labels; optionally a hard-label baseline of the same student and budget."""
+"""Stage: distill the teacher into the student on the cached soft labels; optionally a hard-label baseline of the
+same student and budget. The stage builds the student and its loss from the distill config section and hands
+both to the training loop (distill_gap.kd.training), which knows nothing of the config."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,19 +15,18 @@ from prefect.cache_policies import NO_CACHE
 from distill_gap.errors import DistillError
 from distill_gap.ops.failpoints import failpoint
 
-
-def student_from_teacher(teacher, layers: list[int]):
-    """A copy of `teacher` keeping only the encoder layers in `layers` (DistilBERT-style init)."""
-    from distill_gap.kd.students import student_from_layers
-
-    return student_from_layers(teacher, layers)
+_log = logging.getLogger("distill.distill")
+# the fix of the DistillError the training loop raises on a non-finite loss
+NOT_FINITE_FIX = ("lower the learning rate (distill.learning_rate), check those examples and the teacher logits "
+                  "(soft_labels.dtype: float32 if they overflow), or lower hidden_weight / attention_weight")
 
 
-def student_spec(cfg) -> dict:
-    """The distill_gap.kd.students.build_student spec of a DistillConfig."""
-    s = cfg.student
+def student_spec(distill_cfg) -> dict:
+    """The distill_gap.kd.students.build_student spec of the distill config section."""
+    s = distill_cfg.student
     if s.kind == "layers":
-        return {"kind": "layers", "every": s.every} if s.every else {"kind": "layers", "layers": list(cfg.student_layers)}
+        return ({"kind": "layers", "every": s.every} if s.every
+                else {"kind": "layers", "layers": list(distill_cfg.student_layers)})
     if s.kind == "config":
         return {"kind": "config", "num_layers": s.num_layers, "hidden_size": s.hidden_size, "num_heads": s.num_heads,
                 "intermediate_size": s.intermediate_size}
@@ -37,6 +38,8 @@ def student_spec(cfg) -> dict:
 
 @dataclass
 class StudentResult:
+    """A trained student: its folder and digest, how it was built and trained, and the hard-label baseline."""
+
     path: Path
     digest: str
     layers: list[int]            # teacher layers kept (kind layers), else []
@@ -57,26 +60,8 @@ class StudentResult:
         return d
 
 
-def settings_for(cfg, *, max_length: int, seed: int, hard_labels_only: bool = False):
-    """TrainSettings of a DistillConfig; the hard-label baseline keeps the budget and drops every teacher term."""
-    from distill_gap.kd.training import TrainSettings
-
-    return TrainSettings(
-        epochs=cfg.epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-        warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        patience=cfg.patience, alpha=1.0 if hard_labels_only else cfg.alpha,
-        alpha_end=None if hard_labels_only else cfg.alpha_end,
-        alpha_schedule="constant" if hard_labels_only else cfg.alpha_schedule, temperature=cfg.temperature,
-        divergence=cfg.divergence, select_metric="accuracy" if hard_labels_only else cfg.select_metric,
-        lr_schedule=cfg.lr_schedule, grad_accumulation=cfg.grad_accumulation,
-        hidden_loss="none" if hard_labels_only else cfg.hidden_loss, hidden_weight=cfg.hidden_weight,
-        layer_map=cfg.layer_map, attention_loss=False if hard_labels_only else cfg.attention_loss,
-        attention_weight=cfg.attention_weight, max_length=max_length, seed=seed,
-    )
-
-
-def example_weights(teacher_logits: np.ndarray, critical: np.ndarray | None, *, critical_weight: float = 1.0,
-                    uncertainty_weight: float = 0.0) -> np.ndarray | None:
+def example_weights(teacher_logits: np.ndarray, critical: np.ndarray | None, *, critical_weight: float,
+                    uncertainty_weight: float) -> np.ndarray | None:
     """Per-example loss weights: `critical_weight` on critical-slice rows, plus `uncertainty_weight` times
     (1 - the teacher's max probability), so the cases compression loses first count more. None when all 1."""
     from scipy.special import softmax
@@ -90,34 +75,90 @@ def example_weights(teacher_logits: np.ndarray, critical: np.ndarray | None, *, 
     return None if np.all(w == 1.0) else w.astype(np.float32)
 
 
+def critical_rows(train, critical_slices: dict[str, list]) -> np.ndarray | None:
+    """(N,) bool: training rows in any of data.critical_slices (column -> values); None when none are set."""
+    critical = None
+    for column, values in critical_slices.items():
+        hit = train[column].astype(str).isin([str(v) for v in values]).to_numpy()
+        critical = hit if critical is None else critical | hit
+    return critical
+
+
+def _layer_map(distill_cfg, student, teacher) -> list[tuple[int, int]]:
+    """distill.layer_map (or the evenly spaced default), checked against both models' hidden states."""
+    from distill_gap.kd.students import check_layer_map, default_layer_map, hidden_widths
+
+    n_s, n_t = len(hidden_widths(student)) - 1, len(hidden_widths(teacher)) - 1
+    layer_map = distill_cfg.layer_map if distill_cfg.layer_map is not None else default_layer_map(n_s, n_t)
+    return check_layer_map(layer_map, n_s, n_t)
+
+
+def kd_loss(distill_cfg, student, teacher):
+    """The student's DistillationLoss from the distill section: KDLoss (alpha, its schedule, temperature,
+    divergence) plus the hidden-state and attention-map terms, which need `teacher` (else None).
+
+    Hidden-state projections between different widths draw their initialisation from torch's generator, and
+    attention matching switches both models to eager attention: build it after seeding, right before training.
+    """
+    from distill_gap.kd.losses import AttentionKLLoss, DistillationLoss, HiddenStateLoss, KDLoss
+    from distill_gap.kd.students import hidden_widths, use_eager_attention
+
+    kd = KDLoss(distill_cfg.alpha, distill_cfg.temperature, distill_cfg.divergence)
+    hidden = attention = None
+    if distill_cfg.hidden_loss != "none" or distill_cfg.attention_loss:
+        layer_map = _layer_map(distill_cfg, student, teacher)
+        if distill_cfg.hidden_loss != "none":
+            hidden = HiddenStateLoss(hidden_widths(student), hidden_widths(teacher), layer_map,
+                                     kind=distill_cfg.hidden_loss)
+        if distill_cfg.attention_loss:
+            pairs = [(s - 1, t - 1) for s, t in layer_map if s > 0 and t > 0]  # attention maps have no embeddings entry
+            if not pairs:
+                raise DistillError(f"distill.layer_map {layer_map} has no pair of transformer layers for attention "
+                                   "matching", "add (student, teacher) pairs with both indices >= 1")
+            s_heads, t_heads = student.config.num_attention_heads, teacher.config.num_attention_heads
+            if s_heads != t_heads:
+                raise DistillError(f"attention-map matching needs equal head counts: student {s_heads}, teacher "
+                                   f"{t_heads}", "build the student with the teacher's num_heads, or set "
+                                   "distill.attention_loss: false")
+            attention = AttentionKLLoss(pairs, num_student_layers=len(hidden_widths(student)) - 1,
+                                        num_teacher_layers=len(hidden_widths(teacher)) - 1)
+            use_eager_attention(student)
+            use_eager_attention(teacher)
+    return DistillationLoss(kd, alpha_end=distill_cfg.alpha_end, alpha_schedule=distill_cfg.alpha_schedule,
+                            hidden=hidden, hidden_weight=distill_cfg.hidden_weight, attention=attention,
+                            attention_weight=distill_cfg.attention_weight)
+
+
 def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts, train_label_ids, teacher_logits,
-                    val_texts, val_label_ids, cfg, max_length: int, seed: int, device: str, on_epoch=None,
-                    train_ids=None, weights=None, hard_labels_only: bool = False, desc: str = "distill") -> StudentResult:
-    """Build the student, train it (KD, or hard labels only for the baseline) and save the best checkpoint.
+                    val_texts, val_label_ids, distill_cfg, max_length: int, seed: int, device: str, on_epoch=None,
+                    train_ids=None, weights=None, hard_labels_only: bool = False,
+                    desc: str = "distill") -> StudentResult:
+    """Build the student and its loss, train it (KD, or hard labels only for the baseline), save the best checkpoint.
 
     Validation fidelity is measured against the teacher's own predictions on `val_texts`. Every
     configuration error (student spec, tokenizer, layer map, head counts) is raised before training.
+    The hard-label baseline keeps the budget and drops every teacher term (and the example weights).
     """
     import torch
 
     from distill_gap.digest import model_digest
     from distill_gap.inference.batching import predict_logits
+    from distill_gap.kd.losses import HardLabelLoss
+    from distill_gap.kd.students import build_student
+    from distill_gap.kd.training import train_classifier
     from distill_gap.models.loading import load_classifier, model_labels, save_classifier
     from distill_gap.ops.runtime import seed_everything
-    from distill_gap.kd.students import build_student, check_layer_map, default_layer_map
-    from distill_gap.kd.training import _hidden_dims, train_classifier
 
+    d = distill_cfg
     seed_everything(seed)
     teacher, tokenizer = load_classifier(teacher_dir)
-    spec = student_spec(cfg)
+    spec = student_spec(d)
     student = build_student(teacher.cpu(), tokenizer, spec, labels=model_labels(teacher))
-    if cfg.freeze_embeddings:
+    if d.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    settings = settings_for(cfg, max_length=max_length, seed=seed, hard_labels_only=hard_labels_only)
-    uses_teacher_model = settings.hidden_loss != "none" or settings.attention_loss
+    uses_teacher_model = not hard_labels_only and (d.hidden_loss != "none" or d.attention_loss)
     if uses_teacher_model:
-        n_s, n_t = len(_hidden_dims(student)) - 1, len(_hidden_dims(teacher)) - 1
-        check_layer_map(settings.layer_map if settings.layer_map is not None else default_layer_map(n_s, n_t), n_s, n_t)
+        _layer_map(d, student, teacher)  # a bad map fails before the teacher predicts
     teacher_logits = None if hard_labels_only else np.asarray(teacher_logits, dtype=np.float32)
     if teacher_logits is not None and teacher_logits.shape != (len(train_texts), len(model_labels(teacher))):
         raise DistillError(f"teacher logits have shape {teacher_logits.shape}, expected "
@@ -129,11 +170,18 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
         del teacher
         if device == "cuda":
             torch.cuda.empty_cache()
-    result = train_classifier(student, tokenizer, train_texts, np.asarray(train_label_ids), settings,
-                              val_texts=val_texts, val_label_ids=np.asarray(val_label_ids),
-                              teacher_logits=teacher_logits, val_teacher_preds=val_teacher_preds, device=device,
-                              desc=desc, on_epoch=on_epoch, example_ids=train_ids,
-                              weights=None if hard_labels_only else weights, teacher_model=teacher_model)
+    # re-seeded: the loss's projections, then the loop's dropout, draw from the seed whatever the student took
+    seed_everything(seed)
+    loss_fn = HardLabelLoss() if hard_labels_only else kd_loss(d, student, teacher_model)
+    result = train_classifier(
+        student, tokenizer, train_texts, np.asarray(train_label_ids), loss_fn, epochs=d.epochs,
+        learning_rate=d.learning_rate, batch_size=d.batch_size, warmup_fraction=d.warmup_fraction,
+        weight_decay=d.weight_decay, max_grad_norm=d.max_grad_norm, patience=d.patience, lr_schedule=d.lr_schedule,
+        grad_accumulation=d.grad_accumulation, select_metric="accuracy" if hard_labels_only else d.select_metric,
+        max_length=max_length, seed=seed, val_texts=val_texts, val_label_ids=np.asarray(val_label_ids),
+        fix_if_not_finite=NOT_FINITE_FIX, teacher_logits=teacher_logits, val_teacher_preds=val_teacher_preds,
+        teacher_model=teacher_model, weights=None if hard_labels_only else weights, example_ids=train_ids,
+        device=device, desc=desc, on_epoch=on_epoch)
     out = save_classifier(student.cpu(), tokenizer, out_dir)
     return StudentResult(path=out, digest=model_digest(out), layers=list(spec.get("layers") or []),
                          parameters=sum(p.numel() for p in student.parameters()), best_epoch=result.best_epoch,
@@ -141,29 +189,18 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
                          spec=spec, hard_labels_only=hard_labels_only, examples_per_second=result.examples_per_second)
 
 
-# ---------------------------------------------------------------------------------------------
-# Prefect task
-
-
-@task(name="distill", cache_policy=NO_CACHE)
-def distill_task(teacher_dir, splits, soft, cfg, workdir, *, device: str, client=None, run_id: str | None = None):
-    """Train the student on the cached soft labels (never retried: training is not idempotent).
-
-    With distill.baseline the same student is also trained on hard labels only (result.baseline).
-    """
-    from prefect.logging import get_run_logger
-
-    log = get_run_logger()
+def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_slices: dict[str, list],
+            max_length: int, seed: int, device: str, client=None, run_id: str | None = None,
+            log: logging.Logger = _log) -> StudentResult:
+    """Train the student on the cached soft labels (rare-case weights from `critical_slices`), logging each epoch
+    to the MLflow run `run_id`; with distill.baseline also the hard-label student (result.baseline)."""
     label_id = {l: i for i, l in enumerate(splits.labels)}
     train, val = splits["train"], splits["validation"]
     by_id = dict(zip(soft.ids, range(len(soft.ids))))
     teacher_logits = soft.logits[[by_id[i] for i in train["id"]]]  # (N, C), aligned with train rows
-    critical = None
-    for column, values in cfg.data.critical_slices.items():
-        hit = train[column].astype(str).isin([str(v) for v in values]).to_numpy()
-        critical = hit if critical is None else critical | hit
-    weights = example_weights(teacher_logits, critical, critical_weight=cfg.distill.critical_weight,
-                              uncertainty_weight=cfg.distill.uncertainty_weight)
+    critical = critical_rows(train, critical_slices)
+    weights = example_weights(teacher_logits, critical, critical_weight=distill_cfg.critical_weight,
+                              uncertainty_weight=distill_cfg.uncertainty_weight)
     if weights is not None:
         log.info("rare-case emphasis: %d critical rows, weights %.2f..%.2f (mean %.2f)",
                  0 if critical is None else int(critical.sum()), weights.min(), weights.max(), weights.mean())
@@ -181,16 +218,31 @@ def distill_task(teacher_dir, splits, soft, cfg, workdir, *, device: str, client
 
     common = dict(train_texts=train["text"].tolist(), train_label_ids=train["label"].map(label_id).to_numpy(),
                   teacher_logits=teacher_logits, val_texts=val["text"].tolist(),
-                  val_label_ids=val["label"].map(label_id).to_numpy(), cfg=cfg.distill,
-                  max_length=cfg.runtime.max_length, seed=cfg.seed, device=device, train_ids=train["id"].tolist())
+                  val_label_ids=val["label"].map(label_id).to_numpy(), distill_cfg=distill_cfg,
+                  max_length=max_length, seed=seed, device=device, train_ids=train["id"].tolist())
     result = distill_student(teacher_dir, workdir / "student", on_epoch=on_epoch_for("student"), weights=weights,
                              **common)
     log.info("student %s: %.1fM parameters, best epoch %d (val %s %.3f), %.0f s, %.0f examples/s", result.spec,
-             result.parameters / 1e6, result.best_epoch, cfg.distill.select_metric, result.best_val_metric,
+             result.parameters / 1e6, result.best_epoch, distill_cfg.select_metric, result.best_val_metric,
              result.seconds, result.examples_per_second)
-    if cfg.distill.baseline:
+    if distill_cfg.baseline:
         result.baseline = distill_student(teacher_dir, workdir / "student-hard", on_epoch=on_epoch_for("student_hard"),
                                           hard_labels_only=True, desc="hard-label baseline", **common)
         log.info("hard-label baseline: best epoch %d (val accuracy %.3f), %.0f s", result.baseline.best_epoch,
                  result.baseline.best_val_metric, result.baseline.seconds)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect task
+
+
+@task(name="distill", cache_policy=NO_CACHE)
+def distill_task(teacher_dir, splits, soft, distill_cfg, workdir, *, critical_slices: dict[str, list],
+                 max_length: int, seed: int, device: str, client=None, run_id: str | None = None) -> StudentResult:
+    """Train the student on the cached soft labels (never retried: training is not idempotent)."""
+    from prefect.logging import get_run_logger
+
+    return distill(teacher_dir, splits, soft, distill_cfg, workdir, critical_slices=critical_slices,
+                   max_length=max_length, seed=seed, device=device, client=client, run_id=run_id,
+                   log=get_run_logger())

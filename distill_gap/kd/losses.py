@@ -1,9 +1,12 @@
-"""Distillation losses as small nn.Modules (torchtune's kd_losses style).
+"""Training losses as small nn.Modules (torchtune's kd_losses style).
 
-Logit losses (`ForwardKLLoss`, `ReverseKLLoss`, `JSDLoss`, `KDLoss`) work in log space in float32, so
-probabilities that underflow to 0 (logits like +-1e4, fp16 teacher logits) never produce NaN.
-Intermediate-layer losses (`HiddenStateLoss`, `AttentionKLLoss`) take the tuples HF models return with
-`output_hidden_states=True` / `output_attentions=True`.
+`KDLoss` works in log space in float32, so probabilities that underflow to 0 (logits like +-1e4, fp16
+teacher logits) never produce NaN. Intermediate-layer losses (`HiddenStateLoss`, `AttentionKLLoss`) take
+the tuples HF models return with `output_hidden_states=True` / `output_attentions=True`. The training
+loop (distill_gap.kd.training) takes one of two objectives: `HardLabelLoss` (teacher fine-tune, hard-label
+baseline) or `DistillationLoss` (KDLoss with its alpha schedule plus the hidden-state and attention terms).
+No knob (alpha, temperature, divergence, schedule, hidden-state kind, weights) has a default here: the
+config schema holds the only ones.
 """
 
 from __future__ import annotations
@@ -38,9 +41,21 @@ def _js_per_example(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return 0.5 * _kl_per_example(logp, logm) + 0.5 * _kl_per_example(logq, logm)
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def _normalized_weight(weight: torch.Tensor | None, student_logits: torch.Tensor) -> torch.Tensor:
+    """(B,) example weights summing to 1: `weight` normalized by its sum, or uniform when None."""
+    b = student_logits.shape[0]
+    if weight is None:
+        return torch.full((b,), 1.0 / b, device=student_logits.device)
+    if weight.shape != (b,):
+        raise ValueError(f"weight must have shape ({b},) (one per example), got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all() or (weight < 0).any() or weight.sum() <= 0:
+        raise ValueError("weight must be finite and non-negative with a positive sum")
+    return weight.float() / weight.float().sum()
+
+
+def _weighted_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on hard labels, the `w`-weighted sum over examples (w sums to 1: a weighted mean)."""
+    return (w * F.cross_entropy(student_logits.float(), labels, reduction="none")).sum()
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -49,61 +64,6 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
                          f"{tuple(student_logits.shape)}; both must be (B, C) over the same label set")
     if student_logits.dim() != 2:
         raise ValueError(f"logits must be (B, C), got shape {tuple(student_logits.shape)}")
-
-
-class _Divergence(nn.Module):
-    """T^2 * a divergence between the tempered teacher and student distributions, averaged over examples.
-
-    Args:
-        temperature: softening temperature T > 0 applied to both logit sets.
-
-    Shapes: student_logits (B, C), teacher_logits (B, C) (any float dtype; computed in float32).
-    Returns a scalar.
-
-    Raises:
-        ValueError: T <= 0, or logits that are not the same (B, C) shape.
-    """
-
-    def __init__(self, temperature: float = 1.0):
-        super().__init__()
-        _check_temperature(temperature)
-        self.temperature = temperature
-
-    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        """(B,) divergence from teacher log-probs `logp` and student log-probs `logq`, both (B, C)."""
-        raise NotImplementedError
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        _check_logits(student_logits, teacher_logits)
-        t = self.temperature
-        logq = _finite_log_softmax(student_logits, t)  # (B, C)
-        logp = _finite_log_softmax(teacher_logits, t)  # (B, C)
-        return (t * t) * self.per_example(logp, logq).mean()
-
-
-class ForwardKLLoss(_Divergence):
-    """T^2 * KL(p_teacher_T || p_student_T), averaged over examples (mode-covering; Hinton et al.)."""
-
-    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        return _kl_per_example(logp, logq)
-
-
-class ReverseKLLoss(_Divergence):
-    """T^2 * KL(p_student_T || p_teacher_T), averaged over examples (mode-seeking)."""
-
-    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        return _kl_per_example(logq, logp)
-
-
-class JSDLoss(_Divergence):
-    """T^2 * Jensen-Shannon divergence between p_teacher_T and p_student_T, averaged over examples.
-
-    JS(p, q) = 0.5 KL(p || m) + 0.5 KL(q || m) with m = (p + q) / 2: symmetric and bounded by ln 2,
-    so the loss lies in [0, T^2 ln 2].
-    """
-
-    def per_example(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-        return _js_per_example(logp, logq)
 
 
 class KDLoss(nn.Module):
@@ -126,11 +86,12 @@ class KDLoss(nn.Module):
             weight that is not (B,), has negative/non-finite entries, or sums to 0.
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 2.0, divergence: str = "forward_kl"):
+    def __init__(self, alpha: float, temperature: float, divergence: str):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        _check_temperature(temperature)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
         self.alpha = alpha
@@ -142,18 +103,10 @@ class KDLoss(nn.Module):
         # 1. checks: alpha is re-checked because a schedule may have set it since __init__
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        b = student_logits.shape[0]
-        if weight is not None:
-            if weight.shape != (b,):
-                raise ValueError(f"weight must have shape ({b},) (one per example), got {tuple(weight.shape)}")
-            if not torch.isfinite(weight).all() or (weight < 0).any() or weight.sum() <= 0:
-                raise ValueError("weight must be finite and non-negative with a positive sum")
-            w = weight.float() / weight.float().sum()  # (B,), sums to 1
-        else:
-            w = torch.full((b,), 1.0 / b, device=student_logits.device)
+        w = _normalized_weight(weight, student_logits)  # (B,), sums to 1
 
         # 2. hard-label term
-        ce = (w * F.cross_entropy(student_logits.float(), labels, reduction="none")).sum()
+        ce = _weighted_cross_entropy(student_logits, labels, w)
         if teacher_logits is None or self.alpha == 1.0:
             return ce
 
@@ -247,7 +200,7 @@ class HiddenStateLoss(nn.Module):
     """
 
     def __init__(self, student_dims: list[int], teacher_dims: list[int], layer_map: list[tuple[int, int]],
-                 kind: str = "mse"):
+                 kind: str):
         super().__init__()
         if kind not in HIDDEN_STATE_KINDS:
             raise ValueError(f"kind must be one of {HIDDEN_STATE_KINDS}, got {kind!r}")
@@ -331,3 +284,102 @@ class AttentionKLLoss(nn.Module):
             n_rows = mask.sum() * a_s.shape[1]
             losses.append((kl * mask[:, None, :]).sum() / n_rows.clamp(min=1.0))
         return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives of the training loop: what it calls per batch (see distill_gap.kd.training.TrainingLoss)
+
+
+class HardLabelLoss(nn.Module):
+    """Cross-entropy on the hard labels, a (weighted) mean over examples: the teacher fine-tune's objective and
+    the hard-label baseline's. It reads no teacher output and follows no schedule.
+
+    Call: outputs (an HF output with .logits (B, C)), labels (B,) int64, weight (B,) or None; the
+    teacher_logits / teacher_outputs / attention_mask of the loop's common call are not used.
+    """
+
+    needs_hidden_states = False
+    needs_attentions = False
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Nothing follows the optimizer steps."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """alpha 1.0 (all weight on the hard labels): the same history columns as a KD student's."""
+        return {"alpha": 1.0}
+
+    def forward(self, outputs, labels: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
+                teacher_outputs=None, attention_mask: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits = outputs.logits.float()
+        return _weighted_cross_entropy(logits, labels, _normalized_weight(weight, logits))
+
+
+class DistillationLoss(nn.Module):
+    """The KD student's objective: `kd` on the cached teacher logits with its alpha on a schedule, plus
+    hidden_weight * `hidden` and attention_weight * `attention` against the teacher run online.
+
+    Args:
+        kd: the logit loss; its alpha is the schedule's start.
+        alpha_end: alpha at the last optimizer step of a linear/cosine schedule (None: kd.alpha throughout).
+        alpha_schedule: "constant", "linear" or "cosine" (see `alpha_schedule`).
+        hidden, hidden_weight: the hidden-state term (None: none) and its weight.
+        attention, attention_weight: the attention-map term (None: none) and its weight.
+
+    Call: outputs (HF output: .logits (B, C), with .hidden_states / .attentions when this loss needs
+    them), labels (B,), teacher_logits (B, C), teacher_outputs (the teacher's HF output on the same
+    batch, or None when no layer term is set), attention_mask (B, L), weight (B,) or None. The
+    learned hidden-state projections are this module's parameters: the loop trains them with the model.
+
+    Raises:
+        ValueError: unknown alpha_schedule, alpha_end outside [0, 1], or teacher outputs missing at forward
+            while a layer term needs them.
+    """
+
+    def __init__(self, kd: KDLoss, *, alpha_end: float | None, alpha_schedule: str,
+                 hidden: HiddenStateLoss | None, hidden_weight: float, attention: AttentionKLLoss | None,
+                 attention_weight: float):
+        super().__init__()
+        if alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {alpha_schedule!r}")
+        if alpha_end is not None and not 0.0 <= alpha_end <= 1.0:
+            raise ValueError(f"alpha_end must be in [0, 1], got {alpha_end}")
+        self.kd, self.hidden, self.attention = kd, hidden, attention
+        self.alpha_start = kd.alpha
+        self.alpha_end = kd.alpha if alpha_end is None else alpha_end
+        self.schedule = alpha_schedule
+        self.hidden_weight, self.attention_weight = hidden_weight, attention_weight
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.hidden is not None
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.attention is not None
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Move alpha along its schedule to optimizer step `step` (0-based) of `total_steps`; the last one reaches
+        alpha_end."""
+        if self.schedule != "constant":
+            self.kd.alpha = alpha_schedule(self.schedule, self.alpha_start, self.alpha_end, step,
+                                           max(total_steps - 1, 1))
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The current alpha, logged with each epoch."""
+        return {"alpha": float(self.kd.alpha)}
+
+    def forward(self, outputs, labels: torch.Tensor, *, teacher_logits: torch.Tensor | None,
+                teacher_outputs=None, attention_mask: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.hidden is not None or self.attention is not None) and teacher_outputs is None:
+            raise ValueError("hidden-state / attention matching needs the teacher's outputs on the same batch")
+        loss = self.kd(outputs.logits.float(), labels, teacher_logits, weight=weight)
+        if self.hidden is not None:
+            loss = loss + self.hidden_weight * self.hidden(tuple(h.float() for h in outputs.hidden_states),
+                                                           tuple(h.float() for h in teacher_outputs.hidden_states),
+                                                           attention_mask)
+        if self.attention is not None:
+            loss = loss + self.attention_weight * self.attention(outputs.attentions, teacher_outputs.attentions,
+                                                                 attention_mask)
+        return loss

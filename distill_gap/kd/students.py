@@ -14,7 +14,6 @@ from distill_gap.errors import DistillError
 
 # Encoder layer containers of the architectures we can slice: BERT-likes and DistilBERT.
 _LAYER_KEY = re.compile(r"^(?P<pre>.*\.(?:encoder|transformer)\.layer\.)(?P<idx>\d+)(?P<post>\..*)$")
-_EVERY = re.compile(r"^\s*every\s*[:= ]?\s*(?P<k>-?\d+)\s*$", re.IGNORECASE)
 STUDENT_KINDS = ("layers", "config", "pretrained")
 _SPEC_FIELDS = {
     "layers": ({"layers", "every"}, set()),  # (allowed, required); exactly one of layers/every
@@ -43,7 +42,7 @@ def _every_k(k, n_teacher_layers: int) -> list[int]:
 
 
 def resolve_layers(spec, n_teacher_layers: int) -> list[int]:
-    """Teacher layer indices a student keeps: an explicit list, or {"every": k} / "every:k".
+    """Teacher layer indices a student keeps: an explicit list, or {"every": k}.
 
     Every k-th layer is k-1, 2k-1, ... and always the last layer (n=6, k=4 -> [3, 5]).
     """
@@ -54,12 +53,6 @@ def resolve_layers(spec, n_teacher_layers: int) -> list[int]:
             raise DistillError(f"student layers {spec!r}: a dict must be exactly {{'every': k}}",
                                _LAYERS_FIX.format(last=last))
         return _every_k(spec["every"], n_teacher_layers)
-    if isinstance(spec, str):
-        m = _EVERY.match(spec)
-        if m is None:
-            raise DistillError(f"student layers {spec!r} is not a layer list nor 'every:k'",
-                               _LAYERS_FIX.format(last=last))
-        return _every_k(int(m["k"]), n_teacher_layers)
     if not isinstance(spec, (list, tuple)) or not spec:
         raise DistillError(f"student layers {spec!r} must be a non-empty list of teacher layer indices",
                            _LAYERS_FIX.format(last=last))
@@ -284,3 +277,19 @@ def check_layer_map(layer_map, n_student_hidden: int, n_teacher_hidden: int) -> 
             raise DistillError(f"layer map pair {tuple(pair)} appears twice", "list each pair once")
         pairs.append(tuple(pair))
     return pairs
+
+
+def hidden_widths(model) -> list[int]:
+    """Width of each hidden state (embeddings first): the config's hidden size, num_layers + 1 times."""
+    cfg = model.config
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers")
+    return [width] * (layers + 1)
+
+
+def use_eager_attention(model) -> None:
+    """Attention maps need the eager implementation (SDPA does not return them)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = "eager"

@@ -45,7 +45,8 @@ def fine_tune_teacher(cfg, splits, out_dir: Path, device: str, on_epoch=None):
     from distill_gap.models.loading import load_classifier, save_classifier
     from distill_gap.ops.runtime import seed_everything
     from distill_gap.models.from_scratch import build_scratch_classifier
-    from distill_gap.kd.training import TrainSettings, train_classifier
+    from distill_gap.kd.losses import HardLabelLoss
+    from distill_gap.kd.training import train_classifier
 
     seed_everything(cfg.seed)  # before the new classification head is initialised
     labels = list(cfg.data.labels)
@@ -59,11 +60,16 @@ def fine_tune_teacher(cfg, splits, out_dir: Path, device: str, on_epoch=None):
         else:
             base = base_model_dir(t.base)
         model, tokenizer = load_classifier(base, labels=labels)
-    settings = TrainSettings(epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
-                             warmup_fraction=t.warmup_fraction, alpha=1.0, patience=t.epochs,
-                             max_length=cfg.runtime.max_length, seed=cfg.seed)
-    result = train_classifier(model, tokenizer, train["text"].tolist(), train["label"].map(label_id).to_numpy(), settings,
-                              val_texts=val["text"].tolist(), val_label_ids=val["label"].map(label_id).to_numpy(),
+    seed_everything(cfg.seed)  # the loop's dropout draws from the seed, whatever building the model drew
+    # plain cross-entropy; beyond teacher.* the recipe is fixed: AdamW decay 0.01, clipping at 1, linear decay,
+    # every epoch kept (patience = epochs), the best validation accuracy
+    result = train_classifier(model, tokenizer, train["text"].tolist(), train["label"].map(label_id).to_numpy(),
+                              HardLabelLoss(), epochs=t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size,
+                              warmup_fraction=t.warmup_fraction, weight_decay=0.01, max_grad_norm=1.0,
+                              patience=t.epochs, lr_schedule="linear", grad_accumulation=1, select_metric="accuracy",
+                              max_length=cfg.runtime.max_length, seed=cfg.seed, val_texts=val["text"].tolist(),
+                              val_label_ids=val["label"].map(label_id).to_numpy(),
+                              fix_if_not_finite="lower teacher.learning_rate and check those examples",
                               device=device, desc="teacher", on_epoch=on_epoch)
     return save_classifier(model.cpu(), tokenizer, out_dir), result
 

@@ -1,34 +1,16 @@
-"""Students from teacher layers and KD training on a tiny real BERT."""
+"""The distill stage on a tiny real BERT: the student and its loss built from the distill section, KD training,
+the hard-label baseline, rare-case weights, and the stage step with the sections it is given."""
 
 import numpy as np
 import pytest
 import torch
 
 from flows.config import DistillConfig
-from tasks.distill import distill_student, student_from_teacher
+from tasks.distill import distill, distill_student, example_weights, kd_loss
 from distill_gap.errors import DistillError
 from distill_gap.models.loading import load_classifier
 
 LABELS = ["negative", "neutral", "positive"]
-
-
-def test_student_copies_the_chosen_layers(tiny_model_dir):
-    teacher, _ = load_classifier(tiny_model_dir)
-    student = student_from_teacher(teacher, [1])
-    assert student.config.num_hidden_layers == 1
-    t, s = teacher.state_dict(), student.state_dict()
-    for key in s:
-        src = key.replace("encoder.layer.0.", "encoder.layer.1.")
-        assert torch.equal(s[key], t[src]), key
-    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
-
-
-def test_bad_layer_list_is_refused(tiny_model_dir):
-    teacher, _ = load_classifier(tiny_model_dir)
-    with pytest.raises(DistillError, match="out of range|0..1"):
-        student_from_teacher(teacher, [0, 7])
-    with pytest.raises(DistillError, match="distinct"):
-        student_from_teacher(teacher, [1, 1])
 
 
 def _run(tiny_model_dir, review_frame, out, seed=3, teacher_logits=None, weights=None, hard_labels_only=False,
@@ -42,7 +24,7 @@ def _run(tiny_model_dir, review_frame, out, seed=3, teacher_logits=None, weights
                            "patience": 2, **cfg_changes})
     return distill_student(tiny_model_dir, out, train_texts=df["text"].tolist(), train_label_ids=label_ids,
                            teacher_logits=teacher_logits, val_texts=df["text"].tolist()[:32],
-                           val_label_ids=label_ids[:32], cfg=cfg, max_length=32, seed=seed, device="cpu",
+                           val_label_ids=label_ids[:32], distill_cfg=cfg, max_length=32, seed=seed, device="cpu",
                            train_ids=df["id"].tolist(), weights=weights, hard_labels_only=hard_labels_only)
 
 
@@ -132,10 +114,8 @@ def test_bad_loss_settings_are_config_errors(overrides, match):
 
 
 def test_example_weights_emphasise_critical_and_uncertain_rows():
-    from tasks.distill import example_weights
-
     logits = np.array([[10.0, 0, 0], [0.0, 0, 0], [10.0, 0, 0]], np.float32)   # confident, uniform, confident
-    assert example_weights(logits, None) is None
+    assert example_weights(logits, None, critical_weight=1.0, uncertainty_weight=0.0) is None
     w = example_weights(logits, np.array([False, False, True]), critical_weight=3.0, uncertainty_weight=1.0)
     assert w[2] == pytest.approx(3.0, abs=1e-3) and w[1] == pytest.approx(1 + 2 / 3, abs=1e-4)
     assert w[0] == pytest.approx(1.0, abs=1e-3)
@@ -156,3 +136,65 @@ def test_frozen_embeddings_stay_the_teachers(tiny_model_dir, review_frame, tmp_p
     word = lambda m: m.get_input_embeddings().weight  # noqa: E731
     assert torch.equal(word(load_classifier(frozen.path)[0]), word(teacher))
     assert not torch.equal(word(load_classifier(trained.path)[0]), word(teacher))
+
+
+# ------------------------------------------------------------------------------ issue 17: the loss from the section
+
+
+def test_kd_loss_carries_every_loss_knob_of_the_section(tiny_model_dir):
+    from distill_gap.kd.losses import AttentionKLLoss, HiddenStateLoss
+    from distill_gap.kd.students import build_student
+
+    teacher, tok = load_classifier(tiny_model_dir)
+    student = build_student(teacher, tok, {"kind": "config", "num_layers": 1, "hidden_size": 16, "num_heads": 2,
+                                           "intermediate_size": 32})
+    cfg = DistillConfig(temperature=3.5, divergence="reverse_kl", alpha=0.7, alpha_end=0.1, alpha_schedule="cosine",
+                        hidden_loss="cosine", hidden_weight=0.25, attention_loss=True, attention_weight=2.0)
+    loss = kd_loss(cfg, student, teacher)
+    assert (loss.kd.alpha, loss.kd.temperature, loss.kd.divergence) == (0.7, 3.5, "reverse_kl")
+    assert (loss.alpha_end, loss.schedule, loss.hidden_weight, loss.attention_weight) == (0.1, "cosine", 0.25, 2.0)
+    assert isinstance(loss.hidden, HiddenStateLoss) and loss.hidden.kind == "cosine"
+    assert loss.hidden.layer_map == [(0, 0), (1, 2)]                  # the default map: embeddings and last layer
+    assert any(p.shape == (32, 16) for p in loss.parameters())        # a learned 16 -> 32 projection
+    assert isinstance(loss.attention, AttentionKLLoss) and loss.attention.layer_map == [(0, 1)]
+    loss.set_step(9, 10)
+    assert loss.epoch_metrics()["alpha"] == pytest.approx(0.1)
+
+    plain = kd_loss(DistillConfig(), student, None)                   # the schema's defaults, no teacher needed
+    defaults = DistillConfig()
+    assert (plain.kd.alpha, plain.kd.temperature, plain.kd.divergence) == (defaults.alpha, defaults.temperature,
+                                                                          defaults.divergence)
+    assert plain.hidden is None and plain.attention is None and not list(plain.parameters())
+
+
+def test_the_stage_step_takes_its_sections(tiny_model_dir, review_frame, tmp_path):
+    """distill() with the distill section, critical slices, seed and max length: rare-case weights change the
+    KD student, the baseline trains beside it, each epoch reaches the log."""
+    import logging
+    from types import SimpleNamespace
+
+    from distill_gap.data.splits import Splits
+
+    frames = {"train": review_frame.head(64), "validation": review_frame.iloc[64:96]}
+    splits = Splits(frames=frames, labels=LABELS, slice_columns=["condition"])
+    rng = np.random.default_rng(1)
+    ids = frames["train"]["id"].tolist()[::-1]                      # the store's order is not the split's
+    soft = SimpleNamespace(ids=ids, logits=rng.normal(size=(64, 3)).astype(np.float32))
+    cfg = DistillConfig(student_layers=[1], epochs=1, learning_rate=1e-3, batch_size=16, baseline=True,
+                        critical_weight=5.0)
+    critical = {"condition": [frames["train"]["condition"].iloc[0]]}
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("test.distill")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    kw = dict(max_length=32, seed=3, device="cpu", log=log)
+    weighted = distill(tiny_model_dir, splits, soft, cfg, tmp_path / "w", critical_slices=critical, **kw)
+    plain = distill(tiny_model_dir, splits, soft, cfg, tmp_path / "p", critical_slices={}, **kw)
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("rare-case emphasis:") for m in messages)
+    assert any(m.startswith("student epoch 1") for m in messages) and any("hard-label baseline" in m for m in messages)
+    assert weighted.digest != plain.digest                             # the critical rows weigh more
+    assert weighted.baseline.hard_labels_only and weighted.baseline.digest == plain.baseline.digest  # no weights
+    assert (weighted.path.parent, weighted.baseline.path.name) == (tmp_path / "w", "student-hard")

@@ -8,8 +8,10 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr, softmax
 
-from distill_gap.kd.losses import (AttentionKLLoss, ForwardKLLoss, HiddenStateLoss, JSDLoss, KDLoss, ReverseKLLoss,
-                          alpha_schedule)
+from distill_gap.kd.losses import (AttentionKLLoss, DistillationLoss, HardLabelLoss, HiddenStateLoss, KDLoss,
+                                   alpha_schedule)
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "js"]
 
 
 def _logits(b=8, c=3, seed=0):
@@ -40,58 +42,67 @@ def _ref_ce(s, y, weight=None):
     return np.average(per, weights=None if weight is None else weight.numpy())
 
 
-# ---- ForwardKLLoss / ReverseKLLoss / JSDLoss
+# ---- KDLoss's divergence term on its own (alpha = 0: T^2 * divergence, no hard-label term)
+
+def _divergence(kind, T):
+    """KDLoss with alpha 0 as a function of (student, teacher) logits: its soft-label term alone."""
+    loss = KDLoss(0.0, T, kind)
+    return lambda s, t: loss(s, torch.zeros(len(s), dtype=torch.long), t)
+
+
+_REFERENCES = {"forward_kl": _ref_kl, "reverse_kl": lambda s, t, T, w=None: _ref_kl(s, t, T, w, reverse=True),
+               "js": _ref_js}
+
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
-def test_divergences_match_scipy(T):
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergences_match_scipy(kind, T):
     s, t, _ = _logits()
-    assert math.isclose(ForwardKLLoss(T)(s, t).item(), _ref_kl(s, t, T), rel_tol=1e-5)
-    assert math.isclose(ReverseKLLoss(T)(s, t).item(), _ref_kl(s, t, T, reverse=True), rel_tol=1e-5)
-    assert math.isclose(JSDLoss(T)(s, t).item(), _ref_js(s, t, T), rel_tol=1e-5)
+    assert math.isclose(_divergence(kind, T)(s, t).item(), _REFERENCES[kind](s, t, T), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("loss_cls", [ForwardKLLoss, ReverseKLLoss, JSDLoss])
-def test_identical_logits_give_zero(loss_cls):
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_identical_logits_give_zero(kind):
     s, _, _ = _logits()
-    assert loss_cls(3.0)(s, s.clone()).abs().item() < 1e-6
+    assert _divergence(kind, 3.0)(s, s.clone()).abs().item() < 1e-6
 
 
 def test_forward_and_reverse_kl_differ():
     s, t, _ = _logits()
-    assert abs(ForwardKLLoss(1.0)(s, t).item() - ReverseKLLoss(1.0)(s, t).item()) > 1e-3
-    assert torch.allclose(ReverseKLLoss(2.0)(s, t), ForwardKLLoss(2.0)(t, s))
+    assert abs(_divergence("forward_kl", 1.0)(s, t).item() - _divergence("reverse_kl", 1.0)(s, t).item()) > 1e-3
+    assert torch.allclose(_divergence("reverse_kl", 2.0)(s, t), _divergence("forward_kl", 2.0)(t, s))
 
 
 def test_js_is_symmetric_and_bounded_by_ln2_t_squared():
     s, t, _ = _logits()
-    assert torch.allclose(JSDLoss(2.0)(s, t), JSDLoss(2.0)(t, s))
+    assert torch.allclose(_divergence("js", 2.0)(s, t), _divergence("js", 2.0)(t, s))
     # disjoint one-hot distributions reach the bound
     a, b = torch.tensor([[1e4, -1e4]]), torch.tensor([[-1e4, 1e4]])
     for T in (1.0, 3.0):
-        got = JSDLoss(T)(a, b).item()
+        got = _divergence("js", T)(a, b).item()
         assert got <= math.log(2) * T * T + 1e-5
-    assert math.isclose(JSDLoss(1.0)(a, b).item(), math.log(2), rel_tol=1e-5)
+    assert math.isclose(_divergence("js", 1.0)(a, b).item(), math.log(2), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("loss_cls", [ForwardKLLoss, ReverseKLLoss, JSDLoss])
-def test_extreme_logits_are_finite_with_finite_gradients(loss_cls):
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_extreme_logits_are_finite_with_finite_gradients(kind):
     s = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], requires_grad=True)
     t = torch.tensor([[-1e4, 1e4, 0.0], [-1e4, 1e4, -1e4]])
-    loss = loss_cls(1.0)(s, t)
+    loss = _divergence(kind, 1.0)(s, t)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     # a -inf (masked) class on both sides contributes 0, not NaN
     m = torch.tensor([[0.5, -float("inf"), 1.0]])
-    assert torch.isfinite(loss_cls(2.0)(m, m.clone())) and loss_cls(2.0)(m, m.clone()).abs().item() < 1e-6
+    assert torch.isfinite(_divergence(kind, 2.0)(m, m.clone())) and _divergence(kind, 2.0)(m, m.clone()).abs() < 1e-6
 
 
 def test_fp16_teacher_is_upcast():
     s, t, _ = _logits()
-    got = ForwardKLLoss(2.0)(s, t.half())
+    got = _divergence("forward_kl", 2.0)(s, t.half())
     assert got.dtype == torch.float32
     assert math.isclose(got.item(), _ref_kl(s, t.half().float(), 2.0), rel_tol=1e-5)
     # a teacher logit beyond fp32 exp range in fp16 is still fine
-    assert torch.isfinite(JSDLoss(1.0)(s[:1], torch.tensor([[6e4, -6e4, 0.0]], dtype=torch.float16)))
+    assert torch.isfinite(_divergence("js", 1.0)(s[:1], torch.tensor([[6e4, -6e4, 0.0]], dtype=torch.float16)))
 
 
 # ---- KDLoss
@@ -108,7 +119,7 @@ def test_matches_reference_formula(alpha, T):
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
     y = torch.randint(0, 3, (8,), generator=g)
-    got = KDLoss(alpha, T)(s, y, t)
+    got = KDLoss(alpha, T, "forward_kl")(s, y, t)
     assert math.isclose(got.item(), _reference(s, t, y, alpha, T).item(), rel_tol=1e-5)
 
 
@@ -126,22 +137,15 @@ def test_kd_divergences_and_weights_match_reference(divergence, ref):
 def test_alpha_one_or_no_teacher_is_cross_entropy():
     s, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     ce = torch.nn.functional.cross_entropy(s, y)
-    assert torch.allclose(KDLoss(1.0, 2.0)(s, y, torch.randn(4, 3)), ce)
-    assert torch.allclose(KDLoss(0.3, 2.0)(s, y, None), ce)
+    assert torch.allclose(KDLoss(1.0, 2.0, "forward_kl")(s, y, torch.randn(4, 3)), ce)
+    assert torch.allclose(KDLoss(0.3, 2.0, "forward_kl")(s, y, None), ce)
     w = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    assert torch.allclose(KDLoss(0.3, 2.0)(s, y, None, weight=w), torch.nn.functional.cross_entropy(s[[0, 3]], y[[0, 3]]))
-
-
-@pytest.mark.parametrize("divergence,loss_cls", [("forward_kl", ForwardKLLoss), ("reverse_kl", ReverseKLLoss),
-                                                 ("js", JSDLoss)])
-def test_alpha_zero_is_pure_divergence(divergence, loss_cls):
-    s, t, y = _logits()
-    assert torch.allclose(KDLoss(0.0, 3.0, divergence)(s, y, t), loss_cls(3.0)(s, t))
+    assert torch.allclose(KDLoss(0.3, 2.0, "forward_kl")(s, y, None, weight=w), torch.nn.functional.cross_entropy(s[[0, 3]], y[[0, 3]]))
 
 
 def test_identical_logits_have_zero_kl():
     s = torch.randn(5, 3)
-    assert KDLoss(0.0, 3.0)(s, torch.zeros(5, dtype=torch.long), s.clone()).abs().item() < 1e-6
+    assert KDLoss(0.0, 3.0, "forward_kl")(s, torch.zeros(5, dtype=torch.long), s.clone()).abs().item() < 1e-6
 
 
 def test_uniform_weights_equal_unweighted_and_zero_weight_removes_example():
@@ -160,7 +164,7 @@ def test_uniform_weights_equal_unweighted_and_zero_weight_removes_example():
 
 def test_alpha_can_change_between_steps():
     s, t, y = _logits()
-    loss = KDLoss(0.5, 2.0)
+    loss = KDLoss(0.5, 2.0, "forward_kl")
     loss.alpha = 1.0
     assert torch.allclose(loss(s, y, t), torch.nn.functional.cross_entropy(s, y))
     loss.alpha = 1.5
@@ -182,22 +186,22 @@ def test_alpha_schedule():
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="alpha"):
-        KDLoss(1.5)
+        KDLoss(1.5, 2.0, "forward_kl")
     with pytest.raises(ValueError, match="temperature"):
-        KDLoss(0.5, 0.0)
+        KDLoss(0.5, 0.0, "forward_kl")
     with pytest.raises(ValueError, match="divergence"):
         KDLoss(0.5, 2.0, "kl")
     with pytest.raises(ValueError, match="teacher logits"):
-        KDLoss(0.5)(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 4))
-    for loss_cls in (ForwardKLLoss, ReverseKLLoss, JSDLoss):
+        KDLoss(0.5, 2.0, "forward_kl")(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 4))
+    for kind in DIVERGENCES:
         with pytest.raises(ValueError, match="temperature"):
-            loss_cls(-1.0)
+            KDLoss(0.0, -1.0, kind)
         with pytest.raises(ValueError, match="teacher logits"):
-            loss_cls(1.0)(torch.randn(2, 3), torch.randn(3, 3))
+            _divergence(kind, 1.0)(torch.randn(2, 3), torch.randn(3, 3))
     s, y, t = torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3)
     for w in (torch.ones(3), torch.tensor([1.0, -1.0]), torch.zeros(2), torch.tensor([1.0, float("nan")])):
         with pytest.raises(ValueError, match="weight"):
-            KDLoss(0.5)(s, y, t, weight=w)
+            KDLoss(0.5, 2.0, "forward_kl")(s, y, t, weight=w)
     for args in (("step", 0.9, 0.1, 1, 10), ("linear", 1.2, 0.1, 1, 10), ("linear", 0.9, 0.1, 1, 0),
                  ("linear", 0.9, 0.1, -1, 10)):
         with pytest.raises(ValueError):
@@ -249,7 +253,7 @@ def test_hidden_state_loss_zero_when_equal_and_gradients_reach_projection():
     h = _hidden(2, 3, [4, 4], 0)
     for kind in ("mse", "cosine"):
         assert HiddenStateLoss([4, 4], [4, 4], [(1, 1)], kind)(h, tuple(x.clone() for x in h), None).abs().item() < 1e-6
-    loss = HiddenStateLoss([4, 4], [8, 8], [(0, 0), (1, 1)])
+    loss = HiddenStateLoss([4, 4], [8, 8], [(0, 0), (1, 1)], kind="mse")
     s_h = tuple(x.requires_grad_(True) for x in _hidden(2, 3, [4, 4], 0))
     loss(s_h, _hidden(2, 3, [8, 8], 1), torch.ones(2, 3, dtype=torch.long)).backward()
     for proj in loss.projections:
@@ -261,16 +265,16 @@ def test_hidden_state_loss_zero_when_equal_and_gradients_reach_projection():
 
 def test_hidden_state_loss_bad_arguments():
     with pytest.raises(ValueError, match="out of range"):
-        HiddenStateLoss([4, 4], [4, 4, 4], [(2, 0)])
+        HiddenStateLoss([4, 4], [4, 4, 4], [(2, 0)], kind="mse")
     with pytest.raises(ValueError, match="out of range"):
-        HiddenStateLoss([4, 4], [4, 4, 4], [(1, 3)])
+        HiddenStateLoss([4, 4], [4, 4, 4], [(1, 3)], kind="mse")
     with pytest.raises(ValueError, match="negative"):
-        HiddenStateLoss([4, 4], [4, 4, 4], [(-1, 0)])
+        HiddenStateLoss([4, 4], [4, 4, 4], [(-1, 0)], kind="mse")
     with pytest.raises(ValueError, match="at least one"):
-        HiddenStateLoss([4, 4], [4, 4], [])
+        HiddenStateLoss([4, 4], [4, 4], [], kind="mse")
     with pytest.raises(ValueError, match="kind"):
         HiddenStateLoss([4, 4], [4, 4], [(0, 0)], kind="l1")
-    loss = HiddenStateLoss([4, 4], [4, 4, 4], [(1, 2)])
+    loss = HiddenStateLoss([4, 4], [4, 4, 4], [(1, 2)], kind="mse")
     with pytest.raises(ValueError, match="3 student hidden states"):
         loss(_hidden(1, 2, [4, 4, 4], 0), _hidden(1, 2, [4, 4, 4], 1), None)
     with pytest.raises(ValueError, match="2 teacher hidden states"):
@@ -320,3 +324,83 @@ def test_attention_kl_bad_arguments():
         AttentionKLLoss([(0, 3)])(_attn(1, 2, 3, 1, 0), _attn(1, 2, 3, 3, 1), None)
     with pytest.raises(ValueError, match="2 heads but teacher layer 0 has 4"):
         AttentionKLLoss([(0, 0)])(_attn(1, 2, 3, 1, 0), _attn(1, 4, 3, 1, 1), None)
+
+
+# ---- the training loop's objectives: HardLabelLoss and DistillationLoss
+
+def _outputs(logits, hidden=None, attentions=None):
+    """An HF-style model output: .logits (B, C), .hidden_states and .attentions tuples."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(logits=logits, hidden_states=hidden, attentions=attentions)
+
+
+def test_hard_label_loss_is_weighted_cross_entropy():
+    s, _, y = _logits()
+    loss = HardLabelLoss()
+    assert math.isclose(loss(_outputs(s), y).item(), _ref_ce(s, y), rel_tol=1e-6)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 0.0, 4.0, 1.0])
+    assert math.isclose(loss(_outputs(s), y, weight=w).item(), _ref_ce(s, y, w), rel_tol=1e-6)
+    assert not loss.needs_hidden_states and not loss.needs_attentions and loss.epoch_metrics() == {"alpha": 1.0}
+    with pytest.raises(ValueError, match="weight"):
+        loss(_outputs(s), y, weight=-w)
+
+
+def _distillation(kd, *, alpha_end=None, schedule="constant", hidden=None, hidden_weight=1.0, attention=None,
+                  attention_weight=1.0):
+    return DistillationLoss(kd, alpha_end=alpha_end, alpha_schedule=schedule, hidden=hidden,
+                            hidden_weight=hidden_weight, attention=attention, attention_weight=attention_weight)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_distillation_loss_without_layer_terms_is_the_kd_loss(kind):
+    s, t, y = _logits()
+    w = torch.linspace(0.5, 2.0, 8)
+    loss = _distillation(KDLoss(0.3, 2.0, kind))
+    want = 0.3 * _ref_ce(s, y, w) + 0.7 * _REFERENCES[kind](s, t, 2.0, w)
+    assert math.isclose(loss(_outputs(s), y, teacher_logits=t, weight=w).item(), want, rel_tol=1e-5)
+    assert not loss.needs_hidden_states and not loss.needs_attentions and not list(loss.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_distillation_loss_alpha_follows_its_schedule_to_the_last_step(schedule):
+    s, t, y = _logits()
+    loss = _distillation(KDLoss(0.8, 2.0, "forward_kl"), alpha_end=0.2, schedule=schedule)
+    seen = []
+    for step in range(10):  # 10 optimizer steps: the last one reaches alpha_end
+        loss.set_step(step, 10)
+        seen.append(loss.epoch_metrics()["alpha"])
+    assert seen[0] == pytest.approx(0.8) and seen[-1] == pytest.approx(0.2)
+    assert seen[5] == pytest.approx(alpha_schedule(schedule, 0.8, 0.2, 5, 9))
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+    # the loss uses the alpha of the step: at the last step 0.2 CE + 0.8 T^2 KL
+    assert math.isclose(loss(_outputs(s), y, teacher_logits=t).item(),
+                        0.2 * _ref_ce(s, y) + 0.8 * _ref_kl(s, t, 2.0), rel_tol=1e-5)
+    constant = _distillation(KDLoss(0.8, 2.0, "forward_kl"), alpha_end=0.2, schedule="constant")
+    constant.set_step(9, 10)
+    assert constant.epoch_metrics() == {"alpha": 0.8}
+
+
+def test_distillation_loss_adds_the_weighted_layer_terms():
+    s, t, y = _logits(b=2)
+    s_h, t_h = _hidden(2, 4, [4, 4], 0), _hidden(2, 4, [8, 8], 1)   # student 4 wide, teacher 8: a projection
+    s_a, t_a = _attn(2, 2, 4, 1, 2), _attn(2, 2, 4, 1, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    kd = KDLoss(0.5, 2.0, "js")
+    hidden = HiddenStateLoss([4, 4], [8, 8], [(0, 0), (1, 1)], kind="mse")
+    attention = AttentionKLLoss([(0, 0)])
+    loss = _distillation(kd, hidden=hidden, hidden_weight=0.5, attention=attention, attention_weight=3.0)
+    assert loss.needs_hidden_states and loss.needs_attentions
+    assert {id(p) for p in loss.parameters()} == {id(p) for p in hidden.parameters()}   # the projections train
+    got = loss(_outputs(s, s_h, s_a), y, teacher_logits=t, teacher_outputs=_outputs(t, t_h, t_a), attention_mask=mask)
+    want = kd(s, y, t) + 0.5 * hidden(s_h, t_h, mask) + 3.0 * attention(s_a, t_a, mask)
+    assert torch.allclose(got, want)
+    with pytest.raises(ValueError, match="teacher's outputs"):
+        loss(_outputs(s, s_h, s_a), y, teacher_logits=t, attention_mask=mask)
+
+
+def test_distillation_loss_bad_arguments():
+    with pytest.raises(ValueError, match="alpha_schedule"):
+        _distillation(KDLoss(0.5, 2.0, "forward_kl"), schedule="step")
+    with pytest.raises(ValueError, match="alpha_end"):
+        _distillation(KDLoss(0.5, 2.0, "forward_kl"), alpha_end=1.5, schedule="linear")
