@@ -67,7 +67,9 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
                 teacher_meta={"name": teacher.name, "version": teacher.version})
         attest_task(client, run_id, cfg.governance, soft_labels_statement(cfg, soft, teacher, splits, ctx))
         with stage_run(client, run_id, "distill") as rid:
-            student = distill_task(teacher.path, splits, soft, cfg, workdir, device=device, client=client, run_id=rid)
+            student = distill_task(teacher.path, splits, soft, cfg.distill, workdir,
+                                   critical_slices=cfg.data.critical_slices, max_length=cfg.runtime.max_length,
+                                   seed=cfg.seed, device=device, client=client, run_id=rid)
         attest_task(client, run_id, cfg.governance, distill_statement(cfg, student, soft, teacher, splits, ctx))
         with stage_run(client, run_id, "quantize") as rid:
             edge = quantize_edge(cfg, splits, student.path, workdir / "edge", client=client, run_id=rid)
