@@ -127,7 +127,7 @@ def test_equal_accuracy_reads_as_no_change():
 
 
 def test_current_gap_report_dict_renders():
-    from tasks.evaluate import GapReport
+    from distill_gap.evaluation.gap_report import GapReport
 
     report = GapReport(models=["teacher", "student"], threshold=0.02,
                        suites={"test": {"teacher": {"n": 40, "accuracy": 0.8, "macro_f1": 0.7},
