@@ -93,7 +93,7 @@ def _warn_retry(task, task_run, exc: BaseException, *, what: str, logger: str) -
     problem = exc.problem if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}"
     message = (f"{task_run.name}: {what} on attempt {attempt} of {task.retries + 1}, retrying in {delay:g} s: "
                f"{problem}")
-    from prefect import get_run_logger
+    from prefect.logging.loggers import get_run_logger   # not from `prefect`: that import reconfigures logging
     from prefect.exceptions import MissingContextError
 
     try:

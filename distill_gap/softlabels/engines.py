@@ -124,7 +124,7 @@ def warn(message: str) -> None:
     """A warning in the Prefect run log when inside a run, else on the `distill.soft_labels` logger."""
     import logging
 
-    from prefect import get_run_logger
+    from prefect.logging.loggers import get_run_logger   # not from `prefect`: that import reconfigures logging
     from prefect.exceptions import MissingContextError
 
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 
-import prefect.main  # noqa: F401 - Prefect configures logging once, here, not inside a test's log capture
 import pytest
 from prefect.states import Completed, Failed
 
