@@ -4,8 +4,8 @@
 
 One start = a new process (benchmarks.cold_start_probe.probe) that starts the real ephemeral Prefect API (a uvicorn
 subprocess on a new SQLite database: its migrations), creates a flow run that reads itself back as Running, creates
-a new SQLite MLflow store (its migrations) and starts the pipeline's MLflow run in it (tasks.register.client_for +
-start_pipeline_run), then exits; loopback only. Watched from outside: seconds from the spawn to the API's first 200
+a new SQLite MLflow store (its migrations) and starts the pipeline's MLflow run in it (distill_gap.registry.tracking
+client_for + pipeline_run), then exits; loopback only. Watched from outside: seconds from the spawn to the API's first 200
 from /api/health, to the flow run Running, to the MLflow run (`startup_seconds_*`), to the exit (`total_seconds_*`);
 after each exit, nothing left running for that PREFECT_HOME, no lock or temporary file left.
 

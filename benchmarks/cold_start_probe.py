@@ -4,11 +4,12 @@ One cold start = one new process that does what `distill run` does before its fi
 
     the ephemeral Prefect API starts (Prefect 3.8: a uvicorn subprocess that migrates a new SQLite database),
     a flow run is created and reaches Running, the MLflow SQLite store is created (its migrations) and the
-    pipeline's MLflow run is started in it (tasks.register.client_for + start_pipeline_run), then the process exits.
+    pipeline's MLflow run is started in it (distill_gap.registry.tracking: client_for + pipeline_run), then the
+    process exits.
 
 The probe process runs the project's code (the CLI's embedded environment, flows.config.load_config,
-distill_gap.ops.prefect_server.tie_ephemeral_server, tasks.register) but not flows.pipeline, whose imports (torch, transformers,
-INC, ...) add ~7 s that say nothing about the start.
+distill_gap.ops.prefect_server.tie_ephemeral_server, distill_gap.registry) but not flows.pipeline, whose imports
+(torch, transformers, INC, ...) add ~7 s that say nothing about the start.
 The parent watches from outside: when the server process appears, when its /api/health first answers 200, what
 it listens on, and after the exit that no server process, lock file or temporary file is left behind.
 
@@ -57,8 +58,8 @@ def _probe_flow():
         from prefect import get_client
         from prefect.runtime import flow_run
 
-        from distill_gap.ops.crash_recovery import reap
-        from tasks.register import client_for, start_pipeline_run
+        from distill_gap.registry.crash_recovery import reap
+        from distill_gap.registry.tracking import client_for, pipeline_run
 
         marks = {"running": time.time()}
         flow_run_id = flow_run.get_id()
@@ -66,10 +67,9 @@ def _probe_flow():
             state = prefect_client.read_flow_run(flow_run_id).state
         client = client_for(config.tracking)  # creates the SQLite store: MLflow's migrations
         reap(client, config.tracking)  # as flows/pipeline.py does before its run (nothing to reap in a new store)
-        run_id = start_pipeline_run(client, config, trigger_reason="cold-start", flow_run_id=flow_run_id)
-        run = client.get_run(run_id)
-        marks["mlflow"] = time.time()
-        client.set_terminated(run_id, "FINISHED")
+        with pipeline_run(client, config, trigger_reason="cold-start", flow_run_id=flow_run_id) as run_id:
+            run = client.get_run(run_id)
+            marks["mlflow"] = time.time()
         return {"marks": marks, "flow_run_id": str(flow_run_id), "flow_run_state": state.type.value,
                 "mlflow_run_id": run_id, "mlflow_run_status": run.info.status,
                 "mlflow_run_flow_tag": run.data.tags.get("prefect.flow_run_id")}

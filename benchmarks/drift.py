@@ -52,7 +52,8 @@ def load_model(splits):
 
     try:
         from distill_gap.edge.folder import read_manifest
-        from distill_gap.edge.serving import load_edge, resolve_edge
+        from distill_gap.edge.serving import load_edge
+        from distill_gap.registry.model_uri import resolve_edge
 
         said = []
         folder = resolve_edge(CHAMPION, TRACKING_URI, log=said.append)

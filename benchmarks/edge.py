@@ -326,7 +326,7 @@ def registry_models(cache_root: Path):
     from mlflow.exceptions import MlflowException
 
     from distill_gap.errors import DistillError
-    from tasks.register import fetch_model
+    from distill_gap.registry.versions import fetch_model
 
     mlflow.set_tracking_uri(TRACKING_URI)
     mlflow.set_registry_uri(TRACKING_URI)

@@ -83,8 +83,8 @@ def recover(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
     """Mark pipeline runs whose process died (SIGKILL, OOM) as KILLED in MLflow and Crashed in Prefect."""
     from distill_gap.errors import DistillError
     from distill_gap.ops.prefect_server import tie_ephemeral_server
-    from distill_gap.ops.crash_recovery import reap
-    from tasks.register import client_for
+    from distill_gap.registry.crash_recovery import reap
+    from distill_gap.registry.tracking import client_for
 
     try:
         cfg = _load(config, set)
@@ -240,7 +240,7 @@ def cache_gc(keep: int = typer.Option(..., "--keep", min=0, help="newest complet
     """Delete old entries; never one that a registered model version references (soft_labels.key)."""
     from distill_gap.softlabels.maintenance import gc_entries, referenced_keys
     from distill_gap.errors import DistillError
-    from tasks.register import client_for
+    from distill_gap.registry.tracking import client_for
 
     try:
         cfg = _load(config, set)
@@ -319,7 +319,8 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
     """
     import json
 
-    from distill_gap.edge.serving import load_edge, read_rows, resolve_edge, stdout_to_stderr
+    from distill_gap.edge.serving import load_edge, read_rows, stdout_to_stderr
+    from distill_gap.registry.model_uri import resolve_edge
     from distill_gap.errors import DistillError
 
     try:
@@ -377,10 +378,11 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
     import json
 
     from distill_gap.errors import DistillError
-    from distill_gap.governance.lineage import _client, lineage as build
+    from distill_gap.governance.lineage import lineage as build
+    from distill_gap.registry.model_uri import registry_client
 
     try:
-        info = build(_client(tracking_uri), model, mlflow_ui=mlflow_ui)
+        info = build(registry_client(tracking_uri), model, mlflow_ui=mlflow_ui)
     except DistillError as err:
         _fail(err)
     if as_json:
@@ -434,11 +436,12 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
     """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
     from distill_gap.edge.serving import stdout_to_stderr
     from distill_gap.errors import DistillError
-    from distill_gap.governance.lineage import _client, verify as run_verify
+    from distill_gap.governance.lineage import verify as run_verify
+    from distill_gap.registry.model_uri import registry_client
 
     try:
         with stdout_to_stderr():
-            result = run_verify(_client(tracking_uri), model, public_keys=public_key, key_dir=key_dir,
+            result = run_verify(registry_client(tracking_uri), model, public_keys=public_key, key_dir=key_dir,
                                 log=lambda m: err_console.print(f"[dim]{m}[/]"))
     except DistillError as err:
         _fail(err)
@@ -484,7 +487,7 @@ def approve(flow_run_id: str = typer.Argument(..., help="the paused flow run (pr
     """Answer a paused promotion without the UI (same form, same validation as the Prefect UI)."""
     from distill_gap.ops.prefect_server import tie_ephemeral_server
     from distill_gap.errors import DistillError
-    from tasks.promote import answer_run
+    from distill_gap.governance.promotion import answer_run
 
     tie_ephemeral_server()
     try:
@@ -504,11 +507,11 @@ def rollback(model: str = typer.Argument(..., help="the registered edge model, e
     """Move @champion back to an earlier version that passed its gates; record who and why."""
     from flows.config import GovernanceConfig, TrackingConfig
     from distill_gap.errors import DistillError
-    from distill_gap.governance.lineage import _client
-    from tasks.promote import rollback as do_rollback
+    from distill_gap.governance.promotion import rollback as do_rollback
+    from distill_gap.registry.model_uri import registry_client
 
     try:
-        result = do_rollback(_client(tracking_uri), model, to, reason=reason, by=by,
+        result = do_rollback(registry_client(tracking_uri), model, to, reason=reason, by=by,
                              governance=GovernanceConfig(key_dir=str(key_dir)),
                              tracking=TrackingConfig(uri=tracking_uri))
     except DistillError as err:

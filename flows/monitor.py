@@ -9,9 +9,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from distill_gap.monitoring.events import DRIFT_DETECTED, TEACHER_CHANGED, emit
+from distill_gap.monitoring.watches import monitor_drift, teacher_change
+from distill_gap.registry.tracking import client_for
 from flows.config import load_config
-from tasks.register import client_for
-from distill_gap.monitoring.watches import TEACHER_CHANGED, emit, teacher_change
 
 
 @flow(name="teacher-watch", log_prints=True)
@@ -34,9 +35,8 @@ def teacher_watch(config_path: str = "configs/demo.yaml", overrides: list[str] |
 def drift_monitor(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
                   production: str = ".distill/production") -> dict:
     """Compare a production sample with the champion's reference; emit distill.drift.detected on drift."""
-    from distill_gap.monitoring.drift import drift_markdown
     from distill_gap.errors import DistillError
-    from distill_gap.monitoring.watches import DRIFT_DETECTED, monitor_drift
+    from distill_gap.monitoring.drift import drift_markdown
 
     cfg = load_config(config_path, overrides or [])
     key = f"{cfg.name}-drift-report"

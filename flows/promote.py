@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
+from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
 from flows.config import PipelineConfig
 from tasks.promote import promote_task
-from tasks.register import client_for, experiment_id
 
 
 @flow(name="promote-edge", log_prints=True)
@@ -15,12 +15,6 @@ def promote_edge(config: PipelineConfig, version: int, reason: str = "manual", r
     of the same request (`request_id`: the triggering event's id, `{{ event.id }}` in an automation), changes
     nothing."""
     client = client_for(config.tracking)
-    run = client.create_run(experiment_id(client, config.tracking), run_name=f"{config.name}-promote",
-                            tags={"distill.stage": "promote", "trigger.reason": reason, "model.name": config.name})
-    try:
-        result = promote_task(client, config, version, run_id=run.info.run_id, request_id=request_id)
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return result
+    with mlflow_run(client, experiment_id=experiment_id(client, config.tracking), run_name=f"{config.name}-promote",
+                    tags={"distill.stage": "promote", "trigger.reason": reason, "model.name": config.name}) as run_id:
+        return promote_task(client, config, version, run_id=run_id, request_id=request_id)

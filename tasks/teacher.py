@@ -13,7 +13,8 @@ from distill_gap.ops.transient import retry_if_transient
 def resolve_teacher(cfg, cache_root: str | Path = ".distill/models"):
     """The teacher through the registry only (exact version, or the alias), checked against the label set."""
     from distill_gap.models.loading import check_teacher_labels, config_labels
-    from tasks.register import client_for, fetch_model
+    from distill_gap.registry.tracking import client_for
+    from distill_gap.registry.versions import fetch_model
 
     client = client_for(cfg.tracking)
     ref = fetch_model(client, cfg.teacher_model_name, alias=None if cfg.teacher.version else cfg.teacher.alias,

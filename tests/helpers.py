@@ -113,3 +113,10 @@ def drill_workspace(tmp: Path, name: str, model_dir) -> dict:
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     import_tiny_teacher(config, model_dir)
     return {"tmp": tmp, "config": config, "env": env}
+
+
+def log_model_dir(client, run_id: str, local_dir, artifact_path: str) -> str:
+    """Upload a model folder as run artifacts; return the artifact URI to register as a version source (a plain
+    folder, not an MLflow model: tests that need a registered version, not a servable pyfunc)."""
+    client.log_artifacts(run_id, str(local_dir), artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"

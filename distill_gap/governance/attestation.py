@@ -3,35 +3,23 @@
 Each step (soft-labels, distill, quantize, export, evaluate, promote) is its own point of accountability:
 its Statement's subjects are the step's output digests and its predicate holds the technique, parameters,
 input digests, a summary of the data distribution, thresholds, measured results and the approver. The
-Statements are signed (DSSE, distill_gap.governance.signing) with the local key and logged to the pipeline's MLflow run
+Statements are signed (DSSE, distill_gap.signing) with the local key and logged to the pipeline's MLflow run
 under `attestations/<step>.dsse.json`; `distill verify` checks them offline.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from distill_gap.digest import sha256_json
+from distill_gap.registry.tracking import code_version
 
 STEPS = ("soft-labels", "distill", "quantize", "export", "evaluate", "promote")
 PREDICATE_TYPE = "https://distill-gap.dev/attestation/v1"
 ATTESTATION_DIR = "attestations"
-
-
-def key_dir(governance) -> Path:
-    """Where the signing key pair lives: DISTILL_KEY_DIR, else governance.key_dir."""
-    return Path(os.environ.get("DISTILL_KEY_DIR") or governance.key_dir)
-
-
-def signing_key(governance):
-    """The local signing key pair (created on first use)."""
-    from distill_gap.governance.signing import ensure_key_pair
-
-    return ensure_key_pair(key_dir(governance))
 
 
 def statement(step: str, subjects: dict[str, str], *, technique: str, parameters: dict, inputs: dict[str, str],
@@ -39,8 +27,6 @@ def statement(step: str, subjects: dict[str, str], *, technique: str, parameters
               approver: dict | None = None, context: dict | None = None) -> dict:
     """An in-toto Statement v1 for one step; `subjects` and `inputs` map names to sha256 digests."""
     assert step in STEPS, step
-    from tasks.register import code_version
-
     return {
         "_type": "https://in-toto.io/Statement/v1",
         "subject": [{"name": n, "digest": {"sha256": d}} for n, d in subjects.items()],
@@ -58,7 +44,7 @@ def statement(step: str, subjects: dict[str, str], *, technique: str, parameters
 
 def record(client, run_id: str, governance, stmt: dict) -> str:
     """Sign a Statement and log it to the run; return the artifact URI of the envelope."""
-    from distill_gap.governance.signing import sign_statement
+    from distill_gap.signing import sign_statement, signing_key
 
     envelope = sign_statement(stmt, signing_key(governance))
     step = stmt["predicate"]["step"]
@@ -106,11 +92,6 @@ def distill_statement(cfg, student, soft, teacher, splits, context: dict) -> dic
                  f"best_val_{d.select_metric}": student.best_val_metric, "seconds": round(student.seconds, 1),
                  "history": student.history},
         context=context)
-
-
-def _artifact_digests(edge, runtimes: tuple[str, ...]) -> dict[str, str]:
-    return {f"edge/{name}": a["digest"] for name, a in edge.artifacts.items() if a.get("runtime") in runtimes
-            and name != "fp32"}
 
 
 def quantize_statement(cfg, edge, student, splits, context: dict) -> dict:

@@ -14,20 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from distill_gap.digest import model_digest, sha256_json
 from distill_gap.errors import DistillError
-
-
-def _client(tracking_uri: str):
-    from distill_gap.edge.serving import _registry_client
-
-    return _registry_client(tracking_uri)
+from distill_gap.registry.model_uri import parse_model_uri
+from distill_gap.registry.versions import resolve_version, version_folder
 
 
 def _version(client, uri: str):
     """The registry version a `models:/name@alias` or `models:/name/N` URI names."""
-    from distill_gap.edge.serving import parse_model_uri
-    from tasks.register import resolve_version
-
     name, alias, version = parse_model_uri(uri)
     return resolve_version(client, name, alias=alias, version=version)
 
@@ -163,8 +157,7 @@ def _download(client, uri: str, dst: Path) -> Path:
 
 def _verify_model(result: Verification, client, mv, trusted: list[str], tmp: Path) -> None:
     """Download the version afresh; recompute its digest; check its folder signature (naming changed files)."""
-    from distill_gap.digest import model_digest
-    from distill_gap.governance.signing import SignatureError, verify_folder
+    from distill_gap.signing import SignatureError, verify_folder
 
     link = f"{mv.name} v{mv.version}"
     expected = mv.tags.get("model.digest")
@@ -175,8 +168,6 @@ def _verify_model(result: Verification, client, mv, trusted: list[str], tmp: Pat
     except Exception as err:  # noqa: BLE001 - a missing artifact is a broken link, named
         result.add(link, False, f"files not downloadable from {mv.source}: {err}")
         return
-    from tasks.register import version_folder
-
     folder = version_folder(dst, mv.source)
     got = model_digest(folder) if folder.is_dir() else None
     result.add(f"{link} digest", got == expected,
@@ -205,7 +196,7 @@ def _verify_model(result: Verification, client, mv, trusted: list[str], tmp: Pat
 def _verify_attestations(result: Verification, client, tags: dict, trusted: list[str], tmp: Path,
                          expect: dict[str, str]) -> dict[str, dict]:
     """Every step Statement: signature by a trusted key, and subjects equal to the digests the registry holds."""
-    from distill_gap.governance.signing import SignatureError, subject_digests, verify_statement
+    from distill_gap.signing import SignatureError, subject_digests, verify_statement
 
     uri = tags.get("attestation.uri")
     if not uri:
@@ -240,7 +231,6 @@ def _verify_attestations(result: Verification, client, tags: dict, trusted: list
 def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> None:
     """The soft-label entry: every shard re-hashed against its manifest; the manifest against its Statement."""
     from distill_gap.softlabels.maintenance import verify_entry
-    from distill_gap.digest import sha256_json
     from distill_gap.softlabels.store import SoftLabelStore
 
     uri, key = tags.get("soft_labels.uri"), tags.get("soft_labels.key")
@@ -253,7 +243,7 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
         manifest = SoftLabelStore(store_uri).manifest(key)
         stmt = statements.get("soft-labels")
         if stmt is not None and manifest is not None:
-            from distill_gap.governance.signing import subject_digests
+            from distill_gap.signing import subject_digests
 
             want = subject_digests(stmt).get(f"soft-labels/{key}")
             got = sha256_json(manifest)
@@ -266,8 +256,6 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
 def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: str | Path | None = None,
            log: Callable[[str], None] | None = None) -> Verification:
     """Recompute every digest and check every signature of the chain behind a registered version."""
-    from distill_gap.digest import sha256_json
-
     trusted, source = trusted_keys(public_keys, key_dir)
     mv = _version(client, uri)
     result = Verification(uri=f"{mv.name} v{mv.version}", key_source=source)

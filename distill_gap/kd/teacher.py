@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from distill_gap.errors import DistillError
+from distill_gap.registry.tracking import client_for, code_version, experiment_id, mlflow_run
+from distill_gap.registry.versions import create_version, sign_and_log
 
 BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
 
@@ -78,7 +80,6 @@ def _register_teacher(client, cfg, model_dir: Path, run_id: str, tags: dict, pin
     """Sign, log (MLflow model with signature) and register a teacher with its licence, owner and digests."""
     from distill_gap.digest import model_digest, tokenizer_digest
     from distill_gap.registry.pyfunc import link_version, log_model_folder
-    from tasks.register import create_version, sign_and_log
 
     license = (cfg.teacher.license or "").strip()
     if not license:
@@ -106,7 +107,6 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
     from distill_gap.data.splits import load_splits
     from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
-    from tasks.register import client_for, code_version, experiment_id
     from distill_gap.ops.runtime import configure_threads, select_device
 
     client = client_for(cfg.tracking)
@@ -127,10 +127,8 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
     configure_threads(cfg.runtime.threads)
     device = select_device(cfg.runtime.device)
     splits = load_splits(cfg.data, cfg.seed)
-    run = client.create_run(experiment_id(client, cfg.tracking), run_name=f"{cfg.name}-teacher-bootstrap",
-                            tags={"distill.stage": "teacher-bootstrap", "code.version": code_version()})
-    run_id = run.info.run_id
-    try:
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name=f"{cfg.name}-teacher-bootstrap",
+                    tags={"distill.stage": "teacher-bootstrap", "code.version": code_version()}) as run_id:
         for k, v in {"base": cfg.teacher.base, "epochs": cfg.teacher.epochs, "learning_rate": cfg.teacher.learning_rate,
                      "batch_size": cfg.teacher.batch_size, "max_length": cfg.runtime.max_length, "device": device}.items():
             client.log_param(run_id, k, v)
@@ -155,10 +153,6 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
                                            example_texts=splits["train"]["text"].head(3).tolist(), tags={
                 "origin": f"bootstrap from {cfg.teacher.base}", "bootstrap.key": key, "data.digest": splits.digest(),
                 "test.accuracy": f"{test_acc:.4f}", "code.version": code_version()})
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     log(f"teacher registered: {cfg.teacher_model_name} v{mv.version} @{cfg.teacher.alias}, test accuracy {test_acc:.3f}, "
         f"{time.perf_counter() - start:.0f} s")
     return {"name": cfg.teacher_model_name, "version": int(mv.version), "reused": False, "digest": digest,
@@ -168,15 +162,13 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
 def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log=print) -> dict:
     """Register an existing Hugging Face classifier folder as `<name>-teacher` (and pin it)."""
     from distill_gap.models.loading import check_model_dir, check_teacher_labels, load_classifier, model_labels
-    from tasks.register import client_for, code_version, experiment_id
 
     root = check_model_dir(path)
     model, _ = load_classifier(root)
     check_teacher_labels(model_labels(model), list(cfg.data.labels), f"the model in {root}")
     client = client_for(cfg.tracking)
-    run = client.create_run(experiment_id(client, cfg.tracking), run_name=f"{cfg.name}-teacher-import",
-                            tags={"distill.stage": "teacher-import", "code.version": code_version()})
-    try:
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name=f"{cfg.name}-teacher-import",
+                    tags={"distill.stage": "teacher-import", "code.version": code_version()}) as run_id:
         cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"license": license})})
         with tempfile.TemporaryDirectory() as tmp:
             # copy only the model's own files: what is registered is exactly what is digested
@@ -189,11 +181,7 @@ def import_teacher(cfg, path: str | Path, *, license: str, pin: bool = True, log
             from distill_gap.data.splits import load_splits
 
             examples = load_splits(cfg.data, cfg.seed)["train"]["text"].head(3).tolist()
-            mv, digest = _register_teacher(client, cfg, clean, run.info.run_id, pin=pin, example_texts=examples,
+            mv, digest = _register_teacher(client, cfg, clean, run_id, pin=pin, example_texts=examples,
                                            tags={"origin": f"import of {root.resolve()}", "code.version": code_version()})
-        client.set_terminated(run.info.run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
     log(f"teacher registered: {cfg.teacher_model_name} v{mv.version}" + (f" @{cfg.teacher.alias}" if pin else ""))
     return {"name": cfg.teacher_model_name, "version": int(mv.version), "digest": digest}

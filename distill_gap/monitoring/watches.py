@@ -1,27 +1,12 @@
-"""Redistillation triggers: the teacher moved, or the world drifted. Each emits one Prefect event with its
-evidence; automations in deployments/ turn the event into a run of the distill-pipeline deployment.
-`emit` also sends the promotion events (DESIGN.md, events)."""
+"""Redistillation watches: the teacher moved, or the world drifted. flows/monitor.py emits each finding as one
+Prefect event (distill_gap.monitoring.events) with its evidence; automations in deployments/ turn the event into
+a run of the distill-pipeline deployment."""
 
 from __future__ import annotations
 
+from distill_gap.edge.folder import REFERENCE_FILE, read_reference
 from distill_gap.errors import DistillError
-
-TEACHER_CHANGED = "distill.teacher.changed"
-DRIFT_DETECTED = "distill.drift.detected"
-GATES_FAILED = "distill.gates.failed"
-MODEL_PROMOTED = "distill.model.promoted"
-
-
-def resource(name: str) -> dict:
-    return {"prefect.resource.id": f"distill.model.{name}", "prefect.resource.name": name}
-
-
-def emit(event: str, name: str, payload: dict) -> str | None:
-    """Emit one event on resource distill.model.<name>; returns its id (None when events are disabled)."""
-    from prefect.events import emit_event
-
-    sent = emit_event(event=event, resource=resource(name), payload=payload)
-    return str(sent.id) if sent is not None else None
+from distill_gap.registry.model_uri import resolve_edge
 
 
 def champion(client, cfg):
@@ -58,33 +43,14 @@ def teacher_change(client, cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# drift: the reference ships with the edge model; the monitor compares production rows with it
-
-REFERENCE_FILE = "reference.json"
-
-
-def write_reference(edge_dir, splits, labels: list[str], *, sample_size: int, seed: int) -> dict:
-    """The champion-to-be's reference profile on validation + test texts, saved in its edge folder (signed with it)."""
-    import json
-    from pathlib import Path
-
-    from distill_gap.monitoring.drift import reference_profile
-    from distill_gap.edge.serving import load_edge
-
-    model = load_edge(edge_dir)
-    texts = [*splits["validation"]["text"].tolist(), *splits["test"]["text"].tolist()]
-    profile = reference_profile(texts, model.predict_logits(texts), labels,
-                                scope_threshold=(model.scope or {}).get("threshold"), sample_size=sample_size, seed=seed)
-    (Path(edge_dir) / REFERENCE_FILE).write_text(json.dumps(profile))
-    return profile
+# drift: the reference ships with the edge model (written by the evaluate stage); the monitor compares
+# production rows with it
 
 
 def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
     """Read the production rows, load the champion and its reference, and compare them (distill_gap.monitoring.drift)."""
-    import json
-
+    from distill_gap.edge.serving import load_edge
     from distill_gap.monitoring.drift import drift_report, read_production_rows
-    from distill_gap.edge.serving import load_edge, resolve_edge
 
     rows = read_production_rows(production)  # bad input fails here, before the registry or the model
     current = champion(client, cfg)
@@ -96,7 +62,7 @@ def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
         raise DistillError(f"{cfg.edge_model_name} v{current.version} ships no {REFERENCE_FILE} (registered before "
                            "drift monitoring existed)", "run the pipeline once more to register a champion with a reference")
     model = load_edge(folder)
-    report = drift_report(json.loads((folder / REFERENCE_FILE).read_text()), rows,
+    report = drift_report(read_reference(folder), rows,
                           lambda texts: model.predict_logits(texts), model.labels, thresholds=cfg.drift.thresholds(),
                           scope_threshold=(model.scope or {}).get("threshold"), sample_size=cfg.drift.sample_size,
                           seed=cfg.seed)

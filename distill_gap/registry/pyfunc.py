@@ -3,8 +3,8 @@
 `log_model_folder` logs a model folder (a transformers classifier or an edge folder) as an MLflow 3 logged
 model with a signature and an input example, linked to the pipeline's run as an output. The folder is stored
 byte for byte as the pyfunc artifact `model`; the registry version's source points at that folder, so
-`tasks.register.fetch_model` downloads and digest-checks exactly the model files, while the MLflow model around
-it (MLmodel, environment, this file as its code) serves `mlflow.pyfunc.load_model("models:/<model_id>")`.
+`distill_gap.registry.versions.fetch_model` downloads and digest-checks exactly the model files, while the MLflow
+model around it (MLmodel, environment, this file as its code) serves `mlflow.pyfunc.load_model("models:/<model_id>")`.
 
 This file is also the model's code (MLflow "models from code", no pickle): MLflow copies it into the logged
 model and executes it under another module name, where the last line hands it the `DistillClassifier` to load.

@@ -12,7 +12,8 @@ import pytest
 
 from flows.config import load_config
 from distill_gap.errors import DistillError
-from tasks.register import LINEAGE_TAGS, client_for
+from distill_gap.registry.registration import LINEAGE_TAGS
+from distill_gap.registry.tracking import client_for
 from tests.helpers import OPEN_GATE_OVERRIDES
 
 pytestmark = pytest.mark.slow
@@ -191,7 +192,7 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "attestation distill" in proc.stdout and "tiny-teacher v1 signature" in proc.stdout
     # ... and one changed byte in a stored weight file fails it, naming that file
-    from tasks.register import version_folder
+    from distill_gap.registry.versions import version_folder
 
     assert edge.source.startswith("models:/m-")  # the logged MLflow model; its `model` artifact is the folder
     stored_root = Path(client.get_logged_model(edge.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
@@ -210,7 +211,7 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
         stored.write_bytes(original)
 
     # 5. moving the teacher's alias rewrites no history: the edge version still reports teacher v1
-    from tasks.register import fetch_model
+    from distill_gap.registry.versions import fetch_model
     from distill_gap.kd.teacher import import_teacher
 
     teacher_dir = fetch_model(client, "tiny-teacher", version=1, cache_root=workspace[0] / "models").path

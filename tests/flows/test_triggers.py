@@ -123,7 +123,8 @@ def _production(path: Path, frame, *, drifted: bool) -> str:
 def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame):
     from flows.config import load_config
     from flows.pipeline import distill_pipeline
-    from tasks.register import client_for, fetch_model
+    from distill_gap.registry.tracking import client_for
+    from distill_gap.registry.versions import fetch_model
     from distill_gap.kd.teacher import bootstrap_teacher, import_teacher
 
     cfg = load_config(stack["config"])

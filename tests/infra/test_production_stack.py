@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.register import LINEAGE_TAGS
+from distill_gap.registry.registration import LINEAGE_TAGS
 from tests.conftest import _free_port
 from tests.helpers import OPEN_GATE_OVERRIDES, wait_http
 

@@ -18,7 +18,7 @@ import pytest
 
 from flows.config import load_config
 from distill_gap.errors import DistillError
-from tasks.register import client_for
+from distill_gap.registry.tracking import client_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

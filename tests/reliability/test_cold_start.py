@@ -4,7 +4,7 @@ the configured timeout.
 Each start is a new process (benchmarks.cold_start_probe.probe) with a new, empty PREFECT_HOME and a new SQLite MLflow store,
 loopback only: the real ephemeral Prefect API starts (a uvicorn subprocess migrating a new database), a flow run is
 created and reads itself back as Running, the MLflow store is created and the pipeline's MLflow run started in it
-(tasks.register.client_for + start_pipeline_run, as flows/pipeline.py does). Watched from outside: seconds to the
+(distill_gap.registry.tracking client_for + pipeline_run, as flows/pipeline.py does). Watched from outside: seconds to the
 API's first 200 from /api/health, to the flow run Running, to the MLflow run; after the exit, nothing left running
 for that PREFECT_HOME, no lock or temporary file left.
 

@@ -30,7 +30,7 @@ def _mlflow_state(ws) -> dict:
     code = """
 import json, sys
 from flows.config import load_config
-from tasks.register import client_for
+from distill_gap.registry.tracking import client_for
 cfg = load_config(sys.argv[1])
 client = client_for(cfg.tracking)
 exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id

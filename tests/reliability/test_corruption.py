@@ -150,7 +150,8 @@ def registry(tiny_model_dir, review_frame, tmp_path_factory):
     """tiny-teacher v1 (`distill teacher import`) and tiny-edge v1 (an fp32 edge folder), both signed and logged as
     MLflow models in a SQLite registry with file artifacts, like the pipeline registers them."""
     from distill_gap.registry.pyfunc import link_version, log_model_folder
-    from tasks.register import client_for, create_version, experiment_id, sign_and_log
+    from distill_gap.registry.tracking import client_for, experiment_id
+    from distill_gap.registry.versions import create_version, sign_and_log
     from distill_gap.kd.teacher import import_teacher
 
     tmp = tmp_path_factory.mktemp("corruption-registry")
@@ -184,7 +185,7 @@ def registry(tiny_model_dir, review_frame, tmp_path_factory):
 
 def _stored(client, name: str, rel: str) -> Path:
     """The file `rel` of version 1 of `name` as the MLflow artifact store holds it."""
-    from tasks.register import version_folder
+    from distill_gap.registry.versions import version_folder
 
     mv = client.get_model_version(name, "1")
     root = client.get_logged_model(mv.source.removeprefix("models:/")).artifact_location.removeprefix("file://")

@@ -88,7 +88,7 @@ def _state(ws) -> dict:
     code = """
 import json, sys
 from prefect.client.orchestration import get_client
-from tasks.register import client_for
+from distill_gap.registry.tracking import client_for
 from flows.config import load_config
 cfg = load_config(sys.argv[1])
 with get_client(sync_client=True) as c:

@@ -12,7 +12,7 @@ import pytest
 from flows.config import load_config
 from tests.helpers import import_tiny_teacher
 from distill_gap.evaluation.gates import GatesFailed
-from tasks.register import client_for
+from distill_gap.registry.tracking import client_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

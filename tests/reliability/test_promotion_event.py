@@ -20,20 +20,21 @@ ROOT = Path(__file__).resolve().parents[2]
 def registry(tmp_path_factory, tiny_model_dir, prefect_api):
     """dup-edge v1, v2, v3, all with passed gates; signing keys in a temporary folder."""
     from distill_gap.digest import model_digest
-    from tasks.register import client_for, create_version, experiment_id, log_model_dir
+    from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
+    from distill_gap.registry.versions import create_version
+    from tests.helpers import log_model_dir
 
     tmp = tmp_path_factory.mktemp("promotion-event")
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         "name=dup", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/artifacts",
         f"governance.key_dir={tmp}/keys"])
     client = client_for(cfg.tracking)
-    run = client.create_run(experiment_id(client, cfg.tracking), run_name="register")
-    source = log_model_dir(client, run.info.run_id, tiny_model_dir, "edge")
-    for _ in range(3):
-        create_version(client, cfg.edge_model_name, source=source, run_id=run.info.run_id, governance=cfg.governance,
-                       tags={"gates.passed": "true", "model.digest": model_digest(tiny_model_dir)},
-                       description="test accuracy 0.7; Verdict: all gates passed")
-    client.set_terminated(run.info.run_id, "FINISHED")
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name="register") as run_id:
+        source = log_model_dir(client, run_id, tiny_model_dir, "edge")
+        for _ in range(3):
+            create_version(client, cfg.edge_model_name, source=source, run_id=run_id, governance=cfg.governance,
+                           tags={"gates.passed": "true", "model.digest": model_digest(tiny_model_dir)},
+                           description="test accuracy 0.7; Verdict: all gates passed")
     return cfg, client
 
 

@@ -137,7 +137,7 @@ def _run_logs(flow_run_id, expect: str, timeout: float = 20.0) -> list[str]:
 
 def _mlflow_runs(cfg, flow_run_id):
     """(pipeline run, its stage runs) of one flow run."""
-    from tasks.register import client_for
+    from distill_gap.registry.tracking import client_for
 
     client = client_for(cfg.tracking)
     exp_ids = [e.experiment_id for e in client.search_experiments()]
@@ -148,7 +148,7 @@ def _mlflow_runs(cfg, flow_run_id):
 
 
 def _versions(cfg) -> dict[str, int]:
-    from tasks.register import client_for
+    from distill_gap.registry.tracking import client_for
 
     client = client_for(cfg.tracking)
     return {name: len(client.search_model_versions(f"name='{name}'")) for name in ("tiny-student", "tiny-edge")}

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def registry(tmp_path_factory, tiny_model_dir):
     """tiny-edge v1 and v3 passed their gates, v2 failed them; a signing key pair in a temporary folder."""
     from distill_gap.digest import model_digest
-    from tasks.register import client_for, create_version, experiment_id, log_model_dir
+    from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
+    from distill_gap.registry.versions import create_version
+    from tests.helpers import log_model_dir
 
     tmp = tmp_path_factory.mktemp("promote")
     old_key_dir = os.environ.get("DISTILL_KEY_DIR")
@@ -31,13 +33,12 @@ def registry(tmp_path_factory, tiny_model_dir):
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                                                    f"tracking.artifact_location={tmp}/artifacts"])
     client = client_for(cfg.tracking)
-    run = client.create_run(experiment_id(client, cfg.tracking), run_name="register")
-    source = log_model_dir(client, run.info.run_id, tiny_model_dir, "edge")
-    for passed in ("true", "false", "true"):
-        create_version(client, cfg.edge_model_name, source=source, run_id=run.info.run_id, governance=cfg.governance,
-                       tags={"gates.passed": passed, "model.digest": model_digest(tiny_model_dir)},
-                       description="test accuracy 0.7; Verdict: " + ("all gates passed" if passed == "true" else "FAILED"))
-    client.set_terminated(run.info.run_id, "FINISHED")
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name="register") as run_id:
+        source = log_model_dir(client, run_id, tiny_model_dir, "edge")
+        for passed in ("true", "false", "true"):
+            create_version(client, cfg.edge_model_name, source=source, run_id=run_id, governance=cfg.governance,
+                           tags={"gates.passed": passed, "model.digest": model_digest(tiny_model_dir)},
+                           description="test accuracy 0.7; Verdict: " + ("all gates passed" if passed == "true" else "FAILED"))
     yield cfg, client
     if old_key_dir is None:
         os.environ.pop("DISTILL_KEY_DIR", None)
@@ -79,7 +80,7 @@ def _paused_run(pause_key: str, timeout: float = 60):
 def _attestation(client, uri: str, tmp_path) -> dict:
     import mlflow
 
-    from distill_gap.governance.signing import verify_statement
+    from distill_gap.signing import verify_statement
 
     path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path),
                                                tracking_uri=client._tracking_client.tracking_uri)
@@ -110,7 +111,7 @@ def test_approval_timeout_promotes_nothing(registry, prefect_api):
 
 def test_approval_asks_again_then_promotes_once(registry, prefect_api, tmp_path):
     from flows.promote import promote_edge
-    from tasks.promote import answer_run
+    from distill_gap.governance.promotion import answer_run
 
     cfg, client = registry
     strict = _config(cfg, required=True, approvers=["dana"], timeout_seconds=120, poll_seconds=1)
@@ -163,17 +164,3 @@ def test_rollback_records_who_and_why(registry, prefect_api, tmp_path):
     assert mv.tags["rollback.from"] == "3"
     stmt = _attestation(client, mv.tags["rollback.attestation.uri"], tmp_path)
     assert stmt["predicate"]["parameters"]["action"] == "rollback"
-
-
-def test_teacher_licence_allow_list_and_recorded_override(tmp_path):
-    from flows.config import GovernanceConfig
-    from tasks.register import ModelRef, check_teacher_license
-
-    teacher = ModelRef("x-teacher", 3, "d" * 64, tmp_path, None, tags={"license": "CC-BY-NC-4.0"})
-    with pytest.raises(DistillError, match="licence 'CC-BY-NC-4.0', which is not in governance.allowed_licenses"):
-        check_teacher_license(teacher, GovernanceConfig())
-    assert check_teacher_license(teacher, GovernanceConfig(allowed_licenses=["cc-by-nc-4.0"])) is None
-    reason = "research prototype, legal review LR-12"
-    assert check_teacher_license(teacher, GovernanceConfig(license_override_reason=reason)) == reason
-    with pytest.raises(DistillError, match="no licence tag"):
-        check_teacher_license(ModelRef("x-teacher", 4, "d" * 64, tmp_path, None), GovernanceConfig())

@@ -7,7 +7,8 @@ import pytest
 
 from flows.config import load_config
 from distill_gap.errors import DistillError
-from tasks.register import client_for, fetch_model
+from distill_gap.registry.tracking import client_for
+from distill_gap.registry.versions import fetch_model
 from distill_gap.kd.teacher import bootstrap_teacher, import_teacher
 from tasks.teacher import resolve_teacher
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from distill_gap.edge.folder import EDGE_FILE
-from distill_gap.edge.serving import load_edge, parse_model_uri, parse_rows, resolve_edge
+from distill_gap.edge.serving import load_edge, parse_rows
 from distill_gap.errors import DistillError
 from distill_gap.inference.inc_int8 import load_int8
 from distill_gap.inference.onnx_runtime import onnx_predict_logits
@@ -65,7 +65,9 @@ def _register(edge: Path, root: Path, name: str) -> tuple[str, str]:
     """
     from flows.config import GovernanceConfig, TrackingConfig
     from distill_gap.digest import model_digest
-    from tasks.register import client_for, create_version, experiment_id, log_model_dir
+    from distill_gap.registry.tracking import client_for, experiment_id
+    from distill_gap.registry.versions import create_version
+    from tests.helpers import log_model_dir
 
     tracking = TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts"))
     with pytest.MonkeyPatch.context() as mp:
@@ -177,17 +179,7 @@ def test_unknown_artifact_and_broken_manifests_are_refused(edge_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# model URIs and input rows
-
-
-def test_parse_model_uri():
-    assert parse_model_uri("models:/x-edge@champion") == ("x-edge", "champion", None)
-    assert parse_model_uri("models:/x-edge/3") == ("x-edge", None, 3)
-    forms = r"(?s)not a registry model URI.*models:/<name>@<alias>.*models:/<name>/<version>"
-    for bad in ("models:/x-edge", "models:/x-edge/0", "models:/x-edge@", "models:x-edge@champion", "runs:/abc/edge",
-                "models:/x-edge/3/extra"):
-        with pytest.raises(DistillError, match=forms):
-            parse_model_uri(bad)
+# input rows (model URIs: tests/distill_gap/registry/test_model_uri.py)
 
 
 def test_parse_rows_checks_every_line_and_names_the_bad_ones():
@@ -278,14 +270,6 @@ def test_a_changed_byte_in_the_registered_artifact_is_refused(edge_dir, registry
     assert out.exit_code == 2 and out.stdout == ""
     assert "y-edge version 1: downloaded files have digest" in out.stderr and "changed or damaged" in out.stderr
     assert not list((in_tmp / ".distill" / "models").iterdir())  # nothing damaged left in the cache
-
-
-def test_resolve_edge_uses_a_local_folder_as_is(edge_dir, tmp_path):
-    assert resolve_edge(edge_dir, "sqlite:///unused.db") == edge_dir
-    with pytest.raises(DistillError, match="is not an edge model folder"):
-        resolve_edge(tmp_path, "sqlite:///unused.db")
-    with pytest.raises(DistillError, match="neither a registry model URI nor an existing folder"):
-        resolve_edge(tmp_path / "missing", "sqlite:///unused.db")
 
 
 def test_scope_adds_in_scope_and_abstain_routes_out_of_scope_rows(edge_dir, rows_file, tmp_path, in_tmp):

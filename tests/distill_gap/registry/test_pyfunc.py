@@ -1,6 +1,6 @@
 """distill_gap.registry.pyfunc on a real MLflow SQLite store: a tiny real BERT logged as a pyfunc model (models from code,
-signature, input example), registered, fetched back digest-verified by tasks.register.fetch_model and served by
-mlflow.pyfunc; data splits logged as dataset inputs of the run."""
+signature, input example), registered, fetched back digest-verified by distill_gap.registry.versions.fetch_model and
+served by mlflow.pyfunc; data splits logged as dataset inputs of the run."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def store(tmp_path_factory):
     import mlflow
 
     from flows.config import TrackingConfig
-    from tasks.register import client_for, experiment_id
+    from distill_gap.registry.tracking import client_for, experiment_id
 
     root = tmp_path_factory.mktemp("mlflow")
     tracking = TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "artifacts"),
@@ -147,7 +147,7 @@ def test_source_is_exactly_the_model_folder(logged, model_dir, tmp_path):
 
 
 def test_registered_version_is_fetched_digest_verified(store, logged, version, model_dir, tmp_path):
-    from tasks.register import fetch_model
+    from distill_gap.registry.versions import fetch_model
 
     client, run_id = store
     mv = client.get_model_version(NAME, version.version)

@@ -15,33 +15,10 @@ from other hosts are left alone, as their own host (or its worker) reports them.
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import Callable
 
-HOST, PID, STARTED = "distill.host", "distill.pid", "distill.pid_started"
-
-
-def process_tags() -> dict[str, str]:
-    """The tags that let a later run tell whether this process is still alive."""
-    import psutil
-
-    return {HOST: socket.gethostname(), PID: str(os.getpid()), STARTED: f"{psutil.Process().create_time():.3f}"}
-
-
-def process_alive(tags: dict) -> bool | None:
-    """True/False for a run started on this host; None when it was started elsewhere (cannot tell)."""
-    import psutil
-
-    if tags.get(HOST) != socket.gethostname() or PID not in tags:
-        return None
-    try:
-        proc = psutil.Process(int(tags[PID]))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return abs(proc.create_time() - float(tags.get(STARTED, 0))) < 1.0  # else the pid was reused
-    except (psutil.NoSuchProcess, ValueError):
-        return False
+from distill_gap.ops.liveness import HOST, PID, process_alive
+from distill_gap.registry.versions import Staged, unstage
 
 
 def crash_flow_run(flow_run_id: str, message: str) -> str | None:
@@ -73,8 +50,6 @@ def crash_flow_run(flow_run_id: str, message: str) -> str | None:
 
 def reap(client, tracking, log: Callable = print) -> list[dict]:
     """Mark every dead pipeline run of this host's experiment; returns one record per run marked."""
-    from tasks.register import unstage, Staged
-
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is None:
         return []
@@ -89,9 +64,10 @@ def reap(client, tracking, log: Callable = print) -> list[dict]:
         last = stages[0].data.tags.get("distill.stage", "?") if stages else "start"
         message = (f"process {run.data.tags.get(PID)} on {run.data.tags.get(HOST)} died during the {last} stage "
                    "(killed: SIGKILL, OOM or power loss); marked by the next run")
+        # a version with an alias was promoted: kept. Search results carry no aliases (MLflow 3), so each is read.
         staged = Staged(versions=[(mv.name, str(mv.version)) for r in [run, *stages]
                                   for mv in client.search_model_versions(f"run_id = '{r.info.run_id}'")
-                                  if not mv.aliases])
+                                  if not client.get_model_version(mv.name, str(mv.version)).aliases])
         removed = unstage(client, staged, log)
         for s in stages:
             if s.info.status == "RUNNING":

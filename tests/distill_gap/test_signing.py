@@ -1,4 +1,4 @@
-"""distill_gap.governance.signing: local EC key pair, model folders signed with sigstore's model_signing, DSSE statements."""
+"""distill_gap.signing: local EC key pair, model folders signed with sigstore's model_signing, DSSE statements."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from distill_gap.errors import DistillError
-from distill_gap.governance.signing import (PASSWORD_ENV, SignatureError, ensure_key_pair, keyid_of, sign_folder, sign_statement,
+from distill_gap.signing import (PASSWORD_ENV, SignatureError, ensure_key_pair, keyid_of, sign_folder, sign_statement,
                            subject_digests, verify_folder, verify_statement)
 
 STATEMENT = {"_type": "https://in-toto.io/Statement/v1",

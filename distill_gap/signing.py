@@ -147,6 +147,16 @@ def ensure_key_pair(key_dir: str | Path) -> KeyPair:
     return KeyPair(private_path, public_path, expected_pem, keyid_of(expected_pem))
 
 
+def key_dir(governance) -> Path:
+    """Where the signing key pair lives: DISTILL_KEY_DIR, else governance.key_dir."""
+    return Path(os.environ.get("DISTILL_KEY_DIR") or governance.key_dir)
+
+
+def signing_key(governance) -> KeyPair:
+    """The local signing key pair of the governance config (created on first use)."""
+    return ensure_key_pair(key_dir(governance))
+
+
 # ---------------------------------------------------------------- model folders
 
 def _hashing_config() -> ms_hashing.Config:

@@ -1,0 +1,103 @@
+"""Registration of a pipeline run's student and edge model: signed MLflow models, versions with every lineage tag,
+and a description that states the gap to the teacher and the verdict. What it writes is staged for rollback."""
+
+from __future__ import annotations
+
+from distill_gap.digest import model_digest
+from distill_gap.ops.failpoints import failpoint
+from distill_gap.registry.tracking import code_version
+from distill_gap.registry.versions import Staged, create_version, sign_and_log, unstage
+
+# Every student/edge version carries these tags (DESIGN.md, registry); a version is created
+# with all of them at once so that none can exist without its lineage.
+LINEAGE_TAGS = (
+    "teacher.name", "teacher.version", "teacher.digest", "data.digest", "soft_labels.uri",
+    "soft_labels.key", "config.digest", "code.version", "parent", "gates.passed", "attestation.uri",
+)
+
+
+def _describe_spec(student) -> str:
+    spec = getattr(student, "spec", None) or {"kind": "layers", "layers": student.layers}
+    return ", ".join(f"{k} {v}" for k, v in spec.items())
+
+
+def gap_summary(report, gates: dict, edge_name: str) -> str:
+    """Two lines for a version description: the gap against the teacher and the verdict."""
+    test = report.suites["test"]
+    edge_acc, teacher_acc = test[edge_name]["accuracy"], test["teacher"]["accuracy"]
+    worst = [f"{s.removeprefix('slice:')} {g * 100:+.1f} pts" for s, g in report.worst_slices(edge_name) if g < 0]
+    failed = [k for k, g in gates.items() if not g["passed"]]
+    return (f"Gap vs the teacher: test accuracy {edge_acc:.3f} vs {teacher_acc:.3f} "
+            f"(retention {edge_acc / max(teacher_acc, 1e-9):.3f})"
+            + (f"; largest slice losses: {', '.join(worst)}" if worst else "") + ". "
+            + ("Verdict: all gates passed." if not failed else f"Verdict: gates FAILED: {', '.join(failed)}."))
+
+
+def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
+                    example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
+                    license_override: str | None = None, staged: Staged | None = None, log=print) -> dict:
+    """Register the student and the edge model, signed and logged as MLflow models, with every lineage tag.
+
+    No alias moves here: promotion (challenger, approval, champion) is the promote stage's step
+    (distill_gap.governance.promotion). Everything written is recorded in `staged`; when this raises (an exception,
+    SIGTERM), what it wrote is removed before re-raising.
+    """
+    staged = staged if staged is not None else Staged()
+    try:
+        return _register(client, run_id, cfg, teacher=teacher, data_digest=data_digest, soft=soft, student=student,
+                         edge=edge, report=report, gates=gates, example_texts=example_texts,
+                         attestation_uri=attestation_uri, trigger_reason=trigger_reason,
+                         license_override=license_override, staged=staged, log=log)
+    except BaseException:
+        removed = unstage(client, staged, log)
+        log(f"registration interrupted; removed what it had written: {', '.join(removed) or 'nothing'}")
+        raise
+
+
+def _register(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
+              example_texts: list[str], attestation_uri: str, trigger_reason: str, license_override: str | None,
+              staged: Staged, log) -> dict:
+    from distill_gap.registry.pyfunc import link_version, log_model_folder
+
+    passed = all(g["passed"] for g in gates.values())
+    edge_digest = model_digest(edge.path)
+    lineage = {
+        "teacher.name": teacher.name, "teacher.version": teacher.version, "teacher.digest": teacher.digest,
+        "teacher.license": teacher.tags.get("license", ""),
+        "data.digest": data_digest, "soft_labels.uri": soft.uri, "soft_labels.key": soft.key,
+        "config.digest": cfg.digest(), "code.version": code_version(), "gates.passed": str(passed).lower(),
+        "attestation.uri": attestation_uri, "trigger.reason": trigger_reason,
+        **({"license.override_reason": license_override} if license_override else {}),
+    }
+    test = report.suites["test"]
+    labels = list(cfg.data.labels)
+    summary = gap_summary(report, gates, edge.report_name)
+    # 1. student version: signed, logged as an MLflow model (signature + input example), all tags at once
+    signed = sign_and_log(client, run_id, student.path, "student", cfg.governance, staged)
+    logged = log_model_folder(client, run_id, student.path, "student", example_texts=example_texts, labels=labels)
+    staged.logged_models.append(logged.model_id)
+    sv = create_version(client, cfg.student_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                        governance=cfg.governance, staged=staged, description=(
+        f"Student of {teacher.name} v{teacher.version} ({_describe_spec(student)}), test accuracy "
+        f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f}"
+        + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")."),
+        tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
+    link_version(client, logged, cfg.student_model_name, sv.version)
+    failpoint("register.student-registered")
+    # 2. edge version, parent = the student version it was quantized from
+    signed = sign_and_log(client, run_id, edge.path, "edge", cfg.governance, staged)
+    logged = log_model_folder(client, run_id, edge.path, "edge", example_texts=example_texts, labels=labels)
+    staged.logged_models.append(logged.model_id)
+    kind = f"INT8 edge model ({edge.primary})" if edge.quantized else "Edge model, NOT quantized (fp32 student)"
+    ev = create_version(client, cfg.edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                        governance=cfg.governance, staged=staged, description=(
+        f"{kind} of {cfg.student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
+        f"(student {test['student']['accuracy']:.3f}). {summary} {edge.reason}."),
+        tags={**lineage, **signed, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest,
+              "edge.primary": edge.primary, "edge.quantized": str(edge.quantized).lower(),
+              "quantization.candidate": (edge.tuning or {}).get("best") or "none"})
+    link_version(client, logged, cfg.edge_model_name, ev.version)
+    log(f"registered {cfg.student_model_name} v{sv.version} and {cfg.edge_model_name} v{ev.version}: {summary}")
+    return {"student": {"name": cfg.student_model_name, "version": int(sv.version)},
+            "edge": {"name": cfg.edge_model_name, "version": int(ev.version), "digest": edge_digest},
+            "gates_passed": passed, "attestation_uri": attestation_uri}
