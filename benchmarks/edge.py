@@ -4,7 +4,7 @@
 
 Compares five artifacts of the demo models in the local MLflow registry (sqlite:///.distill/mlflow.db):
 the teacher (demo-teacher@pinned, fp32 torch eager), the student (latest demo-student, fp32 torch eager),
-and three edge artifacts built here from that student with tasks/quantize.py into .distill/bench/edge/:
+and three edge artifacts built here from that student with distill_gap/edge/ into .distill/bench/edge/:
 INC INT8 (autotune, run through torch.compile), the fp32 ONNX export and ONNX Runtime INT8.
 
 For each artifact: bytes on disk (distill_gap.digest.folder_bytes), test accuracy on the demo test split, latency
@@ -350,7 +350,8 @@ def build_artifacts(student, splits, reuse: bool) -> dict:
     import torch
 
     from distill_gap.digest import folder_bytes
-    from tasks.quantize import autotune_int8, export_onnx, quantize_onnx_int8
+    from distill_gap.edge.inc_quantization import autotune_int8
+    from distill_gap.edge.onnx_export import export_onnx, quantize_onnx_int8
 
     torch.set_num_threads(THREADS)
     record = SCRATCH / "build.json"

@@ -156,7 +156,7 @@ class DistillConfig(_Section):
 
 class QuantizeConfig(_Section):
     # INC accuracy-aware autotune: candidates tried in order until one keeps validation accuracy within
-    # tolerable_loss (relative) of the fp32 student; names from tasks.quantize.CANDIDATES
+    # tolerable_loss (relative) of the fp32 student; names from distill_gap.edge.inc_quantization.CANDIDATES
     candidates: list[Literal["static", "static-kl", "static-sym", "dynamic", "static-fp32-head",
                              "static-fp32-ffn-out"]] = Field(
         default_factory=lambda: ["static", "static-kl", "static-sym", "dynamic", "static-fp32-head",

@@ -1,11 +1,15 @@
 """The edge folder format, the one module that names its files: edge.json (which artifacts, which is primary),
-scope.json (the OOD threshold of the primary) and reference.json (the drift monitor's reference profile)."""
+scope.json (the OOD threshold of the primary) and reference.json (the drift monitor's reference profile), beside
+one subfolder per artifact; EdgeBuild is the quantize stage's record of one such folder."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from distill_gap.digest import model_digest
 from distill_gap.errors import DistillError
 from distill_gap.inference.predictor import RUNTIMES
 
@@ -13,6 +17,73 @@ EDGE_FILE = "edge.json"
 SCOPE_FILE = "scope.json"
 REFERENCE_FILE = "reference.json"
 EDGE_FORMAT = 1
+# artifact name in edge.json (and its subfolder) -> (runtime, model name in the gap report)
+EDGE_ARTIFACTS = {"int8": ("torch-pt2", "student-int8"), "onnx-int8": ("onnxruntime", "student-onnx-int8"),
+                  "onnx": ("onnxruntime", "student-onnx"), "fp32": ("transformers", "student")}
+INT8_ARTIFACTS = ("int8", "onnx-int8")
+# Files copied next to an exported model so its folder loads on its own (tokenizer + the student's config).
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+               "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+@dataclass
+class EdgeBuild:
+    """The edge folder: every artifact built, its checks against the fp32 student, which one is primary, and the
+    folder's digest (computed once when the folder changes, reused by attestation and registration)."""
+
+    path: Path
+    primary: str  # key of `artifacts`
+    quantized: bool  # the primary is an INT8 artifact
+    artifacts: dict  # name -> {"path", "runtime", "report_name", "size_bytes", "digest", "parity", "validation", ...}
+    tuning: dict | None  # autotune_int8's record (every trial)
+    errors: list  # [{"stage", "problem", "fix"}] for artifacts that could not be built
+    reason: str  # why the primary is what it is
+    labels: list[str]  # the label order of every artifact's logits
+    max_length: int
+    digest: str = ""  # distill_gap.digest.model_digest of the whole folder, set by write()
+
+    @property
+    def report_name(self) -> str:
+        return self.artifacts[self.primary]["report_name"]
+
+    @property
+    def primary_ok(self) -> bool:
+        return bool(self.artifacts[self.primary].get("ok"))
+
+    def manifest(self) -> dict:
+        """What edge.json holds."""
+        return {"format": EDGE_FORMAT, "primary": self.primary, "labels": self.labels, "max_length": self.max_length,
+                "quantized": self.quantized, "reason": self.reason, "errors": self.errors, "tuning": self.tuning,
+                "artifacts": self.artifacts}
+
+    def write(self) -> str:
+        """Write edge.json next to the artifacts and take the folder's digest."""
+        write_manifest(self.path, self.manifest())
+        self.digest = model_digest(self.path)
+        return self.digest
+
+    def add_evaluation_files(self, *, scope: dict | None, reference: dict | None) -> str:
+        """Add scope.json and reference.json (they ship with the edge model) and take the folder's digest again."""
+        if scope is not None:
+            write_scope(self.path, scope)
+        if reference is not None:
+            write_reference(self.path, reference)
+        self.digest = model_digest(self.path)
+        return self.digest
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Copy the config and tokenizer files of `src` (those that exist) into `dst`."""
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place, so a failed run never leaves half an artifact at `out`."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def read_manifest(folder: str | Path) -> dict:

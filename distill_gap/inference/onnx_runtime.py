@@ -31,7 +31,7 @@ def onnx_session(onnx_dir, *, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def config_labels_or_none(folder: Path) -> list[str] | None:
+def _config_labels(folder: Path) -> list[str] | None:
     """The label order in the folder's config.json (id2label), or None without one."""
     if not (folder / "config.json").is_file():
         return None
@@ -49,10 +49,9 @@ class OnnxPredictor:
         self.session = session or onnx_session(self.path, threads=threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.labels = config_labels_or_none(self.path)
+        self.labels = _config_labels(self.path)
         width = self.session.get_outputs()[0].shape[-1]  # an int, or a symbolic name for a dynamic axis
-        self.output_width = width if isinstance(width, int) else None
-        self.num_labels = self.output_width or len(self.labels or [])
+        self.num_labels = width if isinstance(width, int) else len(self.labels or [])
 
     def predict_logits(self, texts: Sequence[str], *, batch_size: int = 32, desc: str | None = None) -> np.ndarray:
         """Logits (N, C) float32 in the order of `texts` (length-sorted batches, dynamic padding)."""
@@ -63,5 +62,5 @@ class OnnxPredictor:
 
 def onnx_predict_logits(onnx_dir, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
                         session=None) -> np.ndarray:
-    """Logits (N, C) float32 from ONNX Runtime for one call (loads the folder's tokenizer and, unless given, a session)."""
+    """Logits (N, C) float32 from ONNX Runtime in one call (loads the tokenizer and, unless given, a session)."""
     return OnnxPredictor(onnx_dir, max_length=max_length, session=session).predict_logits(texts, batch_size=batch_size)

@@ -19,7 +19,8 @@ from distill_gap.edge.serving import load_edge, parse_rows
 from distill_gap.errors import DistillError
 from distill_gap.inference.inc_int8 import load_int8
 from distill_gap.inference.onnx_runtime import onnx_predict_logits
-from tasks.quantize import export_onnx, quantize_int8
+from distill_gap.edge.inc_quantization import autotune_int8
+from distill_gap.edge.onnx_export import export_onnx
 
 from tests.conftest import LABELS
 
@@ -52,7 +53,8 @@ def edge_dir(spread_model_dir, texts, tmp_path_factory):
     """An edge folder laid out as the quantize stage writes it: fp32 ONNX (primary), INC INT8 and fp32 HF."""
     edge = tmp_path_factory.mktemp("edge") / "edge"
     export_onnx(spread_model_dir, edge / "onnx", heldout_texts=texts[:8], max_length=MAX_LENGTH)
-    quantize_int8(spread_model_dir, texts[:16], texts[:8], edge / "int8", approach="dynamic", max_length=MAX_LENGTH)
+    autotune_int8(spread_model_dir, texts[:16], texts[:8], np.zeros(8, dtype=int), texts[:8], edge / "int8",
+                  tolerable_loss=0.99, max_trials=1, candidates=["dynamic"], max_length=MAX_LENGTH)
     shutil.copytree(spread_model_dir, edge / "fp32")
     (edge / EDGE_FILE).write_text(json.dumps(_manifest(), indent=2))
     return edge

@@ -1,0 +1,126 @@
+"""The fp32 student as ONNX (optimum) and its ONNX Runtime INT8 copy, each a self-contained folder whose logits
+are compared with the fp32 student's on held-out texts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill_gap.edge.checks import check_student, fp32_logits, logit_parity, stage_error
+from distill_gap.edge.folder import copy_model_files, replace_dir
+from distill_gap.errors import DistillError
+from distill_gap.inference.onnx_runtime import ONNX_FILE
+from distill_gap.inference.predictor import load_predictor
+
+ORT_INT8_CONFIG = "ort_int8.json"
+
+
+@dataclass
+class OnnxResult:
+    path: Path  # folder: model.onnx + config and tokenizer files
+    size_bytes: int
+    digest: str
+    parity: dict  # {"max_abs_logit_diff", "argmax_agreement", "n", "finite"}, ONNX Runtime vs fp32 torch
+    seconds: float
+
+
+def _result(out: Path, reference: np.ndarray, heldout_texts: list[str], max_length: int, start: float) -> OnnxResult:
+    """The record of a finished ONNX folder: its size, digest and parity on `heldout_texts`."""
+    from distill_gap.digest import folder_bytes, model_digest
+
+    candidate = load_predictor(out, runtime="onnxruntime", max_length=max_length).predict_logits(heldout_texts)
+    return OnnxResult(path=out, size_bytes=folder_bytes(out), digest=model_digest(out),
+                      parity=logit_parity(reference, candidate), seconds=time.perf_counter() - start)
+
+
+def export_onnx(student_dir, out_dir, *, heldout_texts: list[str], max_length: int = 128,
+                reference: np.ndarray | None = None) -> OnnxResult:
+    """Export the fp32 student to ONNX (dynamic batch and sequence axes) and compare ORT logits with torch.
+
+    `reference`: the fp32 student's logits on `heldout_texts` when the caller has them (computed here otherwise).
+    """
+    from optimum.exporters.onnx import main_export
+
+    start = time.perf_counter()
+    root = check_student(student_dir, heldout_texts, max_length)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # optimum's own validation runs random inputs; ours below runs the held-out texts instead.
+    try:
+        main_export(str(root), tmp, task="text-classification", do_validation=False, local_files_only=True)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise stage_error("export-onnx: optimum ONNX export of the student", err,
+                          "this architecture has no ONNX export; the INC INT8 artifact (torch) is still built") from err
+    if not (tmp / ONNX_FILE).is_file():
+        raise DistillError(f"optimum wrote no {ONNX_FILE} for {root}", "check that the architecture supports ONNX export")
+    copy_model_files(root, tmp)
+    replace_dir(tmp, out)
+    if reference is None:
+        reference = fp32_logits(root, heldout_texts, max_length=max_length)
+    return _result(out, reference, heldout_texts, max_length, start)
+
+
+def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], max_length: int = 128,
+                       embedding_bits: int = 4, block_size: int = 128, per_channel: bool = True,
+                       reference: np.ndarray | None = None) -> OnnxResult:
+    """ONNX Runtime INT8 of an fp32 ONNX folder: optimum's ORTQuantizer (dynamic, per-channel MatMul weights),
+    then the embedding tables (Gather) as 4-bit blocks with onnxruntime's GatherBlockQuantized (or 8-bit).
+
+    The word-embedding table is most of a small student's bytes (30522 x 384 for MiniLM): 4-bit blocks of 128
+    asymmetric values cut it 8x against fp32 while the MatMuls carry the int8 speed-up.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from distill_gap.digest import model_digest
+
+    start = time.perf_counter()
+    src = Path(onnx_dir)
+    if not (src / ONNX_FILE).is_file():
+        raise DistillError(f"no {ONNX_FILE} in {src}", "run the ONNX export stage first or fix the path")
+    if embedding_bits not in (4, 8):
+        raise DistillError(f"quantize.onnx_embedding_bits={embedding_bits} is not supported", "use 4 or 8")
+    if len(heldout_texts) == 0:
+        raise DistillError("no held-out texts for the ONNX INT8 parity check", "pass the validation texts")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ops = ["MatMul"] if embedding_bits == 4 else ["MatMul", "Gather"]
+    qconfig = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=per_channel, operators_to_quantize=ops)
+    try:
+        ORTQuantizer.from_pretrained(src, file_name=ONNX_FILE).quantize(save_dir=tmp, quantization_config=qconfig,
+                                                                        file_suffix="")
+        if embedding_bits == 4:
+            model = onnx.load(str(tmp / ONNX_FILE))
+            nbits = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+                block_size=block_size, is_symmetric=False, quant_format=QuantFormat.QOperator,
+                op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),)))
+            nbits.process()
+            nbits.model.save_model_to_file(str(tmp / ONNX_FILE), use_external_data_format=False)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise stage_error("quantize-onnx-int8: ONNX Runtime quantization", err,
+                          "set quantize.onnx_int8=false; the INC INT8 artifact is still built") from err
+    copy_model_files(src, tmp)
+    (tmp / ORT_INT8_CONFIG).write_text(json.dumps({
+        "matmul": {"mode": "dynamic", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                   "activations": "uint8 per-tensor, computed at run time", "tool": "optimum ORTQuantizer"},
+        "embeddings": ({"mode": "weight-only", "bits": 4, "block_size": block_size, "symmetric": False,
+                        "tool": "onnxruntime MatMulNBitsQuantizer (GatherBlockQuantized)"}
+                       if embedding_bits == 4 else {"mode": "dynamic", "bits": 8, "tool": "optimum ORTQuantizer"}),
+        "source_digest": model_digest(src)}, indent=2))
+    replace_dir(tmp, out)
+    if reference is None:  # the fp32 ONNX model (itself within ~1e-6 of the torch student)
+        reference = load_predictor(src, runtime="onnxruntime", max_length=max_length).predict_logits(heldout_texts)
+    return _result(out, reference, heldout_texts, max_length, start)
