@@ -24,7 +24,7 @@ from distill_gap.edge.onnx_export import export_onnx
 
 from tests.conftest import LABELS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MAX_LENGTH = 64
 
 

@@ -129,7 +129,7 @@ def test_logged_model_has_signature_input_example_and_digest(store, logged, mode
     assert [s.type.name for s in info.signature.outputs.inputs] == ["string"] + ["double"] * len(LABELS)
     pyfunc = info.flavors["python_function"]
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # models from code: nothing pickled
-    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("mlflow_model.py")
+    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("registry/pyfunc.py")
     example = Model.load(logged.model_uri).load_input_example(mlflow.artifacts.download_artifacts(logged.model_uri))
     assert example["text"].tolist() == texts[:3]
     requirements = mlflow.pyfunc.get_model_dependencies(logged.model_uri)
