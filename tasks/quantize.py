@@ -18,7 +18,9 @@ from distill_gap.edge.folder import EDGE_ARTIFACTS, EDGE_FILE, INT8_ARTIFACTS, E
 from distill_gap.edge.inc_quantization import Int8Result, autotune_int8
 from distill_gap.edge.onnx_export import OnnxResult, export_onnx, quantize_onnx_int8
 from distill_gap.errors import DistillError
+from distill_gap.governance.attestation import export_statement, quantize_statement
 from distill_gap.inference.predictor import load_predictor
+from tasks.attest import attest_task
 
 # rows whose ONNX INT8 logits are compared alone and in a batch (dynamic activation scales depend on the batch)
 _BATCH_DEPENDENCE_ROWS = 32
@@ -165,40 +167,59 @@ def tuning_markdown(edge: EdgeBuild) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quantize_edge(cfg, splits, student_dir, out_dir, *, client=None, run_id: str | None = None) -> EdgeBuild:
-    """The pipeline's quantize stage: seeded calibration sample, validation goal, edge folder, records.
+def quantize_edge(quantize_cfg, splits, student_dir, out_dir, *, name: str, max_length: int,
+                  min_edge_agreement: float, seed: int, client=None, run_id: str | None = None,
+                  log=print) -> EdgeBuild:
+    """The pipeline's quantize step: seeded calibration sample, validation goal, edge folder, records.
 
-    Called from the flow (its artifacts are Prefect tasks); logs the trials and edge.json to MLflow and a
+    `quantize_cfg` is the config's quantize section. Logs the trials and edge.json to MLflow run `run_id` and a
     markdown artifact to the Prefect UI.
     """
     import tempfile
 
     from prefect.artifacts import create_markdown_artifact
-    from prefect.logging import get_run_logger
 
     train, val = splits["train"], splits["validation"]
-    calib = train.sample(min(cfg.quantize.calibration_samples, len(train)), random_state=cfg.seed)["text"].tolist()
+    calib = train.sample(min(quantize_cfg.calibration_samples, len(train)), random_state=seed)["text"].tolist()
     label_id = {label: i for i, label in enumerate(splits.labels)}
-    val_texts = val["text"].tolist()
-    edge = quantize_stage(student_dir, out_dir, calibration_texts=calib, val_texts=val_texts,
-                          val_label_ids=val["label"].map(label_id).to_numpy(), qcfg=cfg.quantize,
-                          max_length=cfg.runtime.max_length, seed=cfg.seed,
-                          min_agreement=cfg.evaluate.min_edge_agreement, log=get_run_logger().info)
+    edge = quantize_stage(student_dir, out_dir, calibration_texts=calib, val_texts=val["text"].tolist(),
+                          val_label_ids=val["label"].map(label_id).to_numpy(), qcfg=quantize_cfg,
+                          max_length=max_length, seed=seed, min_agreement=min_edge_agreement, log=log)
     md = tuning_markdown(edge)
-    create_markdown_artifact(key=f"{cfg.name}-quantization", markdown=md,
-                             description=f"INC autotune trials and edge artifacts of {cfg.name}")
+    create_markdown_artifact(key=f"{name}-quantization", markdown=md,
+                             description=f"INC autotune trials and edge artifacts of {name}")
     if client is not None:
         for t in (edge.tuning or {}).get("trials", []):
             client.log_metric(run_id, "quantize.trial_accuracy", t["metric"], step=t["index"])
-        for name, a in edge.artifacts.items():
-            client.log_metric(run_id, f"edge.{name}.size_bytes", a["size_bytes"])
-            client.log_metric(run_id, f"edge.{name}.argmax_agreement", a["parity"]["argmax_agreement"])
+        for artifact, a in edge.artifacts.items():
+            client.log_metric(run_id, f"edge.{artifact}.size_bytes", a["size_bytes"])
+            client.log_metric(run_id, f"edge.{artifact}.argmax_agreement", a["parity"]["argmax_agreement"])
         client.set_tag(run_id, "edge.primary", edge.primary)
         client.set_tag(run_id, "edge.quantized", str(edge.quantized).lower())
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "quantization.md").write_text(md)
             shutil.copy2(edge.path / EDGE_FILE, Path(tmp) / EDGE_FILE)
             client.log_artifacts(run_id, tmp, "quantization")
+    return edge
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize_task(run, quantize_cfg, *, student, splits, max_length: int, min_edge_agreement: float,
+                  seed: int) -> EdgeBuild:
+    """The run's `quantize` stage: the edge folder built and recorded, then the quantize and export steps attested
+    (never retried: a failure is deterministic)."""
+    from prefect.logging import get_run_logger
+
+    with run.stage("quantize") as stage_run_id:
+        edge = quantize_edge(quantize_cfg, splits, student.path, run.workdir / "edge", name=run.name,
+                             max_length=max_length, min_edge_agreement=min_edge_agreement, seed=seed,
+                             client=run.client, run_id=stage_run_id, log=get_run_logger().info)
+    attest_task(run, quantize_statement(quantize_cfg, min_edge_agreement=min_edge_agreement,
+                                        student_model_name=run.student_model_name, edge=edge, student=student,
+                                        splits=splits, context=run.context))
+    attest_task(run, export_statement(max_length=max_length, min_edge_agreement=min_edge_agreement,
+                                      student_model_name=run.student_model_name, edge=edge, student=student,
+                                      context=run.context))
     return edge
 
 

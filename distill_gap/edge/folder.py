@@ -29,7 +29,8 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.
 @dataclass
 class EdgeBuild:
     """The edge folder: every artifact built, its checks against the fp32 student, which one is primary, and the
-    folder's digest (computed once when the folder changes, reused by attestation and registration)."""
+    folder's digest (taken when edge.json is written, again by evaluate after it adds scope.json and
+    reference.json; attestation and registration reuse it)."""
 
     path: Path
     primary: str  # key of `artifacts`
@@ -59,15 +60,6 @@ class EdgeBuild:
     def write(self) -> str:
         """Write edge.json next to the artifacts and take the folder's digest."""
         write_manifest(self.path, self.manifest())
-        self.digest = model_digest(self.path)
-        return self.digest
-
-    def add_evaluation_files(self, *, scope: dict | None, reference: dict | None) -> str:
-        """Add scope.json and reference.json (they ship with the edge model) and take the folder's digest again."""
-        if scope is not None:
-            write_scope(self.path, scope)
-        if reference is not None:
-            write_reference(self.path, reference)
         self.digest = model_digest(self.path)
         return self.digest
 
