@@ -96,6 +96,7 @@ def main() -> None:
     from tasks.distill import distill_student
     from distill_gap.softlabels.labelling import ensure_soft_labels
     from distill_gap.kd.teacher import bootstrap_teacher
+    from distill_gap.registry.tracking import client_for
     from tasks.teacher import resolve_teacher
 
     os.chdir(ROOT)
@@ -104,7 +105,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs/demo.yaml", ["distill.freeze_embeddings=true"])
     torch.set_num_threads(cfg.runtime.threads or 2)
     bootstrap_teacher(cfg, log=lambda *_: None)            # reuses the pinned demo teacher when it matches
-    teacher = resolve_teacher(cfg)
+    teacher = resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels)
     splits = load_splits(cfg.data, cfg.seed)
     train, val, test = splits["train"], splits["validation"], splits["test"]
     label_id = {l: i for i, l in enumerate(splits.labels)}

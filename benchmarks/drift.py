@@ -6,7 +6,7 @@ The model is the registered demo edge champion (models:/demo-edge@champion in sq
 verified), using its ONNX Runtime INT8 artifact when the edge folder has one (DRIFT_BENCH_ARTIFACT=<name> picks
 another, e.g. int8 for the INC primary); without a champion, an untrained tiny BERT from distill_gap.models.from_scratch (the output
 says which). The reference profile is built from the demo's validation + test texts; the production sample is
-100,000 real in-scope reviews resampled with seeded light perturbations (distill_gap.evaluation.metrics stress variants) and a week of
+100,000 real in-scope reviews resampled with seeded light perturbations (distill_gap.evaluation.stress variants) and a week of
 timestamps, written to .distill/bench/drift/production.jsonl. Each run times read_production_rows + drift_report
 (2,000 rows scored); the median of REPEATS runs is `drift_monitor_seconds_100k` in benchmarks/results/drift.json.
 """
@@ -81,7 +81,7 @@ def write_production(splits, path: Path, seed: int = 0) -> None:
     import orjson
     import pandas as pd
 
-    from distill_gap.evaluation.metrics import stress_variants
+    from distill_gap.evaluation.stress import stress_variants
 
     pool = pd.concat([splits["train"], splits["validation"], splits["test"]], ignore_index=True)
     variants = {"clean": pool["text"].tolist(), **stress_variants(pool["text"].tolist(), seed=seed)}
@@ -104,7 +104,7 @@ def main() -> None:
     from flows.config import load_config
     from distill_gap.data.splits import load_splits
     from distill_gap.monitoring.drift import DriftThresholds, drift_markdown, drift_report, read_production_rows, reference_profile
-    from distill_gap.evaluation.metrics import msp_score, threshold_at_tpr
+    from distill_gap.evaluation.ood import msp_score, threshold_at_tpr
     from distill_gap.ops.runtime import configure_threads
 
     configure_threads(THREADS)

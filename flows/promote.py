@@ -17,4 +17,5 @@ def promote_edge(config: PipelineConfig, version: int, reason: str = "manual", r
     client = client_for(config.tracking)
     with mlflow_run(client, experiment_id=experiment_id(client, config.tracking), run_name=f"{config.name}-promote",
                     tags={"distill.stage": "promote", "trigger.reason": reason, "model.name": config.name}) as run_id:
-        return promote_task(client, config, version, run_id=run_id, request_id=request_id)
+        return promote_task(client, config.approval, config.governance, config.edge_model_name, version,
+                            run_id=run_id, request_id=request_id)

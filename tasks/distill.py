@@ -13,7 +13,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distill_gap.errors import DistillError
+from distill_gap.governance.attestation import distill_statement
 from distill_gap.ops.failpoints import failpoint
+from tasks.attest import attest_task
 
 _log = logging.getLogger("distill.distill")
 # the fix of the DistillError the training loop raises on a non-finite loss
@@ -238,11 +240,17 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
 
 
 @task(name="distill", cache_policy=NO_CACHE)
-def distill_task(teacher_dir, splits, soft, distill_cfg, workdir, *, critical_slices: dict[str, list],
-                 max_length: int, seed: int, device: str, client=None, run_id: str | None = None) -> StudentResult:
-    """Train the student on the cached soft labels (never retried: training is not idempotent)."""
+def distill_task(run, distill_cfg, teacher, soft, splits, *, critical_slices: dict[str, list], max_length: int,
+                 seed: int) -> StudentResult:
+    """Train the student on the cached soft labels in the run's `distill` stage, then attest the step (never
+    retried: training is not idempotent)."""
     from prefect.logging import get_run_logger
 
-    return distill(teacher_dir, splits, soft, distill_cfg, workdir, critical_slices=critical_slices,
-                   max_length=max_length, seed=seed, device=device, client=client, run_id=run_id,
-                   log=get_run_logger())
+    with run.stage("distill") as stage_run_id:
+        student = distill(teacher.path, splits, soft, distill_cfg, run.workdir, critical_slices=critical_slices,
+                          max_length=max_length, seed=seed, device=run.device, client=run.client,
+                          run_id=stage_run_id, log=get_run_logger())
+    attest_task(run, distill_statement(distill_cfg, seed=seed, student_model_name=run.student_model_name,
+                                       student=student, soft=soft, teacher=teacher, splits=splits,
+                                       context=run.context))
+    return student

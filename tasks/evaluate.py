@@ -6,6 +6,7 @@ The gap report itself is distill_gap/evaluation/gap_report.py; the gates that re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -14,12 +15,14 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distill_gap.digest import folder_bytes
+from distill_gap.digest import folder_bytes, model_digest
 from distill_gap.edge.folder import write_reference, write_scope
 from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_logits,
                                                gap_report, load_predictors, report_metrics, scope_record)
-from distill_gap.evaluation.gates import verdict_markdown
+from distill_gap.evaluation.gates import evaluate_gates, quantization_gate, verdict_markdown
+from distill_gap.governance.attestation import evaluate_statement
 from distill_gap.monitoring.drift import reference_profile
+from tasks.attest import attest_task
 
 _log = logging.getLogger("distill.evaluate")
 
@@ -122,19 +125,33 @@ def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, clie
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, *, seed: int, max_length: int,
-                  device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
-                  stress_models: list[str] | None = None, client=None, run_id: str | None = None) -> GapReport:
-    """Score every model on every suite (see `evaluate`), logging to the Prefect run."""
+def evaluate_task(run, evaluate_cfg, drift_cfg, *, teacher, student, edge, splits, critical_slices: dict[str, list],
+                  require_int8: bool, max_length: int, seed: int) -> tuple[GapReport, dict[str, dict], object]:
+    """The run's `evaluate` stage: every model scored on its own (see `evaluate`), the gates, the gap report
+    published, the step attested. Returns (report, gates, edge) with the edge folder's digest taken again, since
+    scope.json and reference.json are part of it now."""
     from prefect.logging import get_run_logger
 
-    return evaluate(models, splits, evaluate_cfg, drift_cfg, seed=seed, max_length=max_length, device=device,
-                    edge_model=edge_model, edge_folder=edge_folder, stress_models=stress_models, client=client,
-                    run_id=run_id, log=get_run_logger())
+    models = {"teacher": teacher.path, "student": student.path}
+    if student.baseline is not None:
+        models["student-hard"] = student.baseline.path  # what distillation bought, in the same report
+    for art in edge.artifacts.values():
+        models.setdefault(art["report_name"], edge.path / art["path"])
+    with run.stage("evaluate") as stage_run_id:
+        report = evaluate(models, splits, evaluate_cfg, drift_cfg, seed=seed, max_length=max_length, device=run.device,
+                          edge_model=edge.report_name, edge_folder=edge.path, client=run.client, run_id=stage_run_id,
+                          log=get_run_logger())
+        edge = dataclasses.replace(edge, digest=model_digest(edge.path))
+        gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], evaluate_cfg,
+                               quantization=quantization_gate(edge, require_int8), critical_slices=critical_slices)
+        publish_report(report, gates, run.name, client=run.client, run_id=stage_run_id)
+    digests = {"teacher": teacher.digest, "student": student.digest,
+               **({"student-hard": student.baseline.digest} if student.baseline is not None else {}),
+               **{a["report_name"]: a["digest"] for a in edge.artifacts.values()}}  # taken once, when built
+    attest_task(run, evaluate_statement(evaluate_cfg, critical_slices=critical_slices,
+                                        edge_model_name=run.edge_model_name, report=report, gates=gates,
+                                        edge_digest=edge.digest, model_digests=digests, splits=splits,
+                                        context=run.context))
+    return report, gates, edge
 
 
-@task(name="publish-report", cache_policy=NO_CACHE)
-def publish_report_task(report: GapReport, gates: dict[str, dict], name: str, *, client=None,
-                        run_id: str | None = None) -> dict:
-    """Publish the gap report with its gates (see `publish_report`)."""
-    return publish_report(report, gates, name, client=client, run_id=run_id)

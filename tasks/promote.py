@@ -10,11 +10,14 @@ from distill_gap.governance.promotion import promote, request_approval
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(client, cfg, version: int, *, run_id: str, request_id: str | None = None) -> dict:
-    """@challenger, the approver's answer when required, then @champion; a no-op for the current champion or a
-    request already carried out."""
+def promote_task(client, approval_cfg, governance, name: str, version: int, *, run_id: str,
+                 request_id: str | None = None) -> dict:
+    """@challenger, the approver's answer when approval_cfg.required, then @champion of `name` (<name>-edge); a
+    no-op for the current champion or a request already carried out (`request_id`)."""
     from prefect.logging import get_run_logger
 
     log = get_run_logger().info
-    return promote(client, cfg, version, run_id=run_id, log=log, request_id=request_id, approve=lambda summary: request_approval(
-        cfg.approval, name=cfg.edge_model_name, version=version, summary=summary, log=log))
+    return promote(client, version, name=name, approval_required=approval_cfg.required, governance=governance,
+                   run_id=run_id, log=log, request_id=request_id,
+                   approve=lambda summary: request_approval(approval_cfg, name=name, version=version, summary=summary,
+                                                            log=log))

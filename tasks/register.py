@@ -11,8 +11,9 @@ from prefect.cache_policies import NO_CACHE
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.gates import GatesFailed
 from distill_gap.monitoring.events import GATES_FAILED, emit
+from distill_gap.governance.attestation import ATTESTATION_DIR
 from distill_gap.registry.registration import register_models
-from distill_gap.registry.versions import Staged, fetch_model, unstage
+from distill_gap.registry.versions import Staged, check_teacher_license, fetch_model, unstage
 
 
 def release_check(client, registered: dict, gates: dict, *, run_id: str, cache_root: str | Path, log=print) -> dict:
@@ -40,9 +41,15 @@ def release_check(client, registered: dict, gates: dict, *, run_id: str, cache_r
         "the quantization, or the evaluate.* thresholds")
 
 
+def attestation_uri(run) -> str:
+    """Where the pipeline run's Statements are (the run's artifact folder attestations/), a tag on every version."""
+    return f"{run.client.get_run(run.run_id).info.artifact_uri.rstrip('/')}/{ATTESTATION_DIR}"
+
+
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(client, run_id: str, cfg, **kwargs) -> dict:
-    """Register the signed student and edge versions with their lineage tags (no alias moves).
+def register_task(run, *, teacher, splits, soft, student, edge, report, gates: dict) -> dict:
+    """Register the signed student and edge versions with their lineage tags (no alias moves), in the run's
+    `register` stage.
 
     Inside the pipeline's release transaction: what it staged is removed again (`unregister`) when a later gate
     fails.
@@ -51,11 +58,18 @@ def register_task(client, run_id: str, cfg, **kwargs) -> dict:
     from prefect.transactions import get_transaction
 
     staged = Staged()
-    out = register_models(client, run_id, cfg, log=get_run_logger().info, staged=staged, **kwargs)
+    with run.stage("register") as stage_run_id:
+        out = register_models(
+            run.client, stage_run_id, config_digest=run.config_digest, governance=run.governance, labels=splits.labels,
+            student_model_name=run.student_model_name, edge_model_name=run.edge_model_name, teacher=teacher,
+            data_digest=splits.digest(), soft=soft, student=student, edge=edge, report=report, gates=gates,
+            example_texts=splits["test"]["text"].head(3).tolist(), attestation_uri=attestation_uri(run),
+            trigger_reason=run.trigger_reason, license_override=check_teacher_license(teacher, run.governance),
+            staged=staged, log=get_run_logger().info)
     txn = get_transaction()
     if txn is not None:
         txn.set("staged", staged)
-        txn.set("client", client)
+        txn.set("client", run.client)
     return out
 
 
@@ -73,9 +87,9 @@ def unregister(txn) -> None:
 
 
 @task(name="release-gate", cache_policy=NO_CACHE)
-def release_task(client, registered: dict, gates: dict, *, run_id: str, cache_root: str | Path) -> dict:
+def release_task(run, registered: dict, gates: dict) -> dict:
     """The release gate as a task: inside the release transaction, so that GatesFailed rolls the staging back."""
     from prefect.logging import get_run_logger
 
-    return release_check(client, registered, gates, run_id=run_id, cache_root=cache_root,
+    return release_check(run.client, registered, gates, run_id=run.run_id, cache_root=run.workdir / "release",
                          log=get_run_logger().warning)

@@ -14,11 +14,14 @@ from typing import Sequence
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from distill_gap.digest import tokenizer_digest
 from distill_gap.errors import DistillError
+from distill_gap.governance.attestation import soft_labels_statement
 from distill_gap.ops.transient import is_transient, retry_if_transient_as
 from distill_gap.softlabels.engines import resolve_engine
 from distill_gap.softlabels.labelling import (LabelPlan, ShardJob, SoftLabels, finish_soft_labels, label_shard,
                                               lookup_soft_labels, plan_soft_labels)
+from tasks.attest import attest_task
 
 # Seconds between the attempts of a store-touching task. An S3/MinIO endpoint that is back within ~20 s
 # is ridden out (down 10 s from a shard write: the retry at +5 s fails, the one at +15 s more succeeds;
@@ -82,6 +85,24 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
         attempts = (len(retry_delays) if retry_delays is not None else label_shard_task.retries) + 1
         raise DistillError(f"{err.problem} (gave up after {attempts} attempts, {time.monotonic() - started:.0f} s "
                            "into the soft-labels stage)", err.fix) from err
+
+
+def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int) -> SoftLabels:
+    """The run's `soft-labels` stage for the training split (`sl_cfg`: the soft_labels section), then its
+    attestation. Call it from inside a flow: it submits the stage's tasks."""
+    train = splits["train"]
+    with run.stage("soft-labels"):
+        soft = soft_labels_stage(
+            sl_cfg.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
+            tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
+            ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels, max_length=max_length,
+            batch_size=sl_cfg.batch_size, shard_size=sl_cfg.shard_size, dtype=sl_cfg.dtype, top_k=sl_cfg.top_k,
+            device=run.device, engine=sl_cfg.engine, task_runner=sl_cfg.task_runner,
+            dask_address=sl_cfg.dask_address, dask_workers=sl_cfg.dask_workers, threads=run.threads,
+            retry_delays=sl_cfg.retry_delays, teacher_meta={"name": teacher.name, "version": teacher.version})
+    attest_task(run, soft_labels_statement(sl_cfg, max_length=max_length, soft=soft, teacher=teacher, splits=splits,
+                                           context=run.context))
+    return soft
 
 
 def _retrying(task, retry_delays: Sequence[float] | None):

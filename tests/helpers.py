@@ -8,8 +8,8 @@ from typing import Sequence
 # Quality gates opened, for tests about wiring, stores and faults rather than model quality. A tiny model trained
 # on 120 rows moves with the CPU's float kernels, so a gate near its threshold flips between machines: CI once
 # failed the tiny pipeline on an OOD AUROC drop of 0.038 against 0.030, and one flipped validation row of 64 is
-# beyond the INC tolerance of 1%. The gates themselves are tested in tests/tasks/test_evaluate.py and, failing
-# inside a pipeline run, in tests/reliability/test_gate_rollback.py.
+# beyond the INC tolerance of 1%. The gates themselves are tested in tests/distill_gap/evaluation/test_gates.py
+# and, failing inside a pipeline run, in tests/reliability/test_gate_rollback.py.
 OPEN_GATES = {"min_retention": 0.0, "max_edge_drop": 1.0, "min_edge_agreement": 0.0, "max_ece": 1.0,
               "max_ood_auroc_drop": 1.0, "max_critical_slice_drop": 1.0, "max_flip_rate_increase": 1.0}
 OPEN_TOLERABLE_LOSS = 0.5  # quantize.tolerable_loss: the first INC candidate is accepted

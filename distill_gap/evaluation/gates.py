@@ -122,11 +122,12 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
     return gates
 
 
-def quantization_gate(edge, qcfg) -> dict:
-    """{"passed", "detail"}: the primary is INT8 and passed its checks (or fp32 is allowed by require_int8=false)."""
+def quantization_gate(edge, require_int8: bool) -> dict:
+    """{"passed", "detail"}: the primary is INT8 and passed its checks (or fp32 is allowed by require_int8=false,
+    quantize.require_int8 in the config)."""
     if edge.quantized:
         return {"passed": edge.primary_ok, "detail": edge.reason}
-    if edge.primary == "fp32" and not qcfg.require_int8:
+    if edge.primary == "fp32" and not require_int8:
         return {"passed": True, "detail": edge.reason + " (allowed: quantize.require_int8=false)"}
     return {"passed": False, "detail": edge.reason}
 

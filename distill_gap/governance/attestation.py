@@ -63,12 +63,12 @@ def soft_labels_digest(soft) -> str:
     return sha256_json(soft.manifest)
 
 
-def soft_labels_statement(cfg, soft, teacher, splits, context: dict) -> dict:
-    sl = cfg.soft_labels
+def soft_labels_statement(sl, *, max_length: int, soft, teacher, splits, context: dict) -> dict:
+    """The teacher's logits for every training row (`sl`: the soft_labels config section)."""
     return statement(
         "soft-labels", {f"soft-labels/{soft.key}": soft_labels_digest(soft)},
         technique="teacher logits for every training example, raw (temperature applied at training time)",
-        parameters={"max_length": cfg.runtime.max_length, "dtype": sl.dtype, "top_k": sl.top_k, "engine": sl.engine,
+        parameters={"max_length": max_length, "dtype": sl.dtype, "top_k": sl.top_k, "engine": sl.engine,
                     "shard_size": sl.shard_size, "store": soft.uri, "key": soft.key},
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, "data/train": splits.digests()["train"]},
         data={"train": splits.summary()["train"]},
@@ -77,14 +77,15 @@ def soft_labels_statement(cfg, soft, teacher, splits, context: dict) -> dict:
         context=context)
 
 
-def distill_statement(cfg, student, soft, teacher, splits, context: dict) -> dict:
-    d = cfg.distill
+def distill_statement(d, *, seed: int, student_model_name: str, student, soft, teacher, splits,
+                      context: dict) -> dict:
+    """The student trained on the soft labels (`d`: the distill config section)."""
     return statement(
-        "distill", {cfg.student_model_name: student.digest},
+        "distill", {student_model_name: student.digest},
         technique=(f"knowledge distillation: alpha*CE(hard) + (1-alpha)*T^2*{d.divergence}(teacher_T || student_T)"
                    + (f" + {d.hidden_loss} hidden-state loss" if d.hidden_loss != "none" else "")
                    + (" + attention KL" if d.attention_loss else "")),
-        parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": cfg.seed},
+        parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": seed},
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, f"soft-labels/{soft.key}": soft_labels_digest(soft),
                 "data/train": splits.digests()["train"], "data/validation": splits.digests()["validation"]},
         data={k: v for k, v in splits.summary().items() if k in ("train", "validation")},
@@ -94,9 +95,9 @@ def distill_statement(cfg, student, soft, teacher, splits, context: dict) -> dic
         context=context)
 
 
-def quantize_statement(cfg, edge, student, splits, context: dict) -> dict:
+def quantize_statement(q, *, min_edge_agreement: float, student_model_name: str, edge, student, splits,
+                       context: dict) -> dict:
     """INT8 artifacts: INC autotune (every trial) and ONNX Runtime INT8, checked against the fp32 student."""
-    q = cfg.quantize
     subjects = {f"edge/{n}": a["digest"] for n, a in edge.artifacts.items() if n in ("int8", "onnx-int8")}
     if not subjects:  # quantization impossible: the edge model is the fp32 student, and the Statement says so
         subjects = {f"edge/{edge.primary}": edge.artifacts[edge.primary]["digest"]}
@@ -105,10 +106,10 @@ def quantize_statement(cfg, edge, student, splits, context: dict) -> dict:
         technique="Intel Neural Compressor accuracy-aware autotune (PT2E INT8) and ONNX Runtime dynamic INT8 "
                   f"MatMuls + {q.onnx_embedding_bits}-bit embeddings",
         parameters=q.model_dump(mode="json"),
-        inputs={cfg.student_model_name: student.digest, "data/train (calibration)": splits.digests()["train"],
+        inputs={student_model_name: student.digest, "data/train (calibration)": splits.digests()["train"],
                 "data/validation (tuning)": splits.digests()["validation"]},
         data={"validation": splits.summary()["validation"]},
-        thresholds={"tolerable_loss": q.tolerable_loss, "min_edge_agreement": cfg.evaluate.min_edge_agreement},
+        thresholds={"tolerable_loss": q.tolerable_loss, "min_edge_agreement": min_edge_agreement},
         results={"primary": edge.primary, "quantized": edge.quantized, "reason": edge.reason, "errors": edge.errors,
                  "tuning": edge.tuning,
                  "checks": {n: {k: a.get(k) for k in ("parity", "validation", "ok", "check", "size_bytes")}
@@ -116,7 +117,8 @@ def quantize_statement(cfg, edge, student, splits, context: dict) -> dict:
         context=context)
 
 
-def export_statement(cfg, edge, student, context: dict) -> dict | None:
+def export_statement(*, max_length: int, min_edge_agreement: float, student_model_name: str, edge, student,
+                     context: dict) -> dict | None:
     """The fp32 ONNX export (optimum); None when nothing was exported."""
     if "onnx" not in edge.artifacts:
         return None
@@ -124,25 +126,26 @@ def export_statement(cfg, edge, student, context: dict) -> dict | None:
     return statement(
         "export", {"edge/onnx": a["digest"]},
         technique="optimum ONNX export of the fp32 student (dynamic batch and sequence axes)",
-        parameters={"max_length": cfg.runtime.max_length, "runtime": a.get("runtime")},
-        inputs={cfg.student_model_name: student.digest},
-        thresholds={"min_edge_agreement": cfg.evaluate.min_edge_agreement},
+        parameters={"max_length": max_length, "runtime": a.get("runtime")},
+        inputs={student_model_name: student.digest},
+        thresholds={"min_edge_agreement": min_edge_agreement},
         results={k: a.get(k) for k in ("parity", "validation", "ok", "check", "size_bytes")}, context=context)
 
 
-def evaluate_statement(cfg, report, gates: dict, edge_digest: str, model_digests: dict[str, str], splits,
-                       context: dict) -> dict:
-    """Every model evaluated on its own; the gates with their thresholds and measured values."""
+def evaluate_statement(ev, *, critical_slices: dict, edge_model_name: str, report, gates: dict, edge_digest: str,
+                       model_digests: dict[str, str], splits, context: dict) -> dict:
+    """Every model evaluated on its own; the gates with their thresholds and measured values (`ev`: the evaluate
+    config section)."""
     test = report.suites.get("test", {})
     return statement(
-        "evaluate", {cfg.edge_model_name: edge_digest},
+        "evaluate", {edge_model_name: edge_digest},
         technique="evaluation parity: each model on test, slices, OOD sets, stress variants, calibration",
-        parameters={"bootstrap_samples": cfg.evaluate.bootstrap_samples, "stress_rows": cfg.evaluate.stress_rows,
-                    "scope_tpr": cfg.evaluate.scope_tpr, "critical_slices": cfg.data.critical_slices},
+        parameters={"bootstrap_samples": ev.bootstrap_samples, "stress_rows": ev.stress_rows,
+                    "scope_tpr": ev.scope_tpr, "critical_slices": critical_slices},
         inputs={**{f"model/{m}": d for m, d in model_digests.items()},
                 **{f"data/{s}": d for s, d in splits.digests().items()}},
         data=splits.summary(),
-        thresholds={k: v for k, v in cfg.evaluate.model_dump().items() if k.startswith(("max_", "min_"))},
+        thresholds={k: v for k, v in ev.model_dump().items() if k.startswith(("max_", "min_"))},
         results={"test": {m: {k: v for k, v in r.items() if k in ("accuracy", "macro_f1", "fidelity", "n")}
                           for m, r in test.items()},
                  "gates": {k: {"value": g["value"], "threshold": g["threshold"], "passed": g["passed"]}

@@ -154,16 +154,15 @@ def _handled(client, name: str, request_id: str | None):
     return done[0] if done else None
 
 
-def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], dict] | None = None,
-            request_id: str | None = None, log: Callable = print) -> dict:
-    """Move @challenger then @champion to `version` of <name>-edge; a no-op when it already is @champion.
+def promote(client, version: int, *, name: str, approval_required: bool, governance, run_id: str,
+            approve: Callable[[str], dict] | None = None, request_id: str | None = None, log: Callable = print) -> dict:
+    """Move @challenger then @champion to `version` of `name` (<name>-edge); a no-op when it already is @champion.
 
     `approve(summary)` returns the approver's answer (required when approval.required). `request_id` (the id of
     the event that asked for this promotion) makes a redelivered request a no-op, even one that arrives after a
     newer version was promoted; the check-and-move steps hold `promotion_lock`, so two deliveries at once cannot
     both act.
     """
-    name = cfg.edge_model_name
     mv = client.get_model_version(name, str(version))
     with promotion_lock(name):
         before = aliases(client, name)
@@ -181,14 +180,14 @@ def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], 
         if before.get(CHALLENGER) != version:
             client.set_registered_model_alias(name, CHALLENGER, version)
     approval = None
-    if cfg.approval.required:  # outside the lock: a person may take hours
+    if approval_required:  # outside the lock: a person may take hours
         if approve is None:
             raise DistillError(f"approval.required is set but {name} v{version} has no approver",
                                "promote inside a Prefect flow run (distill run / distill promote), which asks in the UI")
         approval = approve(mv.description or "")
         if approval["decision"] != "approve":
             client.set_model_version_tag(name, str(version), "promotion.rejected_by", approval["approver"])
-            _record(client, run_id, cfg.governance, name=name, mv=mv, action="reject", approver=approval,
+            _record(client, run_id, governance, name=name, mv=mv, action="reject", approver=approval,
                     before=before, after=aliases(client, name), reason=approval.get("comment", ""))
             log(f"{name} v{version} rejected by {approval['approver']}: @champion not moved")
             return {"changed": False, "champion": before.get(CHAMPION), "reason": "rejected", "approval": approval}
@@ -200,7 +199,7 @@ def promote(client, cfg, version: int, *, run_id: str, approve: Callable[[str], 
             log(f"{name} v{version}: promoted meanwhile by another delivery of the request: nothing changed")
             return {"changed": False, "champion": before.get(CHAMPION), "reason": "request already handled"}
         after = {**before, CHAMPION: version}
-        uri = _record(client, run_id, cfg.governance, name=name, mv=mv, action="promote", approver=approver,
+        uri = _record(client, run_id, governance, name=name, mv=mv, action="promote", approver=approver,
                       before=before, after=after, reason=approver.get("comment", ""))
         for k, v in {"promotion.approver": approver["approver"], "promotion.at": approver["at"],
                      "promotion.comment": approver.get("comment", ""), "promotion.attestation.uri": uri,

@@ -11,7 +11,7 @@ import yaml
 
 from distill_gap.errors import DistillError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: prefect.yaml, deployments/
 AUTOMATIONS = ROOT / "deployments" / "automations.yaml"
 
 

@@ -3,7 +3,6 @@ and a description that states the gap to the teacher and the verdict. What it wr
 
 from __future__ import annotations
 
-from distill_gap.digest import model_digest
 from distill_gap.ops.failpoints import failpoint
 from distill_gap.registry.tracking import code_version
 from distill_gap.registry.versions import Staged, create_version, sign_and_log, unstage
@@ -33,7 +32,8 @@ def gap_summary(report, gates: dict, edge_name: str) -> str:
             + ("Verdict: all gates passed." if not failed else f"Verdict: gates FAILED: {', '.join(failed)}."))
 
 
-def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
+def register_models(client, run_id: str, *, config_digest: str, governance, labels: list[str],
+                    student_model_name: str, edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
                     example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
                     license_override: str | None = None, staged: Staged | None = None, log=print) -> dict:
     """Register the student and the edge model, signed and logged as MLflow models, with every lineage tag.
@@ -44,7 +44,8 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
     """
     staged = staged if staged is not None else Staged()
     try:
-        return _register(client, run_id, cfg, teacher=teacher, data_digest=data_digest, soft=soft, student=student,
+        return _register(client, run_id, config_digest=config_digest, governance=governance, labels=list(labels),
+                         student_model_name=student_model_name, edge_model_name=edge_model_name, teacher=teacher, data_digest=data_digest, soft=soft, student=student,
                          edge=edge, report=report, gates=gates, example_texts=example_texts,
                          attestation_uri=attestation_uri, trigger_reason=trigger_reason,
                          license_override=license_override, staged=staged, log=log)
@@ -54,50 +55,50 @@ def register_models(client, run_id: str, cfg, *, teacher, data_digest: str, soft
         raise
 
 
-def _register(client, run_id: str, cfg, *, teacher, data_digest: str, soft, student, edge, report, gates: dict,
+def _register(client, run_id: str, *, config_digest: str, governance, labels: list[str], student_model_name: str,
+              edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
               example_texts: list[str], attestation_uri: str, trigger_reason: str, license_override: str | None,
               staged: Staged, log) -> dict:
     from distill_gap.registry.pyfunc import link_version, log_model_folder
 
     passed = all(g["passed"] for g in gates.values())
-    edge_digest = model_digest(edge.path)
+    edge_digest = edge.digest  # taken once, after evaluate completed the folder (scope.json, reference.json)
     lineage = {
         "teacher.name": teacher.name, "teacher.version": teacher.version, "teacher.digest": teacher.digest,
         "teacher.license": teacher.tags.get("license", ""),
         "data.digest": data_digest, "soft_labels.uri": soft.uri, "soft_labels.key": soft.key,
-        "config.digest": cfg.digest(), "code.version": code_version(), "gates.passed": str(passed).lower(),
+        "config.digest": config_digest, "code.version": code_version(), "gates.passed": str(passed).lower(),
         "attestation.uri": attestation_uri, "trigger.reason": trigger_reason,
         **({"license.override_reason": license_override} if license_override else {}),
     }
     test = report.suites["test"]
-    labels = list(cfg.data.labels)
     summary = gap_summary(report, gates, edge.report_name)
     # 1. student version: signed, logged as an MLflow model (signature + input example), all tags at once
-    signed = sign_and_log(client, run_id, student.path, "student", cfg.governance, staged)
+    signed = sign_and_log(client, run_id, student.path, "student", governance, staged)
     logged = log_model_folder(client, run_id, student.path, "student", example_texts=example_texts, labels=labels)
     staged.logged_models.append(logged.model_id)
-    sv = create_version(client, cfg.student_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                        governance=cfg.governance, staged=staged, description=(
+    sv = create_version(client, student_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                        governance=governance, staged=staged, description=(
         f"Student of {teacher.name} v{teacher.version} ({_describe_spec(student)}), test accuracy "
         f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f}"
         + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")."),
         tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
-    link_version(client, logged, cfg.student_model_name, sv.version)
+    link_version(client, logged, student_model_name, sv.version)
     failpoint("register.student-registered")
     # 2. edge version, parent = the student version it was quantized from
-    signed = sign_and_log(client, run_id, edge.path, "edge", cfg.governance, staged)
+    signed = sign_and_log(client, run_id, edge.path, "edge", governance, staged)
     logged = log_model_folder(client, run_id, edge.path, "edge", example_texts=example_texts, labels=labels)
     staged.logged_models.append(logged.model_id)
     kind = f"INT8 edge model ({edge.primary})" if edge.quantized else "Edge model, NOT quantized (fp32 student)"
-    ev = create_version(client, cfg.edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                        governance=cfg.governance, staged=staged, description=(
-        f"{kind} of {cfg.student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
+    ev = create_version(client, edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                        governance=governance, staged=staged, description=(
+        f"{kind} of {student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
         f"(student {test['student']['accuracy']:.3f}). {summary} {edge.reason}."),
-        tags={**lineage, **signed, "parent": f"{cfg.student_model_name}/{sv.version}", "model.digest": edge_digest,
+        tags={**lineage, **signed, "parent": f"{student_model_name}/{sv.version}", "model.digest": edge_digest,
               "edge.primary": edge.primary, "edge.quantized": str(edge.quantized).lower(),
               "quantization.candidate": (edge.tuning or {}).get("best") or "none"})
-    link_version(client, logged, cfg.edge_model_name, ev.version)
-    log(f"registered {cfg.student_model_name} v{sv.version} and {cfg.edge_model_name} v{ev.version}: {summary}")
-    return {"student": {"name": cfg.student_model_name, "version": int(sv.version)},
-            "edge": {"name": cfg.edge_model_name, "version": int(ev.version), "digest": edge_digest},
+    link_version(client, logged, edge_model_name, ev.version)
+    log(f"registered {student_model_name} v{sv.version} and {edge_model_name} v{ev.version}: {summary}")
+    return {"student": {"name": student_model_name, "version": int(sv.version)},
+            "edge": {"name": edge_model_name, "version": int(ev.version), "digest": edge_digest},
             "gates_passed": passed, "attestation_uri": attestation_uri}

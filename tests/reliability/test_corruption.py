@@ -219,6 +219,7 @@ DAMAGE = {"flipped byte": ("model.safetensors", _flip), "truncated": ("model.saf
 
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_teacher_in_the_artifact_store_is_refused_naming_the_file(registry, tmp_path, case):
+    from distill_gap.registry.tracking import client_for
     from tasks.teacher import resolve_teacher
 
     cfg, client, _ = registry
@@ -226,7 +227,7 @@ def test_damaged_teacher_in_the_artifact_store_is_refused_naming_the_file(regist
     cache = tmp_path / "models"
     with _damaged(_stored(client, "tiny-teacher", rel), how):
         with pytest.raises(DistillError) as err:
-            resolve_teacher(cfg, cache_root=cache)
+            resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels, cache_root=cache)
     message = str(err.value)
     digest = client.get_model_version("tiny-teacher", "1").tags["model.digest"]
     assert "tiny-teacher version 1: downloaded files have digest" in message
@@ -234,17 +235,18 @@ def test_damaged_teacher_in_the_artifact_store_is_refused_naming_the_file(regist
     assert f"{rel}: digest differs from the signature" in message, message
     assert "fix: the stored artifact was changed or damaged" in message
     assert not [p for p in cache.glob("*") if p.is_dir()]  # nothing damaged kept for a later run
-    assert resolve_teacher(cfg, cache_root=cache).digest == digest  # restored: fetched and verified
+    assert resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels, cache_root=cache).digest == digest  # restored: fetched and verified
 
 
 def test_damaged_local_model_cache_is_fetched_again(registry, tmp_path):
+    from distill_gap.registry.tracking import client_for
     from tasks.teacher import resolve_teacher
 
     cfg, _, _ = registry
-    ref = resolve_teacher(cfg, cache_root=tmp_path / "models")
+    ref = resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels, cache_root=tmp_path / "models")
     cached = ref.path / "model.safetensors"
     cached.write_bytes(_truncate(cached.read_bytes()))
-    again = resolve_teacher(cfg, cache_root=tmp_path / "models")
+    again = resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels, cache_root=tmp_path / "models")
     assert again.path == ref.path and model_digest(again.path) == ref.digest  # re-downloaded, verified
 
 

@@ -223,6 +223,7 @@ def test_endpoint_down_for_good_fails_clearly_and_leaves_only_whole_shards(works
     from distill_gap.digest import sha256_bytes, tokenizer_digest
     from distill_gap.softlabels.labelling import ensure_soft_labels, plan_soft_labels
     from distill_gap.softlabels.shards import decode_shard
+    from distill_gap.registry.tracking import client_for
     from tasks.teacher import resolve_teacher
 
     prefix = "gone"
@@ -254,7 +255,7 @@ def test_endpoint_down_for_good_fails_clearly_and_leaves_only_whole_shards(works
         # nothing half-written: no manifest; what is there is shard 0, whole (it was stored before the outage)
         splits = load_splits(cfg.data, cfg.seed)
         train = splits["train"]
-        teacher = resolve_teacher(cfg)
+        teacher = resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels)
         inputs = dict(teacher_digest=teacher.digest, tokenizer_digest=tokenizer_digest(teacher.path),
                       data_digest=splits.digests()["train"], ids=train["id"].tolist(), texts=train["text"].tolist(),
                       labels=splits.labels, max_length=cfg.runtime.max_length, shard_size=cfg.soft_labels.shard_size,

@@ -31,7 +31,7 @@ def test_bootstrap_registers_pins_and_is_reused(cfg, tmp_path):
     client = client_for(cfg.tracking)
     mv = client.get_model_version_by_alias("tiny-teacher", "pinned")
     assert mv.tags["model.digest"] == first["digest"] and mv.tags["labels"] == "negative,neutral,positive"
-    ref = resolve_teacher(cfg, cache_root=tmp_path / "models")
+    ref = resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels, cache_root=tmp_path / "models")
     assert ref.version == 1 and ref.digest == first["digest"]
     changed = cfg.model_copy(update={"seed": 99})
     assert bootstrap_teacher(changed, log=lambda *_: None)["version"] == 2  # new data/settings -> new version
@@ -77,4 +77,4 @@ def test_import_registers_and_fetch_verifies_digest(cfg, tiny_model_dir, tmp_pat
 
 def test_missing_teacher_names_the_command(cfg, tmp_path):
     with pytest.raises(DistillError, match="distill teacher bootstrap"):
-        resolve_teacher(cfg, cache_root=tmp_path / "models")
+        resolve_teacher(client_for(cfg.tracking), cfg.teacher_model_name, cfg.teacher, cfg.data.labels, cache_root=tmp_path / "models")

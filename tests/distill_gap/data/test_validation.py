@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from distill_gap.data.validation import DataValidationError, validate_splits, validation_markdown
-from tasks.validate import validate_data
 from tests.conftest import LABELS
 
 SLICES = ["condition"]
@@ -181,7 +180,11 @@ def test_report_renders_as_a_markdown_table(splits):
     assert "| train | 160 | yes | - |" in markdown
 
 
-def test_task_function_runs_outside_a_flow_without_publishing(splits):
-    report = validate_data.fn(splits, LABELS, SLICES)  # no run context: the artifact is skipped
+def test_stage_step_runs_outside_a_flow_without_publishing(splits):
+    from types import SimpleNamespace
+
+    from tasks.validate import validate
+
+    report = validate(SimpleNamespace(frames=splits, labels=LABELS, slice_columns=SLICES))  # no run: no artifact
 
     assert report["passed"] is True

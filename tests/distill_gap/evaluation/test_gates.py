@@ -11,7 +11,7 @@ from distill_gap.errors import DistillError
 from distill_gap.evaluation.gap_report import add_calibration_and_ood, add_stress, collect_logits, gap_report
 from distill_gap.evaluation.gates import (GatesFailed, evaluate_gates, gate_thresholds, quantization_gate,
                                           verdict_markdown)
-from flows.config import EvaluateConfig, QuantizeConfig
+from flows.config import EvaluateConfig
 from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
                                                     one_hot_logits, three_class_splits, two_site_splits)
 
@@ -127,18 +127,18 @@ def test_quantization_gate_needs_a_checked_int8_primary_unless_fp32_is_allowed()
     def edge(primary, quantized, ok, reason):
         return SimpleNamespace(primary=primary, quantized=quantized, primary_ok=ok, reason=reason)
 
-    assert quantization_gate(edge("int8", True, True, "INT8 via INC"), QuantizeConfig()) == \
+    assert quantization_gate(edge("int8", True, True, "INT8 via INC"), True) == \
         {"passed": True, "detail": "INT8 via INC"}
-    assert quantization_gate(edge("int8", True, False, "agreement 0.80 < 0.95"), QuantizeConfig()) == \
+    assert quantization_gate(edge("int8", True, False, "agreement 0.80 < 0.95"), True) == \
         {"passed": False, "detail": "agreement 0.80 < 0.95"}
     fp32 = edge("fp32", False, True, "not quantized: no INT8 artifact was requested")
-    assert not quantization_gate(fp32, QuantizeConfig())["passed"]
-    allowed = quantization_gate(fp32, QuantizeConfig(require_int8=False))
+    assert not quantization_gate(fp32, True)["passed"]
+    allowed = quantization_gate(fp32, False)
     assert allowed["passed"] and allowed["detail"].endswith("(allowed: quantize.require_int8=false)")
     truth = np.array([0] * 20 + [1] * 20)
     report = gap_report({m: {"test": one_hot_logits(truth)} for m in ("teacher", "student", "e")}, two_site_splits())
     gates = evaluate_gates(report, "e", {"argmax_agreement": 1.0}, EvaluateConfig(),
-                           quantization=quantization_gate(fp32, QuantizeConfig()))
+                           quantization=quantization_gate(fp32, True))
     assert gates["quantization"] == {"value": 0.0, "threshold": 1.0, "passed": False,
                                      "detail": "not quantized: no INT8 artifact was requested"}
 

@@ -14,7 +14,7 @@ import pytest
 from distill_gap.monitoring.drift import (DriftThresholds, drift_markdown, drift_report, holm, prediction_shift, psi,
                          read_production_rows, reference_profile, slice_columns, text_statistics)
 from distill_gap.errors import DistillError
-from distill_gap.evaluation.metrics import msp_score, threshold_at_tpr
+from distill_gap.evaluation.ood import msp_score, threshold_at_tpr
 
 from tests.conftest import LABELS
 

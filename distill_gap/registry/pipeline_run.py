@@ -1,0 +1,79 @@
+"""One pipeline run as the stages see it: where it records, what it is called, where it works, on which device.
+
+The flow opens it once (`open_pipeline_run`) and hands it to every stage task with that stage's config section:
+the run says who and where, the section says how. Each stage records itself as a nested MLflow run
+(`PipelineRun.stage`), through the one run lifecycle of distill_gap/registry/tracking.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from distill_gap.ops.runtime import configure_threads, select_device
+from distill_gap.registry.crash_recovery import reap
+from distill_gap.registry.tracking import client_for, mlflow_run, pipeline_run
+
+WORK_ROOT = Path(".distill/work")  # per-run scratch space; what is kept is in MLflow and the soft-label store
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The pipeline run a stage belongs to: the MLflow client and run, the Prefect flow run, the model names
+    (`<name>-teacher`, `-student`, `-edge`), the governance section (signing keys, owner, licences), the scratch
+    folder and the device."""
+
+    client: Any
+    run_id: str
+    flow_run_id: str
+    name: str
+    config_digest: str
+    governance: Any
+    trigger_reason: str
+    workdir: Path
+    device: str
+    threads: int | None = None
+
+    @property
+    def teacher_model_name(self) -> str:
+        return f"{self.name}-teacher"
+
+    @property
+    def student_model_name(self) -> str:
+        return f"{self.name}-student"
+
+    @property
+    def edge_model_name(self) -> str:
+        return f"{self.name}-edge"
+
+    @property
+    def context(self) -> dict[str, str]:
+        """Where a Statement was made: the MLflow run and the Prefect flow run."""
+        return {"mlflow_run_id": self.run_id, "prefect_flow_run_id": self.flow_run_id}
+
+    def stage(self, stage: str) -> contextlib.AbstractContextManager[str]:
+        """The stage's nested MLflow run `<name>-<stage>` (tag distill.stage); yields its run id."""
+        return mlflow_run(self.client, parent_run_id=self.run_id, run_name=f"{self.name}-{stage}",
+                          tags={"distill.stage": stage})
+
+
+@contextlib.contextmanager
+def open_pipeline_run(cfg, *, trigger_reason: str, flow_run_id: str | None,
+                      work_root: Path = WORK_ROOT) -> Iterator[PipelineRun]:
+    """Threads and device set, runs of killed processes reaped, the pipeline's MLflow run started (FINISHED on
+    return, FAILED on any exception), its scratch folder removed at the end whatever happens."""
+    configure_threads(cfg.runtime.threads)
+    device = select_device(cfg.runtime.device)
+    client = client_for(cfg.tracking)
+    reap(client, cfg.tracking)  # runs whose process was killed (SIGKILL) are marked KILLED/Crashed, not left RUNNING
+    with pipeline_run(client, cfg, trigger_reason=trigger_reason, flow_run_id=flow_run_id) as run_id:
+        workdir = work_root / run_id
+        try:
+            yield PipelineRun(client=client, run_id=run_id, flow_run_id=str(flow_run_id), name=cfg.name,
+                              config_digest=cfg.digest(), governance=cfg.governance, trigger_reason=trigger_reason,
+                              workdir=workdir, device=device, threads=cfg.runtime.threads)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
