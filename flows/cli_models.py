@@ -1,0 +1,235 @@
+"""The commands on registered edge models: predict, lineage, verify, promote, approve, rollback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flows.cli_common import ConfigOpt, SetOpt, fail, load_cfg, app, console, err_console
+
+@app.command()
+def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>-edge@champion, models:/<name>-edge/3, "
+                                      "or an edge folder (offline)"),
+            input: str = typer.Option(..., "--input", "-i", help='JSONL rows {"id": ..., "text": ...}; - reads stdin'),
+            tracking_uri: str = typer.Option("sqlite:///.distill/mlflow.db", envvar="MLFLOW_TRACKING_URI",
+                                             help="the MLflow registry holding the model"),
+            artifact: Optional[str] = typer.Option(None, help="an artifact other than the primary one, e.g. int8"),
+            batch_size: int = typer.Option(32, min=1, help="texts per forward pass"),
+            out_of_scope: str = typer.Option("answer", help="rows outside the model's evaluated scope: 'answer' "
+                                             "(label them, in_scope=false) or 'abstain' (label null, route "
+                                             "'fallback': send them to the teacher or a human)")):
+    """Label JSONL rows with an edge model: one JSON object per row on stdout, messages on stderr.
+
+    When the edge model ships a scope (scope.json: the OOD threshold fitted at 95% in-distribution TPR on
+    validation), every row gets `in_scope`; out-of-scope rows are counted on stderr.
+    """
+    import json
+
+    from distill_gap.edge.serving import load_edge, read_rows, stdout_to_stderr
+    from distill_gap.registry.model_uri import resolve_edge
+    from distill_gap.errors import DistillError
+
+    try:
+        if out_of_scope not in ("answer", "abstain"):
+            raise DistillError(f"--out-of-scope {out_of_scope!r} is not an option", "use answer or abstain")
+        rows = read_rows(input)  # every row checked before the model loads: a bad file prints nothing
+        with stdout_to_stderr():
+            edge = load_edge(resolve_edge(model, tracking_uri, log=err_console.print), artifact)
+            results = edge.predict_rows(rows, batch_size=batch_size)
+    except DistillError as err:
+        fail(err)
+    outside = [r for r in results if r.get("in_scope") is False]
+    if out_of_scope == "abstain":
+        for r in outside:
+            r.update(label=None, route="fallback")
+    try:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in results))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `distill predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    err_console.print(f"{len(results)} rows labelled with {edge.artifact} ({edge.runtime})"
+                      + (f"; {len(outside)} out of scope ({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})"
+                         if edge.scope is not None else "; no scope record shipped with this model"), highlight=False)
+
+
+TrackingOpt = typer.Option("sqlite:///.distill/mlflow.db", "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                           help="the MLflow registry holding the model")
+
+
+class _Branch:
+    """A tree printed line by line (rich's Tree crops long lines; digests must stay whole)."""
+
+    def __init__(self, text: str):
+        self.text, self.children = text, []
+
+    def add(self, text: str, **_) -> "_Branch":
+        self.children.append(_Branch(text))
+        return self.children[-1]
+
+    def lines(self, prefix: str = "") -> list[str]:
+        out = [self.text] if not prefix else []
+        for i, child in enumerate(self.children):
+            last = i == len(self.children) - 1
+            out.append(f"{prefix}{'└── ' if last else '├── '}{child.text}")
+            out += child.lines(prefix + ("    " if last else "│   "))
+        return out
+
+
+@app.command()
+def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion or models:/<name>-edge/3"),
+            tracking_uri: str = TrackingOpt,
+            mlflow_ui: str = typer.Option("http://127.0.0.1:5000", help="MLflow UI base URL for the links"),
+            as_json: bool = typer.Option(False, "--json", help="print the chain as JSON")):
+    """Print the chain edge -> student -> soft labels -> teacher version -> data digests, with runs and links."""
+    import json
+
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.lineage import lineage as build
+    from distill_gap.registry.model_uri import registry_client
+
+    try:
+        info = build(registry_client(tracking_uri), model, mlflow_ui=mlflow_ui)
+    except DistillError as err:
+        fail(err)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    run = info["pipeline_run"]
+    root = _Branch(f"[bold]{info['name']} v{info['version']}[/]  ({model})  pipeline run {run['run_id']} "
+                   f"(trigger: {run['trigger_reason']})")
+    node = root
+    for link in info["chain"]:
+        role = link["role"]
+        if role in ("edge", "student", "teacher"):
+            text = (f"[bold]{role}[/] {link['name']} v{link['version']}  sha256 {str(link['digest'])[:16]}  "
+                    f"run {link['run_id']}" + (f"  @{', @'.join(link['aliases'])}" if link["aliases"] else ""))
+            node = node.add(text, highlight=False)
+            if role == "edge":
+                node.add(f"{link['primary']} (INT8: {link['quantized']}, candidate {link['candidate']}), gates passed: "
+                         f"{link['gates_passed']}, owner {link['owner']}", highlight=False)
+                if link["promotion"]:
+                    node.add(f"promoted by {link['promotion'].get('approver')} at {link['promotion'].get('at')}",
+                             highlight=False)
+            if role == "teacher":
+                moved = {a: v for a, v in link["aliases_now"].items() if v != link["version"]}
+                node.add(f"licence {link['license']}" + (f" (override: {link['license_override']})"
+                                                         if link.get("license_override") else ""), highlight=False)
+                if moved:
+                    node.add(f"[yellow]aliases now elsewhere: {', '.join(f'@{a} -> v{v}' for a, v in moved.items())}; "
+                             f"this model was made from v{link['version']}[/]", highlight=False)
+            node.add(f"[dim]{link['link']}[/]", highlight=False)
+        elif role == "soft labels":
+            node = node.add(f"[bold]soft labels[/] key {str(link['key'])[:16]}  {link['uri']}", highlight=False)
+        elif role == "data":
+            data = node.add(f"[bold]data[/] sha256 {link['digest'][:16]}", highlight=False)
+            for split, digest in link.get("splits", {}).items():
+                data.add(f"{split}: sha256 {digest}", highlight=False)
+            if link.get("problem"):
+                data.add(f"[red]{link['problem']}[/]", highlight=False)
+    for line in root.lines():
+        console.print(line, highlight=False)  # never cropped: digests and run ids stay whole
+    console.print(f"pipeline run  {run['link']}" + (f"\nprefect run   {run['prefect_flow_run']}" if run["prefect_flow_run"] else ""),
+                  highlight=False)
+    console.print(f"attestations  {info['attestation_uri']}  (check them: distill verify {model})", highlight=False)
+
+
+@app.command()
+def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion or models:/<name>-edge/3"),
+           tracking_uri: str = TrackingOpt,
+           public_key: Optional[list[str]] = typer.Option(None, "--public-key", help="trusted signing public key (PEM); "
+                                                          "default: the local key pair's (governance.key_dir)"),
+           key_dir: Optional[Path] = typer.Option(None, help="folder of the local key pair (default .distill/keys)")):
+    """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
+    from distill_gap.edge.serving import stdout_to_stderr
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.lineage import verify as run_verify
+    from distill_gap.registry.model_uri import registry_client
+
+    try:
+        with stdout_to_stderr():
+            result = run_verify(registry_client(tracking_uri), model, public_keys=public_key, key_dir=key_dir,
+                                log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    except DistillError as err:
+        fail(err)
+    table = Table(title=f"verify {result.uri} (keys: {result.key_source})")
+    for col in ("link", "result", "detail"):
+        table.add_column(col)
+    for c in result.checks:
+        table.add_row(c.link, "[green]ok[/]" if c.ok else "[bold red]BROKEN[/]", c.detail)
+    console.print(table)
+    if not result.ok:
+        broken = [c.link for c in result.checks if not c.ok]
+        err_console.print(f"[bold red]verification failed[/]: {', '.join(broken)}")
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(result.checks)} checks passed[/]")
+
+
+@app.command()
+def promote(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
+            version: int = typer.Option(..., help="the <name>-edge version to promote"),
+            reason: str = typer.Option("manual", help="recorded on the promotion")):
+    """Promote an edge version that passed its gates (asks for approval when approval.required); idempotent."""
+    from distill_gap.errors import DistillError
+
+    try:
+        cfg = load_cfg(config, set)
+        from flows.promote import promote_edge
+        from distill_gap.ops.prefect_server import tie_ephemeral_server
+
+        tie_ephemeral_server()
+
+        result = promote_edge(cfg, version=version, reason=reason)
+    except DistillError as err:
+        fail(err)
+    console.print(f"{cfg.edge_model_name}: @champion -> v{result['champion']}"
+                  + ("" if result["changed"] else f" (unchanged: {result['reason']})"), highlight=False)
+
+
+@app.command()
+def approve(flow_run_id: str = typer.Argument(..., help="the paused flow run (printed by the run, shown in the UI)"),
+            approver: str = typer.Option(..., help="your name (recorded)"),
+            decision: str = typer.Option(..., help="approve or reject"),
+            comment: str = typer.Option("", help="why (recorded)")):
+    """Answer a paused promotion without the UI (same form, same validation as the Prefect UI)."""
+    from distill_gap.ops.prefect_server import tie_ephemeral_server
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.promotion import answer_run
+
+    tie_ephemeral_server()
+    try:
+        answer_run(flow_run_id, {"approver": approver, "decision": decision, "comment": comment})
+    except DistillError as err:
+        fail(err)
+    console.print(f"flow run {flow_run_id} resumed with decision {decision} by {approver}")
+
+
+@app.command()
+def rollback(model: str = typer.Argument(..., help="the registered edge model, e.g. demo-edge"),
+             to: int = typer.Option(..., "--to", help="the version to make @champion again"),
+             reason: str = typer.Option(..., help="why (recorded on the version and in a signed attestation)"),
+             by: Optional[str] = typer.Option(None, help="who rolls back (default: the login name)"),
+             tracking_uri: str = TrackingOpt,
+             key_dir: Path = typer.Option(Path(".distill/keys"), envvar="DISTILL_KEY_DIR", help="signing key pair")):
+    """Move @champion back to an earlier version that passed its gates; record who and why."""
+    from flows.config import GovernanceConfig, TrackingConfig
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.promotion import rollback as do_rollback
+    from distill_gap.registry.model_uri import registry_client
+
+    try:
+        result = do_rollback(registry_client(tracking_uri), model, to, reason=reason, by=by,
+                             governance=GovernanceConfig(key_dir=str(key_dir)),
+                             tracking=TrackingConfig(uri=tracking_uri))
+    except DistillError as err:
+        fail(err)
+    if not result["changed"]:
+        console.print(f"{model} v{to} is already @champion: nothing changed")
+        return
+    console.print(f"{model}: @champion v{result['previous']} -> v{to} (by {result['by']}: {reason})", highlight=False)
+
+
