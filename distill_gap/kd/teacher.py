@@ -105,8 +105,7 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
     from mlflow.exceptions import MlflowException
 
     from distill_gap.data.splits import load_splits
-    from distill_gap.inference.batching import predict_logits
-    from distill_gap.models.loading import load_classifier
+    from distill_gap.inference.predictor import load_predictor
     from distill_gap.ops.runtime import configure_threads, select_device
 
     client = client_for(cfg.tracking)
@@ -142,10 +141,9 @@ def bootstrap_teacher(cfg, *, force: bool = False, log=print) -> dict:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             model_dir, result = fine_tune_teacher(cfg, splits, Path(tmp) / "teacher", device, on_epoch)
-            model, tokenizer = load_classifier(model_dir)
             test = splits["test"]
-            preds = predict_logits(model, tokenizer, test["text"].tolist(), max_length=cfg.runtime.max_length,
-                                   device=device).argmax(-1)
+            preds = load_predictor(model_dir, max_length=cfg.runtime.max_length, device=device).predict_logits(
+                test["text"].tolist()).argmax(-1)
             test_acc = float(np.mean(np.asarray(cfg.data.labels)[preds] == test["label"].to_numpy()))
             client.log_metric(run_id, "teacher.test_accuracy", test_acc)
             # 3. register with its identity and pin it
