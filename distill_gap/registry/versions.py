@@ -149,12 +149,12 @@ def resolve_version(client, name: str, *, alias: str | None = None, version: int
         if version is not None:
             return client.get_model_version(name, str(version))
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as err:
         what = f"version {version}" if version is not None else f"alias '@{alias}'"
         raise DistillError(
             f"registered model '{name}' has no {what} in the MLflow registry at {client._registry_uri}",
             "run `distill teacher bootstrap --config <config>` or `distill teacher import PATH --config <config>` first",
-        ) from None
+        ) from err  # the cause stays: a registry that cannot be reached is transient (distill_gap/ops/transient.py)
 
 
 def version_folder(downloaded: Path, source: str) -> Path:
