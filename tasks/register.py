@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distill_gap.errors import DistillError
-from distill_gap.evaluation.gates import GatesFailed
+from distill_gap.evaluation.gates import failed_evidence, gates_failed
 from distill_gap.monitoring.events import GATES_FAILED, emit
 from distill_gap.governance.attestation import ATTESTATION_DIR
 from distill_gap.registry.registration import register_models
@@ -31,14 +31,11 @@ def release_check(client, registered: dict, gates: dict, *, run_id: str, cache_r
     client.set_tag(run_id, "gates.passed", str(not failed).lower())
     if not failed:
         return {"passed": True, "edge": edge}
-    why = "; ".join(f"{k} {g['value']:.3f} (threshold {g['threshold']:.3f}): {g.get('detail', '')}"
-                    for k, g in failed.items())
-    emit(GATES_FAILED, edge["name"], {"version": None, "failed": list(failed), "evidence": why, "mlflow_run_id": run_id})
-    log(f"release gate: {len(failed)} gate(s) failed ({why}); rolling back the staged versions")
-    raise GatesFailed(
-        f"{edge['name']}: gates failed ({why}); the staged versions were rolled back, nothing is registered",
-        "read the gap report (Prefect artifact <name>-gap-report, MLflow evaluate run) and change the student, "
-        "the quantization, or the evaluate.* thresholds")
+    error = gates_failed(edge["name"], failed)
+    emit(GATES_FAILED, edge["name"], {"version": None, "failed": list(failed), "evidence": failed_evidence(failed),
+                                      "mlflow_run_id": run_id})
+    log(f"release gate: {len(failed)} gate(s) failed ({failed_evidence(failed)}); rolling back the staged versions")
+    raise error
 
 
 def attestation_uri(run) -> str:

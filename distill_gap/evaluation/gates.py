@@ -16,6 +16,21 @@ class GatesFailed(DistillError):
     """The release gate refused the staged versions (the transaction rolls them back)."""
 
 
+def failed_evidence(failed: dict[str, dict]) -> str:
+    """The failed gates in one line: name, measured value, threshold and evidence of each."""
+    return "; ".join(f"{k} {g['value']:.3f} (threshold {g['threshold']:.3f}): {g.get('detail', '')}"
+                     for k, g in failed.items())
+
+
+def gates_failed(edge_name: str, failed: dict[str, dict]) -> GatesFailed:
+    """The error a release with failed gates stops with: what failed, that nothing was registered, where to look."""
+    return GatesFailed(
+        f"{edge_name}: gates failed ({failed_evidence(failed)}); the staged versions were rolled back, "
+        "nothing is registered",
+        "read the gap report (Prefect artifact <name>-gap-report, MLflow evaluate run) and change the student, "
+        "the quantization, or the evaluate.* thresholds")
+
+
 def gate_thresholds(evaluate_cfg) -> dict[str, float]:
     """All promotion thresholds in one place (mlops-stacks style): data, not literals in code."""
     return {"edge_accuracy_drop_vs_student": evaluate_cfg.max_edge_drop,

@@ -9,8 +9,8 @@ import pytest
 from distill_gap.data.splits import Splits
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.gap_report import add_calibration_and_ood, add_stress, collect_logits, gap_report
-from distill_gap.evaluation.gates import (GatesFailed, evaluate_gates, gate_thresholds, quantization_gate,
-                                          verdict_markdown)
+from distill_gap.evaluation.gates import (GatesFailed, evaluate_gates, failed_evidence, gate_thresholds, gates_failed,
+                                          quantization_gate, verdict_markdown)
 from flows.config import EvaluateConfig
 from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
                                                     one_hot_logits, three_class_splits, two_site_splits)
@@ -156,11 +156,13 @@ def test_verdict_markdown_names_the_failed_gates_and_what_was_not_evaluated():
     assert verdict_markdown(gates).startswith("**Verdict: all gates passed.**\n")
 
 
-def test_gates_failed_is_a_distill_error_with_problem_and_fix():
-    err = GatesFailed("demo-edge: gates failed (calibration_ece 0.080 (threshold 0.050): ECE after T=1.2)",
-                      "read the gap report")
-    assert isinstance(err, DistillError)  # the CLI prints it as one message, without a traceback
-    assert str(err) == ("demo-edge: gates failed (calibration_ece 0.080 (threshold 0.050): ECE after T=1.2)\n"
-                        "  fix: read the gap report")
-    with pytest.raises(DistillError, match="gates failed"):
-        raise err
+def test_gates_failed_names_each_failed_gate_its_value_threshold_and_evidence():
+    failed = {"calibration_ece": {"value": 0.08, "threshold": 0.05, "passed": False, "detail": "ECE after T=1.2"},
+              "registry_roundtrip": {"value": 0.0, "threshold": 1.0, "passed": False, "detail": "digest differs"}}
+    err = gates_failed("demo-edge", failed)
+    assert isinstance(err, GatesFailed) and isinstance(err, DistillError)  # one message, no traceback, in the CLI
+    assert err.problem == ("demo-edge: gates failed (calibration_ece 0.080 (threshold 0.050): ECE after T=1.2; "
+                           "registry_roundtrip 0.000 (threshold 1.000): digest differs); the staged versions were "
+                           "rolled back, nothing is registered")
+    assert "gap report" in err.fix
+    assert failed_evidence(failed) in str(err)
