@@ -178,13 +178,3 @@ def test_report_renders_as_a_markdown_table(splits):
     assert "| split | rows | passed | failures |" in markdown
     assert "| validation | 0 | no | has no rows |" in markdown
     assert "| train | 160 | yes | - |" in markdown
-
-
-def test_stage_step_runs_outside_a_flow_without_publishing(splits):
-    from types import SimpleNamespace
-
-    from tasks.validate import validate
-
-    report = validate(SimpleNamespace(frames=splits, labels=LABELS, slice_columns=SLICES))  # no run: no artifact
-
-    assert report["passed"] is True
