@@ -35,19 +35,10 @@ class PipelineRun:
     trigger_reason: str
     workdir: Path
     device: str
+    teacher_model_name: str
+    student_model_name: str
+    edge_model_name: str
     threads: int | None = None
-
-    @property
-    def teacher_model_name(self) -> str:
-        return f"{self.name}-teacher"
-
-    @property
-    def student_model_name(self) -> str:
-        return f"{self.name}-student"
-
-    @property
-    def edge_model_name(self) -> str:
-        return f"{self.name}-edge"
 
     @property
     def context(self) -> dict[str, str]:
@@ -74,6 +65,8 @@ def open_pipeline_run(cfg, *, trigger_reason: str, flow_run_id: str | None,
         try:
             yield PipelineRun(client=client, run_id=run_id, flow_run_id=str(flow_run_id), name=cfg.name,
                               config_digest=cfg.digest(), governance=cfg.governance, trigger_reason=trigger_reason,
-                              workdir=workdir, device=device, threads=cfg.runtime.threads)
+                              workdir=workdir, device=device, teacher_model_name=cfg.teacher_model_name,
+                              student_model_name=cfg.student_model_name, edge_model_name=cfg.edge_model_name,
+                              threads=cfg.runtime.threads)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -6,7 +6,8 @@ import pytest
 from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_logits,
                                                gap_report, load_predictors, report_metrics, scope_record)
 from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
-                                                    one_hot_logits, three_class_splits, two_site_splits)
+                                                    one_hot_logits, three_class_splits, two_site_splits,
+                                                    zeros_predictor)
 
 
 def test_flags_a_slice_loss_hidden_by_the_aggregate():
@@ -97,12 +98,7 @@ def test_stress_suites_measure_flips_and_a_breaking_model_is_reported():
 def test_a_model_with_the_wrong_number_of_classes_is_not_evaluated_and_the_others_go_on():
     splits = three_class_splits()
 
-    def three(texts):
-        return np.zeros((len(texts), 3), dtype=np.float32)
-
-    def two(texts):
-        return np.zeros((len(texts), 2), dtype=np.float32)
-
+    three, two = zeros_predictor(3), zeros_predictor(2)
     logits, missing = collect_logits({"teacher": three, "student": three, "broken": two}, splits)
     assert set(logits) == {"teacher", "student"} and set(logits["student"]) == {"validation", "test", "ood:far"}
     assert missing[0]["model"] == "broken" and "3 classes" in missing[0]["reason"]

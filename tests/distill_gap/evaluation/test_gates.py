@@ -13,7 +13,8 @@ from distill_gap.evaluation.gates import (GatesFailed, evaluate_gates, failed_ev
                                           quantization_gate, verdict_markdown)
 from flows.config import EvaluateConfig
 from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
-                                                    one_hot_logits, three_class_splits, two_site_splits)
+                                                    one_hot_logits, three_class_splits, two_site_splits,
+                                                    zeros_predictor)
 
 
 def test_thresholds_are_the_evaluate_config():
@@ -76,12 +77,7 @@ def test_critical_slice_gate_fails_a_loss_its_interval_confirms():
 def test_an_edge_model_that_was_not_evaluated_fails_one_gate_with_the_reason():
     splits = three_class_splits()
 
-    def three(texts):
-        return np.zeros((len(texts), 3), dtype=np.float32)
-
-    def two(texts):
-        return np.zeros((len(texts), 2), dtype=np.float32)
-
+    three, two = zeros_predictor(3), zeros_predictor(2)
     logits, missing = collect_logits({"teacher": three, "student": three, "broken": two}, splits)
     report = gap_report(logits, splits, 0.02)
     report.not_evaluated += missing

@@ -8,23 +8,13 @@ import pytest
 from distill_gap.digest import sha256_json
 from distill_gap.errors import DistillError
 from distill_gap.softlabels.cache_key import cache_key, cache_key_inputs, check_key
-
-
-def _key(**change):
-    args = dict(teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
-                labels=["negative", "neutral", "positive"])
-    return cache_key(**{**args, **change})
-
-
-def _key_args(c=200, **change):
-    return {**dict(teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
-                   labels=[f"class-{i}" for i in range(c)]), **change}
+from tests.distill_gap.softlabels.keys import key, key_args
 
 
 def test_key_is_stable_and_hex():
-    assert _key() == _key()
-    assert len(_key()) == 64 and int(_key(), 16) >= 0
-    assert check_key(_key()) == _key()
+    assert key() == key()
+    assert len(key()) == 64 and int(key(), 16) >= 0
+    assert check_key(key()) == key()
 
 
 @pytest.mark.parametrize("change", [
@@ -32,16 +22,16 @@ def test_key_is_stable_and_hex():
     {"max_length": 256}, {"labels": ["positive", "neutral", "negative"]}, {"labels": ["negative", "positive"]},
 ])
 def test_key_changes_with_every_input(change):
-    assert _key(**change) != _key()
+    assert key(**change) != key()
 
 
 def test_key_refuses_bad_inputs():
     with pytest.raises(DistillError, match="distinct"):
-        _key(labels=["a", "a"])
+        key(labels=["a", "a"])
     with pytest.raises(DistillError, match="max_length"):
-        _key(max_length=0)
+        key(max_length=0)
     with pytest.raises(DistillError, match="teacher_digest"):
-        _key(teacher_digest="")
+        key(teacher_digest="")
 
 
 @pytest.mark.parametrize("bad", ["A" * 64, "a" * 63, "../" + "a" * 61, 7])
@@ -54,16 +44,16 @@ def test_check_key_refuses_what_is_not_a_key(bad):
 
 
 def test_key_includes_top_k_only_when_set():
-    full = cache_key(**_key_args())
-    assert cache_key(**_key_args(), top_k=None) == full
-    top16 = cache_key(**_key_args(top_k=16))
-    assert top16 != full and top16 != cache_key(**_key_args(top_k=17))
-    assert cache_key(**_key_args(top_k=np.int64(16))) == top16
+    full = cache_key(**key_args())
+    assert cache_key(**key_args(), top_k=None) == full
+    top16 = cache_key(**key_args(top_k=16))
+    assert top16 != full and top16 != cache_key(**key_args(top_k=17))
+    assert cache_key(**key_args(top_k=np.int64(16))) == top16
 
 
 def test_full_key_is_the_pre_top_k_key():
     """The key without top_k is the same sha256 of the same five inputs as before."""
-    args = _key_args(c=3)
+    args = key_args(c=3)
     assert cache_key(**args) == sha256_json(args)
     assert cache_key(**args, top_k=2) == sha256_json({**args, "top_k": 2})
     assert cache_key_inputs(**args, top_k=np.int64(2))["top_k"] == 2
@@ -72,4 +62,4 @@ def test_full_key_is_the_pre_top_k_key():
 @pytest.mark.parametrize("bad", [0, -1, 200, 201, True, 2.5, "4"])
 def test_invalid_top_k_is_refused(bad):
     with pytest.raises(DistillError, match="top_k"):
-        cache_key(**_key_args(top_k=bad))
+        cache_key(**key_args(top_k=bad))

@@ -12,19 +12,9 @@ from distill_gap.errors import DistillError
 from distill_gap.softlabels.cache_key import cache_key
 from distill_gap.softlabels.shards import encode_shard
 from distill_gap.softlabels.store import SoftLabelStore
+from tests.distill_gap.softlabels.keys import key_args, key as make_key
 
 META = {"teacher": {"name": "t"}}
-
-
-def _key(**change):
-    args = dict(teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
-                labels=["negative", "neutral", "positive"])
-    return cache_key(**{**args, **change})
-
-
-def _key_args(c=200, **change):
-    return {**dict(teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
-                   labels=[f"class-{i}" for i in range(c)]), **change}
 
 
 def _entry_files(tmp_path):
@@ -66,7 +56,7 @@ def _shard_bytes(root, key):
 def test_write_then_read_round_trip(store_uri, dtype, atol):
     store = SoftLabelStore(store_uri)
     ids, logits = _random_entry()
-    key = _key()
+    key = make_key()
     assert store.manifest(key) is None and store.list_keys() == []
 
     manifest = store.write(key, ids, logits, dtype=dtype, shard_size=30, meta=META)
@@ -87,10 +77,10 @@ def test_file_store_layout_and_parquet_schema(tmp_path):
 
     store = SoftLabelStore(str(tmp_path))          # a plain path works too
     ids, logits = _random_entry(n=10)
-    store.write(_key(), ids, logits, shard_size=8, meta=META)
-    assert _entry_files(tmp_path) == [f"{_key()}/manifest.json", f"{_key()}/shards/part-00000.parquet",
-                                      f"{_key()}/shards/part-00001.parquet"]
-    table = pq.read_table(tmp_path / _key() / "shards" / "part-00000.parquet")
+    store.write(make_key(), ids, logits, shard_size=8, meta=META)
+    assert _entry_files(tmp_path) == [f"{make_key()}/manifest.json", f"{make_key()}/shards/part-00000.parquet",
+                                      f"{make_key()}/shards/part-00001.parquet"]
+    table = pq.read_table(tmp_path / make_key() / "shards" / "part-00000.parquet")
     assert str(table.schema.field("id").type) == "string"
     assert str(table.schema.field("logits").type) == "fixed_size_list<element: halffloat>[3]"
     assert store.uri == f"file://{tmp_path}"
@@ -101,7 +91,7 @@ def test_manifest_is_create_only(store_uri):
     store = SoftLabelStore(store_uri)
     ids, first = _random_entry(seed=1)
     _, second = _random_entry(seed=2)
-    key = _key()
+    key = make_key()
     m1 = store.write(key, ids, first, shard_size=40, meta=META)
 
     m2 = store.write(key, ids, second, shard_size=40, meta={"teacher": {"name": "other"}})
@@ -114,7 +104,7 @@ def test_manifest_is_create_only(store_uri):
 def test_corrupted_shard_is_detected(store_uri, damage):
     store = SoftLabelStore(store_uri)
     ids, logits = _random_entry()
-    key = _key()
+    key = make_key()
     store.write(key, ids, logits, shard_size=40, meta=META)
     rel = f"{key}/shards/part-00001.parquet"
     data = store._backend.get(rel)
@@ -138,23 +128,23 @@ def test_corrupted_shard_is_detected(store_uri, damage):
 def test_manifest_json_is_readable_by_other_tools(tmp_path):
     store = SoftLabelStore(tmp_path)
     ids, logits = _random_entry(n=5)
-    store.write(_key(), ids, logits, meta={"key_inputs": dict(
+    store.write(make_key(), ids, logits, meta={"key_inputs": dict(
         teacher_digest="t" * 64, tokenizer_digest="k" * 64, data_digest="d" * 64, max_length=128,
         labels=["negative", "neutral", "positive"]), "teacher": {"name": "t"}})
-    manifest = json.loads((tmp_path / _key() / "manifest.json").read_text())
-    assert cache_key(**manifest["key_inputs"]) == manifest["key"] == _key()
+    manifest = json.loads((tmp_path / make_key() / "manifest.json").read_text())
+    assert cache_key(**manifest["key_inputs"]) == manifest["key"] == make_key()
     assert set(manifest) >= {"key", "key_inputs", "teacher", "dtype", "num_examples", "num_classes", "shards",
                              "created_at", "format_version"}
     with pytest.raises(ValueError, match="does not hash to the key"):
-        store.write(_key(max_length=7), ids, logits, meta={"key_inputs": manifest["key_inputs"]})
+        store.write(make_key(max_length=7), ids, logits, meta={"key_inputs": manifest["key_inputs"]})
 
 
 def test_fp16_overflow_is_refused(tmp_path):
     ids, logits = _random_entry(n=4)
     logits[0, 0] = 1e6
     with pytest.raises(DistillError, match="float32"):
-        SoftLabelStore(tmp_path).write(_key(), ids, logits, meta=META)
-    assert SoftLabelStore(tmp_path).write(_key(), ids, logits, dtype="float32", meta=META)["dtype"] == "float32"
+        SoftLabelStore(tmp_path).write(make_key(), ids, logits, meta=META)
+    assert SoftLabelStore(tmp_path).write(make_key(), ids, logits, dtype="float32", meta=META)["dtype"] == "float32"
 
 
 # ------------------------------------------------------------------------------------ top-k entries
@@ -166,7 +156,7 @@ def test_top_k_probabilities_and_residual_mass_are_reconstructed(store_uri, dtyp
     store = SoftLabelStore(store_uri)
     ids, logits = _entry()
     k = 8
-    key = cache_key(**_key_args(top_k=k))
+    key = cache_key(**key_args(top_k=k))
 
     manifest = store.write(key, ids, logits, dtype=dtype, shard_size=16, meta=META, top_k=k)
 
@@ -202,7 +192,7 @@ def test_top_k_probabilities_and_residual_mass_are_reconstructed(store_uri, dtyp
 
 def test_wide_label_space_uses_int32_indices(tmp_path):
     ids, logits = _entry(n=3, c=70_000)
-    key = cache_key(**_key_args(c=70_000, top_k=5))
+    key = cache_key(**key_args(c=70_000, top_k=5))
     manifest = SoftLabelStore(tmp_path).write(key, ids, logits, dtype="float32", meta=META, top_k=5)
     assert manifest["columns"]["indices"] == "fixed_size_list<int32>[5]"
     got = SoftLabelStore(tmp_path).read(key)[1]
@@ -214,7 +204,7 @@ def test_wide_label_space_uses_int32_indices(tmp_path):
 def test_corrupted_top_k_shard_is_detected(tmp_path):
     store = SoftLabelStore(tmp_path)
     ids, logits = _entry()
-    key = cache_key(**_key_args(top_k=3))
+    key = cache_key(**key_args(top_k=3))
     store.write(key, ids, logits, shard_size=20, meta=META, top_k=3)
     path = tmp_path / key / "shards" / "part-00001.parquet"
     data = path.read_bytes()
@@ -230,7 +220,7 @@ def test_full_mode_is_unchanged(tmp_path):
     """top_k=None writes exactly what the store wrote before top-k existed: no top_k, same shard bytes."""
     store = SoftLabelStore(tmp_path)
     ids, logits = _entry(n=20, c=7)
-    key = cache_key(**_key_args(c=7))
+    key = cache_key(**key_args(c=7))
     manifest = store.write(key, ids, logits, shard_size=8, meta=META, top_k=None)
     assert "top_k" not in manifest
     assert manifest["columns"] == {"id": "string", "logits": "fixed_size_list<float16>[7]"}
@@ -244,13 +234,13 @@ def test_full_mode_is_unchanged(tmp_path):
 def test_invalid_top_k_is_refused_before_anything_is_written(tmp_path, bad):
     ids, logits = _entry(n=4)
     with pytest.raises(DistillError, match="top_k"):
-        SoftLabelStore(tmp_path).write(cache_key(**_key_args()), ids, logits, meta=META, top_k=bad)
+        SoftLabelStore(tmp_path).write(cache_key(**key_args()), ids, logits, meta=META, top_k=bad)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_key_inputs_must_agree_with_top_k(tmp_path):
     ids, logits = _entry(n=4)
-    inputs = _key_args(top_k=4)
+    inputs = key_args(top_k=4)
     with pytest.raises(ValueError, match="top_k"):
         SoftLabelStore(tmp_path).write(cache_key(**inputs), ids, logits, meta={"key_inputs": inputs}, top_k=5)
 
@@ -264,7 +254,7 @@ def test_top_k_entry_is_a_small_fraction_of_the_full_one(tmp_path):
     logits = rng.standard_normal((n, c), dtype=np.float32) * 3                 # (N, C), 256 MB
     ids = [f"ex-{i}" for i in range(n)]
     store = SoftLabelStore(tmp_path)
-    full_key, top_key = cache_key(**_key_args(c=c)), cache_key(**_key_args(c=c, top_k=k))
+    full_key, top_key = cache_key(**key_args(c=c)), cache_key(**key_args(c=c, top_k=k))
 
     store.write(full_key, ids, logits, dtype="float16", shard_size=256, meta=META)
     store.write(top_key, ids, logits, dtype="float16", shard_size=256, meta=META, top_k=k)
