@@ -23,6 +23,7 @@ os.environ.setdefault("DISTILL_PROGRESS", "0")
 
 import pytest  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -45,6 +46,14 @@ def _prefect_server(tmp_path_factory):
         server.start(timeout=240)
     yield server, db
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(_prefect_server) -> str:
+    """The session's Prefect API for `distill` subprocesses (PREFECT_API_URL): a run pointed here skips the ~20 s
+    start of its own ephemeral server. Tests about that server (its start-up, its death with the process) use
+    their own instead."""
+    return _prefect_server[0].api_url
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +159,42 @@ def tiny_model_dir(review_frame, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-model")
     return build_scratch_classifier(review_frame["text"].tolist(), LABELS, out, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite database: creating one runs MLflow's migrations (~5 s on 2 cores); a copy
+    (tests.helpers.fresh_mlflow_db) opens at once. Each test store starts as a copy, so none sees another's runs."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_registered_models()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """configs/tiny.yaml's splits at 64 rows each (train, validation, test, ood:unseen_conditions), written once as
+    CSV files; returns the `data` config section that reads them back as the same rows.
+
+    Reading the built-in data set (215k reviews, every one HTML-unescaped) costs ~5 s per pipeline run; runs about
+    faults, stores and wiring read these files instead. tests/flows/test_pipeline.py and the production stack keep
+    the built-in path."""
+    from distill_gap.data.splits import load_splits
+    from flows.config import load_config
+    from tests.helpers import data_overrides
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["data.max_rows=64"])
+    splits = load_splits(cfg.data, cfg.seed)
+    out = tmp_path_factory.mktemp("tiny-data")
+    files = {}
+    for name, frame in splits.frames.items():
+        files[name] = str(out / f"{name.replace(':', '-')}.csv")
+        frame.to_csv(files[name], index=False)
+    ood = {name.removeprefix("ood:"): path for name, path in files.items() if name.startswith("ood:")}
+    data = {"train": files["train"], "validation": files["validation"], "test": files["test"], "holdout": None,
+            "ood": ood, "text_column": "text", "label_column": "label", "id_column": "id"}
+    again = load_splits(load_config(ROOT / "configs/tiny.yaml", data_overrides(data)).data, cfg.seed)
+    assert again.digests() == splits.digests(), "the CSV files do not read back as the built-in rows"
+    return data
+

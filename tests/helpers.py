@@ -88,20 +88,38 @@ def import_tiny_teacher(config, model_dir) -> dict:
     return import_teacher(cfg, model_dir, license="apache-2.0", log=lambda *_: None)
 
 
-def drill_workspace(tmp: Path, name: str, model_dir) -> dict:
+def data_overrides(data: dict) -> list[str]:
+    """`--set data.KEY=VALUE` overrides for a `data` config section (values as JSON, which YAML reads)."""
+    import json
+
+    return [f"data.{key}={json.dumps(value)}" for key, value in data.items()]
+
+
+def fresh_mlflow_db(template: Path, folder: Path) -> str:
+    """A new MLflow SQLite store in `folder`, copied from the session's migrated empty database (conftest's
+    mlflow_db_template); returns its tracking URI."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / "mlflow.db")
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+def drill_workspace(tmp: Path, name: str, model_dir, *, data: dict, mlflow_db: Path) -> dict:
     """A workspace for `distill run` subprocesses on the embedded defaults: configs/tiny.yaml trimmed for speed
-    (64 rows per split, 4 shards of 16, one INC trial, no ONNX copies, no bootstrap or stress suites, gates open:
-    these tests are about faults, not quality), its own PREFECT_HOME, MLflow SQLite store, soft-label folder and
-    keys, and a pinned teacher. Returns {"tmp", "config", "env"}."""
+    (its 64-row splits read from CSV files (conftest's tiny_data), 4 shards of 16, one INC trial, no ONNX copies,
+    no bootstrap or stress suites, gates open: these tests are about faults, not quality), its own PREFECT_HOME,
+    MLflow SQLite store (a copy of the migrated `mlflow_db` template), soft-label folder and keys, and a pinned
+    teacher. Returns {"tmp", "config", "env"}."""
     import os
 
     import yaml
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny.yaml").read_text())
     raw["name"] = name
-    raw["data"]["max_rows"] = 64
+    raw["data"].update(data, max_rows=64)
     raw["soft_labels"].update(store=f"file://{tmp}/soft-labels", shard_size=16, task_runner="local")
-    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
+    raw["tracking"] = {"uri": fresh_mlflow_db(mlflow_db, tmp), "artifact_location": str(tmp / "mlartifacts")}
     raw["governance"] = {"key_dir": str(tmp / "keys")}
     raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False,
                            tolerable_loss=OPEN_TOLERABLE_LOSS)
