@@ -1,6 +1,13 @@
 """Issue 10, item 1: SIGKILL and SIGTERM during soft-label generation, distillation and registration, then run
-again. `distill run` is a real subprocess on the default ephemeral Prefect API (SQLite in PREFECT_HOME) and an
-MLflow SQLite store; failpoints (distill_gap/ops/failpoints.py) hold it at the exact place, the test signals the process.
+again. `distill run` is a real subprocess with an MLflow SQLite store; failpoints (distill_gap/ops/failpoints.py)
+hold it at the exact place, the test signals the process.
+
+The six drills run in two lanes, each on its own workspace (config, MLflow store, soft-label folder, PREFECT_HOME)
+and each ending with a run that completes; the lanes run at the same time (each process is mostly one busy core).
+The soft-label drills run on the default ephemeral Prefect API (a server the process starts, SQLite in
+PREFECT_HOME): the SIGKILL drill shows that the server dies with its process, and the SIGTERM drill after it marks
+the killed run Crashed on that server. The other runs talk to the session's Prefect server (PREFECT_API_URL), as
+a deployment does: a server start of their own would cost ~20 s each and show nothing new.
 
 After each kill the next run starts from the work already done: completed soft-label shards are reused, never
 duplicated or truncated; every killed run ends Crashed in Prefect and FAILED or KILLED in MLflow, never RUNNING
@@ -9,12 +16,13 @@ API server outlives its process."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -23,26 +31,45 @@ import pytest
 from tests.helpers import drill_workspace
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
-# (failpoint to hold at, signal): run after run on one workspace, then a run that completes
-DRILLS = [
-    ("soft-labels.shard-written@2", signal.SIGKILL),
-    ("soft-labels.shard-written@1", signal.SIGTERM),
-    ("distill.epoch-end@1", signal.SIGKILL),
-    ("distill.epoch-end@1", signal.SIGTERM),
-    ("register.student-registered", signal.SIGKILL),
-    ("register.student-registered", signal.SIGTERM),
-]
+# (failpoint to hold at, signal, Prefect API), run after run on the lane's workspace, then a run that completes.
+# "own": the run starts its own ephemeral API server; "session": PREFECT_API_URL names the session's server.
+LANES = {
+    "soft-labels": [
+        ("soft-labels.shard-written@2", signal.SIGKILL, "own"),
+        ("soft-labels.shard-written@1", signal.SIGTERM, "own"),  # marks the SIGKILLed run Crashed on that server
+        ("distill.epoch-end@1", signal.SIGKILL, "session"),
+    ],
+    "register": [
+        ("distill.epoch-end@1", signal.SIGTERM, "session"),
+        ("register.student-registered", signal.SIGKILL, "session"),
+        ("register.student-registered", signal.SIGTERM, "session"),
+    ],
+}
+STARTED_OWN_SERVER = "Starting temporary server"  # Prefect's log line when it starts an ephemeral API server
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, tiny_model_dir):
-    """A workspace: config, PREFECT_HOME, MLflow SQLite store, soft-label folder, signing keys, a pinned teacher."""
-    ws = drill_workspace(tmp_path_factory.mktemp("crash"), "crash", tiny_model_dir)
-    ws["env"]["DISTILL_FAILPOINT_DIR"] = str(ws["tmp"] / "failpoints")
-    return ws
+def lanes(tmp_path_factory, tiny_model_dir, tiny_data, mlflow_db_template, prefect_api_url) -> dict:
+    """Both lanes' drills, run at the same time: per lane its workspace, each run's rc/log/servers, and the
+    soft-label store after each run (or the exception that stopped the lane)."""
+    workspaces = {}
+    for lane in LANES:
+        ws = drill_workspace(tmp_path_factory.mktemp(f"crash-{lane}"), "crash", tiny_model_dir, data=tiny_data,
+                             mlflow_db=mlflow_db_template)
+        ws["env"]["DISTILL_FAILPOINT_DIR"] = str(ws["tmp"] / "failpoints")
+        ws["api_url"] = prefect_api_url
+        workspaces[lane] = ws
+    with ThreadPoolExecutor(len(LANES)) as pool:
+        futures = {lane: pool.submit(_drive, workspaces[lane], LANES[lane]) for lane in LANES}
+    out = {}
+    for lane, future in futures.items():
+        try:
+            out[lane] = {"ws": workspaces[lane], **future.result()}
+        except Exception as exc:  # noqa: BLE001 - re-raised by that lane's test
+            out[lane] = {"ws": workspaces[lane], "error": exc}
+    return out
 
 
 def _servers(prefect_home: Path) -> list[psutil.Process]:
@@ -58,10 +85,12 @@ def _servers(prefect_home: Path) -> list[psutil.Process]:
     return out
 
 
-def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None) -> dict:
+def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None, api: str = "session") -> dict:
     """Start `distill run`; with a failpoint, wait until it holds there, then send `sig`. Returns rc and log."""
     tmp, log = ws["tmp"], ws["tmp"] / f"{name}.log"
     env = dict(ws["env"])
+    if api == "session":
+        env["PREFECT_API_URL"] = ws["api_url"]
     if failpoint:
         env["DISTILL_FAILPOINTS"] = failpoint
     marker = Path(env["DISTILL_FAILPOINT_DIR"]) / (failpoint or "none").split("@")[0]
@@ -84,31 +113,42 @@ def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None) ->
 
 
 def _state(ws) -> dict:
-    """Prefect flow-run states (through the same ephemeral API) and the MLflow runs, read in a fresh process."""
-    code = """
-import json, sys
-from prefect.client.orchestration import get_client
-from distill_gap.registry.tracking import client_for
-from flows.config import load_config
-cfg = load_config(sys.argv[1])
-with get_client(sync_client=True) as c:
-    flows = {str(r.id): {"state": r.state.type.value, "name": r.state.name, "message": r.state.message or ""}
-             for r in c.read_flow_runs()}
-client = client_for(cfg.tracking)
-exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-runs = [{"id": r.info.run_id, "status": r.info.status, "stage": r.data.tags.get("distill.stage"),
-         "parent": r.data.tags.get("mlflow.parentRunId"), "flow_run": r.data.tags.get("prefect.flow_run_id"),
-         "reason": r.data.tags.get("trigger.reason"), "crash": r.data.tags.get("distill.crash")}
-        for r in client.search_runs([exp], max_results=1000)]
-versions = {n: sorted((int(v.version), v.run_id, dict(v.tags)) for v in client.search_model_versions(f"name='{n}'"))
-            for n in (cfg.student_model_name, cfg.edge_model_name)}
-aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}
-print("STATE" + json.dumps({"flows": flows, "runs": runs, "versions": versions, "aliases": aliases}))
-"""
-    out = subprocess.run([sys.executable, "-c", code, str(ws["config"])], env=ws["env"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout.split("STATE", 1)[1])
+    """The MLflow runs, versions and aliases, and the Prefect state of every flow run they name: read from the
+    session's API, or, for the runs on their own ephemeral servers (gone with their processes), from the SQLite
+    database those servers kept in PREFECT_HOME."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.config import load_config
+
+    cfg = load_config(ws["config"])
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    runs = [{"id": r.info.run_id, "status": r.info.status, "stage": r.data.tags.get("distill.stage"),
+             "parent": r.data.tags.get("mlflow.parentRunId"), "flow_run": r.data.tags.get("prefect.flow_run_id"),
+             "reason": r.data.tags.get("trigger.reason"), "crash": r.data.tags.get("distill.crash")}
+            for r in client.search_runs([exp], max_results=1000)]
+    versions = {n: sorted((int(v.version), v.run_id, dict(v.tags)) for v in client.search_model_versions(f"name='{n}'"))
+                for n in (cfg.student_model_name, cfg.edge_model_name)}
+    aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}
+
+    ids = sorted({r["flow_run"] for r in runs if r["flow_run"]})
+    with temporary_settings({PREFECT_API_URL: ws["api_url"]}), get_client(sync_client=True) as c:
+        flows = {str(r.id): {"state": r.state.type.value, "name": r.state.name, "message": r.state.message or ""}
+                 for r in c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))}
+    own, own_db = [], ws["tmp"] / "prefect-home" / "prefect.db"
+    if own_db.exists():  # a lane whose runs all used the session's server has none
+        with contextlib.closing(sqlite3.connect(own_db)) as db:
+            own = db.execute("SELECT fr.id, fr.state_type, fr.state_name, s.message FROM flow_run fr "
+                             "LEFT JOIN flow_run_state s ON s.id = fr.state_id").fetchall()
+    for flow_id, state_type, name, message in own:
+        assert flow_id not in flows, f"flow run {flow_id} on two Prefect APIs"
+        flows[flow_id] = {"state": state_type, "name": name, "message": message or ""}
+    return {"flows": flows, "runs": runs, "versions": versions, "aliases": aliases}
 
 
 def _shards(ws) -> dict[str, tuple[int, int]]:
@@ -117,26 +157,35 @@ def _shards(ws) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_size) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_killed_runs_resume_and_are_never_left_running(ws):
+def _drive(ws, drills) -> dict:
+    """Run the lane's drills one after the other, then a run that completes."""
     results, shard_files = [], []
-    for i, (failpoint, sig) in enumerate(DRILLS):
-        r = _run(ws, f"drill{i}-{failpoint.split('@')[0]}-{sig.name}", failpoint, sig)
-        results.append(r)
+    for i, (failpoint, sig, api) in enumerate(drills):
+        results.append(_run(ws, f"drill{i}-{failpoint.split('@')[0]}-{sig.name}", failpoint, sig, api))
+        shard_files.append(_shards(ws))
+    final = _run(ws, "final")
+    return {"results": results, "shard_files": shard_files, "final": final}
+
+
+def _check_lane(lane: dict, drills) -> dict:
+    """What every lane must show: each kill as intended, the final run completing from the work kept, the store
+    whole, every killed run Crashed / KILLED or FAILED, and the registry holding the final run's versions only."""
+    if "error" in lane:
+        raise lane["error"]
+    ws, results, shard_files, final = lane["ws"], lane["results"], lane["shard_files"], lane["final"]
+    for (failpoint, sig, api), r in zip(drills, results):
         if sig == signal.SIGKILL:
-            assert r["rc"] == -signal.SIGKILL
+            assert r["rc"] == -signal.SIGKILL, (failpoint, r["log"][-3000:])
         else:  # one clear message, not a traceback
             assert r["rc"] == 128 + signal.SIGTERM, r["log"][-3000:]
             assert "stopped: signal 15" in r["log"] and "Traceback" not in r["log"].split("stopped:")[1]
         assert not r["servers"], f"an ephemeral API server outlived its process: {r['servers']}"
-        shard_files.append(_shards(ws))
-    final = _run(ws, "final")
+        # the drill ran where it should: its own ephemeral server, or the session's (no server started)
+        assert (STARTED_OWN_SERVER in r["log"]) == (api == "own"), (api, r["log"][-3000:])
     assert final["rc"] == 0, final["log"][-4000:]
-    assert not final["servers"]
+    assert not final["servers"] and STARTED_OWN_SERVER not in final["log"]
 
-    # completed work reused: each run after a soft-label kill went on from the shards already stored
-    assert "(2 shards reused)" not in results[0]["log"]
-    reused = [int(m) for m in re.findall(r"\((\d+) shards? reused\)", results[1]["log"] + results[2]["log"])]
-    assert reused and reused[0] >= 1, results[1]["log"][-3000:]
+    # stored shards are never rewritten or removed by a later run
     for before, after in zip(shard_files, shard_files[1:] + [_shards(ws)]):
         for path, (inode, size) in before.items():
             if path.endswith(".npz") or "shard" in path:
@@ -145,17 +194,19 @@ def test_killed_runs_resume_and_are_never_left_running(ws):
     manifests = [p for p in store if p.endswith("manifest.json")]
     assert len(manifests) == 1, store
     assert not [p for p in store if p.endswith((".tmp", ".partial"))], store
-    verify = subprocess.run([str(BIN / "distill"), "cache", "verify", manifests[0].split("/")[0], "--config",
-                             str(ws["config"])], env=ws["env"], cwd=ws["tmp"], capture_output=True, text=True,
-                            timeout=240)
-    assert verify.returncode == 0, verify.stdout + verify.stderr  # every shard's digest, no truncated shard
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    verify = CliRunner().invoke(app, ["cache", "verify", manifests[0].split("/")[0], "--config", str(ws["config"])])
+    assert verify.exit_code == 0, verify.output  # every shard's digest, no truncated shard
 
     # every killed run: Prefect Crashed, MLflow FAILED or KILLED; no stage run left RUNNING
     state = _state(ws)
     pipelines = sorted((r for r in state["runs"] if r["stage"] == "pipeline"), key=lambda r: r["reason"])
-    assert len(pipelines) == len(DRILLS) + 1
+    assert len(pipelines) == len(drills) + 1
     by_reason = {r["reason"]: r for r in pipelines}
-    for i, (failpoint, sig) in enumerate(DRILLS):
+    for i, (failpoint, sig, _) in enumerate(drills):
         run = by_reason[f"test: drill{i}-{failpoint.split('@')[0]}-{sig.name}"]
         flow = state["flows"][run["flow_run"]]
         assert flow["name"] == "Crashed", (failpoint, sig.name, flow)
@@ -173,3 +224,18 @@ def test_killed_runs_resume_and_are_never_left_running(ws):
         assert len(versions) == 1 and versions[0][1] in final_stages, (name, versions)
     edge_version = state["versions"]["crash-edge"][0][0]
     assert state["aliases"]["crash-edge"] == {"challenger": edge_version, "champion": edge_version}
+    return state
+
+
+def test_killed_soft_label_runs_resume_from_the_stored_shards(lanes):
+    lane = lanes["soft-labels"]
+    _check_lane(lane, LANES["soft-labels"])
+    results = lane["results"]
+    # completed work reused: each run after a soft-label kill went on from the shards already stored
+    assert "(2 shards reused)" not in results[0]["log"]
+    reused = [int(m) for m in re.findall(r"\((\d+) shards? reused\)", results[1]["log"] + results[2]["log"])]
+    assert reused and reused[0] >= 1, results[1]["log"][-3000:]
+
+
+def test_killed_distill_and_register_runs_are_never_left_running(lanes):
+    _check_lane(lanes["register"], LANES["register"])
