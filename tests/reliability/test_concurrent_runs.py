@@ -5,7 +5,6 @@ SQLite lock contention shows up as log lines at most, never as a failure."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -16,38 +15,35 @@ import pytest
 from tests.helpers import drill_workspace
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")  # the last line of a traceback
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, tiny_model_dir):
-    return drill_workspace(tmp_path_factory.mktemp("concurrent"), "twin", tiny_model_dir)
+def ws(tmp_path_factory, tiny_model_dir, tiny_data, mlflow_db_template):
+    return drill_workspace(tmp_path_factory.mktemp("concurrent"), "twin", tiny_model_dir, data=tiny_data,
+                           mlflow_db=mlflow_db_template)
 
 
 def _mlflow_state(ws) -> dict:
-    code = """
-import json, sys
-from flows.config import load_config
-from distill_gap.registry.tracking import client_for
-cfg = load_config(sys.argv[1])
-client = client_for(cfg.tracking)
-exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-runs = {}
-for r in client.search_runs([exp], max_results=1000):
-    runs[r.info.run_id] = {"status": r.info.status, "stage": r.data.tags.get("distill.stage"),
-                           "parent": r.data.tags.get("mlflow.parentRunId"), "reason": r.data.tags.get("trigger.reason"),
-                           "metrics": {k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics}}
-versions = {n: sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name='{n}'"))
-            for n in (cfg.student_model_name, cfg.edge_model_name)}
-aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}
-print("STATE" + json.dumps({"runs": runs, "versions": versions, "aliases": aliases}))
-"""
-    out = subprocess.run([sys.executable, "-c", code, str(ws["config"])], env=ws["env"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout.split("STATE", 1)[1])
+    """The MLflow runs (with each metric's history length), versions and aliases, read after both processes exited."""
+    from mlflow import MlflowClient
+
+    from flows.config import load_config
+
+    cfg = load_config(ws["config"])
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    runs = {}
+    for r in client.search_runs([exp], max_results=1000):
+        runs[r.info.run_id] = {"status": r.info.status, "stage": r.data.tags.get("distill.stage"),
+                               "parent": r.data.tags.get("mlflow.parentRunId"),
+                               "reason": r.data.tags.get("trigger.reason"),
+                               "metrics": {k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics}}
+    versions = {n: sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name='{n}'"))
+                for n in (cfg.student_model_name, cfg.edge_model_name)}
+    aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}
+    return {"runs": runs, "versions": versions, "aliases": aliases}
 
 
 def test_two_runs_at_once_both_finish_and_lose_nothing(ws):
