@@ -4,7 +4,9 @@ MLflow on SQLite, soft labels on a moto S3 server on 127.0.0.1) with a pinned te
 
 What "nothing downstream" means here: no stage after `validate` in MLflow (no soft-labels run), no object in
 the soft-label bucket, the teacher never fetched (no local model cache), no split logged as a run input, no
-student or edge version, and no MLflow run left RUNNING.
+student or edge version, and no MLflow run left RUNNING. A teacher that does not fit the data's labels or the
+licence policy stops the run before any soft label. (The bad-input cases of tests/flows/test_pipeline.py live
+here now, once: a missing file, empty text, the teacher's label count and licence.)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from flows.config import load_config
 from distill_gap.errors import DistillError
 from distill_gap.registry.tracking import client_for
+from tests.helpers import fresh_mlflow_db
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +30,7 @@ ONE_MB = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, s3_endpoint, prefect_api, tiny_model_dir):
+def workspace(tmp_path_factory, s3_endpoint, prefect_api, tiny_model_dir, mlflow_db_template):
     """A working directory with an empty soft-label bucket, a SQLite MLflow store and a pinned tiny teacher.
 
     The teacher is imported (not bootstrapped): these runs must stop before it is used, so it only has to be
@@ -42,7 +45,7 @@ def workspace(tmp_path_factory, s3_endpoint, prefect_api, tiny_model_dir):
     os.chdir(tmp)
     bucket = f"distill-bad-data-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    base = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"soft_labels.store=s3://{bucket}/labels",
+    base = [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}", f"soft_labels.store=s3://{bucket}/labels",
             "soft_labels.engine=onnxruntime"]
     cfg = load_config(ROOT / "configs/tiny.yaml", base)
     import_teacher(cfg, tiny_model_dir, license="apache-2.0", pin=True, log=lambda *_: None)
@@ -80,6 +83,10 @@ def _non_utf8(tmp: Path) -> tuple[Path, int]:
 def _case(name: str, tmp: Path) -> tuple[list[str], list[str]]:
     """(config overrides, fragments the error must contain) for one kind of bad data."""
     train = lambda rows, file: [f"data.train={_csv(tmp, file, rows)}"]  # noqa: E731
+    if name == "missing file":
+        return [f"data.train={tmp / 'nowhere' / 'train.csv'}"], ["data file not found", "nowhere/train.csv"]
+    if name == "empty text":  # an empty CSV cell reads as a missing value
+        return train(_changed("text", {0: ""}), "empty-text.csv"), ["column 'text' has missing values", "id r0"]
     if name == "missing column":
         rows = {k: v for k, v in _rows().items() if k != "label"}
         return train(rows, "no-label.csv"), ["column 'label' is missing from", "no-label.csv", "'text'"]
@@ -109,7 +116,7 @@ def _case(name: str, tmp: Path) -> tuple[list[str], list[str]]:
     raise AssertionError(name)
 
 
-CASES = ["missing column", "NaN", "wrong dtype", "empty split", "unseen labels", "duplicated ids", "1 MB text",
+CASES = ["missing file", "empty text", "missing column", "NaN", "wrong dtype", "empty split", "unseen labels", "duplicated ids", "1 MB text",
          "non-UTF-8 bytes"]
 
 
@@ -187,3 +194,45 @@ def test_cli_names_the_undecodable_byte_without_a_traceback(workspace):
     assert "Traceback" not in result.output and "UnicodeDecodeError" not in result.output
     assert result.stderr.count("error:") == 1 and "fix: re-encode the file as UTF-8" in result.stderr
     assert _objects(bucket) == []
+
+
+# A teacher that does not fit the data or the policy: not bad data, so validation passes, and the run stops when
+# the teacher is checked, before any soft label (these cases moved here from tests/flows/test_pipeline.py).
+TEACHER_CASES = {
+    "teacher label count": (lambda tmp: [f"data.train={_csv(tmp, 'two-labels.csv', _two_label_rows())}",
+                                         "data.labels=[negative, positive]"], "predicts 3 labels"),
+    "teacher licence not allowed": (lambda tmp: [f"data.train={_csv(tmp, 'good.csv', _rows(60))}",
+                                                 "governance.allowed_licenses=[mit]"],
+                                    "licence 'apache-2.0', which is not in governance.allowed_licenses"),
+}
+
+
+def _two_label_rows() -> dict[str, list]:
+    rows = _rows()
+    rows["label"] = [("negative", "positive")[i % 2] for i in range(N)]
+    return rows
+
+
+@pytest.mark.parametrize("case", list(TEACHER_CASES))
+def test_a_teacher_that_does_not_fit_stops_before_soft_labels(workspace, case):
+    from flows.pipeline import distill_pipeline
+
+    tmp, base, bucket = workspace
+    overrides, message = TEACHER_CASES[case]
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        *base, "data.test=null", "data.validation=null", "data.holdout=null", "data.text_column=text",
+        "data.label_column=label", "data.id_column=id", *overrides(Path(tmp))])
+    client = client_for(cfg.tracking)
+    versions_before = {n: _versions(client, n) for n in ("tiny-teacher", "tiny-student", "tiny-edge")}
+
+    with pytest.raises(DistillError) as err:
+        distill_pipeline(cfg, trigger_reason=f"reliability: {case}")
+    assert message in str(err.value) and "\n  fix: " in str(err.value)
+
+    run = _pipeline_runs(client, cfg)[0]
+    assert run.info.status == "FAILED" and run.data.tags["trigger.reason"] == f"reliability: {case}"
+    stages = {r.data.tags["distill.stage"]: r.info.status for r in client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
+    assert "soft-labels" not in stages and "RUNNING" not in stages.values(), stages
+    assert _objects(bucket) == []  # no soft label
+    assert {n: _versions(client, n) for n in versions_before} == versions_before
