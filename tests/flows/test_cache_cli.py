@@ -7,13 +7,14 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from distill_gap.softlabels.store import SoftLabelStore
+from tests.helpers import fresh_mlflow_db
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(cmd, tmp_path, *extra):
     args = ["cache", *cmd, "--config", str(ROOT / "configs/tiny.yaml"),
-            "--set", f"soft_labels.store=file://{tmp_path}/store", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+            "--set", f"soft_labels.store=file://{tmp_path}/store", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     return args + list(extra)
 
 
@@ -24,7 +25,8 @@ def _entry(tmp_path, key):
                                                       meta={"teacher": {"name": "tiny-teacher", "version": 1}})
 
 
-def test_ls_show_verify_and_gc(tmp_path):
+def test_ls_show_verify_and_gc(tmp_path, mlflow_db_template):
+    uri = fresh_mlflow_db(mlflow_db_template, tmp_path)  # the registry gc reads: empty, already migrated
     runner = CliRunner()
     keys = [f"{c * 64}" for c in "abc"]
     for k in keys:
@@ -46,7 +48,7 @@ def test_ls_show_verify_and_gc(tmp_path):
     assert len(list((tmp_path / "store").iterdir())) == 3
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db", registry_uri=f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("tiny-student")
     client.create_model_version("tiny-student", source=str(tmp_path), tags={"soft_labels.key": keys[0]})
     out = runner.invoke(app, _args(["gc", "--keep", "0"], tmp_path))

@@ -9,6 +9,7 @@ import pytest
 
 from flows.config import load_config
 from distill_gap.errors import DistillError
+from tests.helpers import fresh_mlflow_db
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,10 +25,11 @@ def _artifact(key: str) -> str:
 
 
 @pytest.fixture()
-def config_path(tmp_path):
+def config_path(tmp_path, mlflow_db_template):
     path = tmp_path / "tiny.yaml"
     text = (ROOT / "configs/tiny.yaml").read_text()
-    path.write_text(text + f"\ntracking:\n  uri: sqlite:///{tmp_path}/mlflow.db\n  artifact_location: {tmp_path}/art\n")
+    uri = fresh_mlflow_db(mlflow_db_template, tmp_path)  # an empty store per test, without ~5 s of migrations
+    path.write_text(text + f"\ntracking:\n  uri: {uri}\n  artifact_location: {tmp_path}/art\n")
     return str(path)
 
 

@@ -26,6 +26,7 @@ from distill_gap.ops.transient import is_transient
 from distill_gap.softlabels.labelling import ensure_soft_labels
 from distill_gap.softlabels.store import SoftLabelStore
 from tests.conftest import LABELS
+from tests.helpers import fresh_mlflow_db
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def test_edited_row_count_in_the_manifest_is_a_clear_error(s3_bucket, teacher):
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_model_dir, review_frame, tmp_path_factory):
+def registry(tiny_model_dir, review_frame, tmp_path_factory, mlflow_db_template):
     """tiny-teacher v1 (`distill teacher import`) and tiny-edge v1 (an fp32 edge folder), both signed and logged as
     MLflow models in a SQLite registry with file artifacts, like the pipeline registers them."""
     from distill_gap.registry.pyfunc import link_version, log_model_folder
@@ -158,7 +159,7 @@ def registry(tiny_model_dir, review_frame, tmp_path_factory):
     old, old_env = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(tmp)  # .distill/keys (signing) and .distill/models (the predict cache) land here
     try:
-        cfg = load_config(ROOT / "configs/tiny.yaml", [f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}",
                                                        f"tracking.artifact_location={tmp}/artifacts"])
         import_teacher(cfg, tiny_model_dir, license="apache-2.0", log=lambda *_: None)
         edge = tmp / "edge-src"

@@ -17,16 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_model_dir, prefect_api):
+def registry(tmp_path_factory, tiny_model_dir, prefect_api, mlflow_db_template):
     """dup-edge v1, v2, v3, all with passed gates; signing keys in a temporary folder."""
     from distill_gap.digest import model_digest
     from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
     from distill_gap.registry.versions import create_version
-    from tests.helpers import log_model_dir
+    from tests.helpers import fresh_mlflow_db, log_model_dir
 
     tmp = tmp_path_factory.mktemp("promotion-event")
     cfg = load_config(ROOT / "configs/tiny.yaml", [
-        "name=dup", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/artifacts",
+        "name=dup", f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}", f"tracking.artifact_location={tmp}/artifacts",
         f"governance.key_dir={tmp}/keys"])
     client = client_for(cfg.tracking)
     with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name="register") as run_id:
