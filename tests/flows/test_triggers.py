@@ -2,7 +2,12 @@
 work pool, the deployments of prefect.yaml and the automations of deployments/ applied by `distill deploy`, and
 a process worker. A drifted production sample starts exactly one distill-pipeline run, which completes on a tiny
 config and records the trigger on its model versions; moving the teacher's alias starts one run; an undrifted
-sample starts none."""
+sample starts none.
+
+Each deployment runs through the worker at least once (drift-monitor, teacher-watch, and the distill-pipeline
+runs the automations start); the undrifted sample and the second delivery of the drifted one run drift-monitor in
+this process, on the same server (a worker's flow run is a new process: ~15 s of imports each). The teacher is
+imported, not trained: the test is about triggers, not the teacher."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import _free_port
-from tests.helpers import OPEN_GATES, OPEN_TOLERABLE_LOSS, wait_http
+from tests.helpers import OPEN_GATES, OPEN_TOLERABLE_LOSS, fresh_mlflow_db, import_tiny_teacher, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +31,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, review_frame):
+def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
     """Server + pool + deployments + automations + worker; a tiny config whose gates let a champion exist."""
     tmp = tmp_path_factory.mktemp("triggers")
     port = _free_port()
@@ -34,7 +39,8 @@ def stack(tmp_path_factory, review_frame):
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "INFO", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
-           "DISTILL_KEY_DIR": str(tmp / "keys"), "DISTILL_PROGRESS": "0"}
+           "DISTILL_KEY_DIR": str(tmp / "keys"), "DISTILL_PROGRESS": "0",
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}  # the worker polls every second (default 10): each run starts sooner
     env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
     logs = tmp / "logs"
     logs.mkdir()
@@ -47,7 +53,9 @@ def stack(tmp_path_factory, review_frame):
         os.environ.update(env)  # this process talks to the same server and stores
         config = tmp / "tiny.yaml"
         raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+        raw["data"].update(tiny_data)  # tiny.yaml's rows (64 per split), from CSV files: no 215k-row read per run
         raw["soft_labels"]["store"] = f"file://{tmp}/soft-labels"
+        fresh_mlflow_db(mlflow_db_template, tmp)  # the store MLFLOW_TRACKING_URI names, already migrated
         raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
         raw["governance"] = {"key_dir": str(tmp / "keys")}
         # gates loose enough that the tiny model becomes champion: this test is about triggers, not quality
@@ -120,28 +128,30 @@ def _production(path: Path, frame, *, drifted: bool) -> str:
     return str(path)
 
 
-def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame):
+def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame, tiny_model_dir):
     from flows.config import load_config
+    from flows.monitor import drift_monitor
     from flows.pipeline import distill_pipeline
     from distill_gap.registry.tracking import client_for
     from distill_gap.registry.versions import fetch_model
-    from distill_gap.kd.teacher import bootstrap_teacher, import_teacher
+    from distill_gap.kd.teacher import import_teacher
 
     cfg = load_config(stack["config"])
     client = client_for(cfg.tracking)
     # a champion to monitor (in this process, not through the worker: it is the starting point)
-    bootstrap_teacher(cfg, log=lambda *_: None)
+    import_tiny_teacher(cfg, tiny_model_dir)
     assert distill_pipeline(cfg, trigger_reason="initial")["registered"]["edge"]["champion"]
     monitor = {"config_path": str(stack["config"]), "overrides": []}
 
-    # 1. an undrifted sample: a report, no event, no run
-    calm = _run("drift-monitor/drift-monitor", {**monitor, "production": _production(stack["tmp"] / "calm.jsonl",
-                                                                                   review_frame, drifted=False)})
-    assert calm.state.is_completed(), calm.state.message
-    # 2. a drifted sample, seen twice (one burst): exactly one distill-pipeline run, reason recorded
+    # 1. an undrifted sample (drift-monitor in this process): a report, no event, no run
+    calm = drift_monitor(**monitor, production=_production(stack["tmp"] / "calm.jsonl", review_frame, drifted=False),
+                         return_state=True)
+    assert calm.is_completed(), calm.message
+    # 2. a drifted sample, seen twice (one burst: through the worker, then in this process): exactly one
+    # distill-pipeline run, reason recorded
     drifted = _production(stack["tmp"] / "drifted.jsonl", review_frame, drifted=True)
-    for _ in range(2):
-        assert _run("drift-monitor/drift-monitor", {**monitor, "production": drifted}).state.is_completed()
+    assert _run("drift-monitor/drift-monitor", {**monitor, "production": drifted}).state.is_completed()
+    assert drift_monitor(**monitor, production=drifted, return_state=True).is_completed()
     runs = _wait_for_pipeline_runs(1, 300)
     time.sleep(5)
     runs = _pipeline_runs()
