@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-integration test-all bench clean
+.PHONY: install demo test test-fast test-integration bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Day-to-day: unit tests only, no end-to-end runs, fault drills or servers besides the session's Prefect API
+# (markers slow, integration, reliability; tests on the moto S3 server are integration). `make test` runs all.
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not integration and not reliability"
 
 # Only the tests that start real servers (prefect, mlflow, PostgreSQL, moto); `make test` runs them too.
 test-integration: install

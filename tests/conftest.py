@@ -198,3 +198,39 @@ def tiny_data(tmp_path_factory) -> dict:
     assert again.digests() == splits.digests(), "the CSV files do not read back as the built-in rows"
     return data
 
+
+
+# Unit tests that take ~5-40 s each on 2 cores (INC tuning, training loops, subprocesses, a dask cluster, model
+# folders built per module), measured 2026-12-02 under `make test-fast`; marked slow here so that test-fast stays
+# under 2 minutes. They run in `make test` like every other test. (A `@pytest.mark.slow` in the file does the same.)
+SLOW_UNIT_TESTS = {
+    "tests/distill_gap/edge/test_inc_quantization.py": "*",
+    "tests/distill_gap/edge/test_serving.py": ["test_the_installed_command_predicts_stdin_rows_with_the_champion",
+                                               "test_each_artifact_gives_the_logits_of_its_own_runtime"],
+    "tests/distill_gap/inference/test_predictor.py": ["test_an_int8_folder_loads_in_a_fresh_process"],
+    "tests/distill_gap/kd/test_training.py": ["test_same_seed_same_model_and_the_loss_reports_each_epoch",
+                                              "test_select_metric_fidelity_keeps_the_epoch_closest_to_the_teacher"],
+    "tests/distill_gap/softlabels/test_store.py": ["test_top_k_entry_is_a_small_fraction_of_the_full_one"],
+    "tests/distill_gap/softlabels/test_labelling_faults.py": ["test_two_concurrent_runs_on_one_key_agree",
+                                                              "test_sigkill_mid_write_resumes_from_the_shards_written"],
+    "tests/tasks/test_distill.py": ["test_hard_label_baseline_ignores_the_teacher", "test_weights_change_the_student",
+                                    "test_frozen_embeddings_stay_the_teachers",
+                                    "test_distillation_trains_saves_and_is_reproducible",
+                                    "test_the_stage_step_takes_its_sections"],
+    "tests/tasks/test_evaluate.py": "*",
+    "tests/tasks/test_quantize.py": ["test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student"],
+    "tests/tasks/test_soft_labels.py": ["test_dask_task_runner_labels_the_same"],
+    "tests/tasks/test_teacher.py": ["test_bootstrap_registers_pins_and_is_reused"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test on the moto S3 server is an integration test (a server the test starts), and SLOW_UNIT_TESTS are
+    slow, so that `make test-fast` (not slow, integration or reliability) runs neither; `make test` runs all."""
+    for item in items:
+        if "s3_endpoint" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+        path, _, name = item.nodeid.partition("::")
+        slow = SLOW_UNIT_TESTS.get(path, ())
+        if slow == "*" or name.split("[")[0] in slow:
+            item.add_marker(pytest.mark.slow)
