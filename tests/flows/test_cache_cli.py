@@ -25,8 +25,10 @@ def _entry(tmp_path, key):
                                                       meta={"teacher": {"name": "tiny-teacher", "version": 1}})
 
 
-def test_ls_show_verify_and_gc(tmp_path, mlflow_db_template):
+def test_ls_show_verify_and_gc(tmp_path, mlflow_db_template, monkeypatch):
     uri = fresh_mlflow_db(mlflow_db_template, tmp_path)  # the registry gc reads: empty, already migrated
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # they would override --set tracking.uri
+        monkeypatch.delenv(var, raising=False)
     runner = CliRunner()
     keys = [f"{c * 64}" for c in "abc"]
     for k in keys:
