@@ -35,8 +35,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# Day-to-day: unit tests only, no end-to-end runs, fault drills or servers besides the session's Prefect API
-# (markers slow, integration, reliability; tests on the moto S3 server are integration). `make test` runs all.
+# Day-to-day: unit tests only, no end-to-end runs, fault drills or servers (markers slow, integration,
+# reliability; tests on the moto S3 server or the session's Prefect API are integration). `make test` runs all.
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not integration and not reliability"
 

@@ -224,11 +224,15 @@ SLOW_UNIT_TESTS = {
 }
 
 
+SERVER_FIXTURES = {"s3_endpoint", "_prefect_server"}  # moto's S3 server; the session's Prefect API (~17 s to start)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test on the moto S3 server is an integration test (a server the test starts), and SLOW_UNIT_TESTS are
-    slow, so that `make test-fast` (not slow, integration or reliability) runs neither; `make test` runs all."""
+    """Every test on a server of this session (moto's S3 server, the Prefect API) is an integration test, and
+    SLOW_UNIT_TESTS are slow, so that `make test-fast` (not slow, integration or reliability) starts no server and
+    runs none of them; `make test` runs all."""
     for item in items:
-        if "s3_endpoint" in getattr(item, "fixturenames", ()):
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
         path, _, name = item.nodeid.partition("::")
         slow = SLOW_UNIT_TESTS.get(path, ())
