@@ -13,7 +13,6 @@ from prefect.transactions import transaction
 
 from distill_gap.registry.pipeline_run import open_pipeline_run
 from flows.config import PipelineConfig, load_config
-from tasks.data import load_data
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.promote import promote_task
@@ -29,8 +28,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
     """Distill the pinned teacher into a student and an INT8 edge model, evaluate each, register, promote."""
     cfg, rt = config, config.runtime
     with open_pipeline_run(cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id()) as run:
-        splits = load_data(cfg.data, cfg.seed)
-        validate_data(run, splits, sources=cfg.data.model_dump(include={"train", "validation", "test"}))
+        splits = validate_data(run, cfg.data, cfg.seed)
         teacher = resolve_teacher_task(run, cfg.teacher, splits)
         soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length)
         student = distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,

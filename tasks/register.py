@@ -88,5 +88,6 @@ def release_task(run, registered: dict, gates: dict) -> dict:
     """The release gate as a task: inside the release transaction, so that GatesFailed rolls the staging back."""
     from prefect.logging import get_run_logger
 
-    return release_check(run.client, registered, gates, run_id=run.run_id, cache_root=run.workdir / "release",
-                         log=get_run_logger().warning)
+    with run.stage("release"):  # FAILED in MLflow when the gate refuses, beside the pipeline run's gates.passed=false
+        return release_check(run.client, registered, gates, run_id=run.run_id, cache_root=run.workdir / "release",
+                             log=get_run_logger().warning)
