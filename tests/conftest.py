@@ -99,6 +99,20 @@ def prefect_api(_prefect_server):
                 SubprocessASGIServer._instances.pop(None, None)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_store_variables_restored():
+    """MLflow's set_tracking_uri/set_registry_uri export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI, which win over
+    every later config in the process (and reach `distill` subprocesses): whatever a test leaves set goes."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in names}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint: moto's server on 127.0.0.1 (credentials are moto's dummies)."""

@@ -162,7 +162,7 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
     assert {r.data.tags["distill.stage"] for r in children} == {"validate", "soft-labels", "distill", "quantize",
-                                                                "evaluate", "register"}
+                                                                "evaluate", "register", "release"}
     assert all(r.info.status == "FINISHED" for r in children)
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in client.get_run(run_id).inputs.dataset_inputs}
     recorded = json.loads(Path(client.download_artifacts(run_id, "lineage/inputs.json", str(workspace[0]))).read_text())

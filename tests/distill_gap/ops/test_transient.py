@@ -87,7 +87,8 @@ def test_mlflow_registry_unreachable_is_transient(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(Exception) as err:
-        MlflowClient(tracking_uri=f"http://127.0.0.1:{_closed_port()}").get_registered_model("teacher")
+        url = f"http://127.0.0.1:{_closed_port()}"  # the registry too: else an earlier test's registry URI answers
+        MlflowClient(tracking_uri=url, registry_uri=url).get_registered_model("teacher")
     assert type(err.value).__name__ == "MlflowException"
     assert is_transient(err.value) and is_transient(_raised(err.value))
 
