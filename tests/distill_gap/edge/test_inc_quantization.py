@@ -17,13 +17,6 @@ MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def spread_model_dir(tiny_model_dir, review_frame, tmp_path_factory):
-    from tests.helpers import spread_classifier
-
-    return spread_classifier(tiny_model_dir, review_frame["text"].tolist()[:96], tmp_path_factory.mktemp("spread-model"))
-
-
-@pytest.fixture(scope="module")
 def texts(review_frame):
     all_texts = review_frame["text"].tolist()
     return {"calibration": all_texts[:64], "heldout": all_texts[96:192]}

@@ -16,13 +16,6 @@ MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def spread_model_dir(tiny_model_dir, review_frame, tmp_path_factory):
-    from tests.helpers import spread_classifier
-
-    return spread_classifier(tiny_model_dir, review_frame["text"].tolist()[:96], tmp_path_factory.mktemp("spread-model"))
-
-
-@pytest.fixture(scope="module")
 def heldout(review_frame):
     return review_frame["text"].tolist()[96:192]
 
