@@ -32,8 +32,11 @@ demo: install
 	$(BIN)/distill run --config configs/demo.yaml && \
 	echo "make demo: pipeline finished in $$((SECONDS - start)) s (install not included)"
 
+# Every test, on TEST_WORKERS pytest-xdist workers (CI's 2 cores: 2); a module stays on one worker, so its module
+# fixtures (a pipeline run, a server) are built once. TEST_WORKERS=0 runs in this process (for pdb, -s).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 # Day-to-day: unit tests only, no end-to-end runs, fault drills or servers (markers slow, integration,
 # reliability; tests on the moto S3 server or the session's Prefect API are integration). `make test` runs all.
