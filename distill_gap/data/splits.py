@@ -1,7 +1,9 @@
 """Data loading: train / validation / test (+ OOD sets) from CSV, TSV, Parquet or JSONL, local or s3://.
 
 Every split becomes a frame with canonical columns `id`, `text`, `label` plus the declared
-slice columns, and gets a sha256 digest over its canonical rows (DESIGN.md, identities).
+slice columns, and gets a sha256 digest over its canonical rows (DESIGN.md, identities). An OOD set
+read from data.ood may have labels outside data.labels or none at all: its `label` is None there
+(see canonicalize).
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ class Splits:
 
 
 def split_digest(df: pd.DataFrame) -> str:
-    """sha256 over the canonical rows (id, text, label), sorted by id so row order does not matter."""
+    """sha256 over the canonical rows (id, text, label), sorted by id so row order does not matter.
+
+    An OOD set's unseen classes are None in `label` and so count as missing here: the digest covers what
+    every result depends on; `label_raw`, which nothing computes with, is left out.
+    """
     # str() of every value: the digest must not fail on bad rows, validation reports those.
     rows = sorted(zip(*(df[c].map(str) for c in CANONICAL)))
     payload = "\n".join("\x1f".join(r) for r in rows).encode("utf-8", errors="surrogatepass")
@@ -150,12 +156,20 @@ def read_table(uri: str, fmt: str | None = None) -> pd.DataFrame:
 
 
 def canonicalize(df: pd.DataFrame, *, source: str, text_column: str, label_column: str,
-                 id_column: str | None, slice_columns: list[str]) -> pd.DataFrame:
-    """Rename the declared columns to id/text/label (+ slices); a missing column is a clear error."""
+                 id_column: str | None, slice_columns: list[str], ood_labels: list[str] | None = None) -> pd.DataFrame:
+    """Rename the declared columns to id/text/label (+ slices); a missing column is a clear error.
+
+    `ood_labels` (the label set) marks an OOD source (data.ood), whose classes may be ones the model never
+    learned: its label and slice columns may be missing (labels None, slices "(missing)"), and a label outside
+    the set becomes None, the value as read kept in `label_raw`. So `label` is always a known class or None,
+    and accuracy on an OOD set counts only the rows with a known class.
+    """
+    ood = ood_labels is not None
+    optional = {label_column, *slice_columns} if ood else set()
     wanted = [text_column, label_column] + ([id_column] if id_column else []) + list(slice_columns)
     cols = [str(c) for c in df.columns]
     for col in wanted:
-        if col not in cols:
+        if col not in cols and col not in optional:
             near = difflib.get_close_matches(col, cols, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise DistillError(
@@ -165,13 +179,18 @@ def canonicalize(df: pd.DataFrame, *, source: str, text_column: str, label_colum
     out = pd.DataFrame({
         "id": df[id_column] if id_column else [f"{Path(source).stem}:{i}" for i in range(len(df))],
         "text": df[text_column],
-        "label": df[label_column],
+        "label": df[label_column] if label_column in cols else pd.Series([None] * len(df), index=df.index, dtype=object),
     })
     # ids and labels compare as strings; text keeps its raw values so validation sees wrong types.
     out["id"] = out["id"].map(lambda v: v if pd.isna(v) else str(v))
     out["label"] = out["label"].map(lambda v: v if pd.isna(v) else str(v))
+    if ood:
+        known = set(ood_labels)
+        raw = [None if pd.isna(v) else v for v in out["label"]]
+        out["label"] = pd.Series([v if v in known else None for v in raw], index=out.index, dtype=object)
+        out["label_raw"] = pd.Series(raw, index=out.index, dtype=object)
     for col in slice_columns:
-        out[col] = df[col].map(lambda v: MISSING_SLICE if pd.isna(v) else str(v))
+        out[col] = df[col].map(lambda v: MISSING_SLICE if pd.isna(v) else str(v)) if col in cols else MISSING_SLICE
     out = out.reset_index(drop=True)
     out.attrs["source"] = source  # follows the rows through splitting; validation names the file
     return out
@@ -210,8 +229,9 @@ def load_splits(data, seed: int) -> Splits:
     if hold and hold.column not in columns["slice_columns"]:
         columns["slice_columns"].append(hold.column)
 
-    def read(uri: str) -> pd.DataFrame:
-        return canonicalize(read_table(uri, data.format), source=uri, **columns)
+    def read(uri: str, ood: bool = False) -> pd.DataFrame:
+        return canonicalize(read_table(uri, data.format), source=uri, ood_labels=list(data.labels) if ood else None,
+                            **columns)
 
     frames: dict[str, pd.DataFrame] = {"train": read(data.train)}
     if data.test:
@@ -231,7 +251,7 @@ def load_splits(data, seed: int) -> Splits:
     if hold:
         frames[f"ood:{hold.name}"] = pd.concat(held, ignore_index=True)
     for name, uri in data.ood.items():
-        frames[f"ood:{name}"] = read(uri)
+        frames[f"ood:{name}"] = read(uri, ood=True)  # its labels may be unseen classes, or absent
     frames = {name: _cap(df, data.max_rows, seed) for name, df in frames.items()}
     order = ["train", "validation", "test"] + sorted(n for n in frames if n.startswith("ood:"))
     return Splits({n: frames[n] for n in order}, list(data.labels), columns["slice_columns"])

@@ -4,6 +4,11 @@ Runs before anything is written (DESIGN.md, data flow): a split with missing col
 blank texts, a text column of numbers only, duplicated ids (within a split, or across train,
 validation and test) or labels outside `data.labels` stops the pipeline here, with every problem
 listed at once rather than the first one found, each under its split and the file it came from.
+
+An OOD split ("ood:<name>") may have rows without a label: its classes may be ones the model never learned
+(the loader turns those into None, distill_gap.data.splits.canonicalize) or the set may have no labels at
+all. The labels it does have must still be in `data.labels`: a held-out slice's rows come from the training
+files, where an unknown label is the same error as in train.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ def validate_splits(
     seen: dict[str, str] = {}  # id -> the first split that holds it
     for name, frame in splits.items():
         assert isinstance(frame, pd.DataFrame), f"split {name!r} is a {type(frame).__name__}, not a DataFrame"
-        failed = _validate_frame(batch_definition, frame, list(labels), columns, max_text_chars)
+        failed = _validate_frame(batch_definition, frame, list(labels), columns, max_text_chars,
+                                 labels_optional=name.startswith("ood:"))
         if name in REQUIRED_SPLITS:  # an OOD set may come from elsewhere and reuse ids of the training data
             failed += _ids_in_earlier_splits(frame, name, seen)
         report["splits"][name] = {"rows": int(len(frame)), "passed": not failed, "failed": failed}
@@ -98,14 +104,23 @@ def validate_splits(
 # the suite
 
 
-def _expectations(frame: pd.DataFrame, labels: list[str], columns: list[str], max_text_chars: int) -> list:
-    """The suite for one split; expectations on a missing (or non-string) column are left out, not crashed on."""
+def _expectations(frame: pd.DataFrame, labels: list[str], columns: list[str], max_text_chars: int,
+                  labels_optional: bool = False) -> list:
+    """The suite for one split; expectations on a missing (or non-string) column are left out, not crashed on.
+
+    `labels_optional` (an OOD split): a missing label is no failure, and a label column with no value at all
+    (an unlabelled set) has no type to check; labels present must still be in the set (GX skips nulls there).
+    """
     import great_expectations.expectations as gxe
 
     present = [c for c in columns if c in frame.columns]
     suite = [gxe.ExpectColumnToExist(column=c) for c in columns]
     suite.append(gxe.ExpectTableRowCountToBeBetween(min_value=1))
     for c in (c for c in CANONICAL_COLUMNS if c in present):
+        if c == "label" and labels_optional:
+            if frame["label"].notna().any():
+                suite.append(gxe.ExpectColumnValuesToBeInTypeList(column=c, type_list=["str"]))
+            continue
         suite += [
             gxe.ExpectColumnValuesToNotBeNull(column=c),
             gxe.ExpectColumnValuesToBeInTypeList(column=c, type_list=["str"]),
@@ -124,7 +139,8 @@ def _expectations(frame: pd.DataFrame, labels: list[str], columns: list[str], ma
 
 
 def _validate_frame(
-    batch_definition, frame: pd.DataFrame, labels: list[str], columns: list[str], max_text_chars: int
+    batch_definition, frame: pd.DataFrame, labels: list[str], columns: list[str], max_text_chars: int,
+    labels_optional: bool = False,
 ) -> list[dict]:
     """Validate one split; return its failures (empty when it passes)."""
     import great_expectations as gx
@@ -136,7 +152,8 @@ def _validate_frame(
         frame = frame.loc[:, ~frame.columns.duplicated()]
 
     data = _gx_view(frame, columns)
-    suite = gx.ExpectationSuite(name="distill-data", expectations=_expectations(data, labels, columns, max_text_chars))
+    expectations = _expectations(data, labels, columns, max_text_chars, labels_optional)
+    suite = gx.ExpectationSuite(name="distill-data", expectations=expectations)
     with _gx_lock:
         batch = batch_definition.get_batch(batch_parameters={"dataframe": data})
         result = batch.validate(suite, result_format="SUMMARY")

@@ -1,4 +1,5 @@
-"""Data loading: formats, s3://, canonical columns, split digests, stratified splits, OOD hold-out."""
+"""Data loading: formats, s3://, canonical columns, split digests, stratified splits, OOD hold-out, OOD files with
+unseen classes or no labels."""
 
 import json
 
@@ -91,3 +92,46 @@ def test_builtin_drugreview_demo_splits():
     assert len(splits["train"]) > 400 and len(splits["ood:unseen_conditions"]) > 100
     assert not splits["train"]["condition"].isin(["Acne", "Obesity"]).any()
     assert "&#039;" not in " ".join(splits["train"]["text"])  # HTML entities decoded
+
+
+def _ood_cfg(tmp_path, ood: pd.DataFrame) -> DataConfig:
+    _frame(60).to_csv(tmp_path / "all.csv", index=False)
+    ood.to_csv(tmp_path / "ood.csv", index=False)
+    return DataConfig(train=str(tmp_path / "all.csv"), text_column="body", label_column="y", id_column="rid",
+                      labels=LABELS, slice_columns=["site"], ood={"forum": str(tmp_path / "ood.csv")})
+
+
+def test_ood_file_of_unseen_classes_loads_and_validates(tmp_path):
+    from distill_gap.data.validation import validate_splits
+
+    ood = _frame(6).assign(y=["great", "positive", None, "awful", "neutral", "great"])
+    splits = load_splits(_ood_cfg(tmp_path, ood), seed=1)
+
+    forum = splits["ood:forum"]
+    assert forum["label"].tolist() == [None, "positive", None, None, "neutral", None]  # known classes only
+    assert forum["label_raw"].tolist() == ["great", "positive", None, "awful", "neutral", "great"]
+    assert forum["label"].map({l: i for i, l in enumerate(LABELS)}).isna().sum() == 4  # NaN label ids: no accuracy
+    assert "label_raw" not in splits["train"].columns
+    report = validate_splits(splits.frames, splits.labels, splits.slice_columns)
+    assert report["splits"]["ood:forum"] == {"rows": 6, "passed": True, "failed": [], "source": str(tmp_path / "ood.csv")}
+
+    # train, validation and test keep their strict checks: the same file as the test split is refused
+    test = canonicalize(ood, source="t.csv", text_column="body", label_column="y", id_column="rid", slice_columns=["site"])
+    with pytest.raises(DistillError, match=r"(?s)split 'test' \(t.csv\): column 'label' has values outside the label "
+                                           r"set .*'great', 'awful'.*add the missing labels to data.labels"):
+        validate_splits({**splits.frames, "test": test}, splits.labels, splits.slice_columns)
+
+
+def test_ood_file_without_label_or_slice_column_loads_and_validates(tmp_path):
+    from distill_gap.data.validation import validate_splits
+
+    splits = load_splits(_ood_cfg(tmp_path, _frame(5)[["rid", "body"]]), seed=1)
+
+    forum = splits["ood:forum"]
+    assert forum["label"].isna().all() and forum["label_raw"].isna().all()
+    assert (forum["site"] == "(missing)").all()  # slices are per test row; an OOD file need not have them
+    assert validate_splits(splits.frames, splits.labels, splits.slice_columns)["passed"]
+    # the text (and the declared id) column is still required
+    with pytest.raises(DistillError, match="column 'body' is missing"):
+        load_splits(_ood_cfg(tmp_path, _frame(5)[["rid", "y"]]), seed=1)
+

@@ -100,7 +100,27 @@ def test_text_longer_than_the_limit_is_reported(splits):
     assert f"split 'train': column 'text' has values longer than 5000 characters (1 row, id {bad_id})" in str(error)
 
 
+@pytest.mark.parametrize("missing", [None, np.nan])
+def test_ood_split_may_lack_labels_where_train_may_not(splits, missing):
+    # an OOD file of unseen classes (the loader made them None) and one with no labels at all pass;
+    # every other check still applies to them
+    splits["ood:forum"] = splits["train"].iloc[:30].copy().astype({"label": object})
+    splits["ood:forum"].loc[splits["ood:forum"].index[:20], "label"] = missing
+    splits["ood:code"] = splits["train"].iloc[30:40].assign(label=missing)  # all-NaN: float64, no type to check
+    assert validate_splits(splits, LABELS, SLICES)["passed"]
+
+    splits["ood:code"].loc[splits["ood:code"].index[2], "text"] = " "
+    splits["train"] = splits["train"].astype({"label": object})
+    splits["train"].loc[splits["train"].index[5], "label"] = missing
+    error = _error(splits)
+    assert [n for n, s in error.report["splits"].items() if not s["passed"]] == ["train", "ood:code"]
+    assert f"split 'train': column 'label' has missing values (1 row, id {splits['train']['id'].iloc[5]})" in str(error)
+    assert "split 'ood:code': column 'text' has empty or whitespace-only values" in str(error)
+
+
 def test_label_outside_the_set_is_reported_on_ood_splits_too(splits):
+    # the labels an OOD split has must be known: a held-out slice's rows come from the training files (an OOD file's
+    # unseen classes are None by then, see test_splits.py)
     ood = splits["ood:forum"] = splits["train"].iloc[:30].copy()
     ood.loc[ood.index[[2, 7]], "label"] = "great"
     error = _error(splits)
