@@ -1,5 +1,5 @@
 """Data loading: formats, s3://, canonical columns, split digests, stratified splits, OOD hold-out, OOD files with
-unseen classes or no labels."""
+unseen classes or no labels, the far-OOD set the demo ships."""
 
 import json
 
@@ -88,7 +88,7 @@ def test_builtin_drugreview_demo_splits():
     from flows.config import load_config
 
     splits = load_splits(load_config("configs/demo.yaml").data, seed=13)
-    assert set(splits.frames) == {"train", "validation", "test", "ood:unseen_conditions"}
+    assert set(splits.frames) == {"train", "validation", "test", "ood:not_drug_reviews", "ood:unseen_conditions"}
     assert len(splits["train"]) > 400 and len(splits["ood:unseen_conditions"]) > 100
     assert not splits["train"]["condition"].isin(["Acne", "Obesity"]).any()
     assert "&#039;" not in " ".join(splits["train"]["text"])  # HTML entities decoded
@@ -135,3 +135,22 @@ def test_ood_file_without_label_or_slice_column_loads_and_validates(tmp_path):
     with pytest.raises(DistillError, match="column 'body' is missing"):
         load_splits(_ood_cfg(tmp_path, _frame(5)[["rid", "y"]]), seed=1)
 
+
+def test_far_ood_csv_loads_with_the_demo_columns(tmp_path):
+    """configs/ood/not_drug_reviews.csv through the demo's own data settings (review_id, review, rating,
+    condition, its holdout); small review files stand in for the 215k built-in reviews."""
+    from distill_gap.data.validation import validate_splits
+    from flows.config import load_config
+
+    demo = load_config("configs/demo.yaml").data
+    assert demo.ood == {"not_drug_reviews": "configs/ood/not_drug_reviews.csv"}
+    reviews = pd.DataFrame({"review_id": [str(i) for i in range(60)], "review": [f"this drug helped {i}" for i in range(60)],
+                            "rating": [LABELS[i % 3] for i in range(60)], "condition": ["Pain"] * 50 + ["Acne"] * 10})
+    reviews.to_csv(tmp_path / "reviews.csv", index=False)
+    data = demo.model_copy(update={"train": str(tmp_path / "reviews.csv"), "test": None})
+
+    splits = load_splits(data, seed=13)
+    far = splits["ood:not_drug_reviews"]
+    assert len(far) == 600 and far["label"].isna().all() and (far["condition"] == "(missing)").all()
+    assert far["id"].str.match(r"^(debian|pypi):").all()
+    assert validate_splits(splits.frames, splits.labels, splits.slice_columns)["passed"]
