@@ -92,6 +92,25 @@ def auroc_drop_interval(ref_in, ref_out, model_in, model_out, *, n_boot: int = 1
                      min_n=min_n)
 
 
+def auroc_interval(in_scores, out_scores, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                   min_n: int = MIN_SLICE_ROWS) -> dict:
+    """AUROC (in = positive) with a percentile bootstrap interval: in- and out-of-distribution rows resampled
+    independently (scipy.stats.bootstrap, two samples). Returns {"value", "low", "high"} ("note": "n too small"
+    and None bounds under `min_n` rows on either side)."""
+    from scipy.stats import bootstrap
+
+    check_bootstrap_args(alpha, n_boot)
+    s_in, s_out = check_scores(in_scores, "in_scores"), check_scores(out_scores, "out_scores")
+    value = float(_auroc_last_axis(s_in, s_out))
+    if min(len(s_in), len(s_out)) < max(min_n, 2):
+        return interval(value, None, None, n=min(len(s_in), len(s_out)), min_n=min_n)
+    res = bootstrap((s_in, s_out), lambda a, b, axis=-1: _auroc_last_axis(a, b), n_resamples=n_boot,
+                    vectorized=True, paired=False, axis=-1, confidence_level=1 - alpha, method="percentile",
+                    batch=max(1, BOOTSTRAP_BATCH_CELLS // (len(s_in) + len(s_out))), rng=np.random.default_rng(seed))
+    return interval(value, res.confidence_interval.low, res.confidence_interval.high,
+                    n=min(len(s_in), len(s_out)), min_n=min_n)
+
+
 def threshold_at_tpr(in_scores, tpr: float = 0.95) -> float:
     """The highest score threshold keeping at least `tpr` of in-distribution rows in scope (`score >= t`).
 
