@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from distill_gap.errors import DistillError
-from distill_gap.inference.batching import predict_logits
+from distill_gap.inference.batching import classifier_head, predict_logits, predict_outputs
 from distill_gap.inference.inc_int8 import INT8_META, load_int8
 from distill_gap.inference.onnx_runtime import ONNX_FILE, OnnxPredictor
 from distill_gap.models.loading import check_no_code
@@ -21,13 +21,21 @@ RUNTIMES = ("onnxruntime", "torch-pt2", "transformers")
 
 
 class Predictor(Protocol):
-    """A loaded classifier: logits (N, C) float32 for texts, in their order; `labels` in logit order when known."""
+    """A loaded classifier: logits (N, C) float32 for texts, in their order; `labels` in logit order when known.
+
+    predict_outputs adds the model's pooled features (N, D) float32: the input of the final Linear that produces
+    the logits, as this artifact computes them (quantization moves them); None when the artifact does not give
+    them (an ONNX graph or INT8 program exported without a "features" output).
+    """
 
     labels: list[str] | None
     num_labels: int
 
     def predict_logits(self, texts: Sequence[str], *, batch_size: int = 32,
                        desc: str | None = None) -> np.ndarray: ...
+
+    def predict_outputs(self, texts: Sequence[str], *, batch_size: int = 32,
+                        desc: str | None = None) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 class TransformersPredictor:
@@ -40,11 +48,21 @@ class TransformersPredictor:
         self.model, self.tokenizer = load_classifier(self.path)
         self.labels = model_labels(self.model)
         self.num_labels = int(self.model.config.num_labels)
+        try:  # D of predict_outputs' features; None where the head is no Linear (predict_outputs then raises)
+            self.num_features: int | None = int(classifier_head(self.model).in_features)
+        except DistillError:
+            self.num_features = None
 
     def predict_logits(self, texts: Sequence[str], *, batch_size: int = 32, desc: str | None = None) -> np.ndarray:
         """Logits (N, C) float32 in the order of `texts`."""
         return predict_logits(self.model, self.tokenizer, texts, batch_size=batch_size, max_length=self.max_length,
                               device=self.device, desc=desc)
+
+    def predict_outputs(self, texts: Sequence[str], *, batch_size: int = 32,
+                        desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, C), pooled features (N, D)) float32 in the order of `texts`."""
+        return predict_outputs(self.model, self.tokenizer, texts, batch_size=batch_size, max_length=self.max_length,
+                               device=self.device, desc=desc)
 
 
 def detect_runtime(path: Path) -> str:
