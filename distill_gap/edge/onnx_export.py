@@ -1,5 +1,6 @@
 """The fp32 student as ONNX (optimum) and its ONNX Runtime INT8 copy, each a self-contained folder whose logits
-are compared with the fp32 student's on held-out texts."""
+are compared with the fp32 student's on held-out texts. Both graphs have a second output, "features" (B, D): the
+input of the classifier's final Linear (the pooled features a feature-space scope guard reads)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_gap.edge.checks import check_student, fp32_logits, logit_parity, stage_error
+from distill_gap.edge.checks import check_student, logit_parity, stage_error
 from distill_gap.edge.folder import copy_model_files, replace_dir
 from distill_gap.errors import DistillError
-from distill_gap.inference.onnx_runtime import ONNX_FILE
+from distill_gap.inference.onnx_runtime import FEATURES_OUTPUT, LOGITS_OUTPUT, ONNX_FILE
 from distill_gap.inference.predictor import load_predictor
 
 ORT_INT8_CONFIG = "ort_int8.json"
@@ -25,24 +26,80 @@ class OnnxResult:
     path: Path  # folder: model.onnx + config and tokenizer files
     size_bytes: int
     digest: str
-    parity: dict  # {"max_abs_logit_diff", "argmax_agreement", "n", "finite"}, ONNX Runtime vs fp32 torch
+    # {"max_abs_logit_diff", "argmax_agreement", "n", "finite"}, ONNX Runtime vs fp32 torch, and
+    # "max_abs_feature_diff" when the reference features were at hand
+    parity: dict
     seconds: float
 
 
-def _result(out: Path, reference: np.ndarray, heldout_texts: list[str], max_length: int, start: float) -> OnnxResult:
-    """The record of a finished ONNX folder: its size, digest and parity on `heldout_texts`."""
+def _result(out: Path, reference: np.ndarray, heldout_texts: list[str], max_length: int, start: float,
+            reference_features: np.ndarray | None = None) -> OnnxResult:
+    """The record of a finished ONNX folder: its size, digest and parity on `heldout_texts` (of its features too,
+    given the reference's)."""
     from distill_gap.digest import folder_bytes, model_digest
 
-    candidate = load_predictor(out, runtime="onnxruntime", max_length=max_length).predict_logits(heldout_texts)
-    return OnnxResult(path=out, size_bytes=folder_bytes(out), digest=model_digest(out),
-                      parity=logit_parity(reference, candidate), seconds=time.perf_counter() - start)
+    logits, features = load_predictor(out, runtime="onnxruntime", max_length=max_length).predict_outputs(heldout_texts)
+    parity = logit_parity(reference, logits)
+    if reference_features is not None and features is not None:
+        diff = np.abs(reference_features - features)  # (N, D)
+        parity["max_abs_feature_diff"] = float(diff.max()) if np.isfinite(diff).all() and diff.size else None
+    return OnnxResult(path=out, size_bytes=folder_bytes(out), digest=model_digest(out), parity=parity,
+                      seconds=time.perf_counter() - start)
+
+
+def add_features_output(onnx_file: Path) -> int:
+    """Add the classifier's input tensor as a second graph output "features" (batch, D) float to `onnx_file`.
+
+    Traced back from the "logits" output: its producer is Gemm(x, W, b), or Add(MatMul(x, W), b); x is the input of
+    the final Linear (BERT: the pooler's tanh output). An Identity node x -> "features" exposes it. Returns D.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    fix = ("this student's ONNX graph has no plain Linear head: set quantize.onnx=false and "
+           "quantize.onnx_int8=false; the INC INT8 artifact (torch) still gives features")
+    model = onnx.load(str(onnx_file), load_external_data=False)  # weights stay where they are; dims suffice here
+    graph = model.graph
+    outputs = {o.name: o for o in graph.output}
+    if FEATURES_OUTPUT in outputs:  # added before
+        return int(outputs[FEATURES_OUTPUT].type.tensor_type.shape.dim[-1].dim_value)
+    logits = outputs.get(LOGITS_OUTPUT)
+    if logits is None:
+        raise DistillError(f"{onnx_file} has no {LOGITS_OUTPUT!r} output ({list(outputs)})", fix)
+    producer = {name: node for node in graph.node for name in node.output}
+    weights = {init.name: init for init in graph.initializer}
+    head = producer.get(LOGITS_OUTPUT)
+    features = width = None
+    if head is not None and head.op_type == "Gemm" and head.input[1] in weights:
+        attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        if not attrs.get("transA", 0):
+            w = weights[head.input[1]].dims  # (C, D) with transB, else (D, C)
+            features, width = head.input[0], int(w[1] if attrs.get("transB", 0) else w[0])
+    elif head is not None and head.op_type == "Add":
+        for name in head.input:
+            matmul = producer.get(name)
+            if matmul is not None and matmul.op_type == "MatMul" and matmul.input[1] in weights:
+                features, width = matmul.input[0], int(weights[matmul.input[1]].dims[0])  # W (D, C)
+    if features is None:
+        raise DistillError(f"the {LOGITS_OUTPUT!r} output of {onnx_file} comes from "
+                           f"{head.op_type if head is not None else 'no node'}, not from Gemm(x, W, b) or "
+                           "Add(MatMul(x, W), b): the classifier's input cannot be found", fix)
+    batch = logits.type.tensor_type.shape.dim[0]
+    graph.node.append(helper.make_node("Identity", [features], [FEATURES_OUTPUT], name="pooled_features"))
+    graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT,
+                                                      [batch.dim_param or batch.dim_value or None, width]))
+    onnx.save(model, str(onnx_file))
+    onnx.checker.check_model(str(onnx_file))  # by path: also for a graph whose weights are external data
+    return width
 
 
 def export_onnx(student_dir, out_dir, *, heldout_texts: list[str], max_length: int = 128,
-                reference: np.ndarray | None = None) -> OnnxResult:
-    """Export the fp32 student to ONNX (dynamic batch and sequence axes) and compare ORT logits with torch.
+                reference: np.ndarray | None = None, reference_features: np.ndarray | None = None) -> OnnxResult:
+    """Export the fp32 student to ONNX (dynamic batch and sequence axes, outputs "logits" and "features") and
+    compare ORT logits with torch.
 
-    `reference`: the fp32 student's logits on `heldout_texts` when the caller has them (computed here otherwise).
+    `reference`: the fp32 student's logits on `heldout_texts` when the caller has them (computed here otherwise,
+    with its features); `reference_features`: its pooled features, for a features parity number (skipped without).
     """
     from optimum.exporters.onnx import main_export
 
@@ -61,18 +118,30 @@ def export_onnx(student_dir, out_dir, *, heldout_texts: list[str], max_length: i
                           "this architecture has no ONNX export; the INC INT8 artifact (torch) is still built") from err
     if not (tmp / ONNX_FILE).is_file():
         raise DistillError(f"optimum wrote no {ONNX_FILE} for {root}", "check that the architecture supports ONNX export")
+    try:
+        add_features_output(tmp / ONNX_FILE)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, DistillError):
+            raise
+        raise stage_error("export-onnx: the features output", err, "set quantize.onnx=false and "
+                          "quantize.onnx_int8=false; the INC INT8 artifact is still built") from err
     copy_model_files(root, tmp)
     replace_dir(tmp, out)
     if reference is None:
-        reference = fp32_logits(root, heldout_texts, max_length=max_length)
-    return _result(out, reference, heldout_texts, max_length, start)
+        student = load_predictor(root, runtime="transformers", max_length=max_length)
+        reference, features = student.predict_outputs(heldout_texts)
+        reference_features = features if reference_features is None else reference_features
+    return _result(out, reference, heldout_texts, max_length, start, reference_features)
 
 
 def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], max_length: int = 128,
                        embedding_bits: int = 4, block_size: int = 128, per_channel: bool = True,
-                       reference: np.ndarray | None = None) -> OnnxResult:
+                       reference: np.ndarray | None = None,
+                       reference_features: np.ndarray | None = None) -> OnnxResult:
     """ONNX Runtime INT8 of an fp32 ONNX folder: optimum's ORTQuantizer (dynamic, per-channel MatMul weights),
-    then the embedding tables (Gather) as 4-bit blocks with onnxruntime's GatherBlockQuantized (or 8-bit).
+    then the embedding tables (Gather) as 4-bit blocks with onnxruntime's GatherBlockQuantized (or 8-bit). The
+    source's "features" output stays an output (its Identity reads the fp32 input of the quantized head).
 
     The word-embedding table is most of a small student's bytes (30522 x 384 for MiniLM): 4-bit blocks of 128
     asymmetric values cut it 8x against fp32 while the MatMuls carry the int8 speed-up.
@@ -122,5 +191,7 @@ def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], max_lengt
         "source_digest": model_digest(src)}, indent=2))
     replace_dir(tmp, out)
     if reference is None:  # the fp32 ONNX model (itself within ~1e-6 of the torch student)
-        reference = load_predictor(src, runtime="onnxruntime", max_length=max_length).predict_logits(heldout_texts)
-    return _result(out, reference, heldout_texts, max_length, start)
+        source = load_predictor(src, runtime="onnxruntime", max_length=max_length)
+        reference, features = source.predict_outputs(heldout_texts)
+        reference_features = features if reference_features is None else reference_features
+    return _result(out, reference, heldout_texts, max_length, start, reference_features)
