@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from distill_gap.edge.checks import accuracy, check_student, logit_parity, stage_error
 from distill_gap.edge.folder import copy_model_files, replace_dir
 from distill_gap.errors import DistillError
+from distill_gap.inference.batching import classifier_head
 from distill_gap.inference.inc_int8 import INT8_FILE, INT8_META, encode
 from distill_gap.inference.predictor import load_predictor
 
@@ -57,24 +59,34 @@ class Tuning:
         return asdict(self)
 
 
-def _logits_module(model):
-    """An nn.Module returning only the logits tensor from (input_ids, attention_mask, token_type_ids)."""
+def _outputs_module(model):
+    """An nn.Module returning (logits (B, C), pooled features (B, D)) from (input_ids, attention_mask,
+    token_type_ids), and the hook to remove once it is exported.
+
+    The features are the input of the final Linear (classifier_head: BERT's pooler tanh output), caught by a
+    forward pre-hook on it while torch.export traces the module: the saved program has both as outputs.
+    """
     import inspect
 
     import torch
 
     accepted = set(inspect.signature(model.forward).parameters)
 
-    class LogitsOnly(torch.nn.Module):
+    class LogitsAndFeatures(torch.nn.Module):
         def __init__(self, classifier):
             super().__init__()
             self.model = classifier  # module names in the graph: model.bert.encoder.layer.0..., model.classifier
+            self.seen: list = []  # the head's input, appended by the hook during forward
 
-        def forward(self, input_ids, attention_mask, token_type_ids):  # each (B, T) int64 -> (B, C) float32
+        def forward(self, input_ids, attention_mask, token_type_ids):  # each (B, T) int64
+            self.seen.clear()
             given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-            return self.model(**{k: v for k, v in given.items() if k in accepted}, return_dict=False)[0]
+            logits = self.model(**{k: v for k, v in given.items() if k in accepted}, return_dict=False)[0]
+            return logits, self.seen[-1]  # (B, C), (B, D) float32
 
-    return LogitsOnly(model).eval()
+    module = LogitsAndFeatures(model).eval()
+    hook = classifier_head(model).register_forward_pre_hook(lambda _head, args: module.seen.append(args[0]))
+    return module, hook
 
 
 def _int8_embedding(embedding):
@@ -145,7 +157,7 @@ def _export_graph(student, tokenizer, *, max_length: int, int8_embeddings: bool)
             table = None
         if isinstance(table, torch.nn.Embedding):
             student.set_input_embeddings(_int8_embedding(table))
-    module = _logits_module(student)
+    module, hook = _outputs_module(student)
     batch, seq = Dim("batch", min=1), Dim("seq", min=2, max=max_length)
     dynamic_shapes = ({0: batch, 1: seq},) * 3
     example = encode(tokenizer, ["example input", "a second, longer example input"], max_length, pad_to_max=True)
@@ -153,13 +165,18 @@ def _export_graph(student, tokenizer, *, max_length: int, int8_embeddings: bool)
     # raises "check the logs above", which names no operator.
     errors = []
     graph = None
-    for strict in (True, False):
-        try:
-            with torch.no_grad():
-                graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=strict).module()
-            break
-        except Exception as err:  # torch.export raises many types (Unsupported, UserError, guard failures)
-            errors.append(err)
+    try:
+        for strict in (True, False):
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    # the hook's append to module.seen is the one side effect, and meant: dynamo warns of it
+                    warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+                    graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=strict).module()
+                break
+            except Exception as err:  # torch.export raises many types (Unsupported, UserError, guard failures)
+                errors.append(err)
+    finally:
+        hook.remove()
     if graph is None:
         raise stage_error("quantize-int8: torch.export of the student", errors[-1],
                           "this architecture cannot be exported for INT8; the edge model falls back to fp32 "
@@ -286,8 +303,9 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
             return baseline
         logits = np.zeros((len(val_texts), len(labels)), dtype=np.float32)
         with torch.no_grad():
-            for i in range(0, len(val_texts), batch_size):
-                logits[i:i + batch_size] = model(*encode(tokenizer, val_texts[i:i + batch_size], max_length)).float().numpy()
+            for i in range(0, len(val_texts), batch_size):  # the graph returns (logits, features)
+                batch = encode(tokenizer, val_texts[i:i + batch_size], max_length)
+                logits[i:i + batch_size] = model(*batch)[0].float().numpy()
         metric = accuracy(logits, label_ids) if np.isfinite(logits).all() else 0.0
         name, config = configs[len(evaluations) - 1]
         evaluations.append(metric)
@@ -335,7 +353,7 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
         raise stage_error(f"quantize-int8: INC {best['name']}", err, "remove that candidate from quantize.candidates") from err
     out = Path(out_dir)
     _save_int8(program, root, out, {"approach": best["name"], "config": _config_record(best["name"], config),
-                                    "labels": labels, "max_length": max_length,
+                                    "labels": labels, "max_length": max_length, "outputs": ["logits", "features"],
                                     "calibration_examples": len(texts) if static else 0,
                                     "int8_embeddings": int8_embeddings, "tuning": tuning.to_dict()})
     candidate = load_predictor(out, runtime="torch-pt2").predict_logits(heldout_texts, batch_size=batch_size)

@@ -1,5 +1,8 @@
 """INC INT8 folders (model.pt2 + int8_meta.json + tokenizer): checked, loaded weights-only, predicted in batches.
 
+The saved program returns (logits (B, C), pooled features (B, D)); programs saved before the features were added
+return logits alone and still load (their features are None).
+
 A torch.export archive can carry pickled objects, so every load refuses archives that would unpickle anything
 but tensors (check_torch_archive) and runs under the weights-only unpickler.
 """
@@ -17,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from distill_gap.errors import DistillError
-from distill_gap.inference.batching import pad_batch, run_batched
+from distill_gap.inference.batching import pad_batch, run_batched_outputs
 
 INT8_FILE = "model.pt2"
 INT8_META = "int8_meta.json"
@@ -94,13 +97,25 @@ def weights_only_unpickling():
                 os.environ[k] = v
 
 
-class Int8Predictor:
-    """Logits from a saved INT8 folder; `compile=True` runs it through inductor (real int8 kernels, faster)."""
+def features_width(program) -> int | None:
+    """D of a saved program's pooled-features output (its second user output), None for one returning logits only."""
+    outputs = list(program.graph_signature.user_outputs)
+    if len(outputs) < 2:
+        return None
+    node = next((n for n in program.graph.nodes if n.name == outputs[1]), None)
+    width = node.meta["val"].shape[-1] if node is not None and "val" in node.meta else None
+    return width if isinstance(width, int) else None
 
-    def __init__(self, path: Path, module, tokenizer, labels: list[str], max_length: int, compiled: bool):
+
+class Int8Predictor:
+    """Logits and pooled features from a saved INT8 folder; `compile=True` runs it through inductor (real int8
+    kernels, faster). `num_features`: D of the features, None for a program that returns logits alone."""
+
+    def __init__(self, path: Path, module, tokenizer, labels: list[str], max_length: int, compiled: bool,
+                 num_features: int | None = None):
         self.path, self.module, self.tokenizer = path, module, tokenizer
         self.labels, self.max_length, self.compiled = labels, max_length, compiled
-        self.num_labels = len(labels)
+        self.num_labels, self.num_features = len(labels), num_features
         self.compile_seconds: float | None = None
 
     def _run(self, batch: tuple):
@@ -135,21 +150,31 @@ class Int8Predictor:
             out[k] = full
         return out
 
-    def predict_logits(self, texts: Sequence[str], *, batch_size: int = 32, desc: str | None = None) -> np.ndarray:
-        """Logits (N, num_labels) float32 in the order of `texts`."""
+    def predict_outputs(self, texts: Sequence[str], *, batch_size: int = 32,
+                        desc: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, C), pooled features (N, D)) float32 in the order of `texts`; features None for a program
+        saved with logits alone."""
         import torch
 
-        def run_batch(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        def run_batch(arrays: dict[str, np.ndarray]):
             n = len(arrays["input_ids"])
             if self.compiled:
                 # one shape (batch_size, max_length) for every call: no recompiles; pad rows are dropped below
                 arrays = self._fixed_shape(arrays, batch_size)
-            batch = tuple(torch.from_numpy(arrays[k]) for k in GRAPH_INPUTS)
-            return self._run(batch)[:n].float().numpy()  # (B, C)
+            out = self._run(tuple(torch.from_numpy(arrays[k]) for k in GRAPH_INPUTS))
+            if isinstance(out, torch.Tensor):  # an older program: logits (B, C) alone
+                return out[:n].float().numpy()
+            logits, features = out
+            return logits[:n].float().numpy(), features[:n].float().numpy()  # (B, C), (B, D)
 
         with torch.no_grad():
-            return run_batched(self.tokenizer, texts, run_batch, num_labels=self.num_labels, batch_size=batch_size,
-                               max_length=self.max_length, keys=GRAPH_INPUTS, desc=desc)
+            return run_batched_outputs(self.tokenizer, texts, run_batch, num_labels=self.num_labels,
+                                       num_features=self.num_features, batch_size=batch_size,
+                                       max_length=self.max_length, keys=GRAPH_INPUTS, desc=desc)
+
+    def predict_logits(self, texts: Sequence[str], *, batch_size: int = 32, desc: str | None = None) -> np.ndarray:
+        """Logits (N, num_labels) float32 in the order of `texts`."""
+        return self.predict_outputs(texts, batch_size=batch_size, desc=desc)[0]
 
 
 def load_int8(path, *, compile: bool = False) -> Int8Predictor:
@@ -169,10 +194,12 @@ def load_int8(path, *, compile: bool = False) -> Int8Predictor:
     meta = json.loads((root / INT8_META).read_text())
     check_torch_archive(root / INT8_FILE)
     with weights_only_unpickling():
-        module = torch.export.load(root / INT8_FILE).module()
+        program = torch.export.load(root / INT8_FILE)
+        module = program.module()
     if compile:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers fusion passes)
 
         module = torch.compile(module, dynamic=False)
     tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
-    return Int8Predictor(root, module, tokenizer, list(meta["labels"]), int(meta["max_length"]), compile)
+    return Int8Predictor(root, module, tokenizer, list(meta["labels"]), int(meta["max_length"]), compile,
+                         num_features=features_width(program))
