@@ -20,41 +20,42 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
                                              help="the MLflow registry holding the model"),
             artifact: Optional[str] = typer.Option(None, help="an artifact other than the primary one, e.g. int8"),
             batch_size: int = typer.Option(32, min=1, help="texts per forward pass"),
-            out_of_scope: str = typer.Option("answer", help="rows outside the model's evaluated scope: 'answer' "
-                                             "(label them, in_scope=false) or 'abstain' (label null, route "
-                                             "'fallback': send them to the teacher or a human)")):
+            out_of_scope: str = typer.Option("abstain", help="rows outside the model's evaluated scope: 'abstain' "
+                                             "(label null, route 'fallback': send them to the teacher or a human) "
+                                             "or 'answer' (label them anyway; in_scope stays false)")):
     """Label JSONL rows with an edge model: one JSON object per row on stdout, messages on stderr.
 
-    When the edge model ships a scope (scope.json: the OOD threshold fitted at 95% in-distribution TPR on
-    validation), every row gets `in_scope`; out-of-scope rows are counted on stderr.
+    Probabilities are calibrated (the temperature fitted on validation). Every row gets `in_scope` and
+    `scope_score` from the scope guard the edge model ships (scope.json: a detector fitted on the training rows'
+    features, its threshold at 95% in-distribution TPR on validation); out-of-scope rows abstain by default.
     """
     import json
 
-    from distill_gap.edge.serving import load_edge, read_rows, stdout_to_stderr
+    from distill_gap.edge.serving import OUT_OF_SCOPE, load_edge, read_rows, stdout_to_stderr
     from distill_gap.registry.model_uri import resolve_edge
     from distill_gap.errors import DistillError
 
     try:
-        if out_of_scope not in ("answer", "abstain"):
-            raise DistillError(f"--out-of-scope {out_of_scope!r} is not an option", "use answer or abstain")
+        if out_of_scope not in OUT_OF_SCOPE:
+            raise DistillError(f"--out-of-scope {out_of_scope!r} is not an option", "use abstain or answer")
         rows = read_rows(input)  # every row checked before the model loads: a bad file prints nothing
         with stdout_to_stderr():
             edge = load_edge(resolve_edge(model, tracking_uri, log=err_console.print), artifact)
-            results = edge.predict_rows(rows, batch_size=batch_size)
+            results = edge.predict_rows(rows, batch_size=batch_size, out_of_scope=out_of_scope)
     except DistillError as err:
         fail(err)
     outside = [r for r in results if r.get("in_scope") is False]
-    if out_of_scope == "abstain":
-        for r in outside:
-            r.update(label=None, route="fallback")
     try:
         sys.stdout.write("".join(json.dumps(r) + "\n" for r in results))
         sys.stdout.flush()
     except BrokenPipeError:  # `distill predict ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    guard = edge.guard
     err_console.print(f"{len(results)} rows labelled with {edge.artifact} ({edge.runtime})"
-                      + (f"; {len(outside)} out of scope ({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})"
-                         if edge.scope is not None else "; no scope record shipped with this model"), highlight=False)
+                      + (f"; {len(outside)} out of scope by the {guard.detector} guard "
+                         f"({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})"
+                         if guard is not None else "; no scope guard for this artifact: in_scope is null"),
+                      highlight=False, markup=False)
 
 
 TrackingOpt = typer.Option("sqlite:///.distill/mlflow.db", "--tracking-uri", envvar="MLFLOW_TRACKING_URI",

@@ -35,8 +35,8 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
                                max_length=rt.max_length, seed=cfg.seed)
         edge = quantize_task(run, cfg.quantize, student=student, splits=splits, max_length=rt.max_length,
                              min_edge_agreement=cfg.evaluate.min_edge_agreement, seed=cfg.seed)
-        report, gates, edge = evaluate_task(run, cfg.evaluate, cfg.drift, teacher=teacher, student=student, edge=edge,
-                                            splits=splits, critical_slices=cfg.data.critical_slices,
+        report, gates, edge = evaluate_task(run, cfg.evaluate, cfg.drift, cfg.scope, teacher=teacher, student=student,
+                                            edge=edge, splits=splits, critical_slices=cfg.data.critical_slices,
                                             require_int8=cfg.quantize.require_int8, max_length=rt.max_length,
                                             seed=cfg.seed)
         # the release: versions are staged, then the last gate; a gate that fails rolls the staging back

@@ -16,9 +16,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distill_gap.digest import folder_bytes, model_digest
-from distill_gap.edge.folder import write_reference, write_scope
-from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_logits,
+from distill_gap.edge.folder import write_reference
+from distill_gap.edge.guard import ScopeGuard
+from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_outputs,
                                                gap_report, load_predictors, report_metrics, scope_record)
+from distill_gap.evaluation.scope import add_scope
 from distill_gap.evaluation.gates import evaluate_gates, quantization_gate, verdict_markdown
 from distill_gap.governance.attestation import evaluate_statement
 from distill_gap.monitoring.drift import reference_profile
@@ -27,27 +29,30 @@ from tasks.attest import attest_task
 _log = logging.getLogger("distill.evaluate")
 
 
-def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, *, seed: int, max_length: int,
-             device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
+def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, scope_cfg, *, seed: int,
+             max_length: int, device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
              stress_models: list[str] | None = None, client=None, run_id: str | None = None, log=_log) -> GapReport:
     """Score teacher, student and each edge artifact independently on every suite; return the gap report.
 
     A model that cannot be loaded or returns the wrong number of classes is reported under `not_evaluated` and
-    the others go on (the teacher is required). Stress suites run for `stress_models` (default: all). With
-    `edge_folder`, the scope and the drift reference of `edge_model` (its primary artifact) are written into it
-    from the logits computed here; the folder sizes (report.sizes) are measured after that.
+    the others go on (the teacher is required). Stress suites run for `stress_models` (default: all). Every OOD
+    detector is scored on each model's own logits and features; with `edge_folder`, the scope guard of
+    `edge_model` (its primary artifact; `scope_cfg.detector`) and the drift reference are written into it from
+    the outputs computed here; the folder sizes (report.sizes) are measured after that.
     """
     ev = evaluate_cfg
     start = time.perf_counter()
-    # 1. one prediction per model and split (train excluded); these logits feed everything below
-    predictors, missing = load_predictors(models, max_length=max_length, batch_size=ev.batch_size, device=device)
-    logits, failed = collect_logits(predictors, splits)
-    # 2. the report: suites and slices with intervals, calibration, OOD and scope, stress
+    # 1. one prediction per model and split (and a training sample, for the detectors); these feed everything below
+    predictors, missing = load_predictors(models, max_length=max_length, device=device)
+    logits, features, failed = collect_outputs(predictors, splits, batch_size=ev.batch_size,
+                                               train_rows=scope_cfg.train_rows, seed=seed)
+    # 2. the report: suites and slices with intervals, calibration, OOD detectors and the scope guard, stress
     report = gap_report(logits, splits, ev.gap_threshold, bootstrap_samples=ev.bootstrap_samples, seed=seed)
     report.not_evaluated += missing + failed
-    add_calibration_and_ood(report, logits, splits, scope_tpr=ev.scope_tpr, bootstrap_samples=ev.bootstrap_samples,
-                            seed=seed)
-    add_stress(report, {m: p for m, p in predictors.items() if m in logits}, splits,
+    add_calibration_and_ood(report, logits, splits, bootstrap_samples=ev.bootstrap_samples, seed=seed)
+    guards = add_scope(report, logits, features, splits, scope_cfg, bootstrap_samples=ev.bootstrap_samples, seed=seed)
+    add_stress(report, {m: (lambda texts, p=p: p.predict_logits(list(texts), batch_size=ev.batch_size))
+                        for m, p in predictors.items() if m in logits}, splits,
                stress_models or list(logits), rows=ev.stress_rows, seed=seed)
     report.seconds = time.perf_counter() - start
     if client is not None:
@@ -60,30 +65,38 @@ def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, *, 
     for miss in report.not_evaluated:
         log.warning("not evaluated: %s on %s: %s", miss["model"], miss["suite"], miss["reason"])
     log.info("evaluation of %d models took %.1f s", len(report.models), report.seconds)
-    # 3. what ships with the edge model (part of its digest): its scope, and the drift monitor's reference
+    # 3. what ships with the edge model (part of its digest): its scope guard, and the drift monitor's reference
     if edge_folder is not None:
-        write_scope_and_reference(report, logits, splits, edge_model, edge_folder, sample_size=drift_cfg.sample_size,
-                            seed=seed, log=log)
+        write_scope_and_reference(report, logits, features, guards.get(edge_model), splits, edge_model, edge_folder,
+                                  sample_size=drift_cfg.sample_size, seed=seed, log=log)
     report.sizes = {name: folder_bytes(path) for name, path in models.items()}
     if client is not None:
         client.log_dict(run_id, report.sizes, "evaluation/sizes_bytes.json")
     return report
 
 
-def write_scope_and_reference(report: GapReport, logits: dict, splits, edge_model: str, edge_folder: str | Path, *,
-                        sample_size: int, seed: int, log=_log) -> None:
-    """scope.json (the OOD threshold and its evidence) and reference.json (the reference profile on validation +
-    test, from the logits the report was built on) in the edge folder."""
-    scope = scope_record(report, edge_model, splits)
-    if scope is not None:  # distill predict adds in_scope from it
-        write_scope(edge_folder, scope)
+def write_scope_and_reference(report: GapReport, logits: dict, features: dict, guard: ScopeGuard | None, splits,
+                              edge_model: str, edge_folder: str | Path, *, sample_size: int, seed: int,
+                              log=_log) -> None:
+    """scope.json + scope_stats.npz (the guard and its evidence) and reference.json (the reference profile on
+    validation + test, with the guard's scores) in the edge folder, from the outputs the report was built on."""
     if edge_model not in logits:  # its gates fail with the reason (edge_evaluated); nothing to profile
-        log.warning("no reference profile: %s was not evaluated", edge_model)
+        log.warning("no scope guard and no reference profile: %s was not evaluated", edge_model)
         return
+    if guard is None:  # the reason is in report.not_evaluated; predict then refuses to run without --out-of-scope answer
+        log.warning("no scope guard for %s: its detector could not be fitted", edge_model)
+    else:
+        guard.info = scope_record(report, edge_model, splits)
+        guard.write(edge_folder)
     texts = [*splits["validation"]["text"].tolist(), *splits["test"]["text"].tolist()]
     edge_logits = np.concatenate([logits[edge_model]["validation"], logits[edge_model]["test"]])
+    scores = None
+    if guard is not None:
+        f = features.get(edge_model, {})
+        scores = np.concatenate([guard.score(logits[edge_model][s], f.get(s)) for s in ("validation", "test")])
     write_reference(edge_folder, reference_profile(texts, edge_logits, list(splits.labels),
-                                                   scope_threshold=(scope or {}).get("threshold"),
+                                                   scope_scores=scores,
+                                                   scope_threshold=None if guard is None else guard.threshold,
                                                    sample_size=sample_size, seed=seed))
 
 
@@ -125,7 +138,7 @@ def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, clie
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(run, evaluate_cfg, drift_cfg, *, teacher, student, edge, splits, critical_slices: dict[str, list],
+def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, edge, splits, critical_slices: dict[str, list],
                   require_int8: bool, max_length: int, seed: int) -> tuple[GapReport, dict[str, dict], object]:
     """The run's `evaluate` stage: every model scored on its own (see `evaluate`), the gates, the gap report
     published, the step attested. Returns (report, gates, edge) with the edge folder's digest taken again, since
@@ -138,7 +151,7 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, *, teacher, student, edge, split
     for art in edge.artifacts.values():
         models.setdefault(art["report_name"], edge.path / art["path"])
     with run.stage("evaluate") as stage_run_id:
-        report = evaluate(models, splits, evaluate_cfg, drift_cfg, seed=seed, max_length=max_length, device=run.device,
+        report = evaluate(models, splits, evaluate_cfg, drift_cfg, scope_cfg, seed=seed, max_length=max_length, device=run.device,
                           edge_model=edge.report_name, edge_folder=edge.path, client=run.client, run_id=stage_run_id,
                           log=get_run_logger())
         edge = dataclasses.replace(edge, digest=model_digest(edge.path))
@@ -148,7 +161,7 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, *, teacher, student, edge, split
     digests = {"teacher": teacher.digest, "student": student.digest,
                **({"student-hard": student.baseline.digest} if student.baseline is not None else {}),
                **{a["report_name"]: a["digest"] for a in edge.artifacts.values()}}  # taken once, when built
-    attest_task(run, evaluate_statement(evaluate_cfg, critical_slices=critical_slices,
+    attest_task(run, evaluate_statement(evaluate_cfg, scope_cfg, critical_slices=critical_slices,
                                         edge_model_name=run.edge_model_name, report=report, gates=gates,
                                         edge_digest=edge.digest, model_digests=digests, splits=splits,
                                         context=run.context))

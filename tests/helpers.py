@@ -138,3 +138,20 @@ def log_model_dir(client, run_id: str, local_dir, artifact_path: str) -> str:
     folder, not an MLflow model: tests that need a registered version, not a servable pyfunc)."""
     client.log_artifacts(run_id, str(local_dir), artifact_path)
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def add_scope_guard(edge_folder, texts, *, detector: str = "knn") -> "object":
+    """Fit a real scope guard on the primary artifact of a hand-made edge folder (its own features of every other
+    text as the reference rows, its threshold at 95% of the remaining texts) and write it, as the evaluate stage
+    does; returns the guard. For tests whose edge folder is not built by the pipeline."""
+    from distill_gap.edge.serving import load_edge
+    from distill_gap.evaluation.scope import fit_guard
+
+    edge = load_edge(edge_folder)
+    logits, features = edge.predict_outputs(list(texts))
+    guard = fit_guard(detector, train_features=features[::2], train_labels=logits[::2].argmax(-1),
+                      num_classes=logits.shape[1], val_logits=logits[1::2], val_features=features[1::2], tpr=0.95,
+                      temperature=1.0, k=1)
+    guard.info = {"model": "test edge folder", "fitted_on": f"{len(texts)} test texts"}
+    guard.write(edge_folder)
+    return guard

@@ -1,6 +1,6 @@
-"""The edge folder format, the one module that names its files: edge.json (which artifacts, which is primary),
-scope.json (the OOD threshold of the primary) and reference.json (the drift monitor's reference profile), beside
-one subfolder per artifact; EdgeBuild is the quantize stage's record of one such folder."""
+"""The edge folder format: edge.json (which artifacts, which is primary), scope.json + scope_stats.npz (the
+primary's scope guard; distill_gap/edge/guard.py owns those two) and reference.json (the drift monitor's reference
+profile), beside one subfolder per artifact; EdgeBuild is the quantize stage's record of one such folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from distill_gap.errors import DistillError
 from distill_gap.inference.predictor import RUNTIMES
 
 EDGE_FILE = "edge.json"
-SCOPE_FILE = "scope.json"
 REFERENCE_FILE = "reference.json"
 EDGE_FORMAT = 1
 # artifact name in edge.json (and its subfolder) -> (runtime, model name in the gap report)
@@ -29,7 +28,7 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.
 @dataclass
 class EdgeBuild:
     """The edge folder: every artifact built, its checks against the fp32 student, which one is primary, and the
-    folder's digest (taken when edge.json is written, again by evaluate after it adds scope.json and
+    folder's digest (taken when edge.json is written, again by evaluate after it adds the scope guard and
     reference.json; attestation and registration reuse it)."""
 
     path: Path
@@ -116,19 +115,6 @@ def write_manifest(folder: str | Path, manifest: dict) -> Path:
     """Write edge.json (indented; paths and other objects as strings)."""
     path = Path(folder) / EDGE_FILE
     path.write_text(json.dumps(manifest, indent=2, default=str))
-    return path
-
-
-def read_scope(folder: str | Path) -> dict | None:
-    """scope.json of `folder` (the primary artifact's OOD threshold), or None when the edge model ships none."""
-    path = Path(folder) / SCOPE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_scope(folder: str | Path, scope: dict) -> Path:
-    """Write scope.json; it ships with the edge model (part of its digest), so `distill predict` adds in_scope."""
-    path = Path(folder) / SCOPE_FILE
-    path.write_text(json.dumps(scope, indent=2, default=str))
     return path
 
 

@@ -16,7 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from distill_gap.edge.folder import EDGE_FILE, read_manifest, read_scope
+from distill_gap.edge.folder import EDGE_FILE, read_manifest
+from distill_gap.edge.guard import SCOPE_FILE, read_guard, softmax
 from distill_gap.errors import DistillError
 from distill_gap.inference.predictor import Predictor, load_predictor
 from distill_gap.models.loading import check_no_code
@@ -40,36 +41,70 @@ def _artifact_dir(folder: Path, name: str, spec: dict) -> Path:
     return path
 
 
+OUT_OF_SCOPE = ("abstain", "answer")  # what predictions do with rows the guard puts outside the evaluated scope
+
+
 class EdgeModel:
-    """One loaded artifact of an edge folder: logits and labelled probabilities for texts."""
+    """One loaded artifact of an edge folder: logits, and rows labelled with calibrated probabilities and the
+    scope guard's verdict.
+
+    The guard and the temperature (scope.json) were fitted on the primary artifact's own features and logits, so
+    they apply to the primary only; another artifact (`--artifact`) answers with raw probabilities and no scope.
+    """
 
     def __init__(self, folder: Path, artifact: str, runtime: str, labels: list[str], max_length: int,
                  predictor: Predictor):
         self.folder, self.artifact, self.runtime = folder, artifact, runtime
         self.labels, self.max_length = labels, max_length
         self.predictor = predictor
-        # the scope threshold was computed for the primary artifact; other artifacts carry no scope
-        self.scope = read_scope(folder) if is_primary(folder, artifact) else None
+        self.guard = read_guard(folder) if is_primary(folder, artifact) else None  # a damaged guard raises
+
+    @property
+    def scope(self) -> dict | None:  # kept for callers that only ask whether a scope ships
+        return None if self.guard is None else {"detector": self.guard.detector, "threshold": self.guard.threshold}
+
+    def predict_outputs(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, C) float32 and pooled features (N, D) (None when the artifact gives none)."""
+        logits, features = self.predictor.predict_outputs([str(t) for t in texts], batch_size=batch_size)
+        logits = np.asarray(logits, dtype=np.float32)
+        assert logits.shape == (len(texts), len(self.labels)), (logits.shape, len(texts), self.labels)
+        return logits, features
 
     def predict_logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Logits (N, C) float32 in the order of `texts`, C = len(self.labels)."""
-        logits = np.asarray(self.predictor.predict_logits([str(t) for t in texts], batch_size=batch_size),
-                            dtype=np.float32)
-        assert logits.shape == (len(texts), len(self.labels)), (logits.shape, len(texts), self.labels)
-        return logits
+        return self.predict_outputs(texts, batch_size)[0]
 
-    def predict_rows(self, rows: Sequence[dict], batch_size: int = 32) -> list[dict]:
-        """One result per row: {"id", "label", "probabilities": {label: p}, "artifact"}; rows need a "text"."""
-        from scipy.special import softmax
+    def predict_rows(self, rows: Sequence[dict], batch_size: int = 32, out_of_scope: str = "abstain") -> list[dict]:
+        """One result per row: {"id", "label", "probabilities": {label: p}, "artifact", "in_scope", "scope_score",
+        "route"}; rows need a "text".
 
-        logits = self.predict_logits([r["text"] for r in rows], batch_size)  # (N, C)
-        probs = softmax(logits.astype(np.float64), axis=-1)  # (N, C), float64 so each row sums to 1 in JSON
-        out = [{"id": row.get("id"), "label": self.labels[int(p.argmax())],
-                "probabilities": {label: float(v) for label, v in zip(self.labels, p)}, "artifact": self.artifact}
-               for row, p in zip(rows, probs)]
-        if self.scope is not None:  # MSP of the raw logits against the threshold fitted on validation
-            for row, p in zip(out, probs):
-                row["in_scope"] = bool(p.max() >= self.scope["threshold"])
+        Probabilities are calibrated (softmax of logits / the temperature fitted on validation). A row outside the
+        scope gets `label: null, route: "fallback"` (send it to the teacher or a human) unless `out_of_scope` is
+        "answer". Without a guard (a non-primary artifact, or `answer` on a folder that ships no scope) rows carry
+        `in_scope: null`; the primary artifact of a folder without scope.json abstains from nothing silently: it
+        is an error unless the caller asked to answer.
+        """
+        if out_of_scope not in OUT_OF_SCOPE:
+            raise DistillError(f"out_of_scope={out_of_scope!r} is not an option", f"use one of {list(OUT_OF_SCOPE)}")
+        if self.guard is None and out_of_scope == "abstain" and is_primary(self.folder, self.artifact):
+            raise DistillError(f"{self.folder} ships no {SCOPE_FILE}: without its scope guard no row can be "
+                               "checked against what the model was evaluated on",
+                               "run the pipeline again (evaluate writes the guard), or pass --out-of-scope answer "
+                               "to label every row without a scope check")
+        logits, features = self.predict_outputs([r["text"] for r in rows], batch_size)  # (N, C), (N, D)
+        if self.guard is None:
+            probs, scores, inside = softmax(logits), [None] * len(rows), [None] * len(rows)
+        else:
+            probs = self.guard.probabilities(logits)  # (N, C) float64, calibrated: each row sums to 1 in JSON
+            raw = self.guard.score(logits, features)
+            scores, inside = [float(v) for v in raw], [bool(v) for v in self.guard.in_scope(raw)]
+        out = []
+        for row, p, score, ok in zip(rows, probs, scores, inside):
+            answer = ok is not False or out_of_scope == "answer"
+            out.append({"id": row.get("id"), "label": self.labels[int(p.argmax())] if answer else None,
+                        "probabilities": {label: float(v) for label, v in zip(self.labels, p)},
+                        "artifact": self.artifact, "in_scope": ok, "scope_score": score,
+                        "route": "model" if answer else "fallback"})
         return out
 
 

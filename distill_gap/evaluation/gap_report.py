@@ -16,7 +16,7 @@ from distill_gap.evaluation.gates import MIN_SLICE_ROWS
 from distill_gap.evaluation.html_report import drop_cell
 from distill_gap.evaluation.intervals import bootstrap_metrics
 from distill_gap.evaluation.metrics import ece, fit_temperature, mean_kl, reliability_bins, score
-from distill_gap.evaluation.ood import auroc_drop_interval, energy_score, msp_score, ood_detection, threshold_at_tpr
+from distill_gap.evaluation.ood import auroc_drop_interval, energy_score, msp_score, ood_detection
 from distill_gap.evaluation.stress import stress_result, stress_variants
 from distill_gap.inference.predictor import load_predictor
 
@@ -33,7 +33,7 @@ class GapReport:
     calibration: dict[str, dict] = field(default_factory=dict)  # model -> temperature, ECE before/after, bins
     ood: dict[str, dict[str, dict]] = field(default_factory=dict)  # ood suite -> model -> msp/energy detection
     stress: dict[str, dict[str, dict]] = field(default_factory=dict)  # variant -> model -> drop, flip rate
-    scope: dict[str, dict] = field(default_factory=dict)  # model -> OOD score threshold at scope_tpr
+    scope: dict[str, dict] = field(default_factory=dict)  # model -> the guard of scope.detector (threshold, ...)
     not_evaluated: list[dict] = field(default_factory=list)  # {"model", "suite", "reason"}
     seconds: float | None = None  # wall time of the evaluation
     sizes: dict[str, int] = field(default_factory=dict)  # model -> bytes of its folder on disk
@@ -94,12 +94,23 @@ class GapReport:
             lines += [f"| {m} | {c['temperature']:.2f} | {c['ece_before']:.3f} | {c['ece_after']:.3f} |"
                       for m, c in self.calibration.items()]
         if self.ood:
-            lines += ["", "### OOD detection (in = test)", "", "| OOD set | model | MSP AUROC | MSP AUROC drop vs teacher "
-                      "[paired 95%] | MSP FPR@95 | energy AUROC | energy FPR@95 |", "|---|---|---|---|---|---|---|"]
+            lines += ["", "### OOD detection (in = test; AUROC / FPR at 95% TPR per detector, each model on its own "
+                      "features)", "", "| OOD set | model | MSP | MSP AUROC drop vs teacher [paired 95%] | energy | "
+                      "Mahalanobis | kNN |", "|---|---|---|---|---|---|---|"]
             for suite, by_model in self.ood.items():
-                lines += [f"| {suite} | {m} | {d['msp']['auroc']:.3f} | {drop_cell(d['msp'].get('drop_vs_teacher'))} | "
-                          f"{d['msp']['fpr_at_tpr']:.3f} | {d['energy']['auroc']:.3f} | {d['energy']['fpr_at_tpr']:.3f} |"
+                lines += [f"| {suite} | {m} | {_det(d.get('msp'))} | {drop_cell(d['msp'].get('drop_vs_teacher'))} | "
+                          f"{_det(d.get('energy'))} | {_det(d.get('mahalanobis'))} | {_det(d.get('knn'))} |"
                           for m, d in by_model.items()]
+            notes = [f"- {suite}, `{m}`, {det}: {r['note']}" for suite, by_model in self.ood.items()
+                     for m, d in by_model.items() for det, r in d.items() if isinstance(r, dict) and r.get("note")]
+            if notes:
+                lines += ["", *notes]
+        if self.scope:
+            lines += ["", "### Scope guard (ships with the edge model; threshold at 95% in-distribution TPR on "
+                      "validation)", "", "| model | detector | threshold | OOD rows kept in scope |", "|---|---|---|---|"]
+            lines += [f"| {m} | {g['detector']} | {g['threshold']:.4g} | "
+                      + ", ".join(f"{suite}: {share:.1%}" for suite, share in g.get("ood_in_scope", {}).items())
+                      + " |" for m, g in self.scope.items()]
         if self.stress:
             lines += ["", "### Stress suites (seeded sample of test)", "", "| variant | " +
                       " | ".join(f"{m} drop / flips" for m in self.models) + " |", "|---|" + "---|" * len(self.models)]
@@ -166,15 +177,20 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
     return report
 
 
+def _det(r: dict | None) -> str:
+    return "-" if not r else f"{r['auroc']:.3f} / {r['fpr_at_tpr']:.3f}"
+
+
 def _truth(splits, split: str) -> np.ndarray:
     label_id = {label: i for i, label in enumerate(splits.labels)}
     return splits[split]["label"].map(label_id).to_numpy()
 
 
 def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.ndarray]], splits, *,
-                            scope_tpr: float = 0.95, bootstrap_samples: int = 0, seed: int = 0) -> GapReport:
-    """Calibration (T fitted on validation, ECE on test before/after), OOD detection (MSP and energy AUROC,
-    FPR at 95% TPR, test = in-distribution) and the scope threshold (MSP at `scope_tpr` of validation).
+                            bootstrap_samples: int = 0, seed: int = 0) -> GapReport:
+    """Calibration (T fitted on validation, ECE on test before/after) and OOD detection by the logits alone (MSP
+    and energy AUROC, FPR at 95% TPR, test = in-distribution); add_scope adds the feature-space detectors and the
+    guard that ships.
 
     With `bootstrap_samples`, each model's MSP AUROC drop against the teacher on the same rows gets a paired 95%
     interval (ood[suite][model]["msp"]["drop_vs_teacher"]), which the OOD gate reads."""
@@ -191,8 +207,6 @@ def add_calibration_and_ood(report: GapReport, logits: dict[str, dict[str, np.nd
         if has_val and "validation" in by_split:
             val, val_truth = by_split["validation"], _truth(splits, "validation")
             t = fit_temperature(val, val_truth)
-            report.scope[m] = {"score": "msp", "threshold": threshold_at_tpr(msp_score(val), scope_tpr),
-                               "tpr": scope_tpr, "temperature": t, "fitted_on": f"validation ({len(val)} rows)"}
         else:
             t = 1.0
             report.not_evaluated.append({"model": m, "suite": "calibration/scope",
@@ -248,60 +262,75 @@ def add_stress(report: GapReport, predictors: dict, splits, models: list[str], *
     return report
 
 
-def load_predictors(paths: dict, *, max_length: int, batch_size: int, device: str) -> tuple[dict, list[dict]]:
-    """name -> callable(texts) -> logits for each model folder (any runtime, through load_predictor), and the
-    models that could not be loaded, listed (the teacher is required: its failure raises)."""
+def load_predictors(paths: dict, *, max_length: int, device: str) -> tuple[dict, list[dict]]:
+    """name -> Predictor for each model folder (any runtime, through load_predictor), and the models that could
+    not be loaded, listed (the teacher is required: its failure raises)."""
     predictors, missing = {}, []
     for name, path in paths.items():
         try:
-            model = load_predictor(path, max_length=max_length, device=device)
+            predictors[name] = load_predictor(path, max_length=max_length, device=device)
         except Exception as err:
             if name == "teacher":
                 raise
             missing.append({"model": name, "suite": "all", "reason": f"could not be loaded: {err}"})
-            continue
-        predictors[name] = lambda texts, m=model, n=name: m.predict_logits(list(texts), batch_size=batch_size,
-                                                                           desc=f"evaluate {n}")
     return predictors, missing
 
 
-def collect_logits(predictors: dict, splits) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
-    """model -> split -> logits (N, C) for every split but train; a model that fails or returns the wrong number
-    of classes is left out and listed (the teacher is required: its failure raises)."""
+def train_sample(splits, rows: int, seed: int):
+    """The seeded sample of the training split the scope detectors are fitted on (all of it under `rows`)."""
+    train = splits["train"]
+    return train if len(train) <= rows else train.sample(n=rows, random_state=seed)
+
+
+def collect_outputs(predictors: dict, splits, *, batch_size: int = 32, train_rows: int = 0, seed: int = 0):
+    """model -> split -> logits (N, C) and pooled features (N, D) for every split but train, plus the features of
+    train_sample(splits, train_rows) under "train" (features only: the detectors' reference rows).
+
+    Returns (logits, features, failed): features[model] lacks a split where the artifact gives no features; a
+    model that fails or returns the wrong number of classes is left out and listed (the teacher is required).
+    """
     num_classes = len(splits.labels)
     logits: dict[str, dict[str, np.ndarray]] = {}
+    features: dict[str, dict[str, np.ndarray]] = {}
     missing: list[dict] = []
-    for name, predict in predictors.items():
-        out = {}
+    texts = {split: splits[split]["text"].tolist() for split in splits.frames if split != "train"}
+    if train_rows:
+        texts["train"] = train_sample(splits, train_rows, seed)["text"].tolist()
+    for name, model in predictors.items():
+        out, feats = {}, {}
         try:
-            for split in splits.frames:
-                if split == "train":
-                    continue
-                arr = np.asarray(predict(splits[split]["text"].tolist()))
+            for split, split_texts in texts.items():
+                arr, f = model.predict_outputs(split_texts, batch_size=batch_size, desc=f"evaluate {name} {split}")
+                arr = np.asarray(arr)
                 if arr.ndim != 2 or arr.shape[1] != num_classes:
                     raise DistillError(f"{name} returns logits of shape {arr.shape} on {split}; the label set "
                                        f"has {num_classes} classes {list(splits.labels)}",
                                        "check that the model was trained on data.labels, in that order")
-                out[split] = arr
+                if split != "train":
+                    out[split] = arr
+                if f is not None:
+                    feats[split] = np.asarray(f, dtype=np.float32)
         except Exception as err:
             if name == "teacher":
                 raise
             missing.append({"model": name, "suite": "all", "reason": str(err).splitlines()[0]})
             continue
-        logits[name] = out
-    return logits, missing
+        logits[name], features[name] = out, feats
+    return logits, features, missing
 
 
 def scope_record(report: GapReport, model: str, splits) -> dict | None:
-    """What ships with the edge model: its OOD threshold and the evidence it was evaluated on."""
+    """The evidence that ships with the edge model's guard (scope.json): what it was fitted and scored on."""
     if model not in report.scope:
         return None
-    return {**report.scope[model], "model": model, "data_digests": splits.digests(),
+    g = report.scope[model]
+    return {"model": model, "fitted_on": g.get("fitted_on"), "data_digests": splits.digests(),
             "slices": [s.removeprefix("slice:") for s in report.suites if s.startswith("slice:")],
-            "ood_sets": {suite: report.ood.get(suite, {}).get(model, {}).get("msp") for suite in report.ood},
+            "ood_sets": {suite: {k: v for k, v in (by_model.get(model, {}).get(g["detector"]) or {}).items()
+                                 if k != "hist"} for suite, by_model in report.ood.items()},
             "test_accuracy": report.metric("test", model),
             "calibration": {k: report.calibration.get(model, {}).get(k) for k in ("temperature", "ece_after")},
-            "rule": "in_scope = max softmax probability of the raw logits >= threshold"}
+            "rule": f"in_scope = {g['detector']} score >= threshold; probabilities = softmax(logits / temperature)"}
 
 
 def report_metrics(report: GapReport) -> dict[str, float]:

@@ -132,16 +132,16 @@ def export_statement(*, max_length: int, min_edge_agreement: float, student_mode
         results={k: a.get(k) for k in ("parity", "validation", "ok", "check", "size_bytes")}, context=context)
 
 
-def evaluate_statement(ev, *, critical_slices: dict, edge_model_name: str, report, gates: dict, edge_digest: str,
-                       model_digests: dict[str, str], splits, context: dict) -> dict:
+def evaluate_statement(ev, scope_cfg, *, critical_slices: dict, edge_model_name: str, report, gates: dict,
+                       edge_digest: str, model_digests: dict[str, str], splits, context: dict) -> dict:
     """Every model evaluated on its own; the gates with their thresholds and measured values (`ev`: the evaluate
-    config section)."""
+    config section; `scope_cfg`: the scope section, whose guard ships)."""
     test = report.suites.get("test", {})
     return statement(
         "evaluate", {edge_model_name: edge_digest},
         technique="evaluation parity: each model on test, slices, OOD sets, stress variants, calibration",
         parameters={"bootstrap_samples": ev.bootstrap_samples, "stress_rows": ev.stress_rows,
-                    "scope_tpr": ev.scope_tpr, "critical_slices": critical_slices},
+                    "scope": scope_cfg.model_dump(), "critical_slices": critical_slices},
         inputs={**{f"model/{m}": d for m, d in model_digests.items()},
                 **{f"data/{s}": d for s, d in splits.digests().items()}},
         data=splits.summary(),

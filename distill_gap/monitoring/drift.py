@@ -245,21 +245,28 @@ def _floats(values, digits: int = 6) -> list[float]:
 
 
 def reference_profile(texts: Sequence[str], logits, labels: Sequence[str], *, scope_threshold: float | None,
-                      sample_size: int = 2000, seed: int = 0) -> dict:
+                      scope_scores=None, sample_size: int = 2000, seed: int = 0) -> dict:
     """JSON-able reference of the champion on its reference texts: predicted-label counts, out-of-scope share, and
-    seeded samples (the same rows for all) of the MSP and the text statistics."""
+    seeded samples (the same rows for all) of the scope score and the text statistics.
+
+    `scope_scores` (N,): the scores of the guard the edge model ships (higher = in scope), so that the monitor
+    counts what predictions count; None: the MSP of the logits."""
     texts = [str(t) for t in texts]
     if not texts:
         raise DistillError("no reference texts", "build the reference profile from the validation and test texts")
     logits = _check_logits(logits, len(texts), labels)
-    msp, pred = _msp(logits), logits.argmax(axis=1)
+    pred = logits.argmax(axis=1)
+    score = _msp(logits) if scope_scores is None else np.asarray(scope_scores, dtype=np.float64)
+    if score.shape != (len(texts),):
+        raise DistillError(f"{score.shape} scope scores for {len(texts)} texts", "pass one scope score per text")
     idx = _sample_index(len(texts), sample_size, seed)
     stats = text_statistics([texts[i] for i in idx])
     return {"format": PROFILE_FORMAT, "labels": list(labels), "n": len(texts), "sample_size": int(len(idx)), "seed": seed,
             "predicted_counts": {l: int(c) for l, c in zip(labels, np.bincount(pred, minlength=len(labels)))},
             "scope": {"threshold": None if scope_threshold is None else float(scope_threshold),
-                      "out_of_scope_share": None if scope_threshold is None else float(np.mean(msp < scope_threshold))},
-            "msp": _floats(msp[idx]), "text": {k: _floats(v) for k, v in stats.items()}}
+                      "score": "msp" if scope_scores is None else "guard",
+                      "out_of_scope_share": None if scope_threshold is None else float(np.mean(score < scope_threshold))},
+            "scope_score": _floats(score[idx]), "text": {k: _floats(v) for k, v in stats.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,9 +344,12 @@ def drift_report(reference: dict, prod: "pd.DataFrame", predict_logits: Callable
     idx = _sample_index(len(prod), sample_size, seed)
     scored = prod.iloc[idx]
     t_model = time.perf_counter()
-    logits = _check_logits(predict_logits(scored["text"].tolist()), len(idx), labels)
+    out = predict_logits(scored["text"].tolist())  # logits, or (logits, the shipped guard's scope scores)
+    logits, guard_scores = out if isinstance(out, tuple) else (out, None)
+    logits = _check_logits(logits, len(idx), labels)
     model_seconds = time.perf_counter() - t_model
-    pred, msp = logits.argmax(axis=1), _msp(logits)
+    pred = logits.argmax(axis=1)
+    score = _msp(logits) if guard_scores is None else np.asarray(guard_scores, dtype=np.float64)
     ref_counts = np.array([reference["predicted_counts"][l] for l in labels])
     prod_counts = np.bincount(pred, minlength=len(labels))
     shift = prediction_shift(ref_counts, prod_counts)
@@ -350,14 +360,14 @@ def drift_report(reference: dict, prod: "pd.DataFrame", predict_logits: Callable
         reasons.append(f"predicted labels shifted: PSI {shift['psi']:.3f} (max {th.max_psi}), JS distance "
                        f"{shift['js']:.3f} (max {th.max_js}), chi-square p {shift['p_value']:.2g} < {th.p_value}")
 
-    # 3. out of scope: MSP below the threshold, against the reference share (recomputed from its MSP sample when the
-    # reference was profiled with another threshold)
+    # 3. out of scope: the scope score (the guard's, or MSP) below the threshold, against the reference share
+    # (recomputed from its score sample when the reference was profiled with another threshold)
     scope = None
     if scope_threshold is not None:
         ref_scope = reference["scope"]
         ref_share = ref_scope["out_of_scope_share"] if ref_scope["threshold"] == scope_threshold else \
-            float(np.mean(np.asarray(reference["msp"]) < scope_threshold))
-        out = int(np.sum(msp < scope_threshold))
+            float(np.mean(np.asarray(reference.get("scope_score", reference.get("msp"))) < scope_threshold))
+        out = int(np.sum(score < scope_threshold))
         p = binomtest(out, len(idx), min(max(ref_share, 1e-9), 1 - 1e-9), alternative="greater").pvalue
         increase = out / len(idx) - ref_share
         drifted = bool(increase > th.max_out_of_scope_increase and p < th.p_value)
@@ -395,7 +405,7 @@ def drift_markdown(report: dict) -> str:
             ("predicted labels: chi-square p", f"{p['p_value']:.2g}", f"< {alpha} (with PSI or JS over)", "")]
     if report["scope"]:
         s = report["scope"]
-        rows.append(("out-of-scope share (MSP below threshold)",
+        rows.append(("out-of-scope share (scope score below threshold)",
                      f"{s['reference_share']:.1%} -> {s['share']:.1%} ({s['increase']:+.1%}; binomial p {s['p_value']:.2g})",
                      f"rise > +{th['max_out_of_scope_increase']:.0%} and p < {alpha}", flag(s["drifted"])))
     rows += [(f"text {k}: KS", f"{t['ks']:.3f} (Holm p {t['p_adjusted']:.2g})", f"> {th['max_ks']} and Holm p < {alpha}",

@@ -47,6 +47,12 @@ def teacher_change(client, cfg) -> dict:
 # production rows with it
 
 
+def _scored(model, texts):
+    """(logits, the shipped guard's scope scores) of the champion: the monitor counts what predict counts."""
+    logits, features = model.predict_outputs(texts)
+    return (logits, None) if model.guard is None else (logits, model.guard.score(logits, features))
+
+
 def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
     """Read the production rows, load the champion and its reference, and compare them (distill_gap.monitoring.drift)."""
     from distill_gap.edge.serving import load_edge
@@ -62,10 +68,10 @@ def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
         raise DistillError(f"{cfg.edge_model_name} v{current.version} ships no {REFERENCE_FILE} (registered before "
                            "drift monitoring existed)", "run the pipeline once more to register a champion with a reference")
     model = load_edge(folder)
-    report = drift_report(read_reference(folder), rows,
-                          lambda texts: model.predict_logits(texts), model.labels, thresholds=cfg.drift.thresholds(),
-                          scope_threshold=(model.scope or {}).get("threshold"), sample_size=cfg.drift.sample_size,
-                          seed=cfg.seed)
+    report = drift_report(read_reference(folder), rows, lambda texts: _scored(model, texts), model.labels,
+                          thresholds=cfg.drift.thresholds(),
+                          scope_threshold=None if model.guard is None else model.guard.threshold,
+                          sample_size=cfg.drift.sample_size, seed=cfg.seed)
     report["champion"] = f"{cfg.edge_model_name}/{current.version}"
     report["production"] = production
     return report

@@ -84,10 +84,10 @@ class DistillClassifier(PythonModel):
         if (folder / EDGE_FILE).is_file():
             from distill_gap.edge.serving import load_edge
 
-            edge = load_edge(folder)
-            self.labels = list(edge.labels)
-            self._logits = edge.predict_logits
+            self.edge = load_edge(folder)
+            self.labels = list(self.edge.labels)
         else:
+            self.edge = None
             from distill_gap.inference.predictor import load_predictor
 
             predictor = load_predictor(folder, runtime="transformers", max_length=int(config.get("max_length", 128)))
@@ -100,9 +100,22 @@ class DistillClassifier(PythonModel):
 
     # pd.DataFrame: MLflow takes the schema from the signature and does not warn about a missing type hint
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """An edge folder answers as `distill predict` does: calibrated probabilities, `in_scope`, `scope_score`,
+        `route`, and out-of-scope rows abstain (label None, route "fallback") unless params={"out_of_scope":
+        "answer"}. A transformers folder gives label and raw probabilities."""
         texts = _texts(model_input)
-        logits = self._logits(texts, self.batch_size) if texts else np.zeros((0, len(self.labels)))
-        return predictions_frame(logits, self.labels)
+        if self.edge is None:
+            logits = self._logits(texts, self.batch_size) if texts else np.zeros((0, len(self.labels)))
+            return predictions_frame(logits, self.labels)
+        out_of_scope = str((params or {}).get("out_of_scope", "abstain"))
+        rows = self.edge.predict_rows([{"id": i, "text": t} for i, t in enumerate(texts)], self.batch_size,
+                                      out_of_scope=out_of_scope) if texts else []
+        frame = pd.DataFrame({LABEL_COLUMN: pd.Series([r["label"] for r in rows], dtype=object)})
+        for label in self.labels:
+            frame[f"{PROB_PREFIX}{label}"] = pd.Series([r["probabilities"][label] for r in rows], dtype="float64")
+        for key, dtype in (("in_scope", object), ("scope_score", "float64"), ("route", object)):
+            frame[key] = pd.Series([r[key] for r in rows], dtype=dtype)
+        return frame
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,15 +147,20 @@ def folder_labels(local_dir: str | Path) -> list[str]:
     return config_labels(folder)
 
 
-def model_signature(labels: Sequence[str]):
-    """Input: a `text` string column; output: `label` (string) and `prob_<label>` (double) per label."""
+def model_signature(labels: Sequence[str], *, edge: bool = False):
+    """Input: a `text` string column; output: `label` (string) and `prob_<label>` (double) per label; an edge
+    folder adds `in_scope`, `scope_score`, `route` and the `out_of_scope` parameter ("abstain" or "answer")."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", TEXT_COLUMN)]),
-        outputs=Schema([ColSpec("string", LABEL_COLUMN)] + [ColSpec("double", f"{PROB_PREFIX}{l}") for l in labels]),
-    )
+    outputs = [ColSpec("string", LABEL_COLUMN, required=not edge)] + \
+        [ColSpec("double", f"{PROB_PREFIX}{l}") for l in labels]
+    if not edge:
+        return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs))
+    outputs += [ColSpec("boolean", "in_scope", required=False), ColSpec("double", "scope_score", required=False),
+                ColSpec("string", "route")]
+    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs),
+                          params=ParamSchema([ParamSpec("out_of_scope", "string", "abstain")]))
 
 
 def pip_requirements() -> list[str]:
@@ -217,7 +235,7 @@ def log_model_folder(client, run_id: str, local_dir: str | Path, name: str, *, e
         info = mlflow.pyfunc.log_model(
             python_model=__file__,
             artifacts={ARTIFACT_KEY: str(folder.resolve())},
-            signature=model_signature(labels),
+            signature=model_signature(labels, edge=(folder / EDGE_FILE).is_file()),
             input_example=pd.DataFrame({TEXT_COLUMN: examples}),
             pip_requirements=pip_requirements(),
             model_config={"max_length": int(max_length), "batch_size": int(batch_size)},

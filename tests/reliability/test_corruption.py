@@ -148,12 +148,13 @@ def test_edited_row_count_in_the_manifest_is_a_clear_error(s3_bucket, teacher):
 
 @pytest.fixture(scope="module")
 def registry(tiny_model_dir, review_frame, tmp_path_factory, mlflow_db_template):
-    """tiny-teacher v1 (`distill teacher import`) and tiny-edge v1 (an fp32 edge folder), both signed and logged as
+    """tiny-teacher v1 (`distill teacher import`) and tiny-edge v1 (an fp32 edge folder with its scope guard), both signed and logged as
     MLflow models in a SQLite registry with file artifacts, like the pipeline registers them."""
     from distill_gap.registry.pyfunc import link_version, log_model_folder
     from distill_gap.registry.tracking import client_for, experiment_id
     from distill_gap.registry.versions import create_version, sign_and_log
     from distill_gap.kd.teacher import import_teacher
+    from tests.helpers import add_scope_guard
 
     tmp = tmp_path_factory.mktemp("corruption-registry")
     old, old_env = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -167,6 +168,7 @@ def registry(tiny_model_dir, review_frame, tmp_path_factory, mlflow_db_template)
         (edge / "edge.json").write_text(json.dumps({
             "format": 1, "primary": "fp32", "labels": LABELS, "max_length": 64, "quantized": False,
             "artifacts": {"fp32": {"path": "fp32", "runtime": "transformers"}}}))
+        add_scope_guard(edge, review_frame["text"].head(40).tolist())  # as evaluate writes it, before signing
         client = client_for(cfg.tracking)
         run_id = client.create_run(experiment_id(client, cfg.tracking), run_name="register-edge").info.run_id
         signed = sign_and_log(client, run_id, edge, "edge", cfg.governance)

@@ -235,7 +235,9 @@ def rows(tmp_path):
 
 
 def _predict(edge: Path, rows: Path):
-    return _cli("predict", "--model", edge, "--input", rows, "--tracking-uri", "sqlite:///unused.db")
+    # these folders carry no scope guard (the tests are about what loading refuses): answer without one
+    return _cli("predict", "--model", edge, "--input", rows, "--tracking-uri", "sqlite:///unused.db",
+                "--out-of-scope", "answer")
 
 
 def test_predict_serves_a_clean_edge_folder(tiny_model_dir, rows, in_tmp):

@@ -10,11 +10,12 @@ import pytest
 
 from distill_gap.data.splits import Splits
 from distill_gap.digest import folder_bytes
-from distill_gap.edge.folder import read_reference, read_scope
+from distill_gap.edge.folder import read_reference
+from distill_gap.edge.guard import read_guard
 from distill_gap.evaluation.gap_report import scope_record
 from distill_gap.inference.predictor import load_predictor
 from distill_gap.monitoring.drift import reference_profile
-from flows.config import DriftConfig, EvaluateConfig
+from flows.config import DriftConfig, EvaluateConfig, ScopeConfig
 from tasks.evaluate import evaluate, publish_report
 from tests.conftest import LABELS
 from tests.helpers import spread_classifier
@@ -36,8 +37,8 @@ def evaluated(review_frame, tiny_model_dir, tmp_path_factory):
     shutil.copytree(student, edge_folder / "fp32")
     models = {"teacher": tiny_model_dir, "student": student, EDGE: edge_folder / "fp32", "gone": tmp / "missing"}
     ev = EvaluateConfig(batch_size=16, bootstrap_samples=20, stress_rows=16)  # few resamples: not what is tested
-    report = evaluate(models, splits, ev, DriftConfig(sample_size=30), seed=0, max_length=32, device="cpu",
-                      edge_model=EDGE, edge_folder=edge_folder)
+    report = evaluate(models, splits, ev, DriftConfig(sample_size=30), ScopeConfig(detector="knn", k=3, train_rows=40),
+                      seed=0, max_length=32, device="cpu", edge_model=EDGE, edge_folder=edge_folder)
     return {"report": report, "splits": splits, "models": models, "edge_folder": edge_folder}
 
 
@@ -55,16 +56,22 @@ def test_every_model_scored_and_a_model_that_cannot_be_loaded_is_listed(evaluate
 
 def test_the_edge_folder_gets_the_scope_and_the_reference_of_the_same_predictions(evaluated):
     report, splits, folder = evaluated["report"], evaluated["splits"], evaluated["edge_folder"]
-    assert read_scope(folder) == json.loads(json.dumps(scope_record(report, EDGE, splits), default=str))
+    guard = read_guard(folder)
+    assert guard.detector == "knn" and guard.threshold == pytest.approx(report.scope[EDGE]["threshold"])
+    assert guard.info == json.loads(json.dumps(scope_record(report, EDGE, splits), default=str))
+    assert guard.temperature == pytest.approx(report.calibration[EDGE]["temperature"])
+    assert guard.stats["bank"].shape == (40, 32)  # the 40 training rows' own pooled features (hidden size 32)
+    assert set(report.ood["ood:far"][EDGE]) >= {"msp", "energy", "mahalanobis", "knn"}
     reference = read_reference(folder)
-    # what the flow computed before: the edge model loaded again and run over validation + test
+    # what the flow computed before: the edge model loaded again and run over validation + test, scored by the guard
     texts = [*splits["validation"]["text"], *splits["test"]["text"]]
-    again = load_predictor(folder / "fp32", max_length=32).predict_logits(texts, batch_size=16)
-    expected = reference_profile(texts, again, LABELS, scope_threshold=report.scope[EDGE]["threshold"],
-                                 sample_size=30, seed=0)
-    assert reference["n"] == len(texts) == 140 and reference["scope"] == expected["scope"]
+    again, features = load_predictor(folder / "fp32", max_length=32).predict_outputs(texts, batch_size=16)
+    expected = reference_profile(texts, again, LABELS, scope_threshold=guard.threshold,
+                                 scope_scores=guard.score(again, features), sample_size=30, seed=0)
+    assert reference["n"] == len(texts) == 140 and reference["scope"]["score"] == "guard"
+    assert reference["scope"]["out_of_scope_share"] == pytest.approx(expected["scope"]["out_of_scope_share"], abs=0.01)
     assert reference["predicted_counts"] == expected["predicted_counts"] and reference["text"] == expected["text"]
-    np.testing.assert_allclose(reference["msp"], expected["msp"], atol=1e-5)
+    np.testing.assert_allclose(reference["scope_score"], expected["scope_score"], atol=1e-3)
 
 
 def test_publish_report_writes_the_verdict_and_the_table_to_prefect(evaluated, prefect_api):

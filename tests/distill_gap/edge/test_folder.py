@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from distill_gap.digest import model_digest
-from distill_gap.edge.folder import (EDGE_FILE, REFERENCE_FILE, SCOPE_FILE, EdgeBuild, copy_model_files,
-                                     read_manifest, read_reference, read_scope, replace_dir, write_manifest,
-                                     write_reference, write_scope)
+from distill_gap.edge.folder import (EDGE_FILE, REFERENCE_FILE, EdgeBuild, copy_model_files, read_manifest,
+                                     read_reference, replace_dir, write_manifest, write_reference)
+from distill_gap.edge.guard import SCOPE_FILE, STATS_FILE, ScopeGuard, read_guard
 from distill_gap.errors import DistillError
 from tests.conftest import LABELS
 
@@ -33,21 +34,21 @@ def test_the_build_writes_a_manifest_that_reads_back_and_carries_the_folder_dige
     assert (manifest["primary"], manifest["labels"], manifest["max_length"]) == ("onnx", LABELS, 64)
     assert build.report_name == "student-onnx" and build.primary_ok
 
-    assert read_scope(build.path) is None  # no scope: predictions carry no in_scope
+    assert read_guard(build.path) is None  # no scope guard yet (predict refuses to abstain without one)
     with pytest.raises(DistillError, match=f"ships no {REFERENCE_FILE}"):
         read_reference(build.path)
-    scope, profile = {"score": "msp", "threshold": 0.5}, {"rows": 3, "classes": LABELS}
-    write_scope(build.path, scope)
+    guard = ScopeGuard("knn", threshold=0.5, tpr=0.95, temperature=1.3, stats={"bank": np.eye(3, 4)}, k=1)
+    profile = {"rows": 3, "classes": LABELS}
+    guard.write(build.path)
     write_reference(build.path, profile)
     assert model_digest(build.path) != digest  # they ship with the model: part of its digest
-    assert read_scope(build.path) == scope and read_reference(build.path) == profile
-    assert {p.name for p in build.path.iterdir()} == {EDGE_FILE, SCOPE_FILE, REFERENCE_FILE, "onnx"}
+    assert read_guard(build.path).threshold == 0.5 and read_reference(build.path) == profile
+    assert {p.name for p in build.path.iterdir()} == {EDGE_FILE, SCOPE_FILE, STATS_FILE, REFERENCE_FILE, "onnx"}
 
 
 def test_plain_writers_and_readers_round_trip(tmp_path):
-    write_scope(tmp_path, {"threshold": 0.25})
     write_reference(tmp_path, {"a": [1, 2]})
-    assert read_scope(tmp_path) == {"threshold": 0.25} and read_reference(tmp_path) == {"a": [1, 2]}
+    assert read_reference(tmp_path) == {"a": [1, 2]}
     manifest = {"format": 1, "primary": "fp32", "labels": LABELS, "artifacts": {
         "fp32": {"path": "fp32", "runtime": "transformers"}}}
     write_manifest(tmp_path, manifest)

@@ -23,6 +23,7 @@ from distill_gap.edge.inc_quantization import autotune_int8
 from distill_gap.edge.onnx_export import export_onnx
 
 from tests.conftest import LABELS
+from tests.helpers import add_scope_guard
 
 REPO = Path(__file__).resolve().parents[3]
 MAX_LENGTH = 64
@@ -57,6 +58,7 @@ def edge_dir(spread_model_dir, texts, tmp_path_factory):
                   tolerable_loss=0.99, max_trials=1, candidates=["dynamic"], max_length=MAX_LENGTH)
     shutil.copytree(spread_model_dir, edge / "fp32")
     (edge / EDGE_FILE).write_text(json.dumps(_manifest(), indent=2))
+    add_scope_guard(edge, texts)
     return edge
 
 
@@ -275,25 +277,46 @@ def test_a_changed_byte_in_the_registered_artifact_is_refused(edge_dir, registry
 
 
 def test_scope_adds_in_scope_and_abstain_routes_out_of_scope_rows(edge_dir, rows_file, tmp_path, in_tmp):
-    import shutil
-
+    """The guard scope.json ships: calibrated probabilities, in_scope and scope_score on every row, abstention by
+    default, --out-of-scope answer to label anyway; another artifact than the primary carries no guard."""
     from scipy.special import softmax
+
+    from distill_gap.edge.guard import ScopeGuard
 
     folder = tmp_path / "scoped"
     shutil.copytree(edge_dir, folder)
-    plain = load_edge(folder).predict_logits([json.loads(x)["text"] for x in Path(rows_file).read_text().splitlines()])
-    msp = softmax(plain.astype(np.float64), axis=-1).max(-1)
+    texts = [json.loads(x)["text"] for x in Path(rows_file).read_text().splitlines()]
+    plain = load_edge(folder).predict_logits(texts).astype(np.float64)
+    msp = softmax(plain, axis=-1).max(-1)
     threshold = float(np.median(msp))  # about half of the rows fall below it
-    (folder / "scope.json").write_text(json.dumps({"score": "msp", "threshold": threshold, "tpr": 0.95}))
+    ScopeGuard("msp", threshold=threshold, tpr=0.95, temperature=2.0).write(folder)
     out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db")
     assert out.exit_code == 0, out.stderr
     rows = _jsonl(out.stdout)
     assert [r["in_scope"] for r in rows] == [bool(m >= threshold) for m in msp]
-    assert any(not r["in_scope"] for r in rows) and "out of scope" in out.stderr
+    np.testing.assert_allclose([r["scope_score"] for r in rows], msp, rtol=1e-5)
+    np.testing.assert_allclose([list(r["probabilities"].values()) for r in rows], softmax(plain / 2.0, axis=-1),
+                               rtol=1e-5)  # calibrated: the temperature fitted on validation
+    routed = [r for r in rows if not r["in_scope"]]
+    assert routed and all(r["label"] is None and r["route"] == "fallback" for r in routed)  # abstains by default
+    assert "out of scope by the msp guard (routed to fallback)" in out.stderr
     out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db",
-                   "--out-of-scope", "abstain")
-    routed = [r for r in _jsonl(out.stdout) if not r["in_scope"]]
-    assert routed and all(r["label"] is None and r["route"] == "fallback" for r in routed)
-    # another artifact than the primary carries no scope: no in_scope field rather than a wrong one
+                   "--out-of-scope", "answer")
+    answered = _jsonl(out.stdout)
+    assert all(r["label"] in LABELS and r["route"] == "model" for r in answered)
+    assert [r["in_scope"] for r in answered] == [r["in_scope"] for r in rows]
+    # another artifact than the primary carries no guard: in_scope null rather than a wrong one
     out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db", "--artifact", "int8")
-    assert all("in_scope" not in r for r in _jsonl(out.stdout))
+    assert all(r["in_scope"] is None and r["label"] in LABELS for r in _jsonl(out.stdout))
+
+
+def test_an_edge_folder_without_its_guard_refuses_to_abstain_silently(edge_dir, rows_file, tmp_path, in_tmp):
+    folder = tmp_path / "unscoped"
+    shutil.copytree(edge_dir, folder)
+    (folder / "scope.json").unlink()
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db")
+    assert out.exit_code != 0 and "ships no scope.json" in out.stderr and "--out-of-scope answer" in out.stderr
+    assert out.stdout == ""
+    out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db",
+                   "--out-of-scope", "answer")
+    assert out.exit_code == 0 and all(r["in_scope"] is None for r in _jsonl(out.stdout))

@@ -59,6 +59,19 @@ def case_fragile_edge(texts) -> np.ndarray:
     return out
 
 
-def zeros_predictor(num_classes: int):
-    """A predictor over texts that returns all-zero logits of `num_classes` columns (a wrong width breaks a model)."""
-    return lambda texts: np.zeros((len(texts), num_classes), dtype=np.float32)
+class ZerosPredictor:
+    """A Predictor over texts that returns all-zero logits of `num_classes` columns (a wrong width breaks a model)
+    and features of 4 columns."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def predict_outputs(self, texts, *, batch_size: int = 32, desc=None):
+        return np.zeros((len(texts), self.num_classes), dtype=np.float32), np.ones((len(texts), 4), dtype=np.float32)
+
+    def predict_logits(self, texts, *, batch_size: int = 32, desc=None):
+        return self.predict_outputs(texts)[0]
+
+
+def zeros_predictor(num_classes: int) -> ZerosPredictor:
+    return ZerosPredictor(num_classes)

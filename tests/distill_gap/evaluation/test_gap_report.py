@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_logits,
+from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_outputs,
                                                gap_report, load_predictors, report_metrics, scope_record)
+from distill_gap.evaluation.scope import add_scope
+from flows.config import ScopeConfig
 from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
                                                     one_hot_logits, three_class_splits, two_site_splits,
                                                     zeros_predictor)
@@ -39,19 +41,27 @@ def test_intervals_calibration_ood_and_scope():
     assert report.suites["slice:site=tiny"]["student"]["ci"]["accuracy"]["note"] == "n too small"
     assert report.suites["test"]["student"]["kl_teacher"] > 0
     assert "validation" not in report.suites and "train" not in report.suites  # they shaped the models
-    add_calibration_and_ood(report, logits, splits, scope_tpr=0.95, bootstrap_samples=50)
+    add_calibration_and_ood(report, logits, splits, bootstrap_samples=50)
     cal = report.calibration["student"]
     assert cal["temperature"] > 1.0 and cal["ece_after"] < cal["ece_before"]  # scaling fixes over-confidence
     assert report.ood["ood:far"]["teacher"]["msp"]["auroc"] > 0.9  # flat OOD logits are easy to detect
     assert "drop_vs_teacher" in report.ood["ood:far"]["student"]["msp"]
-    assert 0 < report.scope["student"]["threshold"] < 1 and report.scope["student"]["tpr"] == 0.95
+    # features: the logits themselves stand in (3 columns); the training sample's are the validation rows'
+    features = {m: {**by_split, "train": by_split["validation"]} for m, by_split in logits.items()}
+    guards = add_scope(report, logits, features, splits, ScopeConfig(detector="knn", k=3, train_rows=60),
+                       bootstrap_samples=50)
+    assert set(guards) == set(report.scope) == {"teacher", "student"} and guards["student"].temperature == cal["temperature"]
+    assert report.scope["student"]["detector"] == "knn" and report.scope["student"]["tpr"] == 0.95
+    assert set(report.ood["ood:far"]["student"]) >= {"msp", "energy", "mahalanobis", "knn", "hist"}
+    assert report.ood["ood:far"]["student"]["hist"]["score"] == "knn"
+    assert report.ood["ood:far"]["student"]["knn"]["ci"]["low"] is not None
     md = report.markdown()
-    assert "n too small" in md and "Calibration" in md and "OOD detection" in md
+    assert "n too small" in md and "Calibration" in md and "OOD detection" in md and "Scope guard" in md
 
     scope = scope_record(report, "student", splits)
-    assert scope["threshold"] == report.scope["student"]["threshold"] and scope["model"] == "student"
+    assert scope["model"] == "student" and "knn score >= threshold" in scope["rule"]
     assert scope["data_digests"] == splits.digests() and "tiny" in {s.split("=")[1] for s in scope["slices"]}
-    assert scope["ood_sets"]["ood:far"]["auroc"] == report.ood["ood:far"]["student"]["msp"]["auroc"]
+    assert scope["ood_sets"]["ood:far"]["auroc"] == report.ood["ood:far"]["student"]["knn"]["auroc"]
     assert scope_record(report, "nobody", splits) is None
 
     metrics = report_metrics(report)
@@ -99,23 +109,26 @@ def test_a_model_with_the_wrong_number_of_classes_is_not_evaluated_and_the_other
     splits = three_class_splits()
 
     three, two = zeros_predictor(3), zeros_predictor(2)
-    logits, missing = collect_logits({"teacher": three, "student": three, "broken": two}, splits)
+    logits, features, missing = collect_outputs({"teacher": three, "student": three, "broken": two}, splits,
+                                                train_rows=10)
     assert set(logits) == {"teacher", "student"} and set(logits["student"]) == {"validation", "test", "ood:far"}
+    assert set(features["student"]) == {"train", "validation", "test", "ood:far"}
+    assert features["student"]["train"].shape == (10, 4)  # the seeded training sample the detectors fit on
     assert missing[0]["model"] == "broken" and "3 classes" in missing[0]["reason"]
     report = gap_report(logits, splits, 0.02)
     report.not_evaluated += missing
     assert "not evaluated" in report.markdown()
     with pytest.raises(Exception, match="3 classes"):  # the teacher is required
-        collect_logits({"teacher": two}, splits)
+        collect_outputs({"teacher": two}, splits)
 
 
 def test_load_predictors_lists_what_cannot_be_loaded_and_requires_the_teacher(tiny_model_dir, tmp_path):
     predictors, missing = load_predictors({"teacher": tiny_model_dir, "gone": tmp_path / "nothing"},
-                                          max_length=32, batch_size=8, device="cpu")
-    assert set(predictors) == {"teacher"} and predictors["teacher"](["a text", "another"]).shape == (2, 3)
+                                          max_length=32, device="cpu")
+    assert set(predictors) == {"teacher"} and predictors["teacher"].predict_logits(["a text", "another"]).shape == (2, 3)
     assert missing[0]["model"] == "gone" and missing[0]["reason"].startswith("could not be loaded: ")
     with pytest.raises(Exception, match="does not exist"):
-        load_predictors({"teacher": tmp_path / "nothing"}, max_length=32, batch_size=8, device="cpu")
+        load_predictors({"teacher": tmp_path / "nothing"}, max_length=32, device="cpu")
 
 
 def test_report_dict_holds_every_section_and_the_worst_slices():

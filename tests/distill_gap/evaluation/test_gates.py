@@ -8,7 +8,7 @@ import pytest
 
 from distill_gap.data.splits import Splits
 from distill_gap.errors import DistillError
-from distill_gap.evaluation.gap_report import add_calibration_and_ood, add_stress, collect_logits, gap_report
+from distill_gap.evaluation.gap_report import add_calibration_and_ood, add_stress, collect_outputs, gap_report
 from distill_gap.evaluation.gates import (GatesFailed, evaluate_gates, failed_evidence, gate_thresholds, gates_failed,
                                           quantization_gate, verdict_markdown)
 from flows.config import EvaluateConfig
@@ -78,7 +78,7 @@ def test_an_edge_model_that_was_not_evaluated_fails_one_gate_with_the_reason():
     splits = three_class_splits()
 
     three, two = zeros_predictor(3), zeros_predictor(2)
-    logits, missing = collect_logits({"teacher": three, "student": three, "broken": two}, splits)
+    logits, _, missing = collect_outputs({"teacher": three, "student": three, "broken": two}, splits)
     report = gap_report(logits, splits, 0.02)
     report.not_evaluated += missing
     gates = evaluate_gates(report, "broken", {"argmax_agreement": 1.0}, EvaluateConfig())

@@ -45,13 +45,16 @@ def model_dir(tiny_model_dir, texts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def edge_dir(model_dir, tmp_path_factory):
-    """An edge folder whose primary artifact is the fp32 transformers copy of the model."""
+def edge_dir(model_dir, texts, tmp_path_factory):
+    """An edge folder whose primary artifact is the fp32 transformers copy of the model, with a kNN scope guard."""
+    from tests.helpers import add_scope_guard
+
     edge = tmp_path_factory.mktemp("mm-edge") / "edge"
     shutil.copytree(model_dir, edge / "fp32")
     (edge / "edge.json").write_text(json.dumps({
         "format": 1, "primary": "fp32", "labels": LABELS, "max_length": 64,
         "artifacts": {"fp32": {"path": "fp32", "runtime": "transformers"}}}))
+    add_scope_guard(edge, texts)
     return edge
 
 
@@ -224,12 +227,20 @@ def test_an_edge_folder_logs_into_the_clients_store_whatever_the_global_tracking
     assert not (tmp_path / "elsewhere.db").exists()
     assert client.get_logged_model(logged.model_id).tags["model.digest"] == model_digest(edge_dir)
     assert logged.model_id in [o.model_id for o in client.get_run(run_id).outputs.model_outputs]
-    out = mlflow.pyfunc.load_model(logged.model_uri).predict(pd.DataFrame({"text": texts[:5]}))
-    assert list(out.columns) == ["label"] + PROBS and np.allclose(out[PROBS].to_numpy().sum(1), 1.0)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    out = model.predict(pd.DataFrame({"text": texts[:5] + ["SELECT * FROM users WHERE id = 1; DROP TABLE users;"]}))
+    assert list(out.columns) == ["label"] + PROBS + SCOPE_COLUMNS and np.allclose(out[PROBS].to_numpy().sum(1), 1.0)
+    assert out["route"].tolist() == ["model" if s else "fallback" for s in out["in_scope"]]
+    assert out.loc[~out["in_scope"].astype(bool), "label"].isna().all()  # abstains by default, as distill predict
+    answered = model.predict(pd.DataFrame({"text": texts[:5]}), params={"out_of_scope": "answer"})
+    assert answered["label"].notna().all() and (answered["route"] == "model").all()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the pyfunc class itself (no MLflow round trip)
+
+
+SCOPE_COLUMNS = ["in_scope", "scope_score", "route"]
 
 
 def test_pyfunc_class_serves_an_edge_folder_and_reads_several_input_forms(edge_dir, texts):
@@ -242,7 +253,7 @@ def test_pyfunc_class_serves_an_edge_folder_and_reads_several_input_forms(edge_d
     one = model.predict(None, texts[0])
     assert len(one) == 1 and one["label"][0] == frame["label"][0]
     empty = model.predict(None, pd.DataFrame({"text": []}))
-    assert list(empty.columns) == ["label"] + PROBS and len(empty) == 0
+    assert list(empty.columns) == ["label"] + PROBS + SCOPE_COLUMNS and len(empty) == 0
     with pytest.raises(ValueError, match="'text' column"):
         model.predict(None, pd.DataFrame({"a": ["x"], "b": ["y"]}))
 
