@@ -151,10 +151,16 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
         df = splits[split]
         if split not in logits["teacher"]:
             continue
-        truth = df["label"].map(label_id).to_numpy()
+        truth = df["label"].map(label_id).to_numpy(dtype=float)  # NaN: no label, or one outside the label set
+        known = ~np.isnan(truth)
+        if not known.any():  # an OOD set of unseen classes or without labels: detection only, no accuracy
+            continue
+        if not known.all():  # accuracy only where the label is in the set
+            mask = known if mask is None else mask & known
+        truth = truth.astype(int) if mask is None else truth[mask].astype(int)
         teacher_pred = logits["teacher"][split].argmax(-1)
         if mask is not None:
-            truth, teacher_pred = truth[mask], teacher_pred[mask]
+            teacher_pred = teacher_pred[mask]
         by_model = {}
         teacher_logits = logits["teacher"][split] if mask is None else logits["teacher"][split][mask]
         for m in models:

@@ -141,3 +141,22 @@ def test_report_dict_holds_every_section_and_the_worst_slices():
     assert set(d) == {"models", "labels", "threshold", "suites", "flags", "calibration", "ood", "stress", "scope",
                       "not_evaluated", "worst_slices"}
     assert d["worst_slices"]["student"][0] == ("slice:site=a", pytest.approx(-0.2))
+
+
+def test_ood_sets_of_unseen_classes_get_accuracy_only_where_labels_are_in_the_set():
+    splits = three_class_splits()
+    frames = dict(splits.frames)
+    mixed = frames["ood:far"].copy()
+    mixed.loc[mixed.index[:30], "label"] = None  # e.g. classes the model was never trained on
+    frames["ood:far"] = mixed
+    frames["ood:unlabelled"] = frames["ood:far"].assign(label=None)
+    splits = type(splits)(frames, splits.labels, ["site"])
+    truth = np.arange(60) % 3
+    logits = {m: {s: np.eye(3, dtype=np.float32)[truth] * 4 for s in ("test", "validation", "ood:far",
+                                                                      "ood:unlabelled")}
+              for m in ("teacher", "student")}
+    report = gap_report(logits, splits, 0.02)
+    assert report.suites["ood:far"]["student"]["n"] == 30 and report.metric("ood:far", "student") == 1.0
+    assert "ood:unlabelled" not in report.suites  # detection only: add_calibration_and_ood still scores it
+    add_calibration_and_ood(report, logits, splits)
+    assert "msp" in report.ood["ood:unlabelled"]["student"]
