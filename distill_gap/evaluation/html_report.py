@@ -245,23 +245,31 @@ def _calibration_table(calibration: dict) -> str:
 
 
 def _ood_table(ood: dict) -> str:
-    rows = []
+    rows, notes = [], []
     tpr = 0.95
     for suite, by_model in ood.items():
         for m, o in (by_model or {}).items():
             msp, energy = o.get("msp") or {}, o.get("energy") or {}
             tpr = msp.get("tpr", energy.get("tpr", tpr))
-            rows.append("<tr>" + _td(_e(suite.removeprefix("ood:")), "name") + _td(_e(m), "name")
-                        + _td(_num(msp.get("auroc"))) + _td(_e(drop_cell(msp.get("drop_vs_teacher"))))
-                        + _td(_num(msp.get("fpr_at_tpr")))
-                        + _td(_num(energy.get("auroc"))) + _td(_num(energy.get("fpr_at_tpr")))
-                        + _td(_e(msp.get("n_in", energy.get("n_in", DASH))))
-                        + _td(_e(msp.get("n_out", energy.get("n_out", DASH)))) + "</tr>")
+            cells = [_td(_e(suite.removeprefix("ood:")), "name"), _td(_e(m), "name"), _td(_num(msp.get("auroc"))),
+                     _td(_e(drop_cell(msp.get("drop_vs_teacher")))), _td(_num(msp.get("fpr_at_tpr")))]
+            for det in ("energy", "mahalanobis", "knn"):
+                d = o.get(det) or {}
+                cells += [_td(_num(d.get("auroc")), "loss" if d.get("note") else ""), _td(_num(d.get("fpr_at_tpr")))]
+                if d.get("note"):
+                    notes.append(f"{suite.removeprefix('ood:')}, {m}, {det}: {d['note']}")
+            cells += [_td(_e(msp.get("n_in", energy.get("n_in", DASH)))),
+                      _td(_e(msp.get("n_out", energy.get("n_out", DASH))))]
+            rows.append("<tr>" + "".join(cells) + "</tr>")
     at = f"FPR@{_num(tpr * 100 if _finite(tpr) else None, '.0f')}"
-    head = [[("OOD suite", 1), ("model", 1), ("MSP", 3), ("energy", 2), ("n in", 1), ("n out", 1)],
-            [("", 1), ("", 1), ("AUROC", 1), ("drop vs teacher [paired 95%]", 1), (at, 1), ("AUROC", 1), (at, 1),
-             ("", 1), ("", 1)]]
-    return _table(head, rows)
+    head = [[("OOD suite", 1), ("model", 1), ("MSP", 3), ("energy", 2), ("Mahalanobis", 2), ("kNN", 2), ("n in", 1),
+             ("n out", 1)],
+            [("", 1), ("", 1), ("AUROC", 1), ("drop vs teacher [paired 95%]", 1), (at, 1)]
+            + [(h, 1) for _ in range(3) for h in ("AUROC", at)] + [("", 1), ("", 1)]]
+    table = _table(head, rows)
+    if notes:  # a detector that does not separate a set is said in words, not only shown as a number
+        table += "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes[:12]) + "</ul>"
+    return table
 
 
 def drop_cell(drop: dict | None) -> str:
@@ -291,10 +299,13 @@ def _stress_table(stress: dict, models: list[str]) -> str:
 
 
 def _scope_table(scope: dict) -> str:
-    rows = ["<tr>" + _td(_e(m), "name") + _td(_e(s.get("score", DASH)), "name") + _td(_num(s.get("threshold"), ".4f"))
-            + _td(_num(s.get("tpr"), ".0%")) + "</tr>" for m, s in scope.items()]
-    return _table([[("model", 1), ("score", 1), ("threshold (in scope if score ≥)", 1), ("in-scope rate kept", 1)]],
-                  rows)
+    rows = ["<tr>" + _td(_e(m), "name") + _td(_e(s.get("detector", s.get("score", DASH))), "name")
+            + _td(_num(s.get("threshold"), ".4g")) + _td(_num(s.get("tpr"), ".0%"))
+            + _td(_num(s.get("temperature"), ".2f"))
+            + _td(_e(", ".join(f"{k.removeprefix('ood:')} {v:.0%}" for k, v in (s.get("ood_in_scope") or {}).items())
+                     or DASH), "name") + "</tr>" for m, s in scope.items()]
+    return _table([[("model", 1), ("detector", 1), ("threshold (in scope if score ≥)", 1), ("in-scope rate kept", 1),
+                    ("temperature", 1), ("OOD rows still in scope", 1)]], rows)
 
 
 def _not_evaluated(items: list[dict]) -> str:
@@ -556,7 +567,7 @@ def render_html(report: dict, *, title: str, gates: dict | None = None) -> str:
                     "accepted at the threshold keeping the given share of in-distribution rows.</p>",
                     _ood_table(ood), *[_ood_plot(s, by_model) for s, by_model in ood.items()])
         if scope:
-            section("scope", "Scope thresholds", _scope_table(scope))
+            section("scope", "Scope guard (ships with the edge model)", _scope_table(scope))
         # 4. Stress
         if stress:
             section("stress", "Stress suites", _stress_table(stress, models), _stress_plot(stress, models))
