@@ -85,7 +85,7 @@ def test_full_report_shows_verdict_flags_and_every_section():
     assert "n too small" in page
     assert page.count('src="data:image/png;base64,') >= 4  # slices, reliability, OOD, stress
     for heading in ("Held-out splits", "Test slices", "Out-of-distribution suites", "Calibration",
-                    "Out-of-distribution detection", "Scope thresholds", "Stress suites", "Not evaluated",
+                    "Out-of-distribution detection", "Scope guard (ships with the edge model)", "Stress suites", "Not evaluated",
                     "Per-class recall"):
         assert heading in page, heading
     assert "onnxruntime not installed" in page and "FPR@95" in page
