@@ -71,22 +71,21 @@ def _outputs_module(model):
     import torch
 
     accepted = set(inspect.signature(model.forward).parameters)
+    seen: list = []  # the head's input, appended by the hook during forward (not a module attribute: no buffer)
 
     class LogitsAndFeatures(torch.nn.Module):
         def __init__(self, classifier):
             super().__init__()
             self.model = classifier  # module names in the graph: model.bert.encoder.layer.0..., model.classifier
-            self.seen: list = []  # the head's input, appended by the hook during forward
 
         def forward(self, input_ids, attention_mask, token_type_ids):  # each (B, T) int64
-            self.seen.clear()
+            seen.clear()
             given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             logits = self.model(**{k: v for k, v in given.items() if k in accepted}, return_dict=False)[0]
-            return logits, self.seen[-1]  # (B, C), (B, D) float32
+            return logits, seen[-1]  # (B, C), (B, D) float32
 
-    module = LogitsAndFeatures(model).eval()
-    hook = classifier_head(model).register_forward_pre_hook(lambda _head, args: module.seen.append(args[0]))
-    return module, hook
+    hook = classifier_head(model).register_forward_pre_hook(lambda _head, args: seen.append(args[0]))
+    return LogitsAndFeatures(model).eval(), hook
 
 
 def _int8_embedding(embedding):
@@ -169,7 +168,7 @@ def _export_graph(student, tokenizer, *, max_length: int, int8_embeddings: bool)
         for strict in (True, False):
             try:
                 with torch.no_grad(), warnings.catch_warnings():
-                    # the hook's append to module.seen is the one side effect, and meant: dynamo warns of it
+                    # the hook's append to `seen` is the one side effect, and meant: dynamo warns of it
                     warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
                     graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=strict).module()
                 break
