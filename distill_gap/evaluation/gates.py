@@ -104,15 +104,20 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
     # OOD: fail when the AUROC drop is beyond the threshold AND its paired 95% interval excludes no drop (a loss
     # the rows cannot explain), like the critical slices; without an interval (bootstrap_samples=0, < 10 rows on
     # a side) the point drop alone decides. A 0.03 AUROC step is within noise on a few dozen OOD rows.
+    # The detector compared is the one that ships (report.scope: evaluation parity for the guard), else MSP.
+    det = (report.scope.get(edge_model) or {}).get("detector", "msp")
     for suite, by_model in report.ood.items():
         if edge_model in by_model and "teacher" in by_model:
-            a, ta = by_model[edge_model]["msp"]["auroc"], by_model["teacher"]["msp"]["auroc"]
+            d = det if det in by_model[edge_model] and det in by_model["teacher"] else "msp"
+            a, ta = by_model[edge_model][d]["auroc"], by_model["teacher"][d]["auroc"]
             drop, limit = ta - a, limits["ood_auroc_vs_teacher"]
-            ci = by_model[edge_model]["msp"].get("drop_vs_teacher") or {}
+            ci = by_model[edge_model][d].get("drop_vs_teacher") or {}
             low, high = ci.get("low"), ci.get("high")
             beyond = drop > limit + 1e-12
             noise = beyond and low is not None and low <= 0
-            detail = f"{edge_model} MSP AUROC {a:.3f} vs teacher {ta:.3f} on {suite}"
+            name = {"msp": "MSP", "energy": "energy", "mahalanobis": "Mahalanobis", "knn": "kNN"}.get(d, d)
+            detail = f"{edge_model} {name} AUROC {a:.3f} vs teacher {ta:.3f} on {suite} (the shipped guard's detector)" \
+                if d == det and d != "msp" else f"{edge_model} MSP AUROC {a:.3f} vs teacher {ta:.3f} on {suite}"
             if low is not None:
                 detail += f"; drop {drop:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}]" + (
                     " holds no drop: within noise" if noise else "")

@@ -12,7 +12,7 @@ import numpy as np
 
 from distill_gap.edge.guard import DETECTORS, FEATURE_DETECTORS, ScopeGuard, normalise
 from distill_gap.errors import DistillError
-from distill_gap.evaluation.ood import auroc_interval, ood_detection, threshold_at_tpr
+from distill_gap.evaluation.ood import auroc_drop_interval, auroc_interval, ood_detection, threshold_at_tpr
 
 MIN_ROWS_PER_CLASS = 2  # a class mean needs rows; fewer is a clear error, never a silent guard
 NEAR_CHANCE = 0.6  # an AUROC below this (or an interval holding 0.5) is reported as near chance, in words
@@ -182,9 +182,14 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
                 entry["hist"] = {**by_det[shipped]["hist"], "score": shipped}
     chosen = {}
     for m, by_det in guards.items():
+        if shipped in by_det:
+            chosen[m] = by_det[shipped]
+    if bootstrap_samples and "teacher" in chosen:  # the OOD gate's evidence: each model's drop against the teacher
+        _drop_intervals(report, logits, features, chosen, shipped, bootstrap_samples=bootstrap_samples, seed=seed)
+    for m, by_det in guards.items():
         if shipped not in by_det:
             continue
-        g = chosen[m] = by_det[shipped]
+        g = chosen[m]
         report.scope[m] = {"detector": g.detector, "threshold": g.threshold, "tpr": g.tpr,
                            "temperature": g.temperature, **({"k": g.k} if g.detector == "knn" else {}),
                            "fitted_on": f"train sample ({len(sample)} rows) + validation "
@@ -192,3 +197,21 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
                            "ood_in_scope": {suite: results[suite][m][shipped]["fpr_at_threshold"]
                                             for suite in results if shipped in results[suite].get(m, {})}}
     return chosen
+
+
+def _drop_intervals(report, logits: dict, features: dict, guards: dict[str, ScopeGuard], detector: str, *,
+                    bootstrap_samples: int, seed: int) -> None:
+    """report.ood[suite][model][detector]["drop_vs_teacher"]: the paired bootstrap interval of the AUROC drop of
+    each model's own guard against the teacher's, on the same rows (the OOD gate reads it)."""
+    def scores(m: str, split: str):
+        return guards[m].score(logits[m][split], (features.get(m) or {}).get(split))
+
+    ref_in = scores("teacher", "test")
+    for suite, by_model in report.ood.items():
+        if detector not in by_model.get("teacher", {}) or suite not in logits["teacher"]:
+            continue
+        ref_out = scores("teacher", suite)
+        for m in guards:
+            if m != "teacher" and detector in by_model.get(m, {}) and suite in logits[m]:
+                by_model[m][detector]["drop_vs_teacher"] = auroc_drop_interval(
+                    ref_in, ref_out, scores(m, "test"), scores(m, suite), n_boot=bootstrap_samples, seed=seed)

@@ -55,6 +55,12 @@ def test_intervals_calibration_ood_and_scope():
     assert set(report.ood["ood:far"]["student"]) >= {"msp", "energy", "mahalanobis", "knn", "hist"}
     assert report.ood["ood:far"]["student"]["hist"]["score"] == "knn"
     assert report.ood["ood:far"]["student"]["knn"]["ci"]["low"] is not None
+    assert "drop_vs_teacher" in report.ood["ood:far"]["student"]["knn"]  # the OOD gate compares the shipped detector
+    from distill_gap.evaluation.gates import evaluate_gates
+    from flows.config import EvaluateConfig
+
+    gate = evaluate_gates(report, "student", {"argmax_agreement": 1.0}, EvaluateConfig())["ood_auroc_vs_teacher:far"]
+    assert "kNN AUROC" in gate["detail"] and "shipped guard" in gate["detail"]
     md = report.markdown()
     assert "n too small" in md and "Calibration" in md and "OOD detection" in md and "Scope guard" in md
 
