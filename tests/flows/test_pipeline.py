@@ -196,11 +196,15 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "attestation distill" in proc.stdout and "tiny-teacher v1 signature" in proc.stdout
     # ... and one changed byte in a stored weight file fails it, naming that file
+    from distill_gap.edge.guard import read_guard
     from distill_gap.registry.versions import version_folder
 
     assert edge.source.startswith("models:/m-")  # the logged MLflow model; its `model` artifact is the folder
     stored_root = Path(client.get_logged_model(edge.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
     src = version_folder(stored_root, edge.source)
+    guard = read_guard(src)  # the scope guard shipped inside the signed folder: the default detector, fitted
+    assert guard.detector == cfg.scope.detector == "mahalanobis" and guard.stats["means"].shape[0] == 3
+    assert guard.info["model"] == {"int8": "student-int8", "onnx-int8": "student-onnx-int8"}[edge.tags["edge.primary"]]
     stored = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     rel = stored.relative_to(src)
     original = stored.read_bytes()
