@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill_gap.digest import model_digest
+from distill_gap.edge.lean import EDGE_FILE, EDGE_FORMAT, read_manifest  # noqa: F401  (the checks live where the
+# lean edge runtime, which loads no torch-side module, can use them too; this module re-exports them)
 from distill_gap.errors import DistillError
-from distill_gap.inference.predictor import RUNTIMES
 
-EDGE_FILE = "edge.json"
 REFERENCE_FILE = "reference.json"
-EDGE_FORMAT = 1
 # artifact name in edge.json (and its subfolder) -> (runtime, model name in the gap report)
 EDGE_ARTIFACTS = {"int8": ("torch-pt2", "student-int8"), "onnx-int8": ("onnxruntime", "student-onnx-int8"),
                   "onnx": ("onnxruntime", "student-onnx"), "fp32": ("transformers", "student")}
@@ -75,40 +74,6 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """edge.json of `folder`, checked: format, labels, artifacts with a known runtime, primary among them."""
-    path = Path(folder) / EDGE_FILE
-    fix = "re-run the quantize stage, which writes edge.json next to the artifacts"
-    if not path.is_file():
-        raise DistillError(f"{path} does not exist: {folder} is not an edge model folder", fix)
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DistillError(f"{path} is not valid JSON ({err})", fix) from None
-    problems = []
-    if not isinstance(manifest, dict):
-        raise DistillError(f"{path} must hold a JSON object, got {type(manifest).__name__}", fix)
-    if manifest.get("format") != EDGE_FORMAT:
-        problems.append(f"format is {manifest.get('format')!r}, this version reads format {EDGE_FORMAT}")
-    labels = manifest.get("labels")
-    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(l, str) and l for l in labels)):
-        problems.append("labels must be a list of at least two label names")
-    if not (isinstance(manifest.get("max_length", 128), int) and manifest.get("max_length", 128) >= 2):
-        problems.append("max_length must be an integer >= 2")
-    artifacts = manifest.get("artifacts")
-    if not (isinstance(artifacts, dict) and artifacts):
-        problems.append("artifacts must map artifact names to {\"path\": ..., \"runtime\": ...}")
-        artifacts = {}
-    for name, spec in artifacts.items():
-        if not (isinstance(spec, dict) and isinstance(spec.get("path"), str) and spec.get("runtime") in RUNTIMES):
-            problems.append(f"artifacts.{name} needs a path and a runtime in {list(RUNTIMES)}")
-    if artifacts and manifest.get("primary") not in artifacts:
-        problems.append(f"primary {manifest.get('primary')!r} is not one of the artifacts {sorted(artifacts)}")
-    if problems:
-        raise DistillError(f"{path} is malformed: " + "; ".join(problems), fix)
-    return manifest
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
