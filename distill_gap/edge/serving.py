@@ -19,7 +19,7 @@ import numpy as np
 
 from distill_gap.edge.folder import EDGE_FILE, read_manifest
 from distill_gap.edge.guard import read_guard
-from distill_gap.edge.lean import artifact_dir, check_answerable, label_rows
+from distill_gap.edge.lean import artifact_dir, check_answerable, chosen_artifact, label_rows
 from distill_gap.edge.lean import OUT_OF_SCOPE, decode_json_line, parse_rows  # noqa: F401  (callers import them here)
 from distill_gap.errors import DistillError
 from distill_gap.inference.predictor import Predictor, load_predictor
@@ -82,13 +82,7 @@ def is_primary(folder: Path, artifact: str) -> bool:
 def load_edge(folder: str | Path, artifact: str | None = None) -> EdgeModel:
     """Load the primary artifact of an edge folder (or `artifact`) with the runtime edge.json gives it."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    artifacts = manifest["artifacts"]
-    name = artifact or manifest["primary"]
-    if name not in artifacts:
-        raise DistillError(f"{folder} has no artifact {name!r}",
-                           f"choose one of {sorted(artifacts)} (primary: {manifest['primary']})")
-    spec = artifacts[name]
+    name, spec, manifest = chosen_artifact(folder, artifact)
     labels, max_length = list(manifest["labels"]), int(manifest.get("max_length", 128))
     path = artifact_dir(folder, name, spec)
     check_no_code(path)  # the artifact's own folder: pickle files, auto_map in its config or tokenizer config
