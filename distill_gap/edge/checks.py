@@ -1,5 +1,6 @@
 """What an edge build is checked on: the student folder and texts it starts from, each artifact's logits against
-the fp32 student, and errors that name the stage and the operator that failed."""
+the fp32 student, whether a row's probabilities depend on its batch-mates, and errors that name the stage and the
+operator that failed."""
 
 from __future__ import annotations
 
@@ -52,6 +53,38 @@ def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "argmax_agreement": float(agree.mean()), "n": n, "finite": finite}
 
 
+def batch_independence(predictor, texts: Sequence[str], *, limit: float, rows: int = 16,
+                       batch_size: int = 32) -> dict:
+    """How much a row's probabilities depend on the rows batched with it: each of the first `rows` texts predicted
+    alone and in one batch of `batch_size` (it and the texts after it, padded to the longest), compared as softmax
+    probabilities. One patient's result must not depend on another's: dynamic activation scales, computed per
+    batch, fail this; static ones and fp32 give ~0.
+
+    `predictor`: anything with predict_logits(texts, batch_size=...). Returns {"max_abs_prob_diff",
+    "max_abs_logit_diff" (None when an output is NaN/inf), "rows", "batch_size", "limit", "ok"}.
+    """
+    batch = [str(t) for t in texts[:batch_size]]
+    k = min(rows, len(batch))
+    if k == 0:
+        return {"max_abs_prob_diff": 0.0, "max_abs_logit_diff": 0.0, "rows": 0, "batch_size": 0, "limit": limit,
+                "ok": True}
+    together = predictor.predict_logits(batch, batch_size=batch_size)[:k]  # (k, C), from one padded batch
+    alone = np.concatenate([predictor.predict_logits([t], batch_size=1) for t in batch[:k]])  # (k, C)
+    finite = bool(np.isfinite(together).all() and np.isfinite(alone).all())
+    prob = logit = None
+    if finite:
+        prob = float(np.abs(_softmax(alone) - _softmax(together)).max())
+        logit = float(np.abs(alone - together).max())
+    return {"max_abs_prob_diff": prob, "max_abs_logit_diff": logit, "rows": k, "batch_size": len(batch),
+            "limit": limit, "ok": finite and prob <= limit}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)  # (N, C)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
 def accuracy(logits: np.ndarray, label_ids: np.ndarray) -> float:
     """Top-1 accuracy of logits (N, C) against label ids (N,)."""
     from sklearn.metrics import accuracy_score
@@ -59,17 +92,28 @@ def accuracy(logits: np.ndarray, label_ids: np.ndarray) -> float:
     return float(accuracy_score(np.asarray(label_ids), logits.argmax(-1)))
 
 
-def artifact_check(parity: dict, validation: dict | None, min_agreement: float) -> tuple[bool, str]:
-    """An artifact passes when its outputs are finite, agree with the fp32 student, and met the accuracy goal."""
+def artifact_check(parity: dict, validation: dict | None, min_agreement: float,
+                   batch: dict | None = None) -> tuple[bool, str]:
+    """An artifact passes when its outputs are finite, agree with the fp32 student, met the accuracy goal and (given
+    `batch`, batch_independence's record) give a row the same probabilities alone as in a batch; else every failed
+    check is named."""
     if not parity.get("finite", True):
         return False, "outputs contain NaN or inf"
+    fails = []
     if parity["argmax_agreement"] < min_agreement:
-        return False, (f"argmax agreement with the fp32 student {parity['argmax_agreement']:.3f} < "
-                       f"{min_agreement:.3f}")
+        fails.append(f"argmax agreement with the fp32 student {parity['argmax_agreement']:.3f} < {min_agreement:.3f}")
     if validation is not None and not validation["met_goal"]:
-        return False, (f"validation accuracy {validation['accuracy']:.4f} below the goal {validation['goal']:.4f} "
-                       f"(fp32 {validation['baseline']:.4f})")
-    return True, "finite, agrees with the fp32 student and meets the accuracy goal"
+        fails.append(f"validation accuracy {validation['accuracy']:.4f} below the goal {validation['goal']:.4f} "
+                     f"(fp32 {validation['baseline']:.4f})")
+    if batch is not None and not batch["ok"]:
+        diff = batch["max_abs_prob_diff"]
+        fails.append(f"a row's probabilities depend on its batch: max |prob diff| "
+                     f"{'NaN/inf' if diff is None else f'{diff:.1e}'} between {batch['rows']} rows alone and in a "
+                     f"batch of {batch['batch_size']} > {batch['limit']:.0e}")
+    if fails:
+        return False, "; ".join(fails)
+    return True, ("finite, agrees with the fp32 student and meets the accuracy goal" +
+                  ("; batch-independent" if batch is not None else ""))
 
 
 def _operator_in(err: BaseException) -> str | None:
