@@ -165,12 +165,15 @@ class QuantizeConfig(_Section):
     max_trials: int = Field(6, ge=1)
     calibration_samples: int = Field(128, ge=1)  # seeded sample of the training split
     onnx: bool = True  # keep the fp32 student exported to ONNX (optimum) in the edge folder
-    onnx_int8: bool = True  # ONNX Runtime INT8 (dynamic int8 MatMuls + 4-bit embeddings)
+    onnx_int8: bool = True  # ONNX Runtime INT8 (int8 MatMuls with static activation scales + 4-bit embeddings)
     onnx_embedding_bits: Literal[4, 8] = 4
     # which INT8 artifact is the edge model's primary when several pass: auto = onnx-int8 (fastest, smallest and
     # leanest measured on the demo, benchmarks/RESULTS.md) then int8 (INC, torch.compile); or a list "int8,onnx-int8"
     primary: str = Field("auto", pattern=r"^(auto|(int8|onnx-int8)(,(int8|onnx-int8))*)$")
     require_int8: bool = True  # gate: an fp32-only edge model (quantization impossible) is never promoted
+    # every artifact: a held-out row's softmax probabilities alone vs in a batch of 32 may differ by at most this,
+    # or it cannot be primary (one patient's result must not depend on another's; per-batch activation scales fail)
+    max_batch_prob_diff: float = Field(1e-5, ge=0, le=1)
 
 
 class EvaluateConfig(_Section):

@@ -1,7 +1,7 @@
 """The quantize stage: every edge artifact of the distilled student (INC INT8 by accuracy-aware autotune, fp32
-ONNX, ONNX Runtime INT8), each checked against the fp32 student, in one edge folder with edge.json naming the
-primary. The toolchains live in distill_gap/edge/ (inc_quantization, onnx_export); this module runs them as
-Prefect tasks, picks the primary and records the result.
+ONNX, ONNX Runtime INT8), each checked against the fp32 student and for batch independence (a row alone vs in a
+batch), in one edge folder with edge.json naming the primary. The toolchains live in distill_gap/edge/
+(inc_quantization, onnx_export); this module runs them as Prefect tasks, picks the primary and records the result.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distill_gap.edge.checks import accuracy, artifact_check, logit_parity
+from distill_gap.edge.checks import accuracy, artifact_check, batch_independence, logit_parity
 from distill_gap.edge.folder import EDGE_ARTIFACTS, EDGE_FILE, INT8_ARTIFACTS, EdgeBuild
 from distill_gap.edge.inc_quantization import Int8Result, autotune_int8
 from distill_gap.edge.onnx_export import OnnxResult, export_onnx, quantize_onnx_int8
@@ -22,8 +22,8 @@ from distill_gap.governance.attestation import export_statement, quantize_statem
 from distill_gap.inference.predictor import load_predictor
 from tasks.attest import attest_task
 
-# rows whose ONNX INT8 logits are compared alone and in a batch (dynamic activation scales depend on the batch)
-_BATCH_DEPENDENCE_ROWS = 32
+# held-out rows each predicted alone and in one batch of 32 (checks.batch_independence) for every artifact
+_BATCH_CHECK_ROWS, _BATCH_CHECK_SIZE = 16, 32
 
 
 def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_texts: list[str], val_label_ids,
@@ -32,7 +32,8 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     """Build every edge artifact (Prefect tasks), check each against the fp32 student, pick the primary.
 
     The fp32 student's validation logits are computed once here: every artifact's parity and accuracy check uses
-    them. A stage that cannot build its artifact (an architecture torch.export or optimum cannot handle) is
+    them. Every artifact is also checked for batch independence (qcfg.max_batch_prob_diff): one that fails cannot
+    be primary. A stage that cannot build its artifact (an architecture torch.export or optimum cannot handle) is
     recorded with its error and the others go on; with no INT8 artifact at all the edge model is the fp32 student,
     marked as not quantized.
     """
@@ -49,15 +50,22 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     errors: list[dict] = []
     tuning = None
 
-    def record(name: str, result: Int8Result | OnnxResult, validation: dict | None, **extra) -> None:
-        ok, why = artifact_check(result.parity, validation, min_agreement)
+    def batch_check(predictor) -> dict:
+        return batch_independence(predictor, val_texts, limit=qcfg.max_batch_prob_diff, rows=_BATCH_CHECK_ROWS,
+                                  batch_size=_BATCH_CHECK_SIZE)
+
+    def record(name: str, result: Int8Result | OnnxResult, validation: dict | None, predictor=None,
+               **extra) -> None:
         runtime, report_name = EDGE_ARTIFACTS[name]
+        batch = batch_check(predictor or load_predictor(result.path, runtime=runtime, max_length=max_length))
+        ok, why = artifact_check(result.parity, validation, min_agreement, batch)
         artifacts[name] = {"path": name, "runtime": runtime, "report_name": report_name,
                            "size_bytes": result.size_bytes, "digest": result.digest, "parity": result.parity,
-                           "validation": validation, "ok": ok, "check": why, "seconds": round(result.seconds, 1),
-                           **extra}
+                           "validation": validation, "batch_independence": batch, "ok": ok, "check": why,
+                           "seconds": round(result.seconds, 1), **extra}
         log(f"{name}: {result.size_bytes / 1e6:.1f} MB, argmax agreement {result.parity['argmax_agreement']:.3f}, "
-            f"max |logit diff| {result.parity['max_abs_logit_diff']}; {'ok' if ok else 'FAILS: ' + why}")
+            f"max |logit diff| {result.parity['max_abs_logit_diff']}, batch max |prob diff| "
+            f"{batch['max_abs_prob_diff']}; {'ok' if ok else 'FAILS: ' + why}")
 
     def failed(err: DistillError) -> None:
         errors.append({"stage": str(err.problem).split(":")[0], "problem": err.problem, "fix": err.fix})
@@ -86,10 +94,12 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
             failed(err)
     if onnx is not None and qcfg.onnx_int8:
         try:
-            oq = quantize_onnx_task(onnx.path, out / "onnx-int8", heldout_texts=val_texts, max_length=max_length,
+            oq = quantize_onnx_task(onnx.path, out / "onnx-int8", heldout_texts=val_texts,
+                                    calibration_texts=calibration_texts, max_length=max_length,
                                     embedding_bits=qcfg.onnx_embedding_bits, reference=reference)
-            record("onnx-int8", oq, **_onnx_int8_checks(oq.path, val_texts, label_ids, baseline,
-                                                        qcfg.tolerable_loss, max_length, batch_size))
+            model = load_predictor(oq.path, runtime="onnxruntime", max_length=max_length)
+            record("onnx-int8", oq, _validation(model, val_texts, label_ids, baseline, qcfg.tolerable_loss,
+                                                batch_size), predictor=model)
         except DistillError as err:
             failed(err)
     if not qcfg.onnx and "onnx" in artifacts:  # exported only as the source of the ONNX INT8 model
@@ -105,10 +115,11 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
         reason = f"{primary}: {artifacts[primary]['check']}"
     elif built:
         primary = built[0]
-        reason = f"no INT8 artifact passed its checks; {primary} kept for the record: {artifacts[primary]['check']}"
+        reason = ("no INT8 artifact passed its checks (" + "; ".join(f"{a}: {artifacts[a]['check']}" for a in built) +
+                  f"); {primary} kept for the record")
     else:
         primary = "fp32"
-        artifacts["fp32"] = _fp32_artifact(student_dir, out / "fp32", reference)
+        artifacts["fp32"] = _fp32_artifact(student_dir, out / "fp32", reference, max_length, batch_check)
         reason = ("not quantized: " + "; ".join(e["problem"] for e in errors)) if errors else \
             "not quantized: no INT8 artifact was requested"
         log(f"edge model is the fp32 student, NOT quantized ({reason})")
@@ -118,28 +129,25 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     return build
 
 
-def _onnx_int8_checks(path: Path, val_texts: list[str], label_ids: np.ndarray, baseline: float,
-                      tolerable_loss: float, max_length: int, batch_size: int) -> dict:
-    """The ONNX INT8 model's validation accuracy against the fp32 student's goal, and how much a row's logits
-    depend on its batch (its activation scales are computed per batch)."""
-    model = load_predictor(path, runtime="onnxruntime", max_length=max_length)
+def _validation(model, val_texts: list[str], label_ids: np.ndarray, baseline: float, tolerable_loss: float,
+                batch_size: int) -> dict:
+    """A model's validation accuracy against the fp32 student's goal."""
     acc = accuracy(model.predict_logits(val_texts, batch_size=batch_size), label_ids)
     goal = baseline * (1 - tolerable_loss)
-    rows = val_texts[:_BATCH_DEPENDENCE_ROWS]
-    one_by_one = model.predict_logits(rows, batch_size=1)
-    batched = model.predict_logits(rows, batch_size=batch_size)
-    return {"validation": {"accuracy": acc, "baseline": baseline, "goal": goal, "met_goal": acc >= goal},
-            "batch_dependence_max_abs_logit_diff": float(np.abs(one_by_one - batched).max())}
+    return {"accuracy": acc, "baseline": baseline, "goal": goal, "met_goal": acc >= goal}
 
 
-def _fp32_artifact(student_dir, out: Path, reference: np.ndarray) -> dict:
-    """The fp32 student copied in as the edge model when no INT8 artifact was built."""
+def _fp32_artifact(student_dir, out: Path, reference: np.ndarray, max_length: int, batch_check) -> dict:
+    """The fp32 student copied in as the edge model when no INT8 artifact was built, with its batch check."""
     from distill_gap.digest import folder_bytes, model_digest
 
     shutil.copytree(student_dir, out)
+    parity = logit_parity(reference, reference)
+    batch = batch_check(load_predictor(out, runtime="transformers", max_length=max_length))
+    ok, why = artifact_check(parity, None, 0.0, batch)
     return {"path": out.name, "runtime": "transformers", "report_name": "student", "size_bytes": folder_bytes(out),
-            "digest": model_digest(out), "parity": logit_parity(reference, reference), "validation": None,
-            "ok": True, "check": "the fp32 student itself"}
+            "digest": model_digest(out), "parity": parity, "validation": None, "batch_independence": batch,
+            "ok": ok, "check": "the fp32 student itself; batch-independent" if ok else why}
 
 
 def tuning_markdown(edge: EdgeBuild) -> str:
@@ -154,13 +162,14 @@ def tuning_markdown(edge: EdgeBuild) -> str:
         lines += [f"| {r['index']} | {r['name']} | {r['metric']:.4f} | {r['relative_loss']:+.2%} | "
                   f"{'yes' if r['met_goal'] else 'no'} | {r['seconds']} |" for r in t["trials"]]
         lines.append("")
-    lines += ["| artifact | runtime | size MB | argmax agreement | max abs logit diff | check |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| artifact | runtime | size MB | argmax agreement | max abs logit diff | batch max abs prob diff | "
+              "check |", "|---|---|---|---|---|---|---|"]
     for name, a in edge.artifacts.items():
-        p = a["parity"]
+        p, b = a["parity"], a.get("batch_independence") or {}
         diff = "NaN/inf" if p["max_abs_logit_diff"] is None else f"{p['max_abs_logit_diff']:.4f}"
+        batch = "-" if not b else "NaN/inf" if b["max_abs_prob_diff"] is None else f"{b['max_abs_prob_diff']:.1e}"
         lines.append(f"| {name}{' (primary)' if name == edge.primary else ''} | {a['runtime']} | "
-                     f"{a['size_bytes'] / 1e6:.1f} | {p['argmax_agreement']:.3f} | {diff} | "
+                     f"{a['size_bytes'] / 1e6:.1f} | {p['argmax_agreement']:.3f} | {diff} | {batch} | "
                      f"{'ok' if a['ok'] else 'FAIL'}: {a['check']} |")
     for e in edge.errors:
         lines.append(f"\n**not built**: {e['problem']} (fix: {e['fix']})")
@@ -194,6 +203,9 @@ def quantize_edge(quantize_cfg, splits, student_dir, out_dir, *, name: str, max_
         for artifact, a in edge.artifacts.items():
             client.log_metric(run_id, f"edge.{artifact}.size_bytes", a["size_bytes"])
             client.log_metric(run_id, f"edge.{artifact}.argmax_agreement", a["parity"]["argmax_agreement"])
+            if (a.get("batch_independence") or {}).get("max_abs_prob_diff") is not None:
+                client.log_metric(run_id, f"edge.{artifact}.batch_max_abs_prob_diff",
+                                  a["batch_independence"]["max_abs_prob_diff"])
         client.set_tag(run_id, "edge.primary", edge.primary)
         client.set_tag(run_id, "edge.quantized", str(edge.quantized).lower())
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,7 @@
 """The quantize stage: every edge artifact built as a Prefect task and checked against the fp32 student, whose
-validation logits are computed once; the primary picked and recorded in edge.json with the folder's digest; an
-architecture nothing can export falls back to the fp32 student, marked as not quantized."""
+validation logits are computed once, and for batch independence (a row alone vs in a batch of 32); the primary
+picked among those that pass and recorded in edge.json with the folder's digest; an architecture nothing can export
+falls back to the fp32 student, marked as not quantized."""
 
 from __future__ import annotations
 
@@ -19,16 +20,21 @@ def texts(review_frame):
     return {"calibration": all_texts[:64], "heldout": all_texts[96:160]}
 
 
-def test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student(prefect_api, tiny_model_dir, review_frame,
-                                                                           texts, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def student(tiny_model_dir, review_frame, tmp_path_factory):
+    from tests.helpers import spread_classifier
+
+    return spread_classifier(tiny_model_dir, review_frame["text"].tolist()[:96], tmp_path_factory.mktemp("student"))
+
+
+def test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student(prefect_api, student, texts, tmp_path,
+                                                                           monkeypatch):
     from distill_gap.digest import model_digest
     from distill_gap.edge.folder import read_manifest
     from distill_gap.inference.predictor import TransformersPredictor
     from flows.config import QuantizeConfig
     from tasks.quantize import quantize_stage, tuning_markdown
-    from tests.helpers import spread_classifier
 
-    student = spread_classifier(tiny_model_dir, review_frame["text"].tolist()[:96], tmp_path / "student")
     fp32_passes = []
     original = TransformersPredictor.predict_logits
 
@@ -52,13 +58,49 @@ def test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student(prefe
         if name != "onnx":
             assert a["validation"]["baseline"] == baseline
     assert edge.artifacts["onnx"]["parity"]["max_abs_logit_diff"] < 1e-4
-    assert edge.artifacts["onnx-int8"]["batch_dependence_max_abs_logit_diff"] >= 0.0
+    for name, a in edge.artifacts.items():  # INC INT8 (static candidate) ~7e-7, fp32 and ONNX INT8 ONNX exactly 0
+        batch = a["batch_independence"]
+        assert (batch["rows"], batch["batch_size"], batch["limit"]) == (16, 32, 1e-5), batch
+        assert batch["ok"] and batch["max_abs_prob_diff"] <= 1e-5 and a["ok"], (name, batch)
+    assert edge.artifacts["onnx-int8"]["batch_independence"]["max_abs_prob_diff"] == 0.0
+    ort = json.loads((edge.path / "onnx-int8" / "ort_int8.json").read_text())
+    assert ort["matmul"]["activations"].startswith("uint8 per-tensor, static scales calibrated on 64 texts")
     assert edge.digest == model_digest(edge.path)  # taken once, after edge.json was written
     manifest = read_manifest(edge.path)
     assert manifest == json.loads(json.dumps(edge.manifest(), default=str))
     assert manifest["labels"] == ["negative", "neutral", "positive"] and manifest["max_length"] == MAX_LENGTH
     md = tuning_markdown(edge)
-    assert "primary `onnx-int8` (INT8)" in md and "| 1 | static |" in md
+    assert "primary `onnx-int8` (INT8)" in md and "| 1 | static |" in md and "batch max abs prob diff" in md
+
+
+def test_an_artifact_whose_rows_depend_on_their_batch_is_never_primary(prefect_api, student, texts, tmp_path):
+    """INC's dynamic candidate computes activation scales per batch: it fails the batch check, so the ONNX INT8
+    model is primary although the order puts int8 first; alone, it is kept for the record with the reason named,
+    and the quantization gate fails."""
+    from distill_gap.evaluation.gates import quantization_gate
+    from flows.config import QuantizeConfig
+    from tasks.quantize import quantize_stage, tuning_markdown
+
+    val = texts["heldout"]
+    kwargs = dict(calibration_texts=texts["calibration"], val_texts=val, val_label_ids=np.arange(len(val)) % 3,
+                  max_length=MAX_LENGTH, min_agreement=0.0, log=print)
+    qcfg = QuantizeConfig(candidates=["dynamic"], max_trials=1, tolerable_loss=0.99, onnx=False, onnx_int8=True,
+                          primary="int8,onnx-int8")
+    edge = quantize_stage(student, tmp_path / "edge", qcfg=qcfg, **kwargs)
+    int8 = edge.artifacts["int8"]
+    assert int8["candidate"] == "dynamic" and not int8["ok"] and not int8["batch_independence"]["ok"]
+    assert int8["batch_independence"]["max_abs_prob_diff"] > 1e-3  # 0.05 measured
+    assert "a row's probabilities depend on its batch" in int8["check"]
+    assert edge.primary == "onnx-int8" and edge.primary_ok and set(edge.artifacts) == {"int8", "onnx-int8"}
+    assert "| int8 | torch-pt2 |" in tuning_markdown(edge) and "FAIL: a row's probabilities" in tuning_markdown(edge)
+
+    alone = quantize_stage(student, tmp_path / "edge-int8", qcfg=qcfg.model_copy(update={"onnx_int8": False}),
+                           **kwargs)
+    assert alone.primary == "int8" and alone.quantized and not alone.primary_ok
+    assert alone.reason.startswith("no INT8 artifact passed its checks (int8: a row's probabilities depend on its "
+                                   "batch: max |prob diff|") and alone.reason.endswith("int8 kept for the record")
+    gate = quantization_gate(alone, qcfg.require_int8)
+    assert not gate["passed"] and "depend on its batch" in gate["detail"]
 
 
 def _unexportable_model(tmp_path) -> Path:
@@ -96,6 +138,8 @@ def test_edge_stage_falls_back_to_fp32_and_names_stage_and_operator(prefect_api,
     assert "torch.export" in int8_err and "dynamic dimension 'seq'" in int8_err
     assert "architecture canine" in onnx_err
     assert edge.primary == "fp32" and not edge.quantized and (edge.path / "fp32" / "config.json").is_file()
+    batch = edge.artifacts["fp32"]["batch_independence"]  # the fp32 student is checked too
+    assert batch["ok"] and batch["max_abs_prob_diff"] <= 1e-5 and batch["rows"] == 8 and edge.artifacts["fp32"]["ok"]
     manifest = json.loads((edge.path / "edge.json").read_text())
     assert manifest["quantized"] is False and manifest["primary"] == "fp32" and len(manifest["errors"]) == 2
     assert not quantization_gate(edge, qcfg.require_int8)["passed"]  # never promoted by default
