@@ -121,7 +121,7 @@ def drill_workspace(tmp: Path, name: str, model_dir, *, data: dict, mlflow_db: P
     raw["soft_labels"].update(store=f"file://{tmp}/soft-labels", shard_size=16, task_runner="local")
     raw["tracking"] = {"uri": fresh_mlflow_db(mlflow_db, tmp), "artifact_location": str(tmp / "mlartifacts")}
     raw["governance"] = {"key_dir": str(tmp / "keys")}
-    raw["quantize"].update(candidates=["dynamic"], max_trials=1, onnx=False, onnx_int8=False,
+    raw["quantize"].update(candidates=["static"], max_trials=1, onnx=False, onnx_int8=False,
                            tolerable_loss=OPEN_TOLERABLE_LOSS)
     raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, **OPEN_GATES}
     config = tmp / f"{name}.yaml"

@@ -1,20 +1,18 @@
 """The lean edge runtime: an edge folder's ONNX artifact on onnxruntime, tokenizers and numpy alone, with its
 scope guard and calibration; JSONL rows in, JSONL rows out exactly as `distill predict` writes them.
 
-`distill predict` runs it whenever the chosen artifact's runtime is "onnxruntime" (the demo's primary, onnx-int8);
-EdgeModel (serving.py) keeps the torch runtimes. Imports: the standard library, numpy, onnxruntime, tokenizers and,
-of this project, errors.py, digest.py (stdlib) and edge/guard.py (numpy): never torch, transformers, Prefect,
-MLflow, scipy, sklearn or pandas. On a device (Python >= 3.10):
+`distill predict` runs it whenever the chosen artifact's runtime is "onnxruntime"; EdgeModel (serving.py) keeps the
+torch runtimes. Imports: stdlib, numpy, onnxruntime, tokenizers, and errors.py, digest.py, edge/guard.py of this
+project; never torch, transformers, Prefect, MLflow, scipy, sklearn or pandas. On a device (Python >= 3.10):
 
     pip install onnxruntime tokenizers numpy
     # these six files of the repository, in their folders: distill_gap/{__init__,errors,digest}.py and
     # distill_gap/edge/{__init__,guard,lean}.py
     python -m distill_gap.edge.lean --folder edge/ --input rows.jsonl --digest <model.digest> > labels.jsonl
 
---digest: the registered version's `model.digest` tag (`distill lineage --json`); a folder whose model files
-differ is refused before anything loads. The input is checked whole first (a bad line prints nothing), then read
-again and predicted 256 rows at a time, each chunk written when done. Nothing in the folder runs as code here
-(tokenizer.json is data; the graph uses ONNX Runtime's own operators), so no pickle scan as in load_edge.
+--digest: the version's `model.digest` tag (`distill lineage --json`); a folder that differs is refused first.
+The input is checked whole first (a bad line prints nothing), then predicted 256 rows at a time, each chunk written
+when done. Nothing in the folder runs as code (tokenizer.json is data, the graph ONNX Runtime's own operators).
 """
 
 from __future__ import annotations
@@ -348,9 +346,12 @@ class LeanEdge:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]  # as inference/onnx_runtime.onnx_session chooses
-        self.session = ort.InferenceSession(str(path / ONNX_FILE), options, providers=providers)
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path / ONNX_FILE), options, providers=providers)
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime's own types (InvalidProtobuf, ...) for a damaged file
+            raise DistillError(f"{path} cannot be loaded with onnxruntime: {type(err).__name__}: {str(err)[:300]}",
+                               "the model folder is damaged or incomplete: fetch or export it again") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = [n for n in self.input_names if n not in _ENCODING_FIELDS]
         if unknown:

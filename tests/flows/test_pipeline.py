@@ -101,7 +101,7 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
         assert mv.tags["soft_labels.key"] == first["soft_labels"]["key"]
     assert edge.tags["parent"] == f"tiny-student/{student.version}"
     assert edge.tags["edge.primary"] == e["primary"] and edge.tags["edge.quantized"] == "true"
-    assert edge.tags["quantization.candidate"] in ("static", "dynamic")
+    assert edge.tags["quantization.candidate"] in ("static", "static-sym")
     assert first["registered"]["gates_passed"] and edge.tags["gates.passed"] == "true"
     assert client.get_model_version_by_alias("tiny-edge", "champion").version == edge.version
 
@@ -112,7 +112,7 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'")}
     assert "student-int8.test.accuracy" in client.get_run(stages["evaluate"]).data.metrics
     trials = client.get_metric_history(stages["quantize"], "quantize.trial_accuracy")
-    assert 1 <= len(trials) <= 2  # tiny.yaml: candidates [static, dynamic], max_trials 2
+    assert 1 <= len(trials) <= 2  # tiny.yaml: candidates [static, static-sym], max_trials 2
     local = client.download_artifacts(stages["quantize"], "quantization/edge.json", str(Path(workspace[0])))
     manifest_edge = json.loads(Path(local).read_text())
     assert manifest_edge["primary"] == e["primary"] and manifest_edge["tuning"]["trials"]
@@ -132,7 +132,7 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
     # second run: same key -> cache hit, teacher not run, a new student version with the same lineage. Its later
     # stages are trimmed (one INC trial, no ONNX copies, no intervals or stress suites): the cache is what is
     # tested, and the soft-label key does not depend on them
-    second = distill_pipeline(_config(workspace, "quantize.candidates=[dynamic]", "quantize.max_trials=1",
+    second = distill_pipeline(_config(workspace, "quantize.candidates=[static]", "quantize.max_trials=1",
                                       "quantize.onnx=false", "quantize.onnx_int8=false",
                                       "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0"))
     assert second["soft_labels"]["hit"] and second["soft_labels"]["key"] == first["soft_labels"]["key"]

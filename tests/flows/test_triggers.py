@@ -61,7 +61,7 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
         # gates loose enough that the tiny model becomes champion: this test is about triggers, not quality
         # three pipeline runs: trimmed to one INC candidate, no ONNX copies, no intervals or stress suites
         raw["evaluate"] = {**OPEN_GATES, "bootstrap_samples": 0, "stress_rows": 0}
-        raw["quantize"].update(require_int8=False, tolerable_loss=OPEN_TOLERABLE_LOSS, candidates=["dynamic"],
+        raw["quantize"].update(require_int8=False, tolerable_loss=OPEN_TOLERABLE_LOSS, candidates=["static"],
                                max_trials=1, onnx=False, onnx_int8=False)
         raw["drift"] = {"sample_size": 200, "min_rows": 50}
         config.write_text(yaml.safe_dump(raw))

@@ -182,7 +182,7 @@ def pipeline(stack, tiny_model_dir, tiny_data):
     imported = time.monotonic()
     # fewer bootstrap resamples and stress rows, one INC trial and no ONNX copies (as tests/flows/test_triggers.py):
     # this test is about where things are stored, not about the intervals or the toolchains
-    trimmed = ["evaluate.bootstrap_samples=50", "evaluate.stress_rows=40", "quantize.candidates=[dynamic]",
+    trimmed = ["evaluate.bootstrap_samples=50", "evaluate.stress_rows=40", "quantize.candidates=[static]",
                "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
                *OPEN_GATE_OVERRIDES]  # stores, not quality
     out = _distill(stack, "run", "--config", TINY, *(a for o in [*store, *trimmed] for a in ("--set", o)),

@@ -26,7 +26,7 @@ def workspace(tmp_path_factory, prefect_api, tiny_model_dir, tiny_data, mlflow_d
     os.chdir(tmp)
     base = [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}", f"tracking.artifact_location={tmp}/mlartifacts",
             f"soft_labels.store=file://{tmp}/soft-labels", f"governance.key_dir={tmp}/keys",
-            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[dynamic]",
+            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[static]",
             "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false", *data_overrides(tiny_data)]
     import_tiny_teacher(load_config(ROOT / "configs/tiny.yaml", base), tiny_model_dir)  # faults, not quality
     yield tmp, base

@@ -77,7 +77,7 @@ def workspace(tmp_path_factory, proxy, moto_client, prefect_api, tiny_model_dir,
 # This file is about the store, so the stages after the soft labels are trimmed to what a complete run
 # needs (one INC candidate, no ONNX copies, no bootstrap intervals or stress suites) and the quality
 # gates are opened: a tiny model missing a gate is not what is tested here.
-TRIMMED = ["quantize.candidates=[dynamic]", "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
+TRIMMED = ["quantize.candidates=[static]", "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *OPEN_GATE_OVERRIDES]
 
 

@@ -215,7 +215,9 @@ def test_the_installed_command_predicts_stdin_rows_with_the_champion(registry, t
     assert proc.returncode == 0, proc.stderr
     out = _jsonl(proc.stdout)
     assert [r["id"] for r in out] == [f"r{i}" for i in range(5)] and {r["artifact"] for r in out} == {"onnx"}
-    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["label"] in LABELS for r in out)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-6 for r in out)
+    # in scope: labelled; outside the guard fitted on these texts' neighbours: abstains (the default)
+    assert all(r["label"] in LABELS if r["in_scope"] else (r["label"], r["route"]) == (None, "fallback") for r in out)
     assert "x-edge v1 (@champion)" in proc.stderr and "verified" in proc.stderr
     assert (tmp_path / ".distill" / "models").is_dir()  # fetched into the cache of the working folder
 
