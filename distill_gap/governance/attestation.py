@@ -103,8 +103,8 @@ def quantize_statement(q, *, min_edge_agreement: float, student_model_name: str,
         subjects = {f"edge/{edge.primary}": edge.artifacts[edge.primary]["digest"]}
     return statement(
         "quantize", subjects,
-        technique="Intel Neural Compressor accuracy-aware autotune (PT2E INT8) and ONNX Runtime dynamic INT8 "
-                  f"MatMuls + {q.onnx_embedding_bits}-bit embeddings",
+        technique="Intel Neural Compressor accuracy-aware autotune (PT2E INT8) and ONNX Runtime INT8 MatMuls "
+                  f"with static activation scales + {q.onnx_embedding_bits}-bit embeddings",
         parameters=q.model_dump(mode="json"),
         inputs={student_model_name: student.digest, "data/train (calibration)": splits.digests()["train"],
                 "data/validation (tuning)": splits.digests()["validation"]},
