@@ -41,10 +41,6 @@ class EdgeModel:
         self.predictor = predictor
         self.guard = read_guard(folder) if is_primary(folder, artifact) else None  # a damaged guard raises
 
-    @property
-    def scope(self) -> dict | None:  # kept for callers that only ask whether a scope ships
-        return None if self.guard is None else {"detector": self.guard.detector, "threshold": self.guard.threshold}
-
     def predict_outputs(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, C) float32 and pooled features (N, D) (None when the artifact gives none)."""
         logits, features = self.predictor.predict_outputs([str(t) for t in texts], batch_size=batch_size)

@@ -180,16 +180,11 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
                 entry.setdefault(det, {}).update({k: v for k, v in r.items() if k != "hist"})
             if shipped in by_det:
                 entry["hist"] = {**by_det[shipped]["hist"], "score": shipped}
-    chosen = {}
-    for m, by_det in guards.items():
-        if shipped in by_det:
-            chosen[m] = by_det[shipped]
-    if bootstrap_samples and "teacher" in chosen:  # the OOD gate's evidence: each model's drop against the teacher
+    chosen = {m: by_det[shipped] for m, by_det in guards.items() if shipped in by_det}
+    # the OOD gate's evidence: each model's drop against the teacher (MSP's: add_calibration_and_ood has it already)
+    if bootstrap_samples and "teacher" in chosen and shipped != "msp":
         _drop_intervals(report, logits, features, chosen, shipped, bootstrap_samples=bootstrap_samples, seed=seed)
-    for m, by_det in guards.items():
-        if shipped not in by_det:
-            continue
-        g = chosen[m]
+    for m, g in chosen.items():
         report.scope[m] = {"detector": g.detector, "threshold": g.threshold, "tpr": g.tpr,
                            "temperature": g.temperature, **({"k": g.k} if g.detector == "knn" else {}),
                            "fitted_on": f"train sample ({len(sample)} rows) + validation "
@@ -206,7 +201,7 @@ def _drop_intervals(report, logits: dict, features: dict, guards: dict[str, Scop
     def scores(m: str, split: str):
         return guards[m].score(logits[m][split], (features.get(m) or {}).get(split))
 
-    ref_in = scores("teacher", "test")
+    test = {m: scores(m, "test") for m in guards}  # in-distribution scores, shared by every OOD set
     for suite, by_model in report.ood.items():
         if detector not in by_model.get("teacher", {}) or suite not in logits["teacher"]:
             continue
@@ -214,4 +209,4 @@ def _drop_intervals(report, logits: dict, features: dict, guards: dict[str, Scop
         for m in guards:
             if m != "teacher" and detector in by_model.get(m, {}) and suite in logits[m]:
                 by_model[m][detector]["drop_vs_teacher"] = auroc_drop_interval(
-                    ref_in, ref_out, scores(m, "test"), scores(m, suite), n_boot=bootstrap_samples, seed=seed)
+                    test["teacher"], ref_out, test[m], scores(m, suite), n_boot=bootstrap_samples, seed=seed)
