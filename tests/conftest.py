@@ -34,18 +34,48 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def _prefect_server(tmp_path_factory):
-    """One real Prefect API server for the session (a uvicorn subprocess on a temporary SQLite database): each
-    start costs ~27 s on 2 cores (imports and migrations), and nine modules use it. Started on first use."""
+def _prefect_server(tmp_path_factory, worker_id):
+    """One real Prefect API server (a uvicorn subprocess on a temporary SQLite database) for the whole test run:
+    each start costs ~27 s on 2 cores (imports and migrations) and nine modules use it. The first pytest-xdist
+    worker that needs it starts it; the others find its port in a file under the run's shared temporary folder;
+    it stops when the last worker using it is done. Yields (server, database URL)."""
+    import json
+    import time
+
+    from filelock import FileLock
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
-    db = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('prefect-api')}/prefect-test.db"
-    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: db}):  # read by the server command
-        server = SubprocessASGIServer(port=_free_port())
-        server.start(timeout=240)
-    yield server, db
-    server.stop()
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    state, lock = shared / "prefect-api.json", FileLock(str(shared / "prefect-api.lock"))
+    with lock:
+        info = json.loads(state.read_text()) if state.is_file() else None
+        owner = info is None
+        if owner:
+            db = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('prefect-api')}/prefect-test.db"
+            with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: db}):  # read by the command
+                server = SubprocessASGIServer(port=_free_port())
+                server.start(timeout=240)
+            info = {"port": server.port, "db": db, "users": 0}
+        else:
+            server = SubprocessASGIServer(port=info["port"])  # this process's handle on the running server
+            server.running = True
+        info["users"] += 1
+        state.write_text(json.dumps(info))
+    yield server, info["db"]
+    with lock:
+        info = json.loads(state.read_text())
+        info["users"] -= 1
+        state.write_text(json.dumps(info))
+    if owner:  # wait for the other workers using it; one that asks later starts its own
+        deadline = time.monotonic() + 3600
+        while True:
+            with lock:
+                if json.loads(state.read_text())["users"] <= 0 or time.monotonic() > deadline:
+                    server.stop()
+                    state.unlink()
+                    break
+            time.sleep(1)
 
 
 @pytest.fixture(scope="session")

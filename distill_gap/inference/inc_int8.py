@@ -10,6 +10,7 @@ but tensors (check_torch_archive) and runs under the weights-only unpickler.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,11 @@ INT8_META = "int8_meta.json"
 # the exported graph's inputs, in order: (input_ids, attention_mask, token_type_ids), each (B, T) int64
 GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _PT2_PAYLOADS = ("weight_", "tensor_")  # raw tensor bytes in a torch.export archive; anything else is pickled
+# sha256 of a model.pt2 -> (ExportedProgram, its module): a pipeline run reads the same INT8 artifact in the
+# quantize checks, evaluate, the edge folder and registration, ~1-2 s per torch.export.load; keyed by content, so
+# a copy loads once and a changed file loads again. Only archives that passed check_torch_archive get in.
+_PROGRAMS: dict[str, tuple] = {}
+_PROGRAMS_KEPT = 4
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> tuple:
@@ -177,6 +183,21 @@ class Int8Predictor:
         return self.predict_outputs(texts, batch_size=batch_size, desc=desc)[0]
 
 
+def _load_program(file: Path) -> tuple:
+    """(ExportedProgram, module) of a checked archive, loaded weights-only once per process and content."""
+    import torch
+
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    if digest not in _PROGRAMS:
+        check_torch_archive(file)
+        with weights_only_unpickling():
+            program = torch.export.load(file)
+            _PROGRAMS[digest] = (program, program.module())
+        while len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    return _PROGRAMS[digest]
+
+
 def load_int8(path, *, compile: bool = False) -> Int8Predictor:
     """Reload a folder written by the INT8 quantization (any process); `compile=True` trades a first compile for speed.
 
@@ -192,10 +213,7 @@ def load_int8(path, *, compile: bool = False) -> Int8Predictor:
         raise DistillError(f"{root} is not an INT8 model folder (no {INT8_FILE} / {INT8_META})",
                            "point to the folder written by the quantize stage")
     meta = json.loads((root / INT8_META).read_text())
-    check_torch_archive(root / INT8_FILE)
-    with weights_only_unpickling():
-        program = torch.export.load(root / INT8_FILE)
-        module = program.module()
+    program, module = _load_program(root / INT8_FILE)
     if compile:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers fusion passes)
 
