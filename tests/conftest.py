@@ -20,6 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISTILL_PROGRESS", "0")
+# One intra-op thread per process: `make test` runs two pytest workers (and their `distill` subprocesses) on CI's two
+# cores, and the tiny models gain nothing from a second thread that competes with the other worker for a core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -124,6 +124,7 @@ def drill_workspace(tmp: Path, name: str, model_dir, *, data: dict, mlflow_db: P
     raw["quantize"].update(candidates=["static"], max_trials=1, onnx=False, onnx_int8=False,
                            tolerable_loss=OPEN_TOLERABLE_LOSS)
     raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, **OPEN_GATES}
+    raw["runtime"]["threads"] = 1  # the other pytest worker has the other core
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
