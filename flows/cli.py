@@ -97,6 +97,14 @@ def _print_summary(cfg, result: dict) -> None:
     for e in edge["errors"]:
         console.print(f"[yellow]  not built: {e['problem']}[/]", highlight=False)
     console.print(f"gates        {gates}")
+    checks = report.get("noninferiority", {}).get(edge["report_name"], [])
+    if checks:  # the paired evidence against the teacher (issue 19): what is shown, what is not yet
+        counts = {o: sum(c["outcome"] == o for c in checks) for o in ("pass", "fail", "insufficient")}
+        undecided = [f"{c['check']} (~{c['rows_needed']} rows)" if c["rows_needed"] else c["check"]
+                     for c in checks if c["outcome"] != "pass"]
+        console.print(f"proof        not worse than the teacher by more than the margin, same test rows: "
+                      f"{counts['pass']} shown, {counts['fail']} shown worse, {counts['insufficient']} undecided"
+                      + (f" ({', '.join(undecided)})" if undecided else ""), highlight=False)
     console.print(f"mlflow run   {result['run_id']} in {result['tracking_uri']}")
     console.print("look         `distill ui` -> Prefect UI (runs, gap report artifact) and MLflow UI (runs, registry)")
 

@@ -176,6 +176,15 @@ class QuantizeConfig(_Section):
     max_batch_prob_diff: float = Field(1e-5, ge=0, le=1)
 
 
+class MarginsConfig(_Section):
+    """Non-inferiority margins (distill_gap/evaluation/noninferiority.py): how much worse than the teacher, on the
+    same rows, a compressed model may be shown to be at most (upper bound of the one-sided 95% interval)."""
+
+    aggregate: float = Field(0.03, ge=0, le=1)  # relative: 3% of the teacher's test accuracy
+    critical_slice: float = Field(0.03, ge=0, le=1)  # accuracy points on each of data.critical_slices
+    class_recall: float = Field(0.05, ge=0, le=1)  # recall points on each class
+
+
 class EvaluateConfig(_Section):
     batch_size: int = Field(32, ge=1)
     gap_threshold: float = Field(0.02, ge=0, le=1)  # accuracy loss vs teacher that is flagged
@@ -190,6 +199,8 @@ class EvaluateConfig(_Section):
     # edge MSP AUROC at least the teacher's minus this, unless the drop's paired 95% interval still holds 0
     max_ood_auroc_drop: float = Field(0.03, ge=0, le=1)
     max_flip_rate_increase: float = Field(0.05, ge=0, le=1)  # edge stress flip rate at most the teacher's + this
+    margins: MarginsConfig = Field(default_factory=MarginsConfig)  # non-inferiority vs the teacher, paired rows
+    teacher_floor: float = Field(0.5, ge=0, le=1)  # a class or slice where the teacher is below this: inherited
 
 
 class ScopeConfig(_Section):

@@ -20,6 +20,7 @@ from distill_gap.edge.folder import write_reference
 from distill_gap.edge.guard import ScopeGuard
 from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_outputs,
                                                gap_report, load_predictors, report_metrics, scope_record)
+from distill_gap.evaluation.noninferiority import add_noninferiority
 from distill_gap.evaluation.scope import add_scope
 from distill_gap.evaluation.gates import evaluate_gates, quantization_gate, verdict_markdown
 from distill_gap.governance.attestation import evaluate_statement
@@ -31,7 +32,8 @@ _log = logging.getLogger("distill.evaluate")
 
 def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, scope_cfg, *, seed: int,
              max_length: int, device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
-             stress_models: list[str] | None = None, client=None, run_id: str | None = None, log=_log) -> GapReport:
+             stress_models: list[str] | None = None, critical_slices: dict[str, list[str]] | None = None,
+             client=None, run_id: str | None = None, log=_log) -> GapReport:
     """Score teacher, student and each edge artifact independently on every suite; return the gap report.
 
     A model that cannot be loaded or returns the wrong number of classes is reported under `not_evaluated` and
@@ -50,6 +52,7 @@ def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, sco
     report = gap_report(logits, splits, ev.gap_threshold, bootstrap_samples=ev.bootstrap_samples, seed=seed)
     report.not_evaluated += missing + failed
     add_calibration_and_ood(report, logits, splits, bootstrap_samples=ev.bootstrap_samples, seed=seed)
+    add_noninferiority(report, logits, splits, ev, critical_slices=critical_slices, seed=seed)
     guards = add_scope(report, logits, features, splits, scope_cfg, bootstrap_samples=ev.bootstrap_samples, seed=seed)
     add_stress(report, {m: (lambda texts, p=p: p.predict_logits(list(texts), batch_size=ev.batch_size))
                         for m, p in predictors.items() if m in logits}, splits,
@@ -152,8 +155,8 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
         models.setdefault(art["report_name"], edge.path / art["path"])
     with run.stage("evaluate") as stage_run_id:
         report = evaluate(models, splits, evaluate_cfg, drift_cfg, scope_cfg, seed=seed, max_length=max_length, device=run.device,
-                          edge_model=edge.report_name, edge_folder=edge.path, client=run.client, run_id=stage_run_id,
-                          log=get_run_logger())
+                          edge_model=edge.report_name, edge_folder=edge.path, critical_slices=critical_slices,
+                          client=run.client, run_id=stage_run_id, log=get_run_logger())
         edge = dataclasses.replace(edge, digest=model_digest(edge.path))
         gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], evaluate_cfg,
                                quantization=quantization_gate(edge, require_int8), critical_slices=critical_slices)

@@ -34,6 +34,7 @@ class GapReport:
     ood: dict[str, dict[str, dict]] = field(default_factory=dict)  # ood suite -> model -> msp/energy detection
     stress: dict[str, dict[str, dict]] = field(default_factory=dict)  # variant -> model -> drop, flip rate
     scope: dict[str, dict] = field(default_factory=dict)  # model -> the guard of scope.detector (threshold, ...)
+    noninferiority: dict[str, list[dict]] = field(default_factory=dict)  # model -> paired checks vs the teacher
     not_evaluated: list[dict] = field(default_factory=list)  # {"model", "suite", "reason"}
     seconds: float | None = None  # wall time of the evaluation
     sizes: dict[str, int] = field(default_factory=dict)  # model -> bytes of its folder on disk
@@ -44,7 +45,7 @@ class GapReport:
     def to_dict(self) -> dict:
         return {"models": self.models, "labels": self.labels, "threshold": self.threshold, "suites": self.suites,
                 "flags": self.flags, "calibration": self.calibration, "ood": self.ood, "stress": self.stress,
-                "scope": self.scope, "not_evaluated": self.not_evaluated,
+                "scope": self.scope, "noninferiority": self.noninferiority, "not_evaluated": self.not_evaluated,
                 "worst_slices": {m: self.worst_slices(m) for m in self.models if m != "teacher"}}
 
     def worst_slices(self, model: str, k: int = 3) -> list[tuple[str, float]]:
@@ -111,6 +112,16 @@ class GapReport:
             lines += [f"| {m} | {g['detector']} | {g['threshold']:.4g} | "
                       + ", ".join(f"{suite}: {share:.1%}" for suite, share in g.get("ood_in_scope", {}).items())
                       + " |" for m, g in self.scope.items()]
+        if self.noninferiority:
+            lines += ["", "### Non-inferiority vs the teacher (same test rows; pass: upper one-sided 95% bound of "
+                      "the drop below the margin, fail: lower bound above it, else insufficient evidence)", "",
+                      "| model | check | n | teacher | model | drop [95% bounds] | margin | outcome | rows needed |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {m} | {c['check']}{' (inherited)' if c['inherited'] else ''} | {c['n']} | "
+                      f"{_num(c['teacher'])} | {_num(c['model'])} | "
+                      + (f"{c['drop']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c["n"] else "no rows")
+                      + f" | {c['margin']:.3f} | {c['outcome']} | {c['rows_needed'] or '-'} |"
+                      for m, checks in self.noninferiority.items() for c in checks]
         if self.stress:
             lines += ["", "### Stress suites (seeded sample of test)", "", "| variant | " +
                       " | ".join(f"{m} drop / flips" for m in self.models) + " |", "|---|" + "---|" * len(self.models)]
@@ -121,6 +132,10 @@ class GapReport:
         for miss in self.not_evaluated:
             lines.append(f"\n**not evaluated**: `{miss['model']}` on {miss['suite']}: {miss['reason']}")
         return "\n".join(lines) + "\n"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _ci_text(metrics: dict) -> str:

@@ -43,7 +43,7 @@ th{background:#f6f8fa;font-weight:600;text-align:center}
 td{text-align:right}td.name{text-align:left;white-space:normal;max-width:340px;word-break:break-word}
 tr:nth-child(even) td{background:#fbfcfd}
 td.flag,tr:nth-child(even) td.flag{background:#fde2e1;color:#a50e0e;font-weight:600}
-td.gain{color:#1a7f37}td.loss{color:#a50e0e}td.muted{color:#8c959f}
+td.gain{color:#1a7f37}td.loss{color:#a50e0e}td.warn{color:#9a6700}td.muted{color:#8c959f}
 td.pass{color:#1a7f37;font-weight:600}td.fail{color:#a50e0e;font-weight:600}
 .legend{color:#57606a;font-size:12.5px;margin:2px 0 8px}
 .plot{max-width:100%;height:auto;border:1px solid #eaeef2;margin:4px 0 10px}
@@ -308,6 +308,23 @@ def _scope_table(scope: dict) -> str:
                     ("temperature", 1), ("OOD rows still in scope", 1)]], rows)
 
 
+def _noninferiority_table(noninferiority: dict) -> str:
+    """Every paired check of every compressed model: drop with its one-sided bounds, margin, outcome."""
+    cls = {"pass": "gain", "fail": "loss", "insufficient": "warn"}
+    rows = []
+    for m, checks in noninferiority.items():
+        for c in checks:
+            bounds = (f"{c['drop']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c.get("n") else "no rows")
+            rows.append("<tr>" + _td(_e(m), "name")
+                        + _td(_e(c["check"] + (" (inherited: the teacher is weak here)" if c.get("inherited") else "")),
+                              "name") + _td(_e(c.get("n"))) + _td(_num(c.get("teacher"))) + _td(_num(c.get("model")))
+                        + _td(_e(bounds)) + _td(_num(c.get("margin"))) + _td(_e(c["outcome"]), cls.get(c["outcome"], ""))
+                        + _td(_e(c.get("rows_needed") or DASH)) + "</tr>")
+    return _table([[("model", 1), ("check", 1), ("n", 1), ("teacher", 1), ("model", 1),
+                    ("drop vs teacher [one-sided 95% bounds]", 1), ("margin", 1), ("outcome", 1),
+                    ("labelled rows that would decide it", 1)]], rows)
+
+
 def _not_evaluated(items: list[dict]) -> str:
     rows = ["<tr>" + _td(_e(i.get("model", DASH)), "name") + _td(_e(i.get("suite", DASH)), "name")
             + _td(_e(i.get("reason", "")), "name") + "</tr>" for i in items]
@@ -554,6 +571,12 @@ def render_html(report: dict, *, title: str, gates: dict | None = None) -> str:
             plot = _slice_plot(report, models) if anchor == "slices" else None
             recall = _per_class_recall(report, models, labels) if anchor == "splits" else None
             section(anchor, heading, legend if i == 0 else None, _suite_table(report, names, models), recall, plot)
+        if report.get("noninferiority"):
+            section("noninferiority", "Non-inferiority vs the teacher (same rows)",
+                    '<p class="legend">Drop = teacher − model on the same test rows. Pass: the upper one-sided 95% '
+                    "bound is below the margin; fail: the lower bound is above it; otherwise the evidence is "
+                    "insufficient, and the last column says how many labelled rows would decide it.</p>",
+                    _noninferiority_table(report["noninferiority"]))
         # 2. Calibration
         if calibration:
             section("calibration", "Calibration (temperature scaling)",

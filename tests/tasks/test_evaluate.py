@@ -54,6 +54,19 @@ def test_every_model_scored_and_a_model_that_cannot_be_loaded_is_listed(evaluate
     assert report.sizes["gone"] == 0 and report.sizes[EDGE] == report.sizes["student"] > 0
 
 
+
+def test_every_compressed_model_is_compared_with_the_teacher_on_the_same_rows(evaluated):
+    report = evaluated["report"]
+    assert set(report.noninferiority) == {"student", EDGE}
+    checks = {c["check"]: c for c in report.noninferiority[EDGE]}
+    assert set(checks) == {"accuracy", *(f"recall:{label}" for label in LABELS)}
+    assert all(c["n"] > 0 and c["outcome"] in ("pass", "fail", "insufficient") for c in checks.values())
+    assert checks["accuracy"]["n"] == len(evaluated["splits"]["test"])
+    assert checks["accuracy"]["teacher"] == pytest.approx(report.metric("test", "teacher"))
+    assert "Non-inferiority vs the teacher" in report.markdown()
+    assert report.to_dict()["noninferiority"] == report.noninferiority
+
+
 def test_the_edge_folder_gets_the_scope_and_the_reference_of_the_same_predictions(evaluated):
     report, splits, folder = evaluated["report"], evaluated["splits"], evaluated["edge_folder"]
     guard = read_guard(folder)

@@ -145,3 +145,20 @@ def test_demo_sized_report_is_small_and_fast():
     elapsed = time.perf_counter() - start
     assert elapsed < 10, f"render took {elapsed:.1f} s"
     assert len(page.encode()) < 2_000_000, f"{len(page.encode()) / 1e6:.2f} MB"
+
+
+def test_noninferiority_checks_show_their_outcome_bounds_and_rows_needed():
+    from types import SimpleNamespace
+
+    from distill_gap.evaluation.noninferiority import compare
+
+    truth = np.array([0, 1, 2] * 10)
+    edge = truth.copy()
+    edge[:4] = (edge[:4] + 1) % 3
+    checks = compare(truth, {"teacher": truth, "edge": edge}, ["neg", "neu", "pos"],
+                     margins=SimpleNamespace(aggregate=0.03, class_recall=0.05, critical_slice=0.03),
+                     slices={"site=<x>": np.zeros(30, bool)})
+    page = render_html({"models": ["teacher", "edge"], "suites": {}, "noninferiority": checks}, title="ni")
+    assert 'id="noninferiority"' in page and "labelled rows that would decide it" in page
+    assert "slice:site=&lt;x&gt;" in page and "no rows" in page  # escaped, and missing evidence said
+    assert re.search(r'<td class="(warn|loss)">(insufficient|fail)</td>', page)
