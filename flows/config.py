@@ -164,6 +164,11 @@ class QuantizeConfig(_Section):
     tolerable_loss: float = Field(0.01, ge=0, lt=1)  # relative to the fp32 student's validation accuracy
     max_trials: int = Field(6, ge=1)
     calibration_samples: int = Field(128, ge=1)  # seeded sample of the training split
+    # the accuracy goal is decided on enough rows that one row cannot flip it (issue 19): an artifact must agree with
+    # the fp32 student (argmax) on at least evaluate.min_edge_agreement of this many training texts (unlabelled use:
+    # no labels needed, disjoint from the calibration sample), and must not be shown (one-sided 95% bound, paired
+    # rows) to lose more than tolerable_loss of the student's validation accuracy
+    agreement_samples: int = Field(1000, ge=1)
     onnx: bool = True  # keep the fp32 student exported to ONNX (optimum) in the edge folder
     onnx_int8: bool = True  # ONNX Runtime INT8 (int8 MatMuls with static activation scales + 4-bit embeddings)
     onnx_embedding_bits: Literal[4, 8] = 4

@@ -13,7 +13,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distill_gap.edge.checks import accuracy, artifact_check, batch_independence, logit_parity
+from distill_gap.edge.checks import accuracy_goal, artifact_check, batch_independence, logit_parity
 from distill_gap.edge.folder import EDGE_ARTIFACTS, EDGE_FILE, INT8_ARTIFACTS, EdgeBuild
 from distill_gap.edge.inc_quantization import Int8Result, autotune_int8
 from distill_gap.edge.onnx_export import OnnxResult, export_onnx, quantize_onnx_int8
@@ -28,11 +28,12 @@ _BATCH_CHECK_ROWS, _BATCH_CHECK_SIZE = 16, 32
 
 def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_texts: list[str], val_label_ids,
                    qcfg, max_length: int, batch_size: int = 32, seed: int = 13, min_agreement: float = 0.95,
-                   log=print) -> EdgeBuild:
+                   agreement_texts: list[str] | None = None, log=print) -> EdgeBuild:
     """Build every edge artifact (Prefect tasks), check each against the fp32 student, pick the primary.
 
-    The fp32 student's validation logits are computed once here: every artifact's parity and accuracy check uses
-    them. Every artifact is also checked for batch independence (qcfg.max_batch_prob_diff): one that fails cannot
+    The fp32 student's validation logits (and its logits on `agreement_texts`, unlabelled training texts) are
+    computed once here: every artifact's parity and accuracy goal (checks.accuracy_goal: not shown to lose more than
+    qcfg.tolerable_loss on validation, paired; argmax agreement on the unlabelled sample) uses them. Every artifact is also checked for batch independence (qcfg.max_batch_prob_diff): one that fails cannot
     be primary. A stage that cannot build its artifact (an architecture torch.export or optimum cannot handle) is
     recorded with its error and the others go on; with no INT8 artifact at all the edge model is the fp32 student,
     marked as not quantized.
@@ -43,9 +44,10 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     student = load_predictor(student_dir, runtime="transformers", max_length=max_length)
     labels = student.labels
     reference = student.predict_logits(val_texts, batch_size=batch_size)  # (N, C) the fp32 student, once
+    agreement_texts = list(agreement_texts or [])
+    reference_sample = student.predict_logits(agreement_texts, batch_size=batch_size) if agreement_texts else None
     del student
     label_ids = np.asarray(val_label_ids)
-    baseline = accuracy(reference, label_ids)
     artifacts: dict[str, dict] = {}
     errors: list[dict] = []
     tuning = None
@@ -54,10 +56,18 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
         return batch_independence(predictor, val_texts, limit=qcfg.max_batch_prob_diff, rows=_BATCH_CHECK_ROWS,
                                   batch_size=_BATCH_CHECK_SIZE)
 
-    def record(name: str, result: Int8Result | OnnxResult, validation: dict | None, predictor=None,
-               **extra) -> None:
+    def goal(predictor) -> dict:
+        return accuracy_goal(reference, predictor.predict_logits(val_texts, batch_size=batch_size), label_ids,
+                             tolerable_loss=qcfg.tolerable_loss, reference_sample=reference_sample,
+                             candidate_sample=None if reference_sample is None else
+                             predictor.predict_logits(agreement_texts, batch_size=batch_size),
+                             min_agreement=min_agreement)
+
+    def record(name: str, result: Int8Result | OnnxResult, with_goal: bool, **extra) -> None:
         runtime, report_name = EDGE_ARTIFACTS[name]
-        batch = batch_check(predictor or load_predictor(result.path, runtime=runtime, max_length=max_length))
+        predictor = load_predictor(result.path, runtime=runtime, max_length=max_length)
+        batch = batch_check(predictor)
+        validation = goal(predictor) if with_goal else None
         ok, why = artifact_check(result.parity, validation, min_agreement, batch)
         artifacts[name] = {"path": name, "runtime": runtime, "report_name": report_name,
                            "size_bytes": result.size_bytes, "digest": result.digest, "parity": result.parity,
@@ -78,9 +88,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
                              candidates=list(qcfg.candidates), max_length=max_length, batch_size=batch_size,
                              seed=seed, reference=reference)
         tuning = int8.tuning.to_dict()
-        best = next(t for t in tuning["trials"] if t["name"] == tuning["best"])
-        record("int8", int8, {"accuracy": best["metric"], "baseline": tuning["baseline"], "goal": tuning["goal"],
-                              "met_goal": tuning["met"]}, candidate=int8.approach)
+        record("int8", int8, True, candidate=int8.approach)
     except DistillError as err:
         failed(err)
     # 2. fp32 ONNX, and ONNX Runtime INT8 from it
@@ -89,7 +97,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
         try:
             onnx = export_onnx_task(student_dir, out / "onnx", heldout_texts=val_texts, max_length=max_length,
                                     reference=reference)
-            record("onnx", onnx, None)
+            record("onnx", onnx, False)
         except DistillError as err:
             failed(err)
     if onnx is not None and qcfg.onnx_int8:
@@ -97,9 +105,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
             oq = quantize_onnx_task(onnx.path, out / "onnx-int8", heldout_texts=val_texts,
                                     calibration_texts=calibration_texts, max_length=max_length,
                                     embedding_bits=qcfg.onnx_embedding_bits, reference=reference)
-            model = load_predictor(oq.path, runtime="onnxruntime", max_length=max_length)
-            record("onnx-int8", oq, _validation(model, val_texts, label_ids, baseline, qcfg.tolerable_loss,
-                                                batch_size), predictor=model)
+            record("onnx-int8", oq, True)
         except DistillError as err:
             failed(err)
     if not qcfg.onnx and "onnx" in artifacts:  # exported only as the source of the ONNX INT8 model
@@ -127,14 +133,6 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
                       tuning=tuning, errors=errors, reason=reason, labels=labels, max_length=max_length)
     build.write()  # edge.json, then the folder's digest (once)
     return build
-
-
-def _validation(model, val_texts: list[str], label_ids: np.ndarray, baseline: float, tolerable_loss: float,
-                batch_size: int) -> dict:
-    """A model's validation accuracy against the fp32 student's goal."""
-    acc = accuracy(model.predict_logits(val_texts, batch_size=batch_size), label_ids)
-    goal = baseline * (1 - tolerable_loss)
-    return {"accuracy": acc, "baseline": baseline, "goal": goal, "met_goal": acc >= goal}
 
 
 def _fp32_artifact(student_dir, out: Path, reference: np.ndarray, max_length: int, batch_check) -> dict:
@@ -189,11 +187,15 @@ def quantize_edge(quantize_cfg, splits, student_dir, out_dir, *, name: str, max_
     from prefect.artifacts import create_markdown_artifact
 
     train, val = splits["train"], splits["validation"]
-    calib = train.sample(min(quantize_cfg.calibration_samples, len(train)), random_state=seed)["text"].tolist()
+    calib_rows = train.sample(min(quantize_cfg.calibration_samples, len(train)), random_state=seed)
+    calib = calib_rows["text"].tolist()
+    rest = train.drop(index=calib_rows.index)  # the agreement sample: unlabelled use, disjoint from calibration
+    agree = rest.sample(min(quantize_cfg.agreement_samples, len(rest)), random_state=seed)["text"].tolist()
     label_id = {label: i for i, label in enumerate(splits.labels)}
     edge = quantize_stage(student_dir, out_dir, calibration_texts=calib, val_texts=val["text"].tolist(),
                           val_label_ids=val["label"].map(label_id).to_numpy(), qcfg=quantize_cfg,
-                          max_length=max_length, seed=seed, min_agreement=min_edge_agreement, log=log)
+                          max_length=max_length, seed=seed, min_agreement=min_edge_agreement, agreement_texts=agree,
+                          log=log)
     md = tuning_markdown(edge)
     create_markdown_artifact(key=f"{name}-quantization", markdown=md,
                              description=f"INC autotune trials and edge artifacts of {name}")

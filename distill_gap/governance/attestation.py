@@ -106,7 +106,7 @@ def quantize_statement(q, *, min_edge_agreement: float, student_model_name: str,
         technique="Intel Neural Compressor accuracy-aware autotune (PT2E INT8) and ONNX Runtime INT8 MatMuls "
                   f"with static activation scales + {q.onnx_embedding_bits}-bit embeddings",
         parameters=q.model_dump(mode="json"),
-        inputs={student_model_name: student.digest, "data/train (calibration)": splits.digests()["train"],
+        inputs={student_model_name: student.digest, "data/train (calibration, agreement sample)": splits.digests()["train"],
                 "data/validation (tuning)": splits.digests()["validation"]},
         data={"validation": splits.summary()["validation"]},
         thresholds={"tolerable_loss": q.tolerable_loss, "min_edge_agreement": min_edge_agreement},

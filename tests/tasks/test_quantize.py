@@ -46,9 +46,12 @@ def test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student(prefe
     val = texts["heldout"]
     labels = np.arange(len(val)) % 3
     qcfg = QuantizeConfig(candidates=["static"], max_trials=1, tolerable_loss=0.99, onnx=True, onnx_int8=True)
+    agree = texts["calibration"][:40]  # unlabelled texts for the agreement part of the accuracy goal
     edge = quantize_stage(student, tmp_path / "edge", calibration_texts=texts["calibration"], val_texts=val,
-                          val_label_ids=labels, qcfg=qcfg, max_length=MAX_LENGTH, min_agreement=0.0, log=print)
-    assert fp32_passes == [len(val)]  # one pass over the validation texts serves autotune, ONNX and ONNX INT8
+                          val_label_ids=labels, qcfg=qcfg, max_length=MAX_LENGTH, min_agreement=0.0,
+                          agreement_texts=agree, log=print)
+    # one pass over the validation texts and one over the agreement sample serve autotune, ONNX and ONNX INT8
+    assert fp32_passes == [len(val), len(agree)]
 
     assert set(edge.artifacts) == {"int8", "onnx", "onnx-int8"} and not edge.errors
     assert edge.primary == "onnx-int8" and edge.quantized and edge.primary_ok
@@ -56,7 +59,9 @@ def test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student(prefe
     for name, a in edge.artifacts.items():
         assert a["parity"]["n"] == len(val) and a["digest"] == model_digest(edge.path / a["path"])
         if name != "onnx":
-            assert a["validation"]["baseline"] == baseline
+            v = a["validation"]
+            assert v["baseline"] == pytest.approx(baseline) and v["n"] == len(val) and v["agreement_n"] == len(agree)
+            assert v["met_goal"] and v["why"] is None and v["low"] <= v["drop"] <= v["high"]
     assert edge.artifacts["onnx"]["parity"]["max_abs_logit_diff"] < 1e-4
     for name, a in edge.artifacts.items():  # INC INT8 (static candidate) ~7e-7, fp32 and ONNX INT8 ONNX exactly 0
         batch = a["batch_independence"]

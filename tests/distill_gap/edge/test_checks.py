@@ -59,3 +59,27 @@ def test_student_inputs_are_checked(tiny_model_dir, tmp_path):
         check_student(tiny_model_dir, [], 64)
     with pytest.raises(DistillError, match=r"max_length=100000 is outside \[2, "):
         check_student(tiny_model_dir, ["a"], 100_000)
+
+
+def test_the_accuracy_goal_does_not_flip_on_one_row_and_fails_a_shown_loss():
+    """Issue 19: 64 validation rows and a 1% tolerance used to fail an artifact for one row; the goal now fails
+    only a loss shown beyond the tolerance (paired, one-sided 95%) or too little agreement on unlabelled texts."""
+    from distill_gap.edge.checks import accuracy_goal
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 64)
+    ref = np.eye(3)[labels] * 3.0  # the fp32 student: right on every row
+    one_off = ref.copy()
+    one_off[0] = np.roll(one_off[0], 1)  # wrong on one row more
+    sample = rng.normal(size=(500, 3))
+    kept = accuracy_goal(ref, one_off, labels, tolerable_loss=0.01, reference_sample=sample, candidate_sample=sample)
+    assert kept["met_goal"] and kept["accuracy"] < kept["goal"]  # below the point goal, not shown worse
+    worse = ref.copy()
+    worse[:20] = np.roll(worse[:20], 1, axis=1)  # 20 of 64 rows lost
+    lost = accuracy_goal(ref, worse, labels, tolerable_loss=0.01)
+    assert not lost["met_goal"] and "shown to lose more than 1.0%" in lost["why"]
+    shuffled = accuracy_goal(ref, ref, labels, tolerable_loss=0.01, reference_sample=sample,
+                             candidate_sample=rng.normal(size=(500, 3)), min_agreement=0.95)
+    assert not shuffled["met_goal"] and "on 500 unlabelled training texts" in shuffled["why"]
+    ok, why = artifact_check({"argmax_agreement": 1.0, "finite": True}, shuffled, 0.0)
+    assert not ok and "unlabelled training texts" in why
