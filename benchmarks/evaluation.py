@@ -1,8 +1,9 @@
 """Issue 6 figure: the full evaluation of the demo (teacher, student, edge; all suites, bootstrap) on 2 cores.
 
-Runs the pipeline's own `evaluate` task (inside a Prefect flow on the ephemeral API) on the demo's registered
-models: demo-teacher@pinned, the newest demo-student and the demo-edge version made from it (its primary
-artifact). Three repetitions; the median wall time is `eval_seconds`. Needs `make demo` first.
+Runs the pipeline's own evaluate step (tasks.evaluate.evaluate, the function the `evaluate` task calls; it needs no
+flow context) on the demo's registered models: demo-teacher@pinned, the newest demo-student and the demo-edge version
+made from it (its primary artifact). Three repetitions; the median wall time is `eval_seconds`. The OOD keys are the
+held-out conditions suite (data.holdout), by MSP and by the edge model's shipped scope detector. Needs `make demo`.
 
     .venv/bin/python benchmarks/evaluation.py
 writes benchmarks/results/evaluation.json (flat) and .distill/bench/evaluation_report.json (the whole report).
@@ -50,39 +51,35 @@ def _models(cfg):
         sys.exit(f"{err}\nrun `make demo` first: this benchmark evaluates the demo's registered models")
     manifest = read_manifest(edge.path)
     primary = manifest["artifacts"][manifest["primary"]]
-    name = {"int8": "student-int8", "onnx-int8": "student-onnx-int8", "onnx": "student-onnx",
-            "fp32": "student-fp32-edge"}[manifest["primary"]]
+    name = primary.get("report_name") or {"int8": "student-int8", "onnx-int8": "student-onnx-int8",
+                                          "onnx": "student-onnx", "fp32": "student-fp32-edge"}[manifest["primary"]]
     return {"teacher": teacher.path, "student": student.path, name: edge.path / primary["path"]}, name, \
         {"teacher": teacher.version, "student": student.version, "edge": edge.version}
 
 
 def main() -> None:
-    from prefect import flow
-
     from flows.config import load_config
     from tasks.data import load_data
     from distill_gap.evaluation.gates import evaluate_gates
-    from tasks.evaluate import evaluate_task
+    from tasks.evaluate import evaluate
     from distill_gap.ops.runtime import configure_threads
 
     cfg = load_config("configs/demo.yaml")
     configure_threads(2)
-    splits = load_data(cfg.data, cfg.seed)  # a Prefect task, run on the ephemeral API
+    splits = load_data(cfg.data, cfg.seed)  # a Prefect task, called outside a flow (its own task run on the API)
     models, edge_name, versions = _models(cfg)
-
-    @flow(name="evaluation-benchmark")
-    def run_once():
-        # no edge_folder: the fetched versions are digest-checked cache folders, scope and reference stay as shipped
-        return evaluate_task(models, splits, cfg.evaluate, cfg.drift, seed=cfg.seed, max_length=cfg.runtime.max_length,
-                             device="cpu", stress_models=list(models))
 
     seconds, report = [], None
     for i in range(REPEATS):
-        report = run_once()
+        # no edge_folder: the fetched versions are digest-checked cache folders, scope and reference stay as shipped
+        report = evaluate(models, splits, cfg.evaluate, cfg.drift, cfg.scope, seed=cfg.seed,
+                          max_length=cfg.runtime.max_length, device="cpu", edge_model=edge_name,
+                          stress_models=list(models))
         seconds.append(report.seconds)
         print(f"run {i + 1}/{REPEATS}: {report.seconds:.1f} s", file=sys.stderr)
     worst = report.worst_slices("student", k=3)
-    ood = next(s for s in report.ood)
+    ood = f"ood:{cfg.data.holdout.name}" if cfg.data.holdout is not None else next(iter(report.ood))
+    detector = (report.scope.get(edge_name) or {}).get("detector", "msp")  # the edge model's shipped guard
     gates = evaluate_gates(report, edge_name, {"argmax_agreement": 1.0}, cfg.evaluate,
                            critical_slices=cfg.data.critical_slices)
     result = {
@@ -94,6 +91,9 @@ def main() -> None:
         "student_ood_auroc": report.ood[ood]["student"]["msp"]["auroc"],
         "teacher_ood_auroc": report.ood[ood]["teacher"]["msp"]["auroc"],
         "edge_ood_auroc": report.ood[ood][edge_name]["msp"]["auroc"],
+        "edge_scope_auroc_near": report.ood[ood][edge_name][detector]["auroc"],
+        "teacher_scope_auroc_near": report.ood[ood]["teacher"][detector]["auroc"],
+        "scope_detector": detector,
         "edge_model": edge_name,
         "ood_set": ood,
         "models": len(report.models),
