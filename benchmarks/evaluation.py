@@ -61,6 +61,7 @@ def main() -> None:
     from flows.config import load_config
     from tasks.data import load_data
     from distill_gap.evaluation.gates import evaluate_gates
+    from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome, overall_outcome
     from tasks.evaluate import evaluate
     from distill_gap.ops.runtime import configure_threads
 
@@ -74,7 +75,7 @@ def main() -> None:
         # no edge_folder: the fetched versions are digest-checked cache folders, scope and reference stay as shipped
         report = evaluate(models, splits, cfg.evaluate, cfg.drift, cfg.scope, seed=cfg.seed,
                           max_length=cfg.runtime.max_length, device="cpu", edge_model=edge_name,
-                          stress_models=list(models))
+                          stress_models=list(models), critical_slices=cfg.data.critical_slices)
         seconds.append(report.seconds)
         print(f"run {i + 1}/{REPEATS}: {report.seconds:.1f} s", file=sys.stderr)
     worst = report.worst_slices("student", k=3)
@@ -102,7 +103,11 @@ def main() -> None:
         "bootstrap_samples": cfg.evaluate.bootstrap_samples,
         "student_ece_after": report.calibration["student"]["ece_after"],
         "teacher_ece_after": report.calibration["teacher"]["ece_after"],
-        "gates_failed": ",".join(k for k, g in gates.items() if not g["passed"]),
+        "gates_failed": ",".join(by_outcome(gates, FAIL)),
+        "gates_insufficient": ",".join(by_outcome(gates, INSUFFICIENT)),
+        "gates_outcome": overall_outcome(gates),
+        # the most labelled rows any undecided gate needs at its observed drop (issue 19's power calculation)
+        "rows_needed_max": max([g["rows_needed"] for g in gates.values() if g.get("rows_needed")] or [0]),
         "versions": json.dumps(versions),
         "cpu_threads": 2,
     }

@@ -86,11 +86,24 @@ def _print_summary(cfg, result: dict) -> None:
         for suite, items in by_suite.items():
             console.print(f"[yellow]  {suite}: {', '.join(items)}[/]")
     reg, t, soft = result["registered"], result["teacher"], result["soft_labels"]
-    gates = ", ".join(f"{k} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'})" for k, g in result["gates"].items())
+    from distill_gap.outcomes import gate_outcome
+
+    shown = {"pass": "pass", "fail": "FAIL", "insufficient": "insufficient"}
+    gates = ", ".join(f"{k} {g['value']:.3f} ({shown[gate_outcome(g)]})" for k, g in result["gates"].items())
     console.print(f"teacher      {t['name']} v{t['version']} (digest {t['digest'][:12]})")
     console.print(f"soft labels  {'cache hit' if soft['hit'] else 'computed'}: {soft['uri']}")
+    promotion = result.get("promotion") or {}
     console.print(f"registered   {reg['student']['name']} v{reg['student']['version']}, "
-                  f"{reg['edge']['name']} v{reg['edge']['version']}" + (" @champion" if reg['edge']['champion'] else ""))
+                  f"{reg['edge']['name']} v{reg['edge']['version']}" + (" @champion" if reg['edge']['champion'] else
+                  " @challenger" if promotion.get("challenger") == reg["edge"]["version"] else ""))
+    if promotion.get("challenger") == reg["edge"]["version"] and not reg["edge"]["champion"]:
+        from distill_gap.governance.promotion import waiver_command
+        from distill_gap.outcomes import INSUFFICIENT, by_outcome
+
+        thin = list(by_outcome(result["gates"], INSUFFICIENT))
+        console.print(f"[yellow]insufficient evidence for {', '.join(thin)}: @champion did not move. A named approver "
+                      f"may waive these gates with their own key:[/]\n  "
+                      f"{waiver_command(reg['edge']['name'], reg['edge']['version'], thin)}", highlight=False)
     edge = result["edge"]
     console.print(f"edge         primary {edge['primary']} ({'INT8' if edge['quantized'] else '[red]NOT quantized[/]'}): "
                   f"{edge['reason']}", highlight=False)

@@ -208,21 +208,64 @@ def promote(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
 
 
 @app.command()
-def approve(flow_run_id: str = typer.Argument(..., help="the paused flow run (printed by the run, shown in the UI)"),
-            approver: str = typer.Option(..., help="your name (recorded)"),
-            decision: str = typer.Option(..., help="approve or reject"),
-            comment: str = typer.Option("", help="why (recorded)")):
-    """Answer a paused promotion without the UI (same form, same validation as the Prefect UI)."""
+def approve(target: str = typer.Argument(..., help="a paused flow run id, or models:/<name>-edge/<version> to waive "
+                                                    "its insufficient-evidence gates"),
+            approver: str = typer.Option(..., help="your name (recorded; for a waiver, an approver with a key)"),
+            decision: Optional[str] = typer.Option(None, help="approve or reject (a paused flow run)"),
+            comment: str = typer.Option("", help="why (recorded)"),
+            waive: Optional[str] = typer.Option(None, help="gates to waive, comma-separated (a models:/ URI)"),
+            reason: str = typer.Option("", help="why the gap is acceptable (a waiver; recorded and signed)"),
+            key_dir: Optional[Path] = typer.Option(None, help="your key pair's folder (default: "
+                                                   "<governance.key_dir>/approvers/<approver>)"),
+            config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
+    """Answer a paused promotion without the UI, or waive a version's insufficient-evidence gates with your own
+    signature so that it becomes @champion (a failed gate can never be waived)."""
     from distill_gap.ops.prefect_server import tie_ephemeral_server
     from distill_gap.errors import DistillError
     from distill_gap.governance.promotion import answer_run
 
     tie_ephemeral_server()
     try:
-        answer_run(flow_run_id, {"approver": approver, "decision": decision, "comment": comment})
+        if target.startswith("models:/"):
+            from distill_gap.governance.waiver import waive_and_promote
+            from distill_gap.registry.model_uri import parse_model_uri
+            from distill_gap.registry.tracking import client_for
+
+            name, alias, version = parse_model_uri(target)
+            if version is None:
+                raise DistillError(f"{target} names an alias", f"name the version: models:/{name}/<version>")
+            if not waive or not reason.strip():
+                raise DistillError("a waiver names the gates and the reason",
+                                   "pass --waive <gate>[,<gate>] --reason '<why the gap is acceptable>'")
+            cfg = load_cfg(config, set)
+            result = waive_and_promote(client_for(cfg.tracking), cfg, name=name, version=version, approver=approver,
+                                       waived=[g.strip() for g in waive.split(",") if g.strip()], reason=reason,
+                                       key_dir_override=key_dir, log=lambda m: err_console.print(m, highlight=False))
+            console.print(f"{name} v{version}: {', '.join(result['waived'])} waived by {approver} (signed: "
+                          f"{result['waiver_uri']}); @champion -> v{result['champion']}", highlight=False)
+            return
+        if decision is None:
+            raise DistillError("answering a paused flow run needs a decision", "pass --decision approve|reject")
+        answer_run(target, {"approver": approver, "decision": decision, "comment": comment})
     except DistillError as err:
         fail(err)
-    console.print(f"flow run {flow_run_id} resumed with decision {decision} by {approver}")
+    console.print(f"flow run {target} resumed with decision {decision} by {approver}")
+
+
+@app.command("approver-key")
+def approver_key(approver: str = typer.Argument(..., help="the approver's name, as in approval.approvers"),
+                 config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
+    """Create (or show) an approver's own signing key pair; prints the config entry that lists its public key."""
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.waiver import create_approver_key
+
+    try:
+        key = create_approver_key(load_cfg(config, set).governance, approver)
+    except DistillError as err:
+        fail(err)
+    console.print(f"private key {key.private_path} (keep it to yourself)\npublic key  {key.public_path}\n"
+                  f"add to the config:\napproval:\n  approvers:\n    - {{name: {approver}, public_key: "
+                  f"{key.public_path}}}", highlight=False)
 
 
 @app.command()

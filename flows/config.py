@@ -198,8 +198,6 @@ class EvaluateConfig(_Section):
     # gates (each with its evidence in the verdict; a failed gate never moves @champion)
     max_edge_drop: float = Field(0.01, ge=0, le=1)  # edge test accuracy at most this far below the fp32 student
     min_edge_agreement: float = Field(0.95, ge=0, le=1)  # share of held-out argmax equal to the fp32 student
-    min_retention: float = Field(0.97, ge=0, le=1)  # edge test accuracy / teacher test accuracy
-    max_critical_slice_drop: float = Field(0.03, ge=0, le=1)  # vs the teacher, beyond the model's interval
     max_ece: float = Field(0.05, ge=0, le=1)  # edge ECE on test after temperature scaling
     # edge MSP AUROC at least the teacher's minus this, unless the drop's paired 95% interval still holds 0
     max_ood_auroc_drop: float = Field(0.03, ge=0, le=1)
@@ -240,11 +238,24 @@ class GovernanceConfig(_Section):
     key_dir: str = ".distill/keys"  # local EC signing key pair, created on first use (DISTILL_KEY_DIR overrides)
 
 
+class ApproverConfig(_Section):
+    """A named approver with their own signing key: only they can sign a waiver of insufficient-evidence gates."""
+
+    name: str = Field(min_length=1)
+    public_key: str  # path to their EC public key (PEM), e.g. from `distill approver-key <name>`
+
+
 class ApprovalConfig(_Section):
-    """A named approver answers in the Prefect UI before @champion moves (gates must pass first)."""
+    """A named approver answers in the Prefect UI before @champion moves (gates must pass first), and only an
+    approver with a public_key may sign a waiver of gates whose evidence is insufficient (`distill approve`)."""
 
     required: bool = False
-    approvers: list[str] = Field(default_factory=list)  # who may approve; empty: anyone who names themselves
+    # who may approve; empty: anyone who names themselves (but nobody can sign a waiver)
+    approvers: list[str | ApproverConfig] = Field(default_factory=list)
+
+    @property
+    def approver_names(self) -> list[str]:
+        return [a if isinstance(a, str) else a.name for a in self.approvers]
     timeout_seconds: int = Field(3600, ge=1)  # no answer by then: the run fails and nothing is promoted
     poll_seconds: int = Field(5, ge=1)  # how often the paused run checks for the answer
 

@@ -13,11 +13,12 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distill_gap.edge.checks import accuracy_goal, artifact_check, batch_independence, logit_parity
+from distill_gap.edge.checks import artifact_check, batch_independence, logit_parity
 from distill_gap.edge.folder import EDGE_ARTIFACTS, EDGE_FILE, INT8_ARTIFACTS, EdgeBuild
 from distill_gap.edge.inc_quantization import Int8Result, autotune_int8
 from distill_gap.edge.onnx_export import OnnxResult, export_onnx, quantize_onnx_int8
 from distill_gap.errors import DistillError
+from distill_gap.evaluation.noninferiority import accuracy_goal
 from distill_gap.governance.attestation import export_statement, quantize_statement
 from distill_gap.inference.predictor import load_predictor
 from tasks.attest import attest_task
@@ -32,7 +33,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     """Build every edge artifact (Prefect tasks), check each against the fp32 student, pick the primary.
 
     The fp32 student's validation logits (and its logits on `agreement_texts`, unlabelled training texts) are
-    computed once here: every artifact's parity and accuracy goal (checks.accuracy_goal: not shown to lose more than
+    computed once here: every artifact's parity and accuracy goal (noninferiority.accuracy_goal: not shown to lose more than
     qcfg.tolerable_loss on validation, paired; argmax agreement on the unlabelled sample) uses them. Every artifact is also checked for batch independence (qcfg.max_batch_prob_diff): one that fails cannot
     be primary. A stage that cannot build its artifact (an architecture torch.export or optimum cannot handle) is
     recorded with its error and the others go on; with no INT8 artifact at all the edge model is the fp32 student,

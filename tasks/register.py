@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.gates import failed_evidence, gates_failed
+from distill_gap.outcomes import FAIL, PASS, by_outcome, overall_outcome
 from distill_gap.monitoring.events import GATES_FAILED, emit
 from distill_gap.governance.attestation import ATTESTATION_DIR
 from distill_gap.registry.registration import register_models
@@ -20,7 +21,7 @@ def release_check(client, registered: dict, gates: dict, *, run_id: str, cache_r
     """The last gate, after registration staged the versions: every quality gate passed, and the edge version
     as stored in the registry has the digest that was evaluated. Raises GatesFailed otherwise."""
     edge = registered["edge"]
-    failed = {k: g for k, g in gates.items() if not g["passed"]}
+    failed = by_outcome(gates, FAIL)  # insufficient evidence registers the version: @challenger, waiver for more
     try:
         ref = fetch_model(client, edge["name"], version=edge["version"], cache_root=cache_root)
         if ref.digest != edge["digest"]:
@@ -28,9 +29,10 @@ def release_check(client, registered: dict, gates: dict, *, run_id: str, cache_r
                                f"{edge['digest'][:12]} was evaluated", "re-run the pipeline")
     except DistillError as exc:
         failed["registry_roundtrip"] = {"passed": False, "value": 0.0, "threshold": 1.0, "detail": exc.problem}
-    client.set_tag(run_id, "gates.passed", str(not failed).lower())
+    client.set_tag(run_id, "gates.passed", str(not failed and overall_outcome(gates) == PASS).lower())
+    client.set_tag(run_id, "gates.outcome", FAIL if failed else overall_outcome(gates))
     if not failed:
-        return {"passed": True, "edge": edge}
+        return {"passed": True, "edge": edge, "outcome": overall_outcome(gates)}
     error = gates_failed(edge["name"], failed)
     emit(GATES_FAILED, edge["name"], {"version": None, "failed": list(failed), "evidence": failed_evidence(failed),
                                       "mlflow_run_id": run_id})

@@ -140,38 +140,3 @@ def stage_error(stage: str, err: BaseException, fix: str) -> DistillError:
     where = _operator_in(err)
     return DistillError(f"{stage} failed{f' at {where}' if where else ''}: {type(err).__name__}: {first}", fix)
 
-
-def accuracy_goal(reference_val: np.ndarray, candidate_val: np.ndarray, label_ids: np.ndarray, *,
-                  tolerable_loss: float, reference_sample: np.ndarray | None = None,
-                  candidate_sample: np.ndarray | None = None, min_agreement: float = 0.95) -> dict:
-    """The INT8 accuracy goal on enough rows that one row cannot flip it (issue 19): on the labelled validation rows
-    the artifact must not be SHOWN to lose more than `tolerable_loss` (relative) of the fp32 student's accuracy (the
-    lower one-sided 95% bound of the paired drop stays at or below it), and on the unlabelled sample (training
-    texts) its argmax must agree with the fp32 student on at least `min_agreement` of the rows.
-
-    Returns {"accuracy", "baseline", "goal", "drop", "low", "high", "n", "agreement", "agreement_n", "met_goal",
-    "why"} (why: None when met)."""
-    from distill_gap.evaluation.noninferiority import paired_drop
-
-    label_ids = np.asarray(label_ids)
-    ref_ok, cand_ok = reference_val.argmax(-1) == label_ids, candidate_val.argmax(-1) == label_ids
-    baseline = float(ref_ok.mean()) if len(label_ids) else 0.0
-    margin = baseline * tolerable_loss
-    drop = paired_drop(ref_ok, cand_ok)
-    shown_worse = bool(drop["n"]) and drop["low"] > margin
-    agreement = n_sample = None
-    if reference_sample is not None and candidate_sample is not None and len(reference_sample):
-        n_sample = int(len(reference_sample))
-        agreement = float(np.mean(reference_sample.argmax(-1) == candidate_sample.argmax(-1)))
-    why = []
-    if shown_worse:
-        why.append(f"validation accuracy {float(cand_ok.mean()):.4f} is shown to lose more than "
-                   f"{tolerable_loss:.1%} of the fp32 student's {baseline:.4f} (paired drop {drop['drop']:+.4f}, "
-                   f"one-sided 95% lower bound {drop['low']:+.4f} > {margin:.4f}, {drop['n']} rows)")
-    if agreement is not None and agreement < min_agreement:
-        why.append(f"argmax agreement with the fp32 student on {n_sample} unlabelled training texts "
-                   f"{agreement:.3f} < {min_agreement:.3f}")
-    return {"accuracy": float(cand_ok.mean()) if len(label_ids) else 0.0, "baseline": baseline,
-            "goal": baseline - margin, "drop": drop["drop"], "low": drop["low"], "high": drop["high"],
-            "n": drop["n"], "agreement": agreement, "agreement_n": n_sample, "met_goal": not why,
-            "why": "; ".join(why) or None}

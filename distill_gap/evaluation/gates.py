@@ -1,5 +1,11 @@
 """Every gate of the pipeline in one module: thresholds, verdicts with their evidence, and GatesFailed.
 
+Each gate has one of three outcomes (issue 19): pass, fail (harm shown) or insufficient (neither shown: the
+evidence is too thin or missing). A failed gate stops the release; an insufficient one registers the version and
+moves @challenger only, and @champion then needs a named approver's signed waiver (distill_gap/governance/waiver.py).
+The teacher comparison is non-inferiority on the same rows (noninferiority.py): the aggregate accuracy, each
+class's recall and each critical slice pass only when the edge model is shown to be no worse than the margin.
+
 The quality gates (edge vs student and teacher, critical slices, calibration, OOD, stress) read a gap report; the
 quantization gate reads the quantize stage's result; the release gate (tasks/register.py) adds the registry round
 trip and raises GatesFailed. Thresholds are data returned by one function (mlops-stacks style), not literals.
@@ -8,8 +14,10 @@ trip and raises GatesFailed. Thresholds are data returned by one function (mlops
 from __future__ import annotations
 
 from distill_gap.errors import DistillError
+from distill_gap.evaluation.noninferiority import describe
+from distill_gap.outcomes import FAIL, INSUFFICIENT, PASS, by_outcome, gate_outcome
 
-MIN_SLICE_ROWS = 10  # a critical slice with fewer teacher rows is reported, not gated
+MIN_SLICE_ROWS = 10  # a slice with fewer teacher rows is not flagged in the gap report (gated slices: any size)
 
 
 class GatesFailed(DistillError):
@@ -33,26 +41,32 @@ def gates_failed(edge_name: str, failed: dict[str, dict]) -> GatesFailed:
 
 def gate_thresholds(evaluate_cfg) -> dict[str, float]:
     """All promotion thresholds in one place (mlops-stacks style): data, not literals in code."""
+    m = evaluate_cfg.margins
     return {"edge_accuracy_drop_vs_student": evaluate_cfg.max_edge_drop,
             "edge_argmax_agreement_vs_student": evaluate_cfg.min_edge_agreement,
-            "retention_vs_teacher": evaluate_cfg.min_retention,
-            "critical_slices": evaluate_cfg.max_critical_slice_drop,
+            "noninferior:accuracy": m.aggregate,  # relative: x the teacher's test accuracy
+            "noninferior:recall": m.class_recall,
+            "noninferior:slice": m.critical_slice,
             "calibration_ece": evaluate_cfg.max_ece,
             "ood_auroc_vs_teacher": evaluate_cfg.max_ood_auroc_drop,
             "stress_flip_rate_vs_teacher": evaluate_cfg.max_flip_rate_increase}
 
 
-def _gate(value: float, threshold: float, passed: bool, detail: str) -> dict:
-    return {"value": float(value), "threshold": float(threshold), "passed": bool(passed), "detail": detail}
+def _gate(value: float, threshold: float, passed: bool, detail: str, outcome: str | None = None) -> dict:
+    outcome = outcome or (PASS if passed else FAIL)
+    return {"value": float(value), "threshold": float(threshold), "passed": outcome == PASS, "outcome": outcome,
+            "detail": detail}
 
 
 def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                    quantization: dict | None = None, critical_slices: dict[str, list[str]] | None = None
                    ) -> dict[str, dict]:
-    """Each gate with its measured value, threshold, verdict and the evidence in one sentence.
+    """Each gate with its measured value, threshold, outcome (pass / fail / insufficient) and the evidence in one
+    sentence.
 
-    Gates whose evidence the report does not hold (no OOD set, no stress suite, no validation split) are not
-    added; `quantization` comes from the quantize stage ({"passed", "detail"}).
+    Evidence the config asks for but the report lacks (no paired comparison, no calibration, no stress suite, a
+    declared critical slice never compared) is an insufficient gate, never a pass and never silently dropped; an OOD
+    gate exists per OOD set the report holds. `quantization` comes from the quantize stage ({"passed", "detail"}).
     """
     limits = gate_thresholds(evaluate_cfg)
     gates: dict[str, dict] = {}
@@ -70,37 +84,31 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
         agree, limits["edge_argmax_agreement_vs_student"],
         finite and agree >= limits["edge_argmax_agreement_vs_student"], f"{edge_model} on held-out validation texts")
     gates["edge_outputs_finite"] = _gate(float(finite), 1.0, finite, "no NaN or inf in the edge model's held-out logits")
-    retention = edge / teacher if teacher else 0.0
-    gates["retention_vs_teacher"] = _gate(retention, limits["retention_vs_teacher"],
-                                          retention >= limits["retention_vs_teacher"] - 1e-12,
-                                          f"{edge_model} test accuracy {edge:.3f} / teacher {teacher:.3f}")
-    # critical slices: fail when the loss is beyond the threshold AND the model's whole 95% interval lies below
-    # the teacher's accuracy (a loss the interval cannot explain); too-small slices are reported, not gated
-    losses, checked = [], 0
-    for column, values in (critical_slices or {}).items():
+    # the teacher comparison: non-inferiority on the same test rows, one gate per check (aggregate accuracy, each
+    # class's recall, each critical slice); missing evidence is insufficient, never a pass
+    checks = report.noninferiority.get(edge_model)
+    if checks is None:
+        gates["noninferior:accuracy"] = _gate(0.0, 0.0, False, f"no paired comparison of {edge_model} with the "
+                                              "teacher on test (missing evidence)", INSUFFICIENT)
+    compared = {c["check"] for c in checks or []}
+    for column, values in (critical_slices or {}).items():  # declared but never compared: missing evidence
         for value in values:
-            by_model = report.suites.get(f"slice:{column}={value}", {})
-            t, e = by_model.get("teacher", {}), by_model.get(edge_model, {})
-            if "accuracy" not in e or t.get("n", 0) < MIN_SLICE_ROWS:
-                continue
-            checked += 1
-            gap = t["accuracy"] - e["accuracy"]
-            high = ((e.get("ci") or {}).get("accuracy") or {}).get("high")
-            if gap > limits["critical_slices"] and (high is None or high < t["accuracy"]):
-                losses.append(f"{column}={value} {-gap:+.3f} (n={e['n']})")
-    if critical_slices:
-        worst = max([0.0] + [report.metric(f"slice:{c}={v}", "teacher") - report.metric(f"slice:{c}={v}", edge_model)
-                             for c, vs in critical_slices.items() for v in vs
-                             if report.metric(f"slice:{c}={v}", edge_model) is not None])
-        gates["critical_slices"] = _gate(worst, limits["critical_slices"], not losses,
-                                         ("losses beyond the interval: " + ", ".join(losses)) if losses else
-                                         f"{checked} critical slice(s) checked, none loses beyond "
-                                         f"{limits['critical_slices']:.0%} with its interval")
+            if checks is not None and f"slice:{column}={value}" not in compared:
+                gates[f"noninferior:slice:{column}={value}"] = _gate(
+                    0.0, limits["noninferior:slice"], False, f"critical slice {column}={value} was declared but "
+                    "not compared with the teacher: missing evidence", INSUFFICIENT)
+    for c in checks or []:
+        g = _gate(c["drop"] if c["n"] else 0.0, c["margin"], False, describe(c), c["outcome"])
+        g.update(rows_needed=c["rows_needed"], inherited=c["inherited"], low=c["low"], high=c["high"], n=c["n"])
+        gates[f"noninferior:{c['check']}"] = g
     if edge_model in report.calibration:
         e = report.calibration[edge_model]["ece_after"]
         gates["calibration_ece"] = _gate(e, limits["calibration_ece"], e <= limits["calibration_ece"],
                                          f"{edge_model} test ECE after temperature scaling "
                                          f"(T={report.calibration[edge_model]['temperature']:.2f})")
+    else:
+        gates["calibration_ece"] = _gate(0.0, limits["calibration_ece"], False, f"no calibration measured for "
+                                         f"{edge_model} (it needs a validation split): missing evidence", INSUFFICIENT)
     # OOD: fail when the AUROC drop is beyond the threshold AND its paired 95% interval excludes no drop (a loss
     # the rows cannot explain), like the critical slices; without an interval (bootstrap_samples=0, < 10 rows on
     # a side) the point drop alone decides. A 0.03 AUROC step is within noise on a few dozen OOD rows.
@@ -123,6 +131,11 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                     " holds no drop: within noise" if noise else "")
             gates[f"ood_auroc_vs_teacher:{suite.removeprefix('ood:')}"] = _gate(drop, limit, not beyond or noise,
                                                                                detail)
+    if getattr(evaluate_cfg, "stress_rows", 0) and not any(edge_model in v for v in report.stress.values()):
+        gates["stress_flip_rate_vs_teacher"] = _gate(0.0, limits["stress_flip_rate_vs_teacher"], False,
+                                                     f"evaluate.stress_rows={evaluate_cfg.stress_rows} asks for stress "
+                                                     f"suites, but none was scored for {edge_model}: missing evidence",
+                                                     INSUFFICIENT)
     if report.stress:
         worst_variant, worst_excess = None, -1.0
         for variant, by_model in report.stress.items():
@@ -152,12 +165,22 @@ def quantization_gate(edge, require_int8: bool) -> dict:
     return {"passed": False, "detail": edge.reason}
 
 
-def verdict_markdown(gates: dict[str, dict], not_evaluated: list[dict] | None = None) -> str:
-    failed = [k for k, g in gates.items() if not g["passed"]]
-    head = ("**Verdict: all gates passed.**" if not failed else
-            f"**Verdict: {len(failed)} gate(s) FAILED: {', '.join(failed)}** (@champion not moved)")
+def verdict_markdown(gates: dict[str, dict], not_evaluated: list[dict] | None = None, *,
+                     waiver_hint: str | None = None) -> str:
+    failed, thin = list(by_outcome(gates, FAIL)), list(by_outcome(gates, INSUFFICIENT))
+    if failed:
+        head = f"**Verdict: {len(failed)} gate(s) FAILED: {', '.join(failed)}** (@champion not moved)"
+    elif thin:
+        head = (f"**Verdict: insufficient evidence for {len(thin)} gate(s): {', '.join(thin)}** (@challenger only: "
+                "@champion needs a named approver's signed waiver of these gates"
+                + (f": `{waiver_hint}`" if waiver_hint else "") + ")")
+    else:
+        head = "**Verdict: all gates passed.**"
+    label = {PASS: "pass", FAIL: "**FAIL**", INSUFFICIENT: "insufficient"}
     rows = ["| gate | value | threshold | result | evidence |", "|---|---|---|---|---|"]
-    rows += [f"| {k} | {g['value']:.3f} | {g['threshold']:.3f} | {'pass' if g['passed'] else '**FAIL**'} | "
+    rows += [f"| {k} | {g['value']:.3f} | {g['threshold']:.3f} | {label[gate_outcome(g)]} | "
              f"{g.get('detail', '')} |" for k, g in gates.items()]
+    inherited = [f"- inherited limitation: {k.removeprefix('noninferior:')}: {g.get('detail', '')}"
+                 for k, g in gates.items() if g.get("inherited")]
     missing = [f"- not evaluated: `{m['model']}` on {m['suite']}: {m['reason']}" for m in not_evaluated or []]
-    return "\n".join([head, "", *rows, "", *missing, ""])
+    return "\n".join([head, "", *rows, "", *inherited, *missing, ""])

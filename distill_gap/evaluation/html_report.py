@@ -33,7 +33,7 @@ h1{font-size:22px;margin:8px 0 12px}h2{font-size:18px;margin:28px 0 8px;border-b
 nav a{margin-right:14px;color:#0969da;text-decoration:none}
 .verdict{border-radius:8px;padding:12px 16px;margin:8px 0 12px;border:1px solid}
 .verdict.pass{background:#e6f4ea;border-color:#34a853}.verdict.fail{background:#fce8e6;border-color:#d93025}
-.verdict.none{background:#f6f8fa;border-color:#d0d7de}.verdict .big{font-size:20px;font-weight:700}
+.verdict.insufficient{background:#fff8c5;border-color:#bf8700}.verdict.none{background:#f6f8fa;border-color:#d0d7de}.verdict .big{font-size:20px;font-weight:700}
 .verdict ul{margin:6px 0 0 18px;padding:0}
 .summary{font-size:15px;margin:6px 0 4px}
 .scroll{overflow-x:auto;max-width:100%}
@@ -151,7 +151,14 @@ def _verdict(gates: dict | None, report: dict) -> str:
     if not gates:
         return (f'<div class="verdict none"><div class="big">No promotion gates in this report</div>'
                 f"{_e(flag_note)}</div>")
-    failed = {k: g for k, g in gates.items() if not g.get("passed")}
+    failed = {k: g for k, g in gates.items() if (g.get("outcome") or ("pass" if g.get("passed") else "fail")) == "fail"}
+    thin = {k: g for k, g in gates.items() if g.get("outcome") == "insufficient"}
+    if thin and not failed:
+        items = "".join(f"<li><b>{_e(k)}</b>: {_e(g.get('detail', ''))}</li>" for k, g in thin.items())
+        passed = [k for k in gates if k not in thin]
+        return (f'<div class="verdict insufficient"><div class="big">? {len(thin)} of {len(gates)} gates: '
+                "insufficient evidence (@challenger only; @champion needs a named approver's signed waiver)</div>"
+                f"<ul>{items}</ul><div>Passed: {_e(', '.join(passed)) or DASH}</div>{_e(flag_note)}</div>")
     if not failed:
         items = "".join(f"<li>{_e(k)}: {_num(g.get('value'))} (threshold {_num(g.get('threshold'))})"
                         + (f" – {_e(g['detail'])}" if g.get("detail") else "") + "</li>" for k, g in gates.items())
@@ -159,8 +166,9 @@ def _verdict(gates: dict | None, report: dict) -> str:
                 f"<ul>{items}</ul>{_e(flag_note)}</div>")
     items = "".join(f"<li><b>{_e(k)}</b>: measured {_num(g.get('value'))}, threshold {_num(g.get('threshold'))}"
                     + (f" – {_e(g['detail'])}" if g.get("detail") else "") + "</li>" for k, g in failed.items())
-    passed = [k for k in gates if k not in failed]
-    tail = f"<div>Passed: {_e(', '.join(passed))}</div>" if passed else ""
+    passed = [k for k in gates if k not in failed and k not in thin]
+    tail = (f"<div>Passed: {_e(', '.join(passed))}</div>" if passed else "") + (
+        f"<div>Insufficient evidence: {_e(', '.join(thin))}</div>" if thin else "")
     return (f'<div class="verdict fail"><div class="big">✘ {len(failed)} of {len(gates)} gates failed: '
             f"{_e(', '.join(failed))}</div><ul>{items}</ul>{tail}{_e(flag_note)}</div>")
 

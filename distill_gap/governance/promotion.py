@@ -79,7 +79,7 @@ def request_approval(approval_cfg, *, name: str, version: int, summary: str, log
         except FlowPauseTimeout:
             break
         answer = {k: getattr(answer, k) for k in ("approver", "decision", "comment")}
-        problem = answer_problem(answer, approval_cfg.approvers)
+        problem = answer_problem(answer, approval_cfg.approver_names)
         if problem is None:
             return {**answer, "approver": answer["approver"].strip(), "at": datetime.now(timezone.utc).isoformat()}
         log(f"approval refused: {problem}; asking again")
@@ -154,8 +154,15 @@ def _handled(client, name: str, request_id: str | None):
     return done[0] if done else None
 
 
+def waiver_command(name: str, version: int, gates: list[str]) -> str:
+    """The command a named approver runs to waive insufficient-evidence gates (never a failed one)."""
+    return (f"distill approve models:/{name}/{version} --approver <name> --waive {','.join(gates) or '<gate>'} "
+            "--reason '<why the gap is acceptable>'")
+
+
 def promote(client, version: int, *, name: str, approval_required: bool, governance, run_id: str,
-            approve: Callable[[str], dict] | None = None, request_id: str | None = None, log: Callable = print) -> dict:
+            approve: Callable[[str], dict] | None = None, request_id: str | None = None, waiver: dict | None = None,
+            log: Callable = print) -> dict:
     """Move @challenger then @champion to `version` of `name` (<name>-edge); a no-op when it already is @champion.
 
     `approve(summary)` returns the approver's answer (required when approval.required). `request_id` (the id of
@@ -164,9 +171,20 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
     both act.
     """
     mv = client.get_model_version(name, str(version))
+    insufficient = mv.tags.get("gates.outcome") == "insufficient"
     with promotion_lock(name):
         before = aliases(client, name)
-        if mv.tags.get("gates.passed") != "true":
+        if insufficient and waiver is None:  # registered, but not shown good enough: @challenger only
+            if before.get(CHALLENGER) != version and before.get(CHAMPION) != version:
+                client.set_registered_model_alias(name, CHALLENGER, version)
+            thin = (mv.tags.get("gates.insufficient") or "").split(",")
+            log(f"{name} v{version}: insufficient evidence for {', '.join(g for g in thin if g) or 'some gates'}; "
+                f"it is @challenger, @champion stays at "
+                f"{('v' + str(before[CHAMPION])) if CHAMPION in before else 'no version'}. A named approver may waive "
+                f"those gates: {waiver_command(name, version, [g for g in thin if g])}")
+            return {"changed": before.get(CHALLENGER) != version, "champion": before.get(CHAMPION),
+                    "challenger": version, "reason": "insufficient evidence: a waiver is needed"}
+        if mv.tags.get("gates.passed") != "true" and not insufficient:
             emit(GATES_FAILED, name, {"version": version, "failed": mv.description})
             log(f"{name} v{version}: gates failed, @champion stays at "
                 f"{('v' + str(before[CHAMPION])) if CHAMPION in before else 'no version'}")
@@ -179,8 +197,8 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
             return {"changed": False, "champion": version, "reason": "already champion"}
         if before.get(CHALLENGER) != version:
             client.set_registered_model_alias(name, CHALLENGER, version)
-    approval = None
-    if approval_required:  # outside the lock: a person may take hours
+    approval = waiver  # a verified waiver (distill_gap/governance/waiver.py) is the named approver's answer
+    if approval_required and approval is None:  # outside the lock: a person may take hours
         if approve is None:
             raise DistillError(f"approval.required is set but {name} v{version} has no approver",
                                "promote inside a Prefect flow run (distill run / distill promote), which asks in the UI")
@@ -224,9 +242,9 @@ def rollback(client, name: str, to: int, *, reason: str, by: str | None, governa
         mv = client.get_model_version(name, str(to))
     except MlflowException:
         raise DistillError(f"{name} has no version {to}", "list the versions in the MLflow UI (`distill ui`)") from None
-    if mv.tags.get("gates.passed") != "true":
-        raise DistillError(f"{name} v{to} did not pass its gates, so it can never be @champion",
-                           "roll back to a version whose gates.passed tag is true")
+    if mv.tags.get("gates.passed") != "true" and not mv.tags.get("promotion.waiver"):
+        raise DistillError(f"{name} v{to} did not pass its gates and no approver waived them, so it can never be "
+                           "@champion", "roll back to a version whose gates.passed tag is true, or one with a waiver")
     before = aliases(client, name)
     if before.get(CHAMPION) == to:
         return {"changed": False, "champion": to}

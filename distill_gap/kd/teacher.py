@@ -38,7 +38,9 @@ def bootstrap_key(cfg) -> str:
     """What a bootstrapped teacher depends on; an equal key means the pinned teacher is reused."""
     from distill_gap.digest import sha256_json
 
-    return sha256_json({"data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
+    # what is reported on (slices, critical slices, extra OOD sets) does not change the rows it is trained on
+    data = cfg.data.model_dump(mode="json", exclude={"slice_columns", "critical_slices", "ood"})
+    return sha256_json({"data": data, "teacher": cfg.teacher.model_dump(mode="json"),
                         "max_length": cfg.runtime.max_length, "seed": cfg.seed})
 
 

@@ -3,6 +3,7 @@ and a description that states the gap to the teacher and the verdict. What it wr
 
 from __future__ import annotations
 
+from distill_gap.outcomes import FAIL, INSUFFICIENT, PASS, by_outcome, overall_outcome
 from distill_gap.ops.failpoints import failpoint
 from distill_gap.registry.tracking import code_version
 from distill_gap.registry.versions import Staged, create_version, sign_and_log, unstage
@@ -11,7 +12,8 @@ from distill_gap.registry.versions import Staged, create_version, sign_and_log, 
 # with all of them at once so that none can exist without its lineage.
 LINEAGE_TAGS = (
     "teacher.name", "teacher.version", "teacher.digest", "data.digest", "soft_labels.uri",
-    "soft_labels.key", "config.digest", "code.version", "parent", "gates.passed", "attestation.uri",
+    "soft_labels.key", "config.digest", "code.version", "parent", "gates.passed", "gates.outcome",
+    "attestation.uri",
 )
 
 
@@ -25,11 +27,13 @@ def gap_summary(report, gates: dict, edge_name: str) -> str:
     test = report.suites["test"]
     edge_acc, teacher_acc = test[edge_name]["accuracy"], test["teacher"]["accuracy"]
     worst = [f"{s.removeprefix('slice:')} {g * 100:+.1f} pts" for s, g in report.worst_slices(edge_name) if g < 0]
-    failed = [k for k, g in gates.items() if not g["passed"]]
+    failed, thin = by_outcome(gates, FAIL), by_outcome(gates, INSUFFICIENT)
+    verdict = (f"Verdict: gates FAILED: {', '.join(failed)}." if failed else
+               f"Verdict: insufficient evidence for {', '.join(thin)} (@challenger only until a named approver "
+               "waives them)." if thin else "Verdict: all gates passed.")
     return (f"Gap vs the teacher: test accuracy {edge_acc:.3f} vs {teacher_acc:.3f} "
             f"(retention {edge_acc / max(teacher_acc, 1e-9):.3f})"
-            + (f"; largest slice losses: {', '.join(worst)}" if worst else "") + ". "
-            + ("Verdict: all gates passed." if not failed else f"Verdict: gates FAILED: {', '.join(failed)}."))
+            + (f"; largest slice losses: {', '.join(worst)}" if worst else "") + ". " + verdict)
 
 
 def register_models(client, run_id: str, *, config_digest: str, governance, labels: list[str],
@@ -61,13 +65,16 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
               staged: Staged, log) -> dict:
     from distill_gap.registry.pyfunc import link_version, log_model_folder
 
-    passed = all(g["passed"] for g in gates.values())
+    outcome = overall_outcome(gates)
+    passed = outcome == PASS
     edge_digest = edge.digest  # taken once, after evaluate completed the folder (scope.json, reference.json)
     lineage = {
         "teacher.name": teacher.name, "teacher.version": teacher.version, "teacher.digest": teacher.digest,
         "teacher.license": teacher.tags.get("license", ""),
         "data.digest": data_digest, "soft_labels.uri": soft.uri, "soft_labels.key": soft.key,
         "config.digest": config_digest, "code.version": code_version(), "gates.passed": str(passed).lower(),
+        "gates.outcome": outcome,
+        "gates.insufficient": ",".join(by_outcome(gates, INSUFFICIENT)),
         "attestation.uri": attestation_uri, "trigger.reason": trigger_reason,
         **({"license.override_reason": license_override} if license_override else {}),
     }
@@ -101,4 +108,4 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
     log(f"registered {student_model_name} v{sv.version} and {edge_model_name} v{ev.version}: {summary}")
     return {"student": {"name": student_model_name, "version": int(sv.version)},
             "edge": {"name": edge_model_name, "version": int(ev.version), "digest": edge_digest},
-            "gates_passed": passed, "attestation_uri": attestation_uri}
+            "gates_passed": passed, "gates_outcome": outcome, "attestation_uri": attestation_uri}

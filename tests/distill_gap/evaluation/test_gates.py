@@ -11,6 +11,8 @@ from distill_gap.errors import DistillError
 from distill_gap.evaluation.gap_report import add_calibration_and_ood, add_stress, collect_outputs, gap_report
 from distill_gap.evaluation.gates import (GatesFailed, evaluate_gates, failed_evidence, gate_thresholds, gates_failed,
                                           quantization_gate, verdict_markdown)
+from distill_gap.evaluation.noninferiority import add_noninferiority
+from distill_gap.outcomes import overall_outcome
 from flows.config import EvaluateConfig
 from tests.distill_gap.evaluation.synthetic import (case_fragile_edge, confident_logits, digit_teacher,
                                                     one_hot_logits, three_class_splits, two_site_splits,
@@ -21,27 +23,45 @@ def test_thresholds_are_the_evaluate_config():
     cfg = EvaluateConfig(max_edge_drop=0.04, max_ood_auroc_drop=0.2)
     limits = gate_thresholds(cfg)
     assert limits["edge_accuracy_drop_vs_student"] == 0.04 and limits["ood_auroc_vs_teacher"] == 0.2
-    assert limits["retention_vs_teacher"] == cfg.min_retention and len(limits) == 7
+    assert limits["noninferior:recall"] == cfg.margins.class_recall == 0.05 and len(limits) == 8
 
 
-def test_gates_pass_and_fail_on_thresholds():
+def _report(truth, edge, splits, *, critical_slices=None, cfg=None, **logits_extra):
+    logits = {"teacher": {"test": one_hot_logits(truth)}, "student": {"test": one_hot_logits(truth)},
+              "student-int8": {"test": one_hot_logits(edge)}}
+    report = gap_report(logits, splits, 0.02)
+    add_noninferiority(report, logits, splits, cfg or EvaluateConfig(), critical_slices=critical_slices)
+    return report
+
+
+def test_gates_pass_fail_or_lack_evidence():
     truth = np.array([0] * 20 + [1] * 20)
     edge = truth.copy()
     edge[:2] = 1
-    report = gap_report({"teacher": {"test": one_hot_logits(truth)}, "student": {"test": one_hot_logits(truth)},
-                         "student-int8": {"test": one_hot_logits(edge)}}, two_site_splits(), 0.02)
+    report = _report(truth, edge, two_site_splits())
     gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 0.99}, EvaluateConfig(max_edge_drop=0.01))
     assert not gates["edge_accuracy_drop_vs_student"]["passed"]
+    assert gates["edge_accuracy_drop_vs_student"]["outcome"] == "fail"
     assert gates["edge_accuracy_drop_vs_student"]["value"] == pytest.approx(0.05)
     assert "test accuracy 0.950 vs fp32 student 1.000" in gates["edge_accuracy_drop_vs_student"]["detail"]
-    assert gates["edge_argmax_agreement_vs_student"]["passed"]
-    gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 0.99},
-                           EvaluateConfig(max_edge_drop=0.05, min_retention=0.9))
-    assert all(g["passed"] for g in gates.values())
-    assert "critical_slices" not in gates and "quantization" not in gates  # no evidence asked for: no gate
+    assert gates["edge_argmax_agreement_vs_student"]["outcome"] == "pass"
+    # 40 rows cannot show a 3% (relative) margin: insufficient, with the rows that would decide it
+    accuracy = gates["noninferior:accuracy"]
+    assert accuracy["outcome"] == "insufficient" and not accuracy["passed"] and accuracy["rows_needed"] > 40
+    assert "labelled rows would decide it" in accuracy["detail"]
+    # no validation split: calibration cannot be measured, which is missing evidence, not a pass
+    assert gates["calibration_ece"]["outcome"] == "insufficient" and "missing evidence" in gates["calibration_ece"]["detail"]
+    assert gates["stress_flip_rate_vs_teacher"]["outcome"] == "insufficient"  # stress_rows=200 asked, none scored
+    assert overall_outcome(gates) == "fail"
+    loose = EvaluateConfig(max_edge_drop=0.05, stress_rows=0,
+                           margins={"aggregate": 0.5, "class_recall": 0.5, "critical_slice": 0.5})
+    gates = evaluate_gates(_report(truth, edge, two_site_splits(), cfg=loose), "student-int8",
+                           {"argmax_agreement": 0.99}, loose)
+    assert {k: g["outcome"] for k, g in gates.items() if g["outcome"] != "pass"} == {"calibration_ece": "insufficient"}
+    assert "quantization" not in gates and not any(k.startswith("noninferior:slice") for k in gates)
 
 
-def test_stress_and_critical_slice_gates_with_evidence():
+def test_stress_gate_with_evidence_and_critical_slices_of_any_size():
     splits = three_class_splits()
     # real predictors over texts: the teacher ignores noise, the edge model breaks on any upper-case letter
     logits = {m: {s: fn(splits[s]["text"].tolist()) for s in ("test", "validation", "ood:far")}
@@ -50,16 +70,27 @@ def test_stress_and_critical_slice_gates_with_evidence():
     add_calibration_and_ood(report, logits, splits)
     add_stress(report, {"teacher": digit_teacher, "student": digit_teacher, "edge": case_fragile_edge}, splits,
                ["teacher", "student", "edge"], rows=40, seed=3)
+    add_noninferiority(report, logits, splits, EvaluateConfig(), critical_slices={"site": ["a", "b", "tiny"]})
     gates = evaluate_gates(report, "edge", {"argmax_agreement": 1.0}, EvaluateConfig(),
                            critical_slices={"site": ["a", "b", "tiny"]})
     stress = gates["stress_flip_rate_vs_teacher"]
-    assert not stress["passed"] and "casing" in stress["detail"] and stress["value"] > 0.05
-    assert gates["critical_slices"]["passed"]  # the tiny slice is reported, not gated
-    assert "2 critical slice(s) checked" in gates["critical_slices"]["detail"]
+    assert stress["outcome"] == "fail" and "casing" in stress["detail"] and stress["value"] > 0.05
+    # every declared slice is a gate: no slice is too small to count, and a small one lacks evidence
+    assert {"noninferior:slice:site=a", "noninferior:slice:site=b", "noninferior:slice:site=tiny"} <= set(gates)
+    assert gates["noninferior:slice:site=tiny"]["outcome"] == "insufficient"
     assert "calibration_ece" in gates and "ood_auroc_vs_teacher:far" in gates
 
 
-def test_critical_slice_gate_fails_a_loss_its_interval_confirms():
+def test_a_declared_critical_slice_never_compared_is_missing_evidence():
+    truth = np.array([0] * 20 + [1] * 20)
+    report = _report(truth, truth.copy(), two_site_splits())  # compared without the declared slice
+    gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 1.0}, EvaluateConfig(),
+                           critical_slices={"site": ["a"]})
+    gate = gates["noninferior:slice:site=a"]
+    assert gate["outcome"] == "insufficient" and "declared but not compared" in gate["detail"]
+
+
+def test_critical_slice_gate_fails_a_loss_shown_beyond_the_margin():
     splits = three_class_splits(n=120)
     truth = np.arange(120) % 3
     edge = truth.copy()
@@ -67,11 +98,14 @@ def test_critical_slice_gate_fails_a_loss_its_interval_confirms():
     edge[np.flatnonzero(site_b)[::2]] = (truth[site_b][::2] + 1) % 3  # half of slice b wrong
     logits = {"teacher": {"test": np.eye(3)[truth] * 5}, "student": {"test": np.eye(3)[truth] * 5},
               "edge": {"test": np.eye(3)[edge] * 5}}
-    report = gap_report(logits, splits, 0.02, bootstrap_samples=200)
-    gate = evaluate_gates(report, "edge", {"argmax_agreement": 1.0}, EvaluateConfig(),
-                          critical_slices={"site": ["a", "b"]})["critical_slices"]
-    assert not gate["passed"] and gate["value"] == pytest.approx(0.5, abs=0.05)
-    assert gate["detail"].startswith("losses beyond the interval: site=b -0.5")
+    report = gap_report(logits, splits, 0.02)
+    add_noninferiority(report, logits, splits, EvaluateConfig(), critical_slices={"site": ["a", "b"]})
+    gates = evaluate_gates(report, "edge", {"argmax_agreement": 1.0}, EvaluateConfig(),
+                           critical_slices={"site": ["a", "b"]})
+    gate = gates["noninferior:slice:site=b"]
+    assert gate["outcome"] == "fail" and gate["value"] == pytest.approx(0.5, abs=0.05) and gate["low"] > 0.03
+    assert gate["detail"].startswith("slice:site=b: drop +0.5")
+    assert gates["noninferior:slice:site=a"]["outcome"] != "fail"
 
 
 def test_an_edge_model_that_was_not_evaluated_fails_one_gate_with_the_reason():
@@ -135,7 +169,7 @@ def test_quantization_gate_needs_a_checked_int8_primary_unless_fp32_is_allowed()
     report = gap_report({m: {"test": one_hot_logits(truth)} for m in ("teacher", "student", "e")}, two_site_splits())
     gates = evaluate_gates(report, "e", {"argmax_agreement": 1.0}, EvaluateConfig(),
                            quantization=quantization_gate(fp32, True))
-    assert gates["quantization"] == {"value": 0.0, "threshold": 1.0, "passed": False,
+    assert gates["quantization"] == {"value": 0.0, "threshold": 1.0, "passed": False, "outcome": "fail",
                                      "detail": "not quantized: no INT8 artifact was requested"}
 
 
@@ -150,6 +184,16 @@ def test_verdict_markdown_names_the_failed_gates_and_what_was_not_evaluated():
     assert "- not evaluated: `student-onnx` on all: could not be loaded: x" in lines
     gates["calibration_ece"]["passed"] = True
     assert verdict_markdown(gates).startswith("**Verdict: all gates passed.**\n")
+    gates["noninferior:recall:negative"] = {"value": 0.108, "threshold": 0.05, "passed": False,
+                                            "outcome": "insufficient", "inherited": False,
+                                            "detail": "about 134 labelled rows would decide it"}
+    gates["noninferior:recall:neutral"] = {"value": 0.0, "threshold": 0.05, "passed": True, "outcome": "pass",
+                                           "inherited": True, "detail": "the teacher itself is at 0.00 here"}
+    md = verdict_markdown(gates, waiver_hint="distill approve models:/x/1 ...").splitlines()
+    assert md[0].startswith("**Verdict: insufficient evidence for 1 gate(s): noninferior:recall:negative** "
+                            "(@challenger only") and "`distill approve models:/x/1 ...`" in md[0]
+    assert "| noninferior:recall:negative | 0.108 | 0.050 | insufficient | about 134 labelled rows would decide it |" in md
+    assert "- inherited limitation: recall:neutral: the teacher itself is at 0.00 here" in md
 
 
 def test_gates_failed_names_each_failed_gate_its_value_threshold_and_evidence():
