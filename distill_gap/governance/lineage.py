@@ -296,4 +296,10 @@ def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: s
                        f"{len(splits)} split digests hash to {got[:16]} vs data.digest {tags.get('data.digest', '')[:16]}")
         except Exception as err:  # noqa: BLE001
             result.add("data digests", False, f"lineage/inputs.json of run {run_id} not readable: {err}")
+        # 5. a waived version: the approver's signature on the waiver, as the signed promote Statement names it
+        from distill_gap.governance.waiver import verify_recorded_waiver
+
+        for link, ok, detail in verify_recorded_waiver(client, mv, trusted=trusted or [tags.get("signing.public_key", "")],
+                                                       download=_download, tmp=tmp):
+            result.add(link, ok, detail)
     return result

@@ -17,7 +17,7 @@ from pathlib import Path
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import statement
 from distill_gap.signing import PRIVATE_KEY_NAME, SignatureError, _read_public, ensure_key_pair, key_dir, \
-    sign_statement, subject_digests, verify_statement
+    keyid_of, sign_statement, subject_digests, verify_statement
 
 APPROVERS_DIR = "approvers"  # <governance key_dir>/approvers/<name>/: an approver's own key pair
 
@@ -107,7 +107,44 @@ def check_waiver(envelope: dict, approval_cfg, *, name: str, version: int, tags:
         raise DistillError("a waiver needs a reason", "pass --reason '<why the gap is acceptable>'")
     at = stmt["predicate"]["approver"]["at"]
     return {"approver": approver, "decision": "approve", "comment": f"waiver of {', '.join(waived)}: {reason}",
-            "at": at, "waived": waived, "waiver": envelope}
+            "at": at, "waived": waived, "waiver": envelope,
+            "public_key": approver_public_key(approval_cfg, approver)}  # in the signed promote Statement
+
+
+def verify_recorded_waiver(client, mv, *, trusted: list[str], download, tmp: Path) -> list[tuple[str, bool, str]]:
+    """`distill verify`'s checks of a waived version: the promote Statement (signed by a trusted key) carries the
+    approver's public key and the waiver; the waiver logged at promotion.waiver.uri is that same envelope, signed
+    by that approver, over this version's digest, waiving exactly the gates its tags name. [(link, ok, detail)]"""
+    import json
+
+    tags = mv.tags
+    if not tags.get("promotion.waiver.uri"):
+        return []
+    checks = []
+    try:
+        logged = json.loads(download(client, tags["promotion.waiver.uri"], tmp / "waiver.d").read_text())
+        promote_env = json.loads(download(client, tags["promotion.attestation.uri"], tmp / "promote.d").read_text())
+        approver = verify_statement(promote_env, trusted)["predicate"]["approver"] if trusted else None
+    except Exception as err:  # noqa: BLE001 - any download or signature problem is a broken link, named
+        return [("waiver", False, f"waiver or promote Statement not verifiable: {getattr(err, 'problem', err)}")]
+    if approver is None:
+        return [("waiver", False, "no trusted key to verify the promote Statement that names the approver's key")]
+    if approver.get("waiver") != logged:
+        checks.append(("waiver", False, "the waiver at promotion.waiver.uri is not the one in the signed promote "
+                                        "Statement"))
+        return checks
+    try:
+        stmt = verify_statement(logged, [approver["public_key"]])
+    except (SignatureError, KeyError) as err:
+        return [("waiver", False, f"the waiver does not verify with {approver.get('approver')}'s key: "
+                                  f"{getattr(err, 'problem', err)}")]
+    subject = subject_digests(stmt).get(f"{mv.name}/{mv.version}")
+    waived = ",".join(stmt["predicate"]["parameters"]["waived"])
+    ok = subject == tags.get("model.digest") and waived == tags.get("promotion.waiver")
+    checks.append(("waiver", ok, f"signed by approver {approver.get('approver')} (key {keyid_of(approver['public_key'])[:16]}), "
+                                 f"waives {waived}" + ("" if ok else f"; subject or gates differ from the version "
+                                                                     f"(digest {str(subject)[:12]}, tags {tags.get('promotion.waiver')})")))
+    return checks
 
 
 def waive_and_promote(client, cfg, *, name: str, version: int, approver: str, waived: list[str], reason: str,

@@ -141,3 +141,43 @@ def test_distill_approve_waives_from_the_command_line(registry, prefect_api_url)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "waived by alice" in done.stdout and "@champion -> v1" in done.stdout
     assert registry["client"].get_registered_model("wv-edge").aliases == {"challenger": 1, "champion": 1}
+
+
+def test_verify_checks_the_waiver_and_names_a_swapped_one(registry):
+    """`distill verify`'s waiver link: the logged waiver is the one in the signed promote Statement, signed by the
+    approver's key, over this version; a waiver swapped for one signed by another key, or edited tags, break it."""
+    import json
+
+    from distill_gap.governance.lineage import _download
+    from distill_gap.governance.waiver import sign_waiver, verify_recorded_waiver, waive_and_promote
+    from distill_gap.registry.tracking import experiment_id, mlflow_run
+
+    cfg, client, tmp = registry["cfg"], registry["client"], registry["tmp"]
+    name = cfg.edge_model_name
+    waive_and_promote(client, cfg, name=name, version=1, approver="alice", waived=THIN.split(","), reason="ok",
+                      log=lambda *_: None)
+    trusted = [(Path(cfg.governance.key_dir) / "signing-key.pub.pem").read_text()]
+
+    def check(sub):
+        mv = client.get_model_version(name, "1")
+        (tmp / sub).mkdir()
+        return verify_recorded_waiver(client, mv, trusted=trusted, download=_download, tmp=tmp / sub)
+
+    [(link, ok, detail)] = check("good")
+    assert link == "waiver" and ok and "signed by approver alice" in detail
+    # mallory signs a waiver of her own and puts it where the tag points
+    forged = sign_waiver(cfg.governance, approver="alice", name=name, version=1, waived=THIN.split(","),
+                         reason="ok", digest=client.get_model_version(name, "1").tags["model.digest"],
+                         key_dir_override=Path(cfg.governance.key_dir) / "approvers" / "mallory")
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name="forge") as run_id:
+        (tmp / "forged.dsse.json").write_text(json.dumps(forged))
+        client.log_artifact(run_id, str(tmp / "forged.dsse.json"), "waiver")
+        uri = f"{client.get_run(run_id).info.artifact_uri}/waiver/forged.dsse.json"
+    good_uri = client.get_model_version(name, "1").tags["promotion.waiver.uri"]
+    client.set_model_version_tag(name, "1", "promotion.waiver.uri", uri)
+    [(_, ok, detail)] = check("forged")
+    assert not ok and "not the one in the signed promote Statement" in detail
+    client.set_model_version_tag(name, "1", "promotion.waiver.uri", good_uri)
+    client.set_model_version_tag(name, "1", "promotion.waiver", "noninferior:recall:negative")  # edited tag
+    [(_, ok, detail)] = check("edited")
+    assert not ok and "differ from the version" in detail
