@@ -208,7 +208,7 @@ def deploy(pool: str = typer.Option("distill-process", help="the work pool named
         created = ensure_work_pool(pool)
         console.print(f"work pool {pool}: {'created' if created else 'exists'}")
         deploy_all()
-        console.print("deployments: distill-pipeline, drift-monitor, teacher-watch (prefect.yaml)")
+        console.print("deployments: distill-pipeline, drift-monitor, teacher-watch, review-check (prefect.yaml)")
         for name in apply_automations():
             console.print(f"automation {name}: applied")
     except DistillError as err:

@@ -1,4 +1,5 @@
-"""Scheduled watches that start redistillation on evidence: teacher-watch and drift-monitor.
+"""Scheduled watches: teacher-watch and drift-monitor start redistillation on evidence; review-check says when a
+champion is past its review date.
 
 Each publishes a markdown artifact every time (what it compared, what it found) and emits its event only
 on a finding; the automations of deployments/ turn the event into a distill-pipeline run.
@@ -9,8 +10,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from distill_gap.monitoring.events import DRIFT_DETECTED, TEACHER_CHANGED, emit
-from distill_gap.monitoring.watches import monitor_drift, teacher_change
+from distill_gap.monitoring.events import DRIFT_DETECTED, REVIEW_DUE, TEACHER_CHANGED, emit
+from distill_gap.monitoring.watches import monitor_drift, reviews_due, teacher_change
 from distill_gap.registry.tracking import client_for
 from flows.config import load_config
 
@@ -54,3 +55,19 @@ def drift_monitor(config_path: str = "configs/demo.yaml", overrides: list[str] |
     print(("DRIFT: " + "; ".join(report["reasons"])) if report["drifted"] else
           f"no drift in {report['rows']} rows ({report['scored']} scored)")
     return report
+
+
+@flow(name="review-check", log_prints=True)
+def review_check(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> list[dict]:
+    """Emit distill.review.due for every champion (edge, student) past its review.due date (governance.review_days
+    after registration), to its owner; the dossier shows it overdue."""
+    cfg = load_config(config_path, overrides or [])
+    due = reviews_due(client_for(cfg.tracking), [cfg.edge_model_name, cfg.student_model_name])
+    for d in due:
+        d["event_id"] = emit(REVIEW_DUE, d["name"], {"config_path": config_path, **d})
+    lines = [f"- `{d['name']}` v{d['version']} (owner {d['owner']}): review was due {d['due'] or 'never set'}"
+             + (f", {d['days']} days ago" if d["days"] is not None else "") for d in due]
+    create_markdown_artifact(key=f"{cfg.name}-review-check", description=f"review-check for {cfg.name}",
+                             markdown=("**Reviews overdue**\n\n" + "\n".join(lines)) if due else "**No review due.**")
+    print(f"{len(due)} champion(s) past their review date" if due else "no review due")
+    return due

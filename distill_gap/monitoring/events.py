@@ -8,6 +8,7 @@ TEACHER_CHANGED = "distill.teacher.changed"
 DRIFT_DETECTED = "distill.drift.detected"
 GATES_FAILED = "distill.gates.failed"
 MODEL_PROMOTED = "distill.model.promoted"
+REVIEW_DUE = "distill.review.due"  # a champion past its review.due date (review-check)
 
 
 def resource(name: str) -> dict:

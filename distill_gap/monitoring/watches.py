@@ -75,3 +75,28 @@ def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
     report["champion"] = f"{cfg.edge_model_name}/{current.version}"
     report["production"] = production
     return report
+
+
+def reviews_due(client, names: list[str], *, today=None) -> list[dict]:
+    """Every @champion among the registered models `names` whose review.due date has passed (or is missing or
+    unreadable: a champion without a review date is overdue by definition). [{"name", "version", "due", "days"}]"""
+    from datetime import date
+
+    from mlflow.exceptions import MlflowException
+
+    today = today or date.today()
+    due = []
+    for name in names:
+        try:
+            mv = client.get_model_version_by_alias(name, "champion")
+        except MlflowException:  # no such model, or no champion: nothing to review
+            continue
+        raw = mv.tags.get("review.due", "")
+        try:
+            when = date.fromisoformat(raw)
+        except ValueError:
+            when = None
+        if when is None or when < today:
+            due.append({"name": name, "version": int(mv.version), "due": raw or None,
+                        "days": (today - when).days if when else None, "owner": mv.tags.get("owner")})
+    return due

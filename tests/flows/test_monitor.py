@@ -60,3 +60,33 @@ def test_teacher_watch_without_teacher_or_champion(prefect_api, config_path):
 
     with pytest.raises(DistillError, match="tiny-teacher has no @pinned version"):
         teacher_watch(config_path=config_path)
+
+
+def test_review_check_emits_one_event_per_champion_past_its_review_date(prefect_api, tmp_path, tiny_model_dir,
+                                                                         mlflow_db_template):
+    """Issue 19: a scheduled check that acts. A champion whose review.due has passed (or that has none) gets a
+    distill.review.due event naming its owner; one still within its review period gets none."""
+    from datetime import date, timedelta
+
+    from flows.config import load_config
+    from flows.monitor import review_check
+    from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
+    from distill_gap.registry.versions import create_version
+    from tests.helpers import fresh_mlflow_db, log_model_dir
+
+    overrides = ["name=rv", f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp_path)}",
+                 f"tracking.artifact_location={tmp_path}/artifacts", f"governance.key_dir={tmp_path}/keys"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    client = client_for(cfg.tracking)
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name="register") as run_id:
+        source = log_model_dir(client, run_id, tiny_model_dir, "m")
+        for name in (cfg.edge_model_name, cfg.student_model_name):
+            create_version(client, name, source=source, run_id=run_id, governance=cfg.governance, tags={})
+            client.set_registered_model_alias(name, "champion", 1)
+    assert review_check(config_path=str(ROOT / "configs/tiny.yaml"), overrides=overrides) == []  # due in 90 days
+    overdue = (date.today() - timedelta(days=3)).isoformat()
+    client.set_model_version_tag(cfg.edge_model_name, "1", "review.due", overdue)
+    due = review_check(config_path=str(ROOT / "configs/tiny.yaml"), overrides=overrides)
+    assert [(d["name"], d["version"], d["due"], d["days"], d["owner"]) for d in due] == \
+        [(cfg.edge_model_name, 1, overdue, 3, cfg.governance.owner)]
+    assert due[0]["event_id"] is not None
