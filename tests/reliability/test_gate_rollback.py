@@ -81,3 +81,57 @@ def test_a_gate_failing_after_staging_rolls_back_every_side_effect(workspace):
     assert not models_dir.exists() or not any(models_dir.iterdir())  # the logged models' files are gone too
     # the evidence stays: the evaluation and the attestations of the steps that ran
     assert client.list_artifacts(run.info.run_id, "attestations")
+
+
+def test_default_margins_on_64_rows_are_insufficient_then_a_named_approver_waives_them(workspace, prefect_api_url):
+    """Issue 19 end to end: a critical slice is declared that the test rows do not hold, so its non-inferiority
+    gate has no evidence: the run registers the version as @challenger only (insufficient, not failed); `distill
+    approve` with the approver's own key makes it @champion; `distill verify` covers the waiver. The aggregate
+    keeps its default margin; class recall is opened (the tiny student never predicts "negative": that real
+    failure is what the default margin gives, see the gate rollback above) and so are the other gates."""
+    import json
+    import subprocess
+    import sys
+
+    from flows.pipeline import distill_pipeline
+    from distill_gap.governance.waiver import create_approver_key
+    from tests.helpers import OPEN_GATES
+
+    tmp, base = workspace
+    opened = [f"evaluate.{k}={v}" for k, v in OPEN_GATES.items() if k != "margins"]
+    key = create_approver_key(load_config(ROOT / "configs/tiny.yaml", base).governance, "rita")
+    approvers = json.dumps([{"name": "rita", "public_key": str(key.public_path)}])
+    overrides = [*base, *opened, "quantize.tolerable_loss=0.5", f"approval.approvers={approvers}",
+                 "evaluate.margins.class_recall=1.0", 'data.critical_slices={"condition": ["Not In These Rows"]}']
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    result = distill_pipeline(cfg, trigger_reason="test: insufficient evidence")
+    edge = result["registered"]["edge"]
+    thin = [k for k, g in result["gates"].items() if g["outcome"] == "insufficient"]
+    assert thin == ["noninferior:slice:condition=Not In These Rows"], result["gates"]
+    assert result["gates"]["noninferior:accuracy"]["outcome"] == "pass"  # the default aggregate margin
+    assert not [k for k, g in result["gates"].items() if g["outcome"] == "fail"]
+    assert not edge["champion"] and result["promotion"]["challenger"] == edge["version"]
+    client = client_for(cfg.tracking)
+    assert client.get_registered_model(cfg.edge_model_name).aliases == {"challenger": edge["version"]}
+    tags = client.get_model_version(cfg.edge_model_name, str(edge["version"])).tags
+    assert tags["gates.outcome"] == "insufficient" and tags["gates.insufficient"] == ",".join(thin)
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    config = tmp / "waiver.yaml"
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    raw.update(name=cfg.name, tracking=cfg.tracking.model_dump(), governance=cfg.governance.model_dump(mode="json"),
+               approval={"approvers": [{"name": "rita", "public_key": str(key.public_path)}]})
+    config.write_text(yaml.safe_dump(raw))
+    uri = f"models:/{cfg.edge_model_name}/{edge['version']}"
+    done = subprocess.run([str(Path(sys.executable).parent / "distill"), "approve", uri, "--approver", "rita",
+                           "--waive", ",".join(thin), "--reason", "pilot on 64 rows; audit set in 30 days",
+                           "--config", str(config)], env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert client.get_registered_model(cfg.edge_model_name).aliases["champion"] == edge["version"]
+    verified = subprocess.run([str(Path(sys.executable).parent / "distill"), "verify", uri, "--tracking-uri",
+                               cfg.tracking.uri, "--key-dir", cfg.governance.key_dir], env=env, cwd=tmp,
+                              capture_output=True, text=True, timeout=300)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "waiver" in verified.stdout and "signed by approver rita" in verified.stdout

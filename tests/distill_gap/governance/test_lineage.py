@@ -69,6 +69,7 @@ def chain(mlflow_tracking, tmp_path_factory):
                                 "teacher.digest": digests["x-teacher"], "data.digest": sha256_json(SPLITS),
                                 "soft_labels.uri": store.entry_uri(KEY), "soft_labels.key": KEY,
                                 "config.digest": "c" * 64, "code.version": "test", "gates.passed": "true",
+                                "gates.outcome": "pass",
                                 "attestation.uri": f"{client.get_run(run).info.artifact_uri}/{ATTESTATION_DIR}"}
                 for name, folder, parent in (("x-student", student, "x-teacher/1"), ("x-edge", edge, "x-student/1")):
                     signed = sign_and_log(client, rid, folder, name, gov)
