@@ -68,7 +68,6 @@ def test_review_check_emits_one_event_per_champion_past_its_review_date(prefect_
     distill.review.due event naming its owner; one still within its review period gets none."""
     from datetime import date, timedelta
 
-    from flows.config import load_config
     from flows.monitor import review_check
     from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
     from distill_gap.registry.versions import create_version
