@@ -7,6 +7,10 @@ held-out conditions suite (data.holdout), by MSP and by the edge model's shipped
 
     .venv/bin/python benchmarks/evaluation.py
 writes benchmarks/results/evaluation.json (flat) and .distill/bench/evaluation_report.json (the whole report).
+
+Issue 19's keys: gates_outcome, gates_failed, gates_insufficient, rows_needed_max (the most labelled rows an undecided
+gate needs at its observed drop) and quantize_choice_stable: the INT8 primary the quantize stage's accuracy goal
+picks, re-decided on 5 seeds of its unlabelled agreement sample (quantize_choices), is the same every time.
 """
 
 from __future__ import annotations
@@ -54,7 +58,45 @@ def _models(cfg):
     name = primary.get("report_name") or {"int8": "student-int8", "onnx-int8": "student-onnx-int8",
                                           "onnx": "student-onnx", "fp32": "student-fp32-edge"}[manifest["primary"]]
     return {"teacher": teacher.path, "student": student.path, name: edge.path / primary["path"]}, name, \
-        {"teacher": teacher.version, "student": student.version, "edge": edge.version}
+        {"teacher": teacher.version, "student": student.version, "edge": edge.version}, edge.path
+
+
+SEEDS = (13, 14, 15, 16, 17)  # agreement samples for quantize_choice_stable
+
+
+def choice_per_seed(cfg, splits, student_dir, edge_dir) -> list[str]:
+    """The INT8 primary the quantize stage's decision would pick on each of SEEDS' unlabelled agreement samples,
+    with every other input as the stage had it (the artifacts of the registered edge folder, the validation rows,
+    the batch checks recorded in edge.json): noninferiority.accuracy_goal + the stage's order (quantize.primary)."""
+    from distill_gap.edge.folder import EDGE_ARTIFACTS, read_manifest
+    from distill_gap.evaluation.noninferiority import accuracy_goal
+    from distill_gap.inference.predictor import load_predictor
+
+    manifest = read_manifest(edge_dir)
+    q, train, val = cfg.quantize, splits["train"], splits["validation"]
+    label_ids = val["label"].map({lab: i for i, lab in enumerate(splits.labels)}).to_numpy()
+    student = load_predictor(student_dir, runtime="transformers", max_length=cfg.runtime.max_length)
+    models = {a: load_predictor(Path(edge_dir) / a, runtime=EDGE_ARTIFACTS[a][0], max_length=cfg.runtime.max_length)
+              for a in ("onnx-int8", "int8") if a in manifest["artifacts"]}
+    val_texts = val["text"].tolist()
+    ref_val = student.predict_logits(val_texts)
+    val_out = {a: m.predict_logits(val_texts) for a, m in models.items()}
+    calib = train.sample(min(q.calibration_samples, len(train)), random_state=cfg.seed)
+    rest = train.drop(index=calib.index)
+    order = (q.primary if q.primary != "auto" else "onnx-int8,int8").split(",")
+    choices = []
+    for seed in SEEDS:
+        texts = rest.sample(min(q.agreement_samples, len(rest)), random_state=seed)["text"].tolist()
+        ref = student.predict_logits(texts)
+        ok = {a: accuracy_goal(ref_val, val_out[a], label_ids, tolerable_loss=q.tolerable_loss, reference_sample=ref,
+                               candidate_sample=m.predict_logits(texts),
+                               min_agreement=cfg.evaluate.min_edge_agreement)["met_goal"]
+              and (manifest["artifacts"][a].get("batch_independence") or {}).get("ok", True)
+              for a, m in models.items()}
+        choices.append(next((a for a in order if ok.get(a)), "none"))
+        print(f"agreement sample seed {seed}: {choices[-1]} ({', '.join(f'{a} {v}' for a, v in ok.items())})",
+              file=sys.stderr)
+    return choices
 
 
 def main() -> None:
@@ -68,7 +110,7 @@ def main() -> None:
     cfg = load_config("configs/demo.yaml")
     configure_threads(2)
     splits = load_data(cfg.data, cfg.seed)  # a Prefect task, called outside a flow (its own task run on the API)
-    models, edge_name, versions = _models(cfg)
+    models, edge_name, versions, edge_dir = _models(cfg)
 
     seconds, report = [], None
     for i in range(REPEATS):
@@ -78,6 +120,7 @@ def main() -> None:
                           stress_models=list(models), critical_slices=cfg.data.critical_slices)
         seconds.append(report.seconds)
         print(f"run {i + 1}/{REPEATS}: {report.seconds:.1f} s", file=sys.stderr)
+    choices = choice_per_seed(cfg, splits, models["student"], edge_dir)
     worst = report.worst_slices("student", k=3)
     ood = f"ood:{cfg.data.holdout.name}" if cfg.data.holdout is not None else next(iter(report.ood))
     detector = (report.scope.get(edge_name) or {}).get("detector", "msp")  # the edge model's shipped guard
@@ -109,6 +152,8 @@ def main() -> None:
         # the most labelled rows any undecided gate needs at its observed drop (issue 19's power calculation)
         "rows_needed_max": max([g["rows_needed"] for g in gates.values() if g.get("rows_needed")] or [0]),
         "versions": json.dumps(versions),
+        "quantize_choices": ",".join(choices),
+        "quantize_choice_stable": len(set(choices)) == 1,
         "cpu_threads": 2,
     }
     OUT.mkdir(parents=True, exist_ok=True)
