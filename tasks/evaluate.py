@@ -103,6 +103,16 @@ def write_scope_and_reference(report: GapReport, logits: dict, features: dict, g
                                                    sample_size=sample_size, seed=seed))
 
 
+def edge_parity(artifact: dict) -> dict:
+    """What the agreement gate reads: the argmax agreement with the fp32 student on the quantize stage's unlabelled
+    agreement sample (hundreds of rows, issue 19) where it was measured, else on the validation rows."""
+    parity, v = artifact["parity"], artifact.get("validation") or {}
+    if v.get("agreement") is None:
+        return parity
+    return {**parity, "argmax_agreement": v["agreement"], "n": v["agreement_n"],
+            "where": f"{v['agreement_n']} unlabelled training texts (the quantize stage's agreement sample)"}
+
+
 def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, client=None,
                    run_id: str | None = None) -> dict:
     """The gap report three ways: Prefect markdown + table artifacts, HTML with plots and JSON in MLflow."""
@@ -158,7 +168,7 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
                           edge_model=edge.report_name, edge_folder=edge.path, critical_slices=critical_slices,
                           client=run.client, run_id=stage_run_id, log=get_run_logger())
         edge = dataclasses.replace(edge, digest=model_digest(edge.path))
-        gates = evaluate_gates(report, edge.report_name, edge.artifacts[edge.primary]["parity"], evaluate_cfg,
+        gates = evaluate_gates(report, edge.report_name, edge_parity(edge.artifacts[edge.primary]), evaluate_cfg,
                                quantization=quantization_gate(edge, require_int8), critical_slices=critical_slices)
         publish_report(report, gates, run.name, client=run.client, run_id=stage_run_id)
     digests = {"teacher": teacher.digest, "student": student.digest,

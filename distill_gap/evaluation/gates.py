@@ -82,7 +82,8 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
     agree, finite = edge_parity["argmax_agreement"], bool(edge_parity.get("finite", True))
     gates["edge_argmax_agreement_vs_student"] = _gate(
         agree, limits["edge_argmax_agreement_vs_student"],
-        finite and agree >= limits["edge_argmax_agreement_vs_student"], f"{edge_model} on held-out validation texts")
+        finite and agree >= limits["edge_argmax_agreement_vs_student"],
+        f"{edge_model} on {edge_parity.get('where') or 'held-out validation texts'}")
     gates["edge_outputs_finite"] = _gate(float(finite), 1.0, finite, "no NaN or inf in the edge model's held-out logits")
     # the teacher comparison: non-inferiority on the same test rows, one gate per check (aggregate accuracy, each
     # class's recall, each critical slice); missing evidence is insufficient, never a pass

@@ -206,3 +206,17 @@ def test_gates_failed_names_each_failed_gate_its_value_threshold_and_evidence():
                            "rolled back, nothing is registered")
     assert "gap report" in err.fix
     assert failed_evidence(failed) in str(err)
+
+
+def test_the_agreement_gate_reads_the_larger_unlabelled_sample_where_it_was_measured():
+    from tasks.evaluate import edge_parity
+
+    val_only = {"parity": {"argmax_agreement": 0.953, "n": 64, "finite": True}, "validation": None}
+    assert edge_parity(val_only) == val_only["parity"]
+    sampled = {"parity": {"argmax_agreement": 0.938, "n": 64, "finite": True},  # 4 rows of 64
+               "validation": {"agreement": 0.991, "agreement_n": 336}}
+    truth = np.array([0] * 20 + [1] * 20)
+    report = gap_report({m: {"test": one_hot_logits(truth)} for m in ("teacher", "student", "e")}, two_site_splits())
+    gate = evaluate_gates(report, "e", edge_parity(sampled), EvaluateConfig())["edge_argmax_agreement_vs_student"]
+    assert gate["outcome"] == "pass" and gate["value"] == pytest.approx(0.991)
+    assert "336 unlabelled training texts" in gate["detail"]
