@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_gap.errors import DistillError
+from distill_gap.errors import DistillError, read_json_object
 
 SCOPE_FILE = "scope.json"
 STATS_FILE = "scope_stats.npz"
@@ -158,12 +158,7 @@ def read_guard(folder: str | Path) -> ScopeGuard | None:
     path = folder / SCOPE_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DistillError(f"{path} is not valid JSON ({err})", _FIX) from None
-    if not isinstance(record, dict):
-        raise DistillError(f"{path} must hold a JSON object", _FIX)
+    record = read_json_object(path, _FIX)
     if record.get("format") != SCOPE_FORMAT:
         raise DistillError(f"{path} has scope format {record.get('format')!r}; this version reads format "
                            f"{SCOPE_FORMAT} (a feature-space guard)", _FIX)

@@ -28,7 +28,7 @@ import numpy as np
 
 from distill_gap.digest import model_digest
 from distill_gap.edge.guard import SCOPE_FILE, ScopeGuard, read_guard, softmax
-from distill_gap.errors import DistillError
+from distill_gap.errors import DistillError, read_json_object
 
 EDGE_FILE, EDGE_FORMAT = "edge.json", 1  # the format distill_gap/edge/folder.py writes
 RUNTIMES = ("onnxruntime", "torch-pt2", "transformers")  # what edge.json may name (inference/predictor.py)
@@ -209,12 +209,7 @@ def read_manifest(folder: str | Path) -> dict:
     fix = "re-run the quantize stage, which writes edge.json next to the artifacts"
     if not path.is_file():
         raise DistillError(f"{path} does not exist: {folder} is not an edge model folder", fix)
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DistillError(f"{path} is not valid JSON ({err})", fix) from None
-    if not isinstance(manifest, dict):
-        raise DistillError(f"{path} must hold a JSON object, got {type(manifest).__name__}", fix)
+    manifest = read_json_object(path, fix)
     problems = []
     if manifest.get("format") != EDGE_FORMAT:
         problems.append(f"format is {manifest.get('format')!r}, this version reads format {EDGE_FORMAT}")

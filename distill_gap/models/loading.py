@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from distill_gap.errors import DistillError
+from distill_gap.errors import DistillError, read_json_object
 
 # Weight formats that execute code on load; refused unless the pipeline wrote them itself.
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Files whose `auto_map` makes transformers import Python shipped with the model (trust_remote_code).
 _REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 _SHOWN = 3  # weight names quoted per kind of mismatch
-
-
-def read_json_file(path: Path) -> dict:
-    """A JSON object from `path`, or a DistillError naming the file (a damaged config must not be a traceback)."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as err:
-        raise DistillError(f"{path} is not valid JSON ({err})",
-                           "the model folder is damaged: copy or export it again") from None
-    if not isinstance(data, dict):
-        raise DistillError(f"{path} must hold a JSON object, got {type(data).__name__}",
-                           "the model folder is damaged: copy or export it again")
-    return data
+_DAMAGED = "the model folder is damaged: copy or export it again"
 
 
 def check_no_code(path: str | Path) -> Path:
@@ -35,7 +22,7 @@ def check_no_code(path: str | Path) -> Path:
     root = Path(path)
     for name in _REMOTE_CODE_FILES:
         if (root / name).is_file():
-            conf = read_json_file(root / name)
+            conf = read_json_object(root / name, _DAMAGED)
             asks = [k for k in ("auto_map", "trust_remote_code") if conf.get(k)]
             if asks:
                 code = sorted(p.name for p in root.glob("*.py"))
@@ -148,7 +135,7 @@ def model_labels(model) -> list[str]:
 
 def config_labels(path: str | Path) -> list[str]:
     """The label order of a saved classifier's logits, read from config.json (weights not loaded)."""
-    cfg = read_json_file(check_model_dir(path) / "config.json")
+    cfg = read_json_object(check_model_dir(path) / "config.json", _DAMAGED)
     id2label = cfg.get("id2label") or {}
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
