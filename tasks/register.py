@@ -29,10 +29,11 @@ def release_check(client, registered: dict, gates: dict, *, run_id: str, cache_r
                                f"{edge['digest'][:12]} was evaluated", "re-run the pipeline")
     except DistillError as exc:
         failed["registry_roundtrip"] = {"passed": False, "value": 0.0, "threshold": 1.0, "detail": exc.problem}
-    client.set_tag(run_id, "gates.passed", str(not failed and overall_outcome(gates) == PASS).lower())
-    client.set_tag(run_id, "gates.outcome", FAIL if failed else overall_outcome(gates))
+    outcome = FAIL if failed else overall_outcome(gates)  # `failed` may hold registry_roundtrip, not in `gates`
+    client.set_tag(run_id, "gates.passed", str(outcome == PASS).lower())
+    client.set_tag(run_id, "gates.outcome", outcome)
     if not failed:
-        return {"passed": True, "edge": edge, "outcome": overall_outcome(gates)}
+        return {"passed": True, "edge": edge, "outcome": outcome}
     error = gates_failed(edge["name"], failed)
     emit(GATES_FAILED, edge["name"], {"version": None, "failed": list(failed), "evidence": failed_evidence(failed),
                                       "mlflow_run_id": run_id})

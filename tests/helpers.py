@@ -13,8 +13,8 @@ from typing import Sequence
 OPEN_GATES = {"max_edge_drop": 1.0, "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
               "max_flip_rate_increase": 1.0, "margins": {"aggregate": 1.0, "critical_slice": 1.0, "class_recall": 1.0}}
 OPEN_TOLERABLE_LOSS = 0.5  # quantize.tolerable_loss: the first INC candidate is accepted
-OPEN_GATE_OVERRIDES = [*(f"evaluate.{k}.{kk}={vv}" if isinstance(v, dict) else f"evaluate.{k}={v}"
-                         for k, v in OPEN_GATES.items() for kk, vv in (v.items() if isinstance(v, dict) else [(0, 0)])),
+OPEN_GATE_OVERRIDES = [*(f"evaluate.{k}={v}" for k, v in OPEN_GATES.items() if k != "margins"),
+                       *(f"evaluate.margins.{k}={v}" for k, v in OPEN_GATES["margins"].items()),
                        f"quantize.tolerable_loss={OPEN_TOLERABLE_LOSS}"]
 
 

@@ -132,7 +132,7 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                     " holds no drop: within noise" if noise else "")
             gates[f"ood_auroc_vs_teacher:{suite.removeprefix('ood:')}"] = _gate(drop, limit, not beyond or noise,
                                                                                detail)
-    if getattr(evaluate_cfg, "stress_rows", 0) and not any(edge_model in v for v in report.stress.values()):
+    if evaluate_cfg.stress_rows and not any(edge_model in v for v in report.stress.values()):
         gates["stress_flip_rate_vs_teacher"] = _gate(0.0, limits["stress_flip_rate_vs_teacher"], False,
                                                      f"evaluate.stress_rows={evaluate_cfg.stress_rows} asks for stress "
                                                      f"suites, but none was scored for {edge_model}: missing evidence",

@@ -16,6 +16,7 @@ import math
 from typing import Iterable
 
 from distill_gap.evaluation.gates import MIN_SLICE_ROWS  # smaller slices are never flagged
+from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
 
 PLOT_DPI = 100  # 100 dpi keeps ~30 slices x 5 models well under 1 MB of PNG
 MAX_SLICES_PLOTTED = 30  # the table lists every slice; the bar chart shows the worst 30 by the reference gap
@@ -151,8 +152,7 @@ def _verdict(gates: dict | None, report: dict) -> str:
     if not gates:
         return (f'<div class="verdict none"><div class="big">No promotion gates in this report</div>'
                 f"{_e(flag_note)}</div>")
-    failed = {k: g for k, g in gates.items() if (g.get("outcome") or ("pass" if g.get("passed") else "fail")) == "fail"}
-    thin = {k: g for k, g in gates.items() if g.get("outcome") == "insufficient"}
+    failed, thin = by_outcome(gates, FAIL), by_outcome(gates, INSUFFICIENT)
     if thin and not failed:
         items = "".join(f"<li><b>{_e(k)}</b>: {_e(g.get('detail', ''))}</li>" for k, g in thin.items())
         passed = [k for k in gates if k not in thin]

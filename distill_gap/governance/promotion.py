@@ -177,11 +177,11 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
         if insufficient and waiver is None:  # registered, but not shown good enough: @challenger only
             if before.get(CHALLENGER) != version and before.get(CHAMPION) != version:
                 client.set_registered_model_alias(name, CHALLENGER, version)
-            thin = (mv.tags.get("gates.insufficient") or "").split(",")
-            log(f"{name} v{version}: insufficient evidence for {', '.join(g for g in thin if g) or 'some gates'}; "
+            thin = [g for g in (mv.tags.get("gates.insufficient") or "").split(",") if g]
+            log(f"{name} v{version}: insufficient evidence for {', '.join(thin) or 'some gates'}; "
                 f"it is @challenger, @champion stays at "
                 f"{('v' + str(before[CHAMPION])) if CHAMPION in before else 'no version'}. A named approver may waive "
-                f"those gates: {waiver_command(name, version, [g for g in thin if g])}")
+                f"those gates: {waiver_command(name, version, thin)}")
             return {"changed": before.get(CHALLENGER) != version, "champion": before.get(CHAMPION),
                     "challenger": version, "reason": "insufficient evidence: a waiver is needed"}
         if mv.tags.get("gates.passed") != "true" and not insufficient:
