@@ -71,9 +71,10 @@ def choice_per_seed(cfg, splits, student_dir, edge_dir) -> list[str]:
     from distill_gap.edge.folder import EDGE_ARTIFACTS, read_manifest
     from distill_gap.evaluation.noninferiority import accuracy_goal
     from distill_gap.inference.predictor import load_predictor
+    from tasks.quantize import primary_order, quantize_samples
 
     manifest = read_manifest(edge_dir)
-    q, train, val = cfg.quantize, splits["train"], splits["validation"]
+    q, val = cfg.quantize, splits["validation"]
     label_ids = val["label"].map({lab: i for i, lab in enumerate(splits.labels)}).to_numpy()
     student = load_predictor(student_dir, runtime="transformers", max_length=cfg.runtime.max_length)
     models = {a: load_predictor(Path(edge_dir) / a, runtime=EDGE_ARTIFACTS[a][0], max_length=cfg.runtime.max_length)
@@ -81,19 +82,16 @@ def choice_per_seed(cfg, splits, student_dir, edge_dir) -> list[str]:
     val_texts = val["text"].tolist()
     ref_val = student.predict_logits(val_texts)
     val_out = {a: m.predict_logits(val_texts) for a, m in models.items()}
-    calib = train.sample(min(q.calibration_samples, len(train)), random_state=cfg.seed)
-    rest = train.drop(index=calib.index)
-    order = (q.primary if q.primary != "auto" else "onnx-int8,int8").split(",")
     choices = []
     for seed in SEEDS:
-        texts = rest.sample(min(q.agreement_samples, len(rest)), random_state=seed)["text"].tolist()
+        texts = quantize_samples(splits["train"], q, seed=cfg.seed, agreement_seed=seed)[1]
         ref = student.predict_logits(texts)
         ok = {a: accuracy_goal(ref_val, val_out[a], label_ids, tolerable_loss=q.tolerable_loss, reference_sample=ref,
                                candidate_sample=m.predict_logits(texts),
                                min_agreement=cfg.evaluate.min_edge_agreement)["met_goal"]
               and (manifest["artifacts"][a].get("batch_independence") or {}).get("ok", True)
               for a, m in models.items()}
-        choices.append(next((a for a in order if ok.get(a)), "none"))
+        choices.append(next((a for a in primary_order(q) if ok.get(a)), "none"))
         print(f"agreement sample seed {seed}: {choices[-1]} ({', '.join(f'{a} {v}' for a, v in ok.items())})",
               file=sys.stderr)
     return choices

@@ -27,6 +27,21 @@ from tasks.attest import attest_task
 _BATCH_CHECK_ROWS, _BATCH_CHECK_SIZE = 16, 32
 
 
+def primary_order(qcfg) -> list[str]:
+    """The INT8 artifacts in the order the primary is chosen among those that pass (quantize.primary)."""
+    return (qcfg.primary if qcfg.primary != "auto" else "onnx-int8,int8").split(",")
+
+
+def quantize_samples(train, qcfg, *, seed: int, agreement_seed: int | None = None) -> tuple[list[str], list[str]]:
+    """(calibration texts, agreement texts): seeded samples of the training split, disjoint; the agreement sample
+    is used unlabelled (`agreement_seed`, default `seed`, re-draws it alone)."""
+    calib_rows = train.sample(min(qcfg.calibration_samples, len(train)), random_state=seed)
+    rest = train.drop(index=calib_rows.index)
+    agree = rest.sample(min(qcfg.agreement_samples, len(rest)), random_state=seed if agreement_seed is None
+                        else agreement_seed)
+    return calib_rows["text"].tolist(), agree["text"].tolist()
+
+
 def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_texts: list[str], val_label_ids,
                    qcfg, max_length: int, batch_size: int = 32, seed: int = 13, min_agreement: float = 0.95,
                    agreement_texts: list[str] | None = None, log=print) -> EdgeBuild:
@@ -115,7 +130,7 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
     # 3. the primary. auto: ONNX INT8 first. Measured on the demo (benchmarks/RESULTS.md, 2-core AVX2 CPU): 1.93x
     # the fp32 student at batch 32 vs 1.58x for compiled INC INT8, 11.2 vs 17.9 MB, 273 vs 751 MB RSS, 0.3 s load
     # vs 23 s compile
-    built = [a for a in (qcfg.primary if qcfg.primary != "auto" else "onnx-int8,int8").split(",") if a in artifacts]
+    built = [a for a in primary_order(qcfg) if a in artifacts]
     passing = [a for a in built if artifacts[a]["ok"]]
     if passing:
         primary = passing[0]
@@ -188,10 +203,7 @@ def quantize_edge(quantize_cfg, splits, student_dir, out_dir, *, name: str, max_
     from prefect.artifacts import create_markdown_artifact
 
     train, val = splits["train"], splits["validation"]
-    calib_rows = train.sample(min(quantize_cfg.calibration_samples, len(train)), random_state=seed)
-    calib = calib_rows["text"].tolist()
-    rest = train.drop(index=calib_rows.index)  # the agreement sample: unlabelled use, disjoint from calibration
-    agree = rest.sample(min(quantize_cfg.agreement_samples, len(rest)), random_state=seed)["text"].tolist()
+    calib, agree = quantize_samples(train, quantize_cfg, seed=seed)
     label_id = {label: i for i, label in enumerate(splits.labels)}
     edge = quantize_stage(student_dir, out_dir, calibration_texts=calib, val_texts=val["text"].tolist(),
                           val_label_ids=val["label"].map(label_id).to_numpy(), qcfg=quantize_cfg,
