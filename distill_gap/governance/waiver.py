@@ -11,6 +11,9 @@ gate is waived. The promote Statement then carries the waiver envelope, and `dis
 
 from __future__ import annotations
 
+import base64
+import json
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -71,16 +74,14 @@ def check_waiver(envelope: dict, approval_cfg, *, name: str, version: int, tags:
     DistillError naming what is wrong; nothing is changed either way."""
     claimed = ((envelope or {}).get("signatures") or [{}])[0].get("keyid")
     try:
-        import base64
-        import json
-
         payload = json.loads(base64.b64decode(envelope["payload"]))
         approver = payload["predicate"]["approver"]["approver"]
     except (KeyError, TypeError, ValueError) as err:
         raise DistillError(f"not a waiver envelope ({type(err).__name__}: {err})", "sign it with `distill approve`") \
             from None
+    public_key = approver_public_key(approval_cfg, approver)
     try:
-        stmt = verify_statement(envelope, [approver_public_key(approval_cfg, approver)])
+        stmt = verify_statement(envelope, [public_key])
     except SignatureError as err:
         raise DistillError(f"the waiver is not signed by {approver}'s configured key (key {claimed}): {err.problem}",
                            f"sign with {approver}'s own key, or fix approval.approvers") from None
@@ -108,15 +109,13 @@ def check_waiver(envelope: dict, approval_cfg, *, name: str, version: int, tags:
     at = stmt["predicate"]["approver"]["at"]
     return {"approver": approver, "decision": "approve", "comment": f"waiver of {', '.join(waived)}: {reason}",
             "at": at, "waived": waived, "waiver": envelope,
-            "public_key": approver_public_key(approval_cfg, approver)}  # in the signed promote Statement
+            "public_key": public_key}  # in the signed promote Statement
 
 
 def verify_recorded_waiver(client, mv, *, trusted: list[str], download, tmp: Path) -> list[tuple[str, bool, str]]:
     """`distill verify`'s checks of a waived version: the promote Statement (signed by a trusted key) carries the
     approver's public key and the waiver; the waiver logged at promotion.waiver.uri is that same envelope, signed
     by that approver, over this version's digest, waiving exactly the gates its tags name. [(link, ok, detail)]"""
-    import json
-
     tags = mv.tags
     if not tags.get("promotion.waiver.uri"):
         return []
@@ -151,9 +150,6 @@ def waive_and_promote(client, cfg, *, name: str, version: int, approver: str, wa
                       key_dir_override: str | Path | None = None, log=print) -> dict:
     """Sign the waiver with the approver's key, check it, record it (an MLflow `waiver` run with the envelope and
     tags on the version), then promote: @champion moves, and the promote Statement carries the waiver."""
-    import json
-    import tempfile
-
     from mlflow.exceptions import MlflowException
 
     from distill_gap.governance.promotion import promote
