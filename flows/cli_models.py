@@ -1,4 +1,4 @@
-"""The commands on registered edge models: predict, lineage, verify, promote, approve, rollback."""
+"""The commands on registered edge models: predict, lineage, verify, dossier, promote, approve, rollback."""
 
 from __future__ import annotations
 
@@ -184,6 +184,66 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
         err_console.print(f"[bold red]verification failed[/]: {', '.join(broken)}")
         raise typer.Exit(1)
     console.print(f"[green]all {len(result.checks)} checks passed[/]")
+
+
+@app.command()
+def dossier(model: str = typer.Argument(..., help="models:/<name>-edge@champion or models:/<name>-edge/3"),
+            tracking_uri: str = TrackingOpt,
+            html: Optional[Path] = typer.Option(None, "--html", help="write the self-contained HTML page here"),
+            as_json: bool = typer.Option(False, "--json", help="print the dossier as a signed in-toto Statement "
+                                                              "(DSSE, the local key pair of --key-dir)"),
+            key_dir: Path = typer.Option(Path(".distill/keys"), help="folder of the local key pair")):
+    """Compile an edge version's dossier afresh from the records: scope, gates, lineage, approver, review."""
+    import json
+
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.dossier import dossier_for, dossier_statement
+    from distill_gap.governance.dossier_render import render_dossier
+    from distill_gap.governance.lineage import _version
+    from distill_gap.registry.model_uri import registry_client
+
+    try:
+        client = registry_client(tracking_uri)
+        mv = _version(client, model)
+        if not mv.name.endswith("-edge"):
+            raise DistillError(f"{mv.name} is not an edge model: dossiers are per edge version",
+                               f"pass models:/{mv.name.removesuffix('-student')}-edge@champion")
+        d = dossier_for(client, mv)
+        if html is not None:
+            html.parent.mkdir(parents=True, exist_ok=True)
+            html.write_text(render_dossier(d))
+        if as_json:
+            from distill_gap.signing import ensure_key_pair, sign_statement
+
+            envelope = sign_statement(dossier_statement(d), ensure_key_pair(key_dir))
+            sys.stdout.write(json.dumps(envelope, indent=2) + "\n")
+            return
+    except DistillError as err:
+        fail(err)
+    ev, gov = d["evidence"], d["governance"]
+    colour = {"pass": "green", "fail": "bold red", "insufficient": "yellow"}[ev["outcome"]]
+    console.print(f"[bold]{mv.name} v{mv.version}[/] {' '.join('@' + a for a in d['status']['aliases'])}  gates: "
+                  f"[{colour}]{ev['outcome']}[/] ({len(ev['gates'])} gates, {len(ev['failed'])} failed, "
+                  f"{len(ev['insufficient'])} insufficient)", highlight=False)
+    console.print(f"use: {d['intended_use']['use']}", highlight=False, markup=False)
+    for item in d["intended_use"]["not_for"]:
+        console.print(f"  not for: {item}", highlight=False, markup=False)
+    t = d["lineage"]["teacher"]
+    console.print(f"teacher {t['name']} v{t['version']} (licence {t['license']}), {len(d['lineage']['steps'])} signed "
+                  f"steps, owner {gov['owner']}", highlight=False, markup=False)
+    review = gov["review"]
+    console.print(f"review due {review['due']}" + (" [bold red](OVERDUE)[/]" if review["overdue"] else ""),
+                  highlight=False)
+    if gov.get("waiver"):
+        console.print(f"waiver of {', '.join(gov['waiver']['gates'])} by {gov['waiver']['approver']}: "
+                      f"{gov['waiver']['reason']}", highlight=False, markup=False)
+    elif gov.get("approver"):
+        console.print(f"approved by {gov['approver']['name']} at {gov['approver']['at']}", highlight=False, markup=False)
+    for problem in d["lineage"]["problems"]:
+        err_console.print(f"record not used: {problem}", highlight=False, markup=False)
+    if html is not None:
+        console.print(f"wrote {html}", highlight=False, markup=False)
+    console.print(f"verify: {d['verify']}", highlight=False, markup=False)
 
 
 @app.command()

@@ -236,6 +236,13 @@ class GovernanceConfig(_Section):
                                                                  "cc-by-4.0"])
     license_override_reason: str | None = None
     key_dir: str = ".distill/keys"  # local EC signing key pair, created on first use (DISTILL_KEY_DIR overrides)
+    # what the edge model is for and what it must not do on its own: tags on every version, the dossier's first
+    # section and the model card's "Uses" (issue 19)
+    intended_use: str = Field("Classify texts like the training data into the configured labels, inside the scope "
+                              "its guard was fitted on.", min_length=1)
+    not_for: list[str] = Field(default_factory=lambda: [
+        "answering rows its scope guard flags as out of scope: route them to the fallback (the teacher or a person)",
+        "deciding on its own where a wrong answer can harm a person: a person reviews those decisions"])
 
 
 class ApproverConfig(_Section):

@@ -177,7 +177,7 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
     attest_task(run, evaluate_statement(evaluate_cfg, scope_cfg, critical_slices=critical_slices,
                                         edge_model_name=run.edge_model_name, report=report, gates=gates,
                                         edge_digest=edge.digest, model_digests=digests, splits=splits,
-                                        context=run.context))
+                                        context=run.context, edge_report_name=edge.report_name))
     return report, gates, edge
 
 

@@ -13,6 +13,7 @@ from distill_gap.evaluation.gates import failed_evidence, gates_failed
 from distill_gap.outcomes import FAIL, PASS, by_outcome, overall_outcome
 from distill_gap.monitoring.events import GATES_FAILED, emit
 from distill_gap.governance.attestation import ATTESTATION_DIR
+from distill_gap.governance.dossier import publish, write_model_card
 from distill_gap.registry.registration import register_models
 from distill_gap.registry.versions import Staged, check_teacher_license, fetch_model, unstage
 
@@ -65,7 +66,7 @@ def register_task(run, *, teacher, splits, soft, student, edge, report, gates: d
             data_digest=splits.digest(), soft=soft, student=student, edge=edge, report=report, gates=gates,
             example_texts=splits["test"]["text"].head(3).tolist(), attestation_uri=attestation_uri(run),
             trigger_reason=run.trigger_reason, license_override=check_teacher_license(teacher, run.governance),
-            staged=staged, log=get_run_logger().info)
+            staged=staged, model_card=write_model_card, publish_dossier=publish, log=get_run_logger().info)
     txn = get_transaction()
     if txn is not None:
         txn.set("staged", staged)

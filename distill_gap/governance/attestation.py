@@ -133,7 +133,8 @@ def export_statement(*, max_length: int, min_edge_agreement: float, student_mode
 
 
 def evaluate_statement(ev, scope_cfg, *, critical_slices: dict, edge_model_name: str, report, gates: dict,
-                       edge_digest: str, model_digests: dict[str, str], splits, context: dict) -> dict:
+                       edge_digest: str, model_digests: dict[str, str], splits, context: dict,
+                       edge_report_name: str | None = None) -> dict:
     """Every model evaluated on its own; the gates with their thresholds and measured values (`ev`: the evaluate
     config section; `scope_cfg`: the scope section, whose guard ships)."""
     test = report.suites.get("test", {})
@@ -146,10 +147,10 @@ def evaluate_statement(ev, scope_cfg, *, critical_slices: dict, edge_model_name:
                 **{f"data/{s}": d for s, d in splits.digests().items()}},
         data=splits.summary(),
         thresholds={k: v for k, v in ev.model_dump().items() if k.startswith(("max_", "min_"))},
-        results={"test": {m: {k: v for k, v in r.items() if k in ("accuracy", "macro_f1", "fidelity", "n")}
+        results={"edge_model": edge_report_name,  # the edge model's name in the report (its primary artifact)
+                 "test": {m: {k: v for k, v in r.items() if k in ("accuracy", "macro_f1", "fidelity", "n")}
                           for m, r in test.items()},
-                 "gates": {k: {"value": g["value"], "threshold": g["threshold"], "passed": g["passed"]}
-                           for k, g in gates.items()},
+                 "gates": gates,  # every gate whole: value, threshold, outcome, interval, rows needed, evidence
                  "worst_slices": {m: report.worst_slices(m) for m in report.models if m != "teacher"},
                  "flags": report.flags},
         context=context)

@@ -299,7 +299,13 @@ def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: s
         # 5. a waived version: the approver's signature on the waiver, as the signed promote Statement names it
         from distill_gap.governance.waiver import verify_recorded_waiver
 
-        for link, ok, detail in verify_recorded_waiver(client, mv, trusted=trusted or [tags.get("signing.public_key", "")],
-                                                       download=_download, tmp=tmp):
+        keys = trusted or [tags.get("signing.public_key", "")]
+        for link, ok, detail in verify_recorded_waiver(client, mv, trusted=keys, download=_download, tmp=tmp):
             result.add(link, ok, detail)
+        # 6. the published dossier of an edge version: signed, about this digest, saying what the records say
+        if mv.name.endswith("-edge"):
+            from distill_gap.governance.dossier import check_published
+
+            for link, ok, detail in check_published(client, mv, keys, tmp):
+                result.add(link, ok, detail)
     return result

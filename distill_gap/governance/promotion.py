@@ -16,6 +16,7 @@ from pydantic import Field
 
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import promote_statement, record
+from distill_gap.governance.dossier import require_current_review
 from distill_gap.monitoring.events import GATES_FAILED, MODEL_PROMOTED, emit
 from distill_gap.registry.tracking import experiment_id, mlflow_run
 
@@ -171,6 +172,7 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
     both act.
     """
     mv = client.get_model_version(name, str(version))
+    require_current_review(mv.tags, name, version)
     insufficient = mv.tags.get("gates.outcome") == "insufficient"
     with promotion_lock(name):
         before = aliases(client, name)
@@ -227,9 +229,22 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
         client.set_registered_model_alias(name, CHAMPION, version)
     emit(MODEL_PROMOTED, name, {"version": version, "previous": before.get(CHAMPION),
                                 "approver": approver["approver"], "request_id": request_id})
+    republish(client, name, version, governance, log)
     log(f"{name} v{version} is now @champion (approver: {approver['approver']})")
     return {"changed": True, "champion": version, "previous": before.get(CHAMPION), "approval": approver,
             "attestation_uri": uri}
+
+
+def republish(client, name: str, version: int, governance, log: Callable = print) -> None:
+    """The dossier again after an alias move (its approver, waiver and aliases changed). The move itself is already
+    recorded by the signed promote Statement, so a failure here is reported, not raised."""
+    from distill_gap.governance.dossier import publish
+
+    try:
+        publish(client, client.get_model_version(name, str(version)), governance, log=log)
+    except Exception as err:  # noqa: BLE001 - the dossier can be compiled again with `distill dossier`
+        log(f"warning: the dossier of {name} v{version} was not republished ({getattr(err, 'problem', err)}); "
+            f"`distill dossier models:/{name}/{version}` compiles it from the records")
 
 
 def rollback(client, name: str, to: int, *, reason: str, by: str | None, governance, tracking) -> dict:
@@ -260,4 +275,5 @@ def rollback(client, name: str, to: int, *, reason: str, by: str | None, governa
                      "rollback.from": str(before.get(CHAMPION, "")), "rollback.attestation.uri": uri}.items():
             client.set_model_version_tag(name, str(to), k, v)
         client.set_registered_model_alias(name, CHAMPION, to)
+    republish(client, name, to, governance)
     return {"changed": True, "champion": to, "previous": before.get(CHAMPION), "by": who, "attestation_uri": uri}

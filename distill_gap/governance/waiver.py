@@ -19,6 +19,7 @@ from pathlib import Path
 
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import statement
+from distill_gap.governance.dossier import require_current_review
 from distill_gap.signing import PRIVATE_KEY_NAME, SignatureError, _read_public, ensure_key_pair, key_dir, \
     keyid_of, sign_statement, subject_digests, verify_statement
 
@@ -160,6 +161,7 @@ def waive_and_promote(client, cfg, *, name: str, version: int, approver: str, wa
     except MlflowException:
         raise DistillError(f"{name} has no version {version}", "list the versions with `distill lineage` or the "
                            "MLflow UI") from None
+    require_current_review(mv.tags, name, version)  # nothing signed for a version whose review has expired
     envelope = sign_waiver(cfg.governance, approver=approver, key_dir_override=key_dir_override, name=name,
                            version=version, digest=mv.tags.get("model.digest", ""), waived=waived, reason=reason)
     approval = check_waiver(envelope, cfg.approval, name=name, version=version, tags=mv.tags)

@@ -39,8 +39,14 @@ def gap_summary(report, gates: dict, edge_name: str) -> str:
 def register_models(client, run_id: str, *, config_digest: str, governance, labels: list[str],
                     student_model_name: str, edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
                     example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
-                    license_override: str | None = None, staged: Staged | None = None, log=print) -> dict:
+                    license_override: str | None = None, staged: Staged | None = None, model_card=None,
+                    publish_dossier=None, log=print) -> dict:
     """Register the student and the edge model, signed and logged as MLflow models, with every lineage tag.
+
+    `model_card(client, edge, name=, tags=, governance=)` writes the edge folder's model card before it is signed;
+    `publish_dossier(client, version, governance, edge_folder=, staged=, log=)` publishes the new edge version's
+    dossier (both from distill_gap.governance.dossier, passed in by the register stage: the registry does not
+    import governance).
 
     No alias moves here: promotion (challenger, approval, champion) is the promote stage's step
     (distill_gap.governance.promotion). Everything written is recorded in `staged`; when this raises (an exception,
@@ -52,7 +58,8 @@ def register_models(client, run_id: str, *, config_digest: str, governance, labe
                          student_model_name=student_model_name, edge_model_name=edge_model_name, teacher=teacher, data_digest=data_digest, soft=soft, student=student,
                          edge=edge, report=report, gates=gates, example_texts=example_texts,
                          attestation_uri=attestation_uri, trigger_reason=trigger_reason,
-                         license_override=license_override, staged=staged, log=log)
+                         license_override=license_override, staged=staged, model_card=model_card,
+                         publish_dossier=publish_dossier, log=log)
     except BaseException:
         removed = unstage(client, staged, log)
         log(f"registration interrupted; removed what it had written: {', '.join(removed) or 'nothing'}")
@@ -62,7 +69,7 @@ def register_models(client, run_id: str, *, config_digest: str, governance, labe
 def _register(client, run_id: str, *, config_digest: str, governance, labels: list[str], student_model_name: str,
               edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
               example_texts: list[str], attestation_uri: str, trigger_reason: str, license_override: str | None,
-              staged: Staged, log) -> dict:
+              staged: Staged, model_card, publish_dossier, log) -> dict:
     from distill_gap.registry.pyfunc import link_version, log_model_folder
 
     outcome = overall_outcome(gates)
@@ -76,6 +83,7 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
         "gates.outcome": outcome,
         "gates.insufficient": ",".join(by_outcome(gates, INSUFFICIENT)),
         "attestation.uri": attestation_uri, "trigger.reason": trigger_reason,
+        "intended_use": governance.intended_use, "not_for": "\n".join(governance.not_for),
         **({"license.override_reason": license_override} if license_override else {}),
     }
     test = report.suites["test"]
@@ -92,7 +100,13 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
         tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
     link_version(client, logged, student_model_name, sv.version)
     failpoint("register.student-registered")
-    # 2. edge version, parent = the student version it was quantized from
+    # 2. edge version, parent = the student version it was quantized from; its model card (README.md, outside the
+    # digest, inside the folder signature) is compiled from the signed Statements like the dossier
+    edge_tags = {"parent": f"{student_model_name}/{sv.version}", "model.digest": edge_digest,
+                 "edge.primary": edge.primary, "edge.quantized": str(edge.quantized).lower(),
+                 "quantization.candidate": (edge.tuning or {}).get("best") or "none"}
+    if model_card is not None:
+        model_card(client, edge, name=edge_model_name, tags={**lineage, **edge_tags}, governance=governance)
     signed = sign_and_log(client, run_id, edge.path, "edge", governance, staged)
     logged = log_model_folder(client, run_id, edge.path, "edge", example_texts=example_texts, labels=labels)
     staged.logged_models.append(logged.model_id)
@@ -101,10 +115,11 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
                         governance=governance, staged=staged, description=(
         f"{kind} of {student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
         f"(student {test['student']['accuracy']:.3f}). {summary} {edge.reason}."),
-        tags={**lineage, **signed, "parent": f"{student_model_name}/{sv.version}", "model.digest": edge_digest,
-              "edge.primary": edge.primary, "edge.quantized": str(edge.quantized).lower(),
-              "quantization.candidate": (edge.tuning or {}).get("best") or "none"})
+        tags={**lineage, **signed, **edge_tags})
     link_version(client, logged, edge_model_name, ev.version)
+    if publish_dossier is not None:
+        publish_dossier(client, client.get_model_version(edge_model_name, str(ev.version)), governance,
+                        edge_folder=edge.path, staged=staged, log=log)
     log(f"registered {student_model_name} v{sv.version} and {edge_model_name} v{ev.version}: {summary}")
     return {"student": {"name": student_model_name, "version": int(sv.version)},
             "edge": {"name": edge_model_name, "version": int(ev.version), "digest": edge_digest},

@@ -47,14 +47,17 @@ def test_a_gate_failing_after_staging_rolls_back_every_side_effect(workspace):
     from flows.pipeline import distill_pipeline
 
     tmp, base = workspace
-    cfg = load_config(ROOT / "configs/tiny.yaml", [*base, "evaluate.max_ece=0.0"])  # no model is that calibrated
+    # the default gates, nothing opened: the tiny student never predicts "negative", and 16 test rows are enough to
+    # show that its recall there is worse than the teacher's by more than the 5-point margin (a true failure)
+    cfg = load_config(ROOT / "configs/tiny.yaml", base)
     client = client_for(cfg.tracking)
     registry_before = sorted((m.name, tuple(sorted(m.aliases.items()))) for m in client.search_registered_models())
 
     with pytest.raises(GatesFailed) as err:
         distill_pipeline(cfg, trigger_reason="test: gate rollback")
     message = str(err.value)
-    assert "calibration_ece" in message and "rolled back" in message and "fix:" in message
+    assert "noninferior:recall:negative" in message and "rolled back" in message and "fix:" in message
+    assert "one-sided 95% bounds [+0.7" in message  # the drop is shown, not merely possible
 
     # the registry is exactly as before: no student or edge model, version or alias
     assert sorted((m.name, tuple(sorted(m.aliases.items()))) for m in client.search_registered_models()) == registry_before
@@ -79,8 +82,10 @@ def test_a_gate_failing_after_staging_rolls_back_every_side_effect(workspace):
     assert not client.list_artifacts(register_id, "signatures")
     models_dir = Path(tmp) / "mlartifacts" / exp / "models"
     assert not models_dir.exists() or not any(models_dir.iterdir())  # the logged models' files are gone too
-    # the evidence stays: the evaluation and the attestations of the steps that ran
+    # the evidence stays: the evaluation and the attestations of the steps that ran; no dossier of a version that
+    # does not exist
     assert client.list_artifacts(run.info.run_id, "attestations")
+    assert not client.list_artifacts(register_id, "dossier")
 
 
 def test_default_margins_on_64_rows_are_insufficient_then_a_named_approver_waives_them(workspace, prefect_api_url):
@@ -135,3 +140,35 @@ def test_default_margins_on_64_rows_are_insufficient_then_a_named_approver_waive
                               capture_output=True, text=True, timeout=300)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "waiver" in verified.stdout and "signed by approver rita" in verified.stdout
+    assert "dossier" in verified.stdout  # the published dossier agrees with the signed records
+
+    # the dossier, compiled afresh: signed JSON over the edge digest, and the HTML page
+    page = tmp / "dossier.html"
+    shown = subprocess.run([str(Path(sys.executable).parent / "distill"), "dossier", uri, "--tracking-uri",
+                            cfg.tracking.uri, "--html", str(page), "--json", "--key-dir", cfg.governance.key_dir],
+                           env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    from distill_gap.signing import subject_digests, verify_statement
+
+    stmt = verify_statement(json.loads(shown.stdout),
+                            [(Path(cfg.governance.key_dir) / "signing-key.pub.pem").read_text()])
+    assert subject_digests(stmt) == {uri.removeprefix("models:/"): edge["digest"]}
+    d = stmt["predicate"]
+    mv = client.get_model_version(cfg.edge_model_name, str(edge["version"]))
+    assert d["governance"]["waiver"] == {"gates": thin, "approver": "rita", "reason": "pilot on 64 rows; audit set in "
+                                         "30 days", "record": mv.tags["promotion.waiver.uri"]}
+    assert d["status"]["aliases"] == ["challenger", "champion"] and d["evidence"]["outcome"] == "insufficient"
+    assert [s["step"] for s in d["lineage"]["steps"]][:3] == ["soft-labels", "distill", "quantize"]
+    assert not d["lineage"]["problems"] and d["scope"]["shipped"]
+    assert "Waived by <b>rita</b>" in page.read_text()
+    # the model card ships inside the signed edge folder
+    import mlflow
+
+    from distill_gap.registry.versions import version_folder
+
+    mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp / "edge-dl"),
+                                        tracking_uri=cfg.tracking.uri)
+    card = (version_folder(tmp / "edge-dl", mv.source) / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == f"{mv.tags['teacher.name']}/{mv.tags['teacher.version']}"
+    assert front["base_model_relation"] == ("quantized" if mv.tags["edge.quantized"] == "true" else "finetune")
