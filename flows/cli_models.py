@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -103,8 +104,6 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
             mlflow_ui: str = typer.Option("http://127.0.0.1:5000", help="MLflow UI base URL for the links"),
             as_json: bool = typer.Option(False, "--json", help="print the chain as JSON")):
     """Print the chain edge -> student -> soft labels -> teacher version -> data digests, with runs and links."""
-    import json
-
     from distill_gap.errors import DistillError
     from distill_gap.governance.lineage import lineage as build
     from distill_gap.registry.model_uri import registry_client
@@ -194,8 +193,6 @@ def dossier(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
                                                               "(DSSE, the local key pair of --key-dir)"),
             key_dir: Path = typer.Option(Path(".distill/keys"), help="folder of the local key pair")):
     """Compile an edge version's dossier afresh from the records: scope, gates, lineage, approver, review."""
-    import json
-
     from distill_gap.errors import DistillError
     from distill_gap.governance.dossier import dossier_for, dossier_statement
     from distill_gap.governance.dossier_render import render_dossier
@@ -274,6 +271,8 @@ def approve(target: str = typer.Argument(..., help="a paused flow run id, or mod
             decision: Optional[str] = typer.Option(None, help="approve or reject (a paused flow run)"),
             comment: str = typer.Option("", help="why (recorded)"),
             waive: Optional[str] = typer.Option(None, help="gates to waive, comma-separated (a models:/ URI)"),
+            sign_only: bool = typer.Option(False, "--sign-only", help="with a models:/ URI and --decision: print "
+                                           "your signed decision, to paste into the Prefect form's signature field"),
             reason: str = typer.Option("", help="why the gap is acceptable (a waiver; recorded and signed)"),
             key_dir: Optional[Path] = typer.Option(None, help="your key pair's folder (default: "
                                                    "<governance.key_dir>/approvers/<approver>)"),
@@ -287,13 +286,18 @@ def approve(target: str = typer.Argument(..., help="a paused flow run id, or mod
     tie_ephemeral_server()
     try:
         if target.startswith("models:/"):
-            from distill_gap.governance.waiver import waive_and_promote
+            from distill_gap.governance.promotion import waive_and_promote
             from distill_gap.registry.model_uri import parse_model_uri
             from distill_gap.registry.tracking import client_for
 
             name, alias, version = parse_model_uri(target)
             if version is None:
                 raise DistillError(f"{target} names an alias", f"name the version: models:/{name}/<version>")
+            if sign_only:
+                cfg = load_cfg(config, set)
+                sys.stdout.write(json.dumps(_signed_decision(cfg, name, version, approver, decision, comment,
+                                                             key_dir)) + "\n")
+                return
             if not waive or not reason.strip():
                 raise DistillError("a waiver names the gates and the reason",
                                    "pass --waive <gate>[,<gate>] --reason '<why the gap is acceptable>'")
@@ -306,10 +310,43 @@ def approve(target: str = typer.Argument(..., help="a paused flow run id, or mod
             return
         if decision is None:
             raise DistillError("answering a paused flow run needs a decision", "pass --decision approve|reject")
-        answer_run(target, {"approver": approver, "decision": decision, "comment": comment})
+        answer = {"approver": approver, "decision": decision, "comment": comment}
+        cfg = load_cfg(config, set)
+        from distill_gap.governance.promotion import paused_version
+        from distill_gap.governance.waiver import has_key
+
+        if has_key(cfg.approval, approver):  # an approver with a key signs the decision on the version asked about
+            version = paused_version(target)
+            if version is None:
+                raise DistillError(f"flow run {target} is not waiting for an approval",
+                                   "only a paused promotion can be answered; check the run in the Prefect UI")
+            answer["signature"] = json.dumps(_signed_decision(cfg, cfg.edge_model_name, version, approver, decision,
+                                                              comment, key_dir))
+        answer_run(target, answer)
     except DistillError as err:
         fail(err)
-    console.print(f"flow run {target} resumed with decision {decision} by {approver}")
+    console.print(f"flow run {target} resumed with decision {decision} by {approver}"
+                  + (" (signed)" if "signature" in answer else ""))
+
+
+def _signed_decision(cfg, name: str, version: int, approver: str, decision: str | None, comment: str,
+                     key_dir: Optional[Path]) -> dict:
+    """The approver's signed approval (or rejection) of `name` v`version`, over the digest the registry holds."""
+    from mlflow.exceptions import MlflowException
+
+    from distill_gap.errors import DistillError
+    from distill_gap.governance.waiver import sign_approval
+    from distill_gap.registry.tracking import client_for
+
+    if decision not in ("approve", "reject"):
+        raise DistillError(f"decision {decision!r}", "pass --decision approve|reject")
+    try:
+        digest = client_for(cfg.tracking).get_model_version(name, str(version)).tags.get("model.digest", "")
+    except MlflowException:
+        raise DistillError(f"{name} has no version {version} in {cfg.tracking.uri}",
+                           "pass the config of the pipeline that asks (--config)") from None
+    return sign_approval(cfg.governance, approver=approver, key_dir_override=key_dir, name=name, version=version,
+                         digest=digest, decision=decision, comment=comment)
 
 
 @app.command("approver-key")

@@ -223,6 +223,7 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///.distill/mlflow.db"  # MLFLOW_TRACKING_URI overrides
     artifact_location: str = ".distill/mlartifacts"  # for a new experiment on a local store
     experiment: str = "distill-gap"
+    ui_url: str = "http://127.0.0.1:5000"  # where people open the MLflow UI (`distill ui`): links in Prefect artifacts
 
 
 class GovernanceConfig(_Section):

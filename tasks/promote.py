@@ -19,5 +19,5 @@ def promote_task(client, approval_cfg, governance, name: str, version: int, *, r
     log = get_run_logger().info
     return promote(client, version, name=name, approval_required=approval_cfg.required, governance=governance,
                    run_id=run_id, log=log, request_id=request_id,
-                   approve=lambda summary: request_approval(approval_cfg, name=name, version=version, summary=summary,
-                                                            log=log))
+                   approve=lambda summary, digest: request_approval(approval_cfg, name=name, version=version,
+                                                                    summary=summary, digest=digest, log=log))

@@ -71,7 +71,20 @@ def register_task(run, *, teacher, splits, soft, student, edge, report, gates: d
     if txn is not None:
         txn.set("staged", staged)
         txn.set("client", run.client)
+    link_dossier(run, stage_run_id, out["edge"])
     return out
+
+
+def link_dossier(run, stage_run_id: str, edge: dict) -> None:
+    """The dossier in the Prefect UI: a link artifact to the page in the MLflow UI (its artifact viewer)."""
+    from prefect.artifacts import create_link_artifact
+
+    experiment = run.client.get_run(stage_run_id).info.experiment_id
+    create_link_artifact(
+        key=f"{run.name}-dossier", link_text=f"Dossier of {edge['name']} v{edge['version']}",
+        link=f"{run.mlflow_ui}/#/experiments/{experiment}/runs/{stage_run_id}/artifactPath/dossier/dossier.html",
+        description=f"scope, gates, lineage and approver of {edge['name']} v{edge['version']}; also "
+                    f"`distill dossier models:/{edge['name']}/{edge['version']} --html dossier.html`")
 
 
 @register_task.on_rollback

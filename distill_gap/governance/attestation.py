@@ -17,7 +17,7 @@ from pathlib import Path
 from distill_gap.digest import sha256_json
 from distill_gap.registry.tracking import code_version
 
-STEPS = ("soft-labels", "distill", "quantize", "export", "evaluate", "promote", "waiver")
+STEPS = ("soft-labels", "distill", "quantize", "export", "evaluate", "promote", "waiver", "approval")
 PREDICATE_TYPE = "https://distill-gap.dev/attestation/v1"
 ATTESTATION_DIR = "attestations"
 

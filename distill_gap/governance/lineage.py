@@ -253,6 +253,26 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
         result.add("soft labels", False, f"{uri}: {err.problem}")
 
 
+def _verify_approval(result: Verification, client, mv, keys: list[str], tmp: Path) -> None:
+    """The approver named by the signed promote Statement: their own signature over this digest, when they have a
+    key (a name-only approval is reported as unsigned)."""
+    from distill_gap.governance.waiver import verify_recorded_approval
+    from distill_gap.signing import SignatureError, verify_statement
+
+    uri = mv.tags["promotion.attestation.uri"]
+    try:
+        stmt = verify_statement(json.loads(_download(client, uri, tmp / "promote-approval.d").read_text()), keys)
+    except (SignatureError, ValueError) as err:
+        result.add("approval", False, f"the promote Statement at {uri} does not verify: {getattr(err, 'problem', err)}")
+        return
+    except Exception as err:  # noqa: BLE001 - not downloadable: a broken link, named
+        result.add("approval", False, f"the promote Statement is not downloadable from {uri}: {err}")
+        return
+    for link, ok, detail in verify_recorded_approval(stmt["predicate"].get("approver"), tags=mv.tags, name=mv.name,
+                                                     version=int(mv.version)):
+        result.add(link, ok, detail)
+
+
 def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: str | Path | None = None,
            log: Callable[[str], None] | None = None) -> Verification:
     """Recompute every digest and check every signature of the chain behind a registered version."""
@@ -302,6 +322,8 @@ def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: s
         keys = trusted or [tags.get("signing.public_key", "")]
         for link, ok, detail in verify_recorded_waiver(client, mv, trusted=keys, download=_download, tmp=tmp):
             result.add(link, ok, detail)
+        if tags.get("promotion.attestation.uri") and not tags.get("promotion.waiver.uri"):  # a signed approval
+            _verify_approval(result, client, mv, keys, tmp)
         # 6. the published dossier of an edge version: signed, about this digest, saying what the records say
         if mv.name.endswith("-edge"):
             from distill_gap.governance.dossier import check_published

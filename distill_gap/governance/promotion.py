@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import getpass
 import time
+import json
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Literal
 
 from pydantic import Field
@@ -45,21 +48,27 @@ def approval_input_type():
         approver: str = Field(min_length=1, description="your name, recorded in the registry and the attestation")
         decision: Literal["approve", "reject"] = Field(description="approve moves @champion; reject leaves it")
         comment: str = Field("", description="why (recorded)")
+        signature: str = Field("", description="approvers with a signing key: the output of `distill approve "
+                                               "models:/<name>/<version> --approver <you> --decision <d> --sign-only`")
 
     return ApprovalInput
 
 
-def answer_problem(answer: dict, approvers: list[str]) -> str | None:
-    """Why an answer cannot be accepted (None: it can): a blank name, or a name not among the approvers."""
-    who = (answer.get("approver") or "").strip()
+def answer_problem(answer: dict, approval_cfg, *, name: str, version: int, digest: str) -> str | None:
+    """Why an answer cannot be accepted (None: it can): a blank name, a name not among the approvers, or an approver
+    with a signing key whose answer does not carry their signature of this decision on this version."""
+    from distill_gap.governance.waiver import signed_answer_problem
+
+    who, approvers = (answer.get("approver") or "").strip(), approval_cfg.approver_names
     if not who:
         return "the approver's name is blank"
     if approvers and who not in approvers:
         return f"'{who}' is not an approver (approval.approvers: {', '.join(approvers)})"
-    return None
+    return signed_answer_problem({**answer, "approver": who}, approval_cfg, name=name, version=version, digest=digest)
 
 
-def request_approval(approval_cfg, *, name: str, version: int, summary: str, log: Callable = print) -> dict:
+def request_approval(approval_cfg, *, name: str, version: int, summary: str, digest: str = "",
+                     log: Callable = print) -> dict:
     """Pause the flow run until a named approver answers; ask again on an unacceptable answer; fail on timeout."""
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
@@ -79,15 +88,45 @@ def request_approval(approval_cfg, *, name: str, version: int, summary: str, log
                 timeout=remaining, poll_interval=approval_cfg.poll_seconds, key=f"approval-{version}-{attempt}")
         except FlowPauseTimeout:
             break
-        answer = {k: getattr(answer, k) for k in ("approver", "decision", "comment")}
-        problem = answer_problem(answer, approval_cfg.approver_names)
+        answer = {k: getattr(answer, k) for k in ("approver", "decision", "comment", "signature")}
+        problem = answer_problem(answer, approval_cfg, name=name, version=version, digest=digest)
         if problem is None:
-            return {**answer, "approver": answer["approver"].strip(), "at": datetime.now(timezone.utc).isoformat()}
+            return signed_record(answer, approval_cfg)
         log(f"approval refused: {problem}; asking again")
     raise DistillError(f"no approval for {name} v{version} within approval.timeout_seconds="
                        f"{approval_cfg.timeout_seconds}: nothing was promoted",
                        f"run `distill promote --config <config> --version {version}` when an approver is available, "
                        "or raise approval.timeout_seconds")
+
+
+def signed_record(answer: dict, approval_cfg) -> dict:
+    """An accepted answer as the promote Statement records it: a signed one with the envelope and the approver's
+    public key (so that `distill verify` checks it again), a name-only one without."""
+    from distill_gap.governance.waiver import approver_public_key, has_key
+
+    who = answer["approver"].strip()
+    out = {k: answer.get(k, "") for k in ("decision", "comment")}
+    out.update(approver=who, at=datetime.now(timezone.utc).isoformat())
+    if has_key(approval_cfg, who):
+        out.update(signature=json.loads(answer["signature"]), public_key=approver_public_key(approval_cfg, who))
+    return out
+
+
+def paused_version(flow_run_id: str) -> int | None:
+    """The version a paused promotion asks about (its pause key is approval-<version>-<attempt>); None otherwise."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        run_id = UUID(flow_run_id)
+    except ValueError:
+        raise DistillError(f"{flow_run_id!r} is not a flow run id", "copy the id the paused run printed") from None
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    key = (state.state_details.pause_key or "") if state is not None and state.is_paused() else ""
+    parts = key.split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[0] == "approval" and parts[1].isdigit() else None
 
 
 def answer_run(flow_run_id: str, answer: dict) -> None:
@@ -166,7 +205,7 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
             log: Callable = print) -> dict:
     """Move @challenger then @champion to `version` of `name` (<name>-edge); a no-op when it already is @champion.
 
-    `approve(summary)` returns the approver's answer (required when approval.required). `request_id` (the id of
+    `approve(summary, digest)` returns the approver's answer (required when approval.required). `request_id` (the id of
     the event that asked for this promotion) makes a redelivered request a no-op, even one that arrives after a
     newer version was promoted; the check-and-move steps hold `promotion_lock`, so two deliveries at once cannot
     both act.
@@ -204,7 +243,7 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
         if approve is None:
             raise DistillError(f"approval.required is set but {name} v{version} has no approver",
                                "promote inside a Prefect flow run (distill run / distill promote), which asks in the UI")
-        approval = approve(mv.description or "")
+        approval = approve(mv.description or "", mv.tags.get("model.digest", ""))
         if approval["decision"] != "approve":
             client.set_model_version_tag(name, str(version), "promotion.rejected_by", approval["approver"])
             _record(client, run_id, governance, name=name, mv=mv, action="reject", approver=approval,
@@ -233,6 +272,36 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
     log(f"{name} v{version} is now @champion (approver: {approver['approver']})")
     return {"changed": True, "champion": version, "previous": before.get(CHAMPION), "approval": approver,
             "attestation_uri": uri}
+
+
+def waive_and_promote(client, cfg, *, name: str, version: int, approver: str, waived: list[str], reason: str,
+                      key_dir_override: str | Path | None = None, log=print) -> dict:
+    """Sign the waiver with the approver's key, check it, record it (an MLflow `waiver` run with the envelope and
+    tags on the version), then promote: @champion moves, and the promote Statement carries the waiver."""
+    from mlflow.exceptions import MlflowException
+
+    from distill_gap.governance.waiver import check_waiver, sign_waiver
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException:
+        raise DistillError(f"{name} has no version {version}", "list the versions with `distill lineage` or the "
+                           "MLflow UI") from None
+    require_current_review(mv.tags, name, version)  # nothing signed for a version whose review has expired
+    envelope = sign_waiver(cfg.governance, approver=approver, key_dir_override=key_dir_override, name=name,
+                           version=version, digest=mv.tags.get("model.digest", ""), waived=waived, reason=reason)
+    approval = check_waiver(envelope, cfg.approval, name=name, version=version, tags=mv.tags)
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name=f"{name}-waiver",
+                    tags={"distill.stage": "waiver", "waiver.approver": approver}) as run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "waiver.dsse.json").write_text(json.dumps(envelope, indent=2))
+            client.log_artifacts(run_id, tmp, "waiver")
+        uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/waiver/waiver.dsse.json"
+        client.set_model_version_tag(name, str(version), "promotion.waiver", ",".join(waived))
+        client.set_model_version_tag(name, str(version), "promotion.waiver.uri", uri)
+        result = promote(client, version, name=name, approval_required=cfg.approval.required,
+                         governance=cfg.governance, run_id=run_id, waiver=approval, log=log)
+    return {**result, "waiver_uri": uri, "waived": waived, "approver": approver}
 
 
 def republish(client, name: str, version: int, governance, log: Callable = print) -> None:

@@ -1,4 +1,9 @@
-"""A named approver's signed waiver of insufficient-evidence gates (issue 19).
+"""A named approver's own signature: on a waiver of insufficient-evidence gates, and on an approval (issue 19).
+
+An approver listed with a public key must sign what they decide: an approval in the Prefect form or by `distill
+approve <flow run id>` carries their signed approval Statement (the version's digest, the decision, the comment),
+checked before the run goes on and again by `distill verify`; an approver listed by name only is recorded as
+unsigned.
 
 A version whose gates did not fail but whose evidence is insufficient is registered and made @challenger only.
 @champion then needs a waiver: an in-toto Statement naming the version's digest, the gates waived and why, signed
@@ -13,13 +18,11 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import statement
-from distill_gap.governance.dossier import require_current_review
 from distill_gap.signing import PRIVATE_KEY_NAME, SignatureError, _read_public, ensure_key_pair, key_dir, \
     keyid_of, sign_statement, subject_digests, verify_statement
 
@@ -61,13 +64,82 @@ def waiver_statement(*, name: str, version: int, digest: str, waived: list[str],
                                "at": datetime.now(timezone.utc).isoformat()})
 
 
-def sign_waiver(governance, *, approver: str, key_dir_override: str | Path | None = None, **fields) -> dict:
-    """Sign a waiver Statement with the approver's own private key (never created here: it must exist)."""
+def approval_statement(*, name: str, version: int, digest: str, decision: str, comment: str, approver: str) -> dict:
+    return statement("approval", {f"{name}/{version}": digest}, technique="a named approver's decision on @champion",
+                     parameters={"decision": decision, "comment": comment}, inputs={f"{name}/{version}": digest},
+                     approver={"approver": approver, "decision": decision,
+                               "at": datetime.now(timezone.utc).isoformat()})
+
+
+def _approver_key(governance, approver: str, key_dir_override: str | Path | None):
     folder = Path(key_dir_override) if key_dir_override else approver_key_dir(governance, approver)
     if not (folder / PRIVATE_KEY_NAME).is_file():
         raise DistillError(f"no private key for approver {approver} in {folder}",
                            f"create one with `distill approver-key {approver}`, or pass --key-dir")
-    return sign_statement(waiver_statement(approver=approver, **fields), ensure_key_pair(folder))
+    return ensure_key_pair(folder)
+
+
+def sign_waiver(governance, *, approver: str, key_dir_override: str | Path | None = None, **fields) -> dict:
+    """Sign a waiver Statement with the approver's own private key (never created here: it must exist)."""
+    return sign_statement(waiver_statement(approver=approver, **fields),
+                          _approver_key(governance, approver, key_dir_override))
+
+
+def sign_approval(governance, *, approver: str, key_dir_override: str | Path | None = None, **fields) -> dict:
+    """Sign an approval (or rejection) of a promotion with the approver's own private key."""
+    return sign_statement(approval_statement(approver=approver, **fields),
+                          _approver_key(governance, approver, key_dir_override))
+
+
+def has_key(approval_cfg, approver: str) -> bool:
+    return any(not isinstance(a, str) and a.name == approver for a in approval_cfg.approvers)
+
+
+def signed_answer_problem(answer: dict, approval_cfg, *, name: str, version: int, digest: str) -> str | None:
+    """Why an answer in the Prefect form (or from `distill approve <flow-run-id>`) of an approver WITH a configured
+    key is not acceptable: its `signature` must be their signed approval of this version's digest with the same
+    decision and comment. None: acceptable (or the approver has no key: a name-only approver, recorded as such)."""
+    who = answer["approver"]
+    if not has_key(approval_cfg, who):
+        return None
+    raw = answer.get("signature") or ""
+    if not raw.strip():
+        return (f"{who} has a signing key, so the answer must carry their signature: run `distill approve <flow run "
+                f"id> --approver {who} --decision {answer.get('decision')}`, or paste the output of `distill approve "
+                f"models:/{name}/{version} --approver {who} --decision {answer.get('decision')} --sign-only` into the "
+                "form's signature field")
+    try:
+        envelope = json.loads(raw) if isinstance(raw, str) else raw
+        stmt = verify_statement(envelope, [approver_public_key(approval_cfg, who)])
+    except (ValueError, SignatureError, DistillError) as err:
+        return f"the signature is not {who}'s signed approval: {getattr(err, 'problem', err)}"
+    p = stmt["predicate"]
+    if subject_digests(stmt).get(f"{name}/{version}") != digest:
+        return f"the signature approves another model than {name} v{version} (digest {digest[:12]})"
+    if p.get("step") != "approval" or p["parameters"].get("decision") != answer.get("decision") or \
+            p["parameters"].get("comment", "") != answer.get("comment", "") or p["approver"]["approver"] != who:
+        return "the signed decision, comment or approver differ from the answer"
+    return None
+
+
+def verify_recorded_approval(approver: dict, *, tags: dict, name: str, version: int) -> list[tuple[str, bool, str]]:
+    """`distill verify`'s check of a promote Statement's approver: a signed approval verifies with the public key
+    the Statement records, over this version's digest; a name-only approval is named as unsigned."""
+    if approver is None or "waiver" in approver or approver.get("decision") == "rollback":
+        return []
+    who = approver.get("approver", "")
+    if who.startswith("policy:"):
+        return [("approval", True, f"no approver asked ({who})")]
+    if not approver.get("signature"):
+        return [("approval", True, f"approved by {who} by name only (unsigned: give this approver a key, "
+                                   "approval.approvers[].public_key)")]
+    try:
+        stmt = verify_statement(approver["signature"], [approver["public_key"]])
+    except (SignatureError, KeyError) as err:
+        return [("approval", False, f"{who}'s signature does not verify: {getattr(err, 'problem', err)}")]
+    ok = subject_digests(stmt).get(f"{name}/{version}") == tags.get("model.digest")
+    return [("approval", ok, f"signed by approver {who} (key {keyid_of(approver['public_key'])[:16]})"
+                             + ("" if ok else "; but over another digest than this version's"))]
 
 
 def check_waiver(envelope: dict, approval_cfg, *, name: str, version: int, tags: dict) -> dict:
@@ -145,34 +217,3 @@ def verify_recorded_waiver(client, mv, *, trusted: list[str], download, tmp: Pat
                                  f"waives {waived}" + ("" if ok else f"; subject or gates differ from the version "
                                                                      f"(digest {str(subject)[:12]}, tags {tags.get('promotion.waiver')})")))
     return checks
-
-
-def waive_and_promote(client, cfg, *, name: str, version: int, approver: str, waived: list[str], reason: str,
-                      key_dir_override: str | Path | None = None, log=print) -> dict:
-    """Sign the waiver with the approver's key, check it, record it (an MLflow `waiver` run with the envelope and
-    tags on the version), then promote: @champion moves, and the promote Statement carries the waiver."""
-    from mlflow.exceptions import MlflowException
-
-    from distill_gap.governance.promotion import promote
-    from distill_gap.registry.tracking import experiment_id, mlflow_run
-
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException:
-        raise DistillError(f"{name} has no version {version}", "list the versions with `distill lineage` or the "
-                           "MLflow UI") from None
-    require_current_review(mv.tags, name, version)  # nothing signed for a version whose review has expired
-    envelope = sign_waiver(cfg.governance, approver=approver, key_dir_override=key_dir_override, name=name,
-                           version=version, digest=mv.tags.get("model.digest", ""), waived=waived, reason=reason)
-    approval = check_waiver(envelope, cfg.approval, name=name, version=version, tags=mv.tags)
-    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name=f"{name}-waiver",
-                    tags={"distill.stage": "waiver", "waiver.approver": approver}) as run_id:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "waiver.dsse.json").write_text(json.dumps(envelope, indent=2))
-            client.log_artifacts(run_id, tmp, "waiver")
-        uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/waiver/waiver.dsse.json"
-        client.set_model_version_tag(name, str(version), "promotion.waiver", ",".join(waived))
-        client.set_model_version_tag(name, str(version), "promotion.waiver.uri", uri)
-        result = promote(client, version, name=name, approval_required=cfg.approval.required,
-                         governance=cfg.governance, run_id=run_id, waiver=approval, log=log)
-    return {**result, "waiver_uri": uri, "waived": waived, "approver": approver}

@@ -39,6 +39,7 @@ class PipelineRun:
     student_model_name: str
     edge_model_name: str
     threads: int | None = None
+    mlflow_ui: str = "http://127.0.0.1:5000"  # links from Prefect artifacts into the MLflow UI (tracking.ui_url)
 
     @property
     def context(self) -> dict[str, str]:
@@ -67,6 +68,6 @@ def open_pipeline_run(cfg, *, trigger_reason: str, flow_run_id: str | None,
                               config_digest=cfg.digest(), governance=cfg.governance, trigger_reason=trigger_reason,
                               workdir=workdir, device=device, teacher_model_name=cfg.teacher_model_name,
                               student_model_name=cfg.student_model_name, edge_model_name=cfg.edge_model_name,
-                              threads=cfg.runtime.threads)
+                              threads=cfg.runtime.threads, mlflow_ui=cfg.tracking.ui_url.rstrip("/"))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -161,6 +161,12 @@ def test_default_margins_on_64_rows_are_insufficient_then_a_named_approver_waive
     assert [s["step"] for s in d["lineage"]["steps"]][:3] == ["soft-labels", "distill", "quantize"]
     assert not d["lineage"]["problems"] and d["scope"]["shipped"]
     assert "Waived by <b>rita</b>" in page.read_text()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:  # the Prefect UI links to the page in the MLflow UI
+        links = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{cfg.name}-dossier"])))
+    assert links and "/artifactPath/dossier/dossier.html" in links[0].data  # Prefect keeps links as markdown
     # the model card ships inside the signed edge folder
     import mlflow
 

@@ -164,3 +164,55 @@ def test_rollback_records_who_and_why(registry, prefect_api, tmp_path):
     assert mv.tags["rollback.from"] == "3"
     stmt = _attestation(client, mv.tags["rollback.attestation.uri"], tmp_path)
     assert stmt["predicate"]["parameters"]["action"] == "rollback"
+
+
+def test_an_approver_with_a_key_must_sign_and_verify_checks_the_signature(registry, prefect_api, tmp_path):
+    """Issue 19: the approver is not a name anyone can type. An approver listed with a public key answers with their
+    signed decision (`distill approve <flow run id>` signs it); an unsigned answer or one signed by another key is
+    refused and asked again; the promote Statement carries the signature, which verify_recorded_approval checks."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.promote import promote_edge
+    from distill_gap.governance.promotion import answer_run
+    from distill_gap.governance.waiver import create_approver_key, sign_approval, verify_recorded_approval
+
+    cfg, client = registry
+    sig = create_approver_key(cfg.governance, "sig")
+    mallory = create_approver_key(cfg.governance, "mallory")
+    approvers = [{"name": "sig", "public_key": str(sig.public_path)}]
+    strict = cfg.model_copy(update={"approval": cfg.approval.model_validate(
+        {"required": True, "approvers": approvers, "timeout_seconds": 120, "poll_seconds": 1})})
+    version = 3  # passed its gates; not @champion after the rollback above (nor when this test runs alone)
+    digest = client.get_model_version(cfg.edge_model_name, str(version)).tags["model.digest"]
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(promote_edge(strict, version=version)))
+    worker.start()
+    try:
+        run_id = _paused_run(f"approval-{version}-1")
+        answer_run(run_id, {"approver": "sig", "decision": "approve", "comment": "ok"})  # unsigned: asked again
+        forged = sign_approval(cfg.governance, approver="sig", key_dir_override=mallory.private_path.parent,
+                               name=cfg.edge_model_name, version=version, digest=digest, decision="approve",
+                               comment="ok")
+        assert _paused_run(f"approval-{version}-2") == run_id
+        answer_run(run_id, {"approver": "sig", "decision": "approve", "comment": "ok",
+                            "signature": json.dumps(forged)})  # another key: asked again
+        assert _paused_run(f"approval-{version}-3") == run_id
+        config = tmp_path / "approve.yaml"
+        config.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "configs/tiny.yaml").read_text()),
+                                          "tracking": cfg.tracking.model_dump(), "approval": {"approvers": approvers},
+                                          "governance": cfg.governance.model_dump(mode="json")}))
+        done = CliRunner().invoke(app, ["approve", run_id, "--approver", "sig", "--decision", "approve", "--comment",
+                                        "gap report read", "--config", str(config)])
+        assert done.exit_code == 0 and "(signed)" in done.output, done.output
+    finally:
+        worker.join(timeout=120)
+    assert outcome["champion"] == version
+    mv = client.get_model_version(cfg.edge_model_name, str(version))
+    approver = _attestation(client, mv.tags["promotion.attestation.uri"], tmp_path)["predicate"]["approver"]
+    assert approver["approver"] == "sig" and approver["public_key"] == sig.public_path.read_text()
+    assert verify_recorded_approval(approver, tags=mv.tags, name=mv.name, version=version) == [
+        ("approval", True, f"signed by approver sig (key {sig.keyid[:16]})")]
+    tampered = {**approver, "public_key": mallory.public_path.read_text()}
+    assert not verify_recorded_approval(tampered, tags=mv.tags, name=mv.name, version=version)[0][1]

@@ -61,7 +61,7 @@ def _state(client, name):
 
 def test_insufficient_evidence_is_challenger_and_a_signed_waiver_makes_champion(registry):
     from distill_gap.governance.promotion import promote
-    from distill_gap.governance.waiver import waive_and_promote
+    from distill_gap.governance.promotion import waive_and_promote
     from distill_gap.signing import verify_statement
 
     cfg, client = registry["cfg"], registry["client"]
@@ -95,9 +95,9 @@ def test_insufficient_evidence_is_challenger_and_a_signed_waiver_makes_champion(
 
 
 @pytest.mark.parametrize("case", ["wrong key", "not an approver", "approver without key", "unknown gate",
-                                  "one gate left", "no reason"])
+                                  "one gate left", "no reason", "expired review"])
 def test_a_bad_waiver_says_why_and_changes_nothing(registry, case):
-    from distill_gap.governance.waiver import waive_and_promote
+    from distill_gap.governance.promotion import waive_and_promote
 
     cfg, client = registry["cfg"], registry["client"]
     name = cfg.edge_model_name
@@ -107,7 +107,8 @@ def test_a_bad_waiver_says_why_and_changes_nothing(registry, case):
                 "approver without key": "'bob' is not an approver with a signing key",
                 "unknown gate": "calibration_ece: not an insufficient-evidence gate",
                 "one gate left": "leaves noninferior:slice:condition=Depression unwaived",
-                "no reason": "a waiver needs a reason"}[case]
+                "no reason": "a waiver needs a reason",
+                "expired review": r"wv-edge v1's review was due 2026-01-01: an expired review cannot be promoted"}[case]
     if case == "wrong key":  # mallory's own key pair, presented as alice's
         kwargs["key_dir_override"] = Path(cfg.governance.key_dir) / "approvers" / "mallory"
     elif case == "not an approver":
@@ -122,6 +123,9 @@ def test_a_bad_waiver_says_why_and_changes_nothing(registry, case):
         kwargs["waived"] = [*THIN.split(","), "calibration_ece"]
     elif case == "one gate left":
         kwargs["waived"] = THIN.split(",")[:1]
+    elif case == "expired review":
+        client.set_model_version_tag(name, "1", "review.due", "2026-01-01")
+        before = _state(client, name)
     else:
         kwargs["reason"] = "  "
     with pytest.raises(DistillError, match=expected):
@@ -149,7 +153,8 @@ def test_verify_checks_the_waiver_and_names_a_swapped_one(registry):
     import json
 
     from distill_gap.governance.lineage import _download
-    from distill_gap.governance.waiver import sign_waiver, verify_recorded_waiver, waive_and_promote
+    from distill_gap.governance.promotion import waive_and_promote
+    from distill_gap.governance.waiver import sign_waiver, verify_recorded_waiver
     from distill_gap.registry.tracking import experiment_id, mlflow_run
 
     cfg, client, tmp = registry["cfg"], registry["client"], registry["tmp"]
