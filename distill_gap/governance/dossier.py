@@ -76,7 +76,8 @@ def _scope(record: dict | None, problem: str | None) -> dict:
     if record is None:
         return {"shipped": False, "problem": problem or "no scope.json in the edge folder: predict refuses to serve "
                                                         "without --out-of-scope-answer"}
-    detection = {suite.removeprefix("ood:"): {k: v for k, v in r.items() if k in ("auroc", "fpr95", "n", "ci")}
+    keep = ("auroc", "ci", "fpr_at_tpr", "fpr_at_threshold", "n_out", "note")  # as scope.json records them
+    detection = {suite.removeprefix("ood:"): {k: v for k, v in r.items() if k in keep}
                  for suite, r in (record.get("ood_sets") or {}).items()}
     return {"shipped": True, "detector": record.get("detector"), "threshold": record.get("threshold"),
             "in_scope_rate_on_validation": record.get("tpr"), "temperature": record.get("temperature"),
@@ -127,7 +128,9 @@ def compile_dossier(*, name: str, version: int | None, tags: dict, statements: d
     ev, quant = _predicate(statements, "evaluate"), _predicate(statements, "quantize")
     results = ev.get("results") or {}
     edge_model = results.get("edge_model") or (scope_record or {}).get("model")
-    gates = results.get("gates") or {}
+    thin = set((tags.get("gates.insufficient") or "").split(","))  # Statements before issue 19 carry no outcome
+    gates = {k: g if "outcome" in g or k not in thin else {**g, "outcome": INSUFFICIENT}
+             for k, g in (results.get("gates") or {}).items()}
     if not gates:
         problems = [*problems, "no evaluate Statement with gates: the evidence is missing, nothing is shown passed"]
     outcomes = {k: gate_outcome(g) for k, g in gates.items()}

@@ -21,6 +21,7 @@ border-radius:4px;padding:1px 4px} pre{padding:10px;overflow-x:auto;white-space:
 table{border-collapse:collapse;width:100%;font-size:14px} th,td{text-align:left;padding:5px 8px;
 border-bottom:1px solid #e6e9ec;vertical-align:top} th{background:#f6f8fa}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td.gate{white-space:nowrap}
+td{overflow-wrap:anywhere}
 .warn{background:#fff8c5;border-color:#d4a72c} .bad{background:#ffebe9;border-color:#cf222e}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0} dt{color:#59636e} dd{margin:0;
 word-break:break-all}
@@ -89,13 +90,18 @@ def render_dossier(d: dict) -> str:
                "artifact": f"{escape(str(m['primary']))} ({'INT8' if m['quantized'] else 'fp32, not quantized'}), {size}",
                "evaluated on": escape(", ".join(f"{k} {v} rows" for k, v in d["evaluated_on"].items() if v))})
     if scope["shipped"]:
-        det = "".join(f"<tr><td>{escape(s)}</td><td class=num>{_num(r.get('auroc'), '{:.3f}')}</td>"
-                      f"<td class=num>{_num(r.get('fpr95'), '{:.3f}')}</td><td class=num>{r.get('n', '–')}</td></tr>"
+        det = "".join(f"<tr><td>{escape(s)}</td><td class=num>{_num(r.get('auroc'), '{:.3f}')}"
+                      + (f" [{_num(r['ci'].get('low'), '{:.2f}')}, {_num(r['ci'].get('high'), '{:.2f}')}]"
+                         if r.get("ci") else "") + "</td>"
+                      f"<td class=num>{_num(r.get('fpr_at_threshold'), '{:.1%}')}</td>"
+                      f"<td class=num>{_num(r.get('fpr_at_tpr'), '{:.1%}')}</td><td class=num>{r.get('n_out', '–')}</td>"
+                      f"<td>{escape(str(r.get('note') or ''))}</td></tr>"
                       for s, r in scope["detection"].items())
         scope_html = _dl({"guard": f"{escape(str(scope['detector']))}, threshold {_num(scope['threshold'], '{:.4g}')}"
                                    f" (keeps {_num(scope['in_scope_rate_on_validation'], '{:.0%}')} of validation rows)",
                           "rule": escape(str(scope["rule"])), "fitted on": escape(json.dumps(scope["fitted_on"]))}) + (
-            "<table><tr><th>out-of-distribution set</th><th>AUROC</th><th>FPR at 95% TPR</th><th>rows</th></tr>"
+            "<table><tr><th>out-of-distribution set</th><th>AUROC [95% interval]</th><th>let in at the shipped "
+            "threshold</th><th>let in at 95% TPR</th><th>rows</th><th>note</th></tr>"
             + det + "</table>" if det else "")
     else:
         scope_html = f'<p class="bad">{escape(scope["problem"])}</p>'
