@@ -224,7 +224,7 @@ def worker(pool: str = typer.Option("distill-process", help="the work pool to ta
 
 
 # the cache and model commands register on `app` too; imported last so that `distill --help` lists run first
-from flows import cli_cache, cli_models  # noqa: E402,F401
+from flows import cli_cache, cli_models, cli_predict  # noqa: E402,F401
 
 
 def main() -> None:
