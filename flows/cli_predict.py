@@ -1,14 +1,17 @@
-"""`distill predict`: label JSONL rows with an edge model (a registry URI or a local edge folder)."""
+"""`distill predict`: label JSONL rows with an edge model (a registry URI or a local edge folder), streaming."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from flows.cli_common import app, err_console, fail
+from flows.cli_common import app, err_console
 
 
 @app.command()
@@ -21,32 +24,61 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
             batch_size: int = typer.Option(32, min=1, help="texts per forward pass"),
             out_of_scope: str = typer.Option("abstain", help="rows outside the model's evaluated scope: 'abstain' "
                                              "(label null, route 'fallback': send them to the teacher or a human) "
-                                             "or 'answer' (label them anyway; in_scope stays false)")):
-    """Label JSONL rows with an edge model: one JSON object per row on stdout, messages on stderr.
+                                             "or 'answer' (label them anyway; in_scope stays false)"),
+            strict: bool = typer.Option(False, "--strict", help="stop at the first line that cannot be predicted "
+                                        '(default: an error record {"id", "line", "error"} for it, and go on)'),
+            allow_failed_artifact: bool = typer.Option(False, "--allow-failed-artifact", help="serve an artifact "
+                                                       "that did not pass its checks (edge.json), with a warning"),
+            public_key: Optional[list[str]] = typer.Option(None, "--public-key", help="trusted signing public key "
+                                                           "(PEM, repeatable); default: the local key pair's"),
+            key_dir: Optional[Path] = typer.Option(None, "--key-dir", help="folder of the local key pair (default "
+                                                   "$DISTILL_KEY_DIR or .distill/keys)"),
+            trust_registry_key: bool = typer.Option(False, "--trust-registry-key", help="no key of your own: trust "
+                                                    "the key the registry records (warned)"),
+            registry_timeout: float = typer.Option(10.0, min=0.5, help="seconds the tracking server may take to "
+                                                   "answer before it counts as down")):
+    """Label JSONL rows with an edge model: one JSON object per row on stdout, in input order, messages on stderr.
 
-    Probabilities are calibrated (the temperature fitted on validation). Every row gets `in_scope` and
-    `scope_score` from the scope guard the edge model ships (scope.json: a detector fitted on the training rows'
-    features, its threshold at 95% in-distribution TPR on validation); out-of-scope rows abstain by default.
-    An ONNX artifact (the demo's primary) runs on onnxruntime, tokenizers and numpy alone (distill_gap/edge/lean.py).
+    Rows are read, predicted and written in chunks of 256, so memory stays flat and the first rows come out at once.
+    A line that cannot be predicted (not JSON, no text, a lone surrogate) gets {"id", "line", "error"} instead, or
+    stops the run with --strict; a text longer than the model's window is cut to it and flagged "truncated": true.
+    A registry version is verified before its first use (digest and signature by a trusted key; remembered in the
+    local cache), and only an artifact that passed its checks is served. Probabilities are calibrated; every row
+    gets `in_scope` and `scope_score` from the edge model's scope guard, and out-of-scope rows abstain by default.
+    An ONNX artifact runs on onnxruntime, tokenizers and numpy alone (distill_gap/edge/lean.py).
     """
-    from distill_gap.edge.lean import LEAN_RUNTIME, OUT_OF_SCOPE, artifact_runtime, checked_rows, load_lean
-    from distill_gap.edge.lean import stream_rows
+    from distill_gap.edge.lean import LEAN_RUNTIME, OUT_OF_SCOPE, check_servable, chosen_artifact, load_lean
+    from distill_gap.edge.lean import read_rows, stream_rows, summary
     from distill_gap.edge.serving import load_edge, stdout_to_stderr  # light: torch loads with a torch artifact
-    from distill_gap.registry.model_uri import resolve_edge
     from distill_gap.errors import DistillError
+    from distill_gap.registry.model_uri import parse_model_uri, resolve_edge, trusted_public_keys
 
+    say = _say
     out = _real_stdout()
     try:
         if out_of_scope not in OUT_OF_SCOPE:
             raise DistillError(f"--out-of-scope {out_of_scope!r} is not an option", "use abstain or answer")
-        rows = checked_rows(input)  # every line checked before the model loads: a bad file prints nothing
-        with stdout_to_stderr():  # what libraries print goes to stderr; the rows go to `out`, chunk by chunk
-            folder = resolve_edge(model, tracking_uri, log=err_console.print)  # a URI: downloaded, digest verified
-            lean = artifact_runtime(folder, artifact) == LEAN_RUNTIME  # onnxruntime + tokenizers + numpy only
-            edge = load_lean(folder, artifact) if lean else load_edge(folder, artifact)
+        rows = read_rows(input, strict=strict)  # strict: a bad file is refused before the model loads
+        keys = None
+        if model.startswith("models:"):
+            parse_model_uri(model)  # a malformed URI is named before any key is looked for
+            keys, source = trusted_public_keys(public_key, key_dir, trust_registry_key)
+            if not keys:
+                say(source)
+        with _bounded_mlflow_retries(registry_timeout), stdout_to_stderr():  # what libraries print goes to stderr; the rows go to `out`, chunk by chunk
+            folder = resolve_edge(model, tracking_uri, log=say, public_keys=keys, timeout_s=registry_timeout)
+            name, spec, _ = chosen_artifact(folder, artifact)
+            note = check_servable(folder, name, allow_failed_artifact)
+            if note:
+                say(note)
+            started = time.monotonic()
+            edge = load_lean(folder, name) if spec["runtime"] == LEAN_RUNTIME else load_edge(folder, name)
+            say(f"{edge.artifact} ({edge.runtime}) loaded in {time.monotonic() - started:.1f} s; labelling rows")
             counts = stream_rows(edge, rows, out, batch_size=batch_size, out_of_scope=out_of_scope)
+        line = summary(counts, edge, out_of_scope, "standard input" if input == "-" else input)
     except DistillError as err:
-        fail(err)
+        say(f"error: {err}")
+        raise typer.Exit(code=2)
     except BrokenPipeError:  # `distill predict ... | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in {out.fileno(), sys.stdout.fileno()}:
@@ -54,12 +86,26 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
         return
     if out is not sys.stdout:
         out.close()
-    guard = edge.guard
-    err_console.print(f"{counts['rows']} rows labelled with {edge.artifact} ({edge.runtime})"
-                      + (f"; {counts['out_of_scope']} out of scope by the {guard.detector} guard "
-                         f"({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})"
-                         if guard is not None else "; no scope guard for this artifact: in_scope is null"),
-                      highlight=False, markup=False)
+    say(line)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, as plain text: paths, names and row text are never read as Rich markup."""
+    err_console.print(message, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _bounded_mlflow_retries(timeout_s: float):
+    """MLflow's own retries of a lost server (7, backing off to ~250 s) cut to what a command line can wait, for
+    this command only (unless the caller set them)."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(timeout_s, 10) * 3))}
+    added = {k: v for k, v in limits.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _real_stdout():

@@ -11,13 +11,14 @@ project; never torch, transformers, Prefect, MLflow, scipy, sklearn or pandas. O
     python -m distill_gap.edge.lean --folder edge/ --input rows.jsonl --digest <model.digest> > labels.jsonl
 
 --digest: the version's `model.digest` tag (`distill lineage --json`); a folder that differs is refused first.
-The input is checked whole first (a bad line prints nothing), then predicted 256 rows at a time, each chunk written
-when done. Nothing in the folder runs as code (tokenizer.json is data, the graph ONNX Runtime's own operators).
-"""
+Rows are read, predicted and written 256 at a time (memory stays flat); a line that cannot be predicted gets an
+error record, or stops the run with --strict. Nothing in the folder runs as code."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import sys
@@ -37,8 +38,7 @@ ONNX_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 LOGITS_OUTPUT, FEATURES_OUTPUT = "logits", "features"  # graph outputs, read by name (inference/onnx_runtime.py)
 OUT_OF_SCOPE = ("abstain", "answer")  # what predictions do with rows the guard puts outside the evaluated scope
 CHUNK_ROWS = 256  # rows predicted and written at a time: memory stays flat however long the input is
-_ROW_EXAMPLE = '{"id": "r1", "text": "the tablets helped"}'
-_MAX_REPORTED = 5  # bad input lines named in one error
+ROW_EXAMPLE = '{"id": "r1", "text": "the tablets helped"}'
 # graph input -> the tokenizers Encoding attribute that feeds it (the names optimum exports)
 _ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
@@ -68,68 +68,51 @@ def _row_problem(row: dict) -> str | None:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         return f'"text" is not valid Unicode (a lone surrogate at character {err.start})'
-    if row.get("id") is not None and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+    if not _plain_id(row.get("id")):
         return '"id" must be a string or an integer'
     return None
 
 
-def _numbered_rows(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(line number, row {"id", "text"} or None, problem or None) per non-blank line."""
+def _plain_id(value) -> bool:
+    return value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
+
+
+def numbered_rows(lines: Iterable[bytes | str]) -> Iterator[dict]:
+    """Per non-blank line: {"line", "id", "text"}, or {"line", "id", "error"} saying why it cannot be predicted."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         row, problem = decode_json_line(line)
         problem = problem or _row_problem(row)
-        yield number, None if problem else {"id": row.get("id"), "text": row["text"]}, problem
+        rid = row.get("id") if row is not None and _plain_id(row.get("id")) else None
+        yield {"line": number, "id": rid, **({"error": problem} if problem else {"text": row["text"]})}
 
 
-def _check_rows(lines: Iterable[bytes | str], source: str, keep: bool) -> list[dict] | int:
-    """Every line checked: the rows (keep) or how many there are; DistillError naming the first bad lines."""
-    rows, count, bad, n_bad = [], 0, [], 0
-    for number, row, problem in _numbered_rows(lines):
-        if problem:
-            n_bad += 1
-            if len(bad) < _MAX_REPORTED:
-                bad.append(f"line {number}: {problem}")
-            continue
-        count += 1
-        if keep:
-            rows.append(row)
-    if n_bad:
-        more = f" (and {n_bad - len(bad)} more)" if n_bad > len(bad) else ""
-        raise DistillError(f"{source}: {n_bad} bad line{'s' if n_bad > 1 else ''}: " + "; ".join(bad) + more,
-                           f"write one JSON object per line, like {_ROW_EXAMPLE}; nothing was predicted")
-    if not count:
-        raise DistillError(f"{source} has no rows", f"write one JSON object per line, like {_ROW_EXAMPLE}")
-    return rows if keep else count
+def strict_rows(rows: Iterable[dict], source: str = "input") -> Iterator[dict]:
+    """numbered_rows' rows, stopping with a DistillError naming the first line that cannot be predicted."""
+    for row in rows:
+        if "error" in row:
+            raise DistillError(f"{source} line {row['line']}: {row['error']}",
+                               f"write one JSON object per line, like {ROW_EXAMPLE}, or leave out --strict to give "
+                               "such a line an error record of its own and go on")
+        yield row
 
 
-def parse_rows(lines: Iterable[bytes | str], source: str = "input") -> list[dict]:
-    """Rows {"text", "id"?} from JSONL lines, all checked before any is used; blank lines are skipped.
-
-    Raises DistillError naming the line numbers of the first bad lines, or when there is no row at all.
-    """
-    return _check_rows(lines, source, keep=True)
-
-
-def checked_rows(path: str | Path) -> Iterator[dict]:
-    """The rows of a JSONL file (or stdin, '-'), every line checked before this returns; a file is then read
-    again row by row, so its rows never all sit in memory (stdin is kept: it cannot be read twice)."""
-    if str(path) == "-":
-        return iter(parse_rows(sys.stdin.buffer, "standard input"))
-    path = Path(path)
-    if not path.is_file():
+def read_rows(path: str | Path, *, strict: bool = False) -> Iterator[dict]:
+    """The rows of a JSONL file (or stdin, '-') as numbered_rows gives them, read as they are taken: memory stays
+    flat however long the input. `strict`: a file is checked whole first, so a bad line stops the run before
+    anything is predicted; stdin stops at its first bad line (the rows before it are already answered)."""
+    stdin = str(path) == "-"
+    source = "standard input" if stdin else str(path)
+    if not stdin and not Path(path).is_file():
         raise DistillError(f"input file {path} does not exist", "pass a JSONL file, or --input - to read stdin")
-    with open(path, "rb") as f:
-        _check_rows(f, str(path), keep=False)
+    if strict and not stdin:
+        with open(path, "rb") as f:
+            sum(1 for _ in strict_rows(numbered_rows(f), source))  # raises at the first bad line
 
     def rows() -> Iterator[dict]:
-        with open(path, "rb") as f:
-            for number, row, problem in _numbered_rows(f):
-                if problem:
-                    raise DistillError(f"{path} changed while it was read: line {number}: {problem}",
-                                       "predict a file that nothing else is writing to")
-                yield row
+        with (contextlib.nullcontext(sys.stdin.buffer) if stdin else open(path, "rb")) as f:
+            yield from strict_rows(numbered_rows(f), source) if strict else numbered_rows(f)
 
     return rows()
 
@@ -150,53 +133,65 @@ def check_answerable(folder: Path, guard: ScopeGuard | None, primary: bool, out_
 
 
 def label_rows(rows: Sequence[dict], logits: np.ndarray, features: np.ndarray | None, *, labels: list[str],
-               artifact: str, guard: ScopeGuard | None, out_of_scope: str) -> list[dict]:
+               artifact: str, guard: ScopeGuard | None, out_of_scope: str,
+               truncated: Sequence[bool] | None = None) -> list[dict]:
     """One {"id", "label", "probabilities": {label: p}, "artifact", "in_scope", "scope_score", "route"} per row
     from logits (N, C) and features (N, D) or None: calibrated with a guard, out-of-scope rows labelled null and
-    routed to "fallback" unless `out_of_scope` is "answer"; without a guard, raw softmax and `in_scope: null`."""
+    routed to "fallback" unless `out_of_scope` is "answer"; without a guard, raw softmax and `in_scope: null`.
+    A row whose text was cut to the model's window (`truncated`) also gets `"truncated": true`."""
     if guard is None:
         probs, scores, inside = softmax(logits), [None] * len(rows), [None] * len(rows)
     else:
         probs = guard.probabilities(logits)  # (N, C) float64, calibrated: each row sums to 1 in JSON
         raw = guard.score(logits, features)
         scores, inside = [float(v) for v in raw], [bool(v) for v in guard.in_scope(raw)]
-    out = []
-    for row, p, score, ok in zip(rows, probs, scores, inside):
+    out, truncated = [], truncated if truncated is not None else [False] * len(rows)
+    for row, p, score, ok, cut in zip(rows, probs, scores, inside, truncated):
         answer = ok is not False or out_of_scope == "answer"
         out.append({"id": row.get("id"), "label": labels[int(p.argmax())] if answer else None,
                     "probabilities": {label: float(v) for label, v in zip(labels, p)},
                     "artifact": artifact, "in_scope": ok, "scope_score": score,
-                    "route": "model" if answer else "fallback"})
+                    "route": "model" if answer else "fallback", **({"truncated": True} if cut else {})})
     return out
 
 
 def stream_rows(edge, rows: Iterable[dict], out: TextIO, *, batch_size: int = 32, out_of_scope: str = "abstain",
                 chunk_rows: int = CHUNK_ROWS) -> dict:
     """Label `rows` with `edge` (anything with EdgeModel's predict_rows) `chunk_rows` at a time, writing each
-    chunk's JSONL to `out` as soon as it is done; returns {"rows", "out_of_scope"} counts.
+    chunk's JSONL to `out` as soon as it is done, in input order; a row with an "error" (numbered_rows) is written
+    as {"id", "line", "error"}. Returns the counts {"rows", "out_of_scope", "truncated", "errors"}.
 
     Batches are formed within a chunk: a dynamic-INT8 artifact, whose activation scales depend on its batch,
     answers a long input as it would answer it in chunks of `chunk_rows`.
     """
-    counts = {"rows": 0, "out_of_scope": 0}
-    for chunk in _chunks(rows, chunk_rows):
-        results = edge.predict_rows(chunk, batch_size=batch_size, out_of_scope=out_of_scope)
+    counts, rows = {"rows": 0, "out_of_scope": 0, "truncated": 0, "errors": 0}, iter(rows)
+    for chunk in iter(lambda: list(itertools.islice(rows, chunk_rows)), []):
+        good = [r for r in chunk if "error" not in r]
+        answered = iter(edge.predict_rows(good, batch_size=batch_size, out_of_scope=out_of_scope) if good else [])
+        results = [{"id": r.get("id"), "line": r.get("line"), "error": r["error"]} if "error" in r
+                   else next(answered) for r in chunk]
         out.write("".join(json.dumps(r) + "\n" for r in results))
         out.flush()
-        counts["rows"] += len(results)
-        counts["out_of_scope"] += sum(r["in_scope"] is False for r in results)
+        counts["rows"] += len(good)
+        counts["errors"] += len(chunk) - len(good)
+        counts["out_of_scope"] += sum(r.get("in_scope") is False for r in results)
+        counts["truncated"] += sum(bool(r.get("truncated")) for r in results)
     return counts
 
 
-def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    chunk = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def summary(counts: dict, edge, out_of_scope: str, source: str = "input") -> str:
+    """The one line a run ends with on stderr: rows labelled, out of scope, truncated, error records."""
+    if not counts["rows"] and not counts["errors"]:
+        raise DistillError(f"{source} has no rows", f"write one JSON object per line, like {ROW_EXAMPLE}")
+    guard = edge.guard
+    parts = [f"{counts['rows']} rows labelled with {edge.artifact} ({edge.runtime})"]
+    parts.append(f"{counts['out_of_scope']} out of scope by the {guard.detector} guard "
+                 f"({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})" if guard is not None
+                 else "no scope guard for this artifact: in_scope is null")
+    parts += [f"{counts['truncated']} longer than the model's {edge.max_length}-token window, cut to it "
+              '("truncated": true)'] if counts["truncated"] else []
+    parts += [f"{counts['errors']} lines could not be predicted (error records)"] if counts["errors"] else []
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,17 +230,27 @@ def read_manifest(folder: str | Path) -> dict:
 def chosen_artifact(folder: str | Path, artifact: str | None = None) -> tuple[str, dict, dict]:
     """(name, its edge.json entry, the manifest) of `artifact`, or of the primary one when None."""
     manifest = read_manifest(folder)
-    artifacts = manifest["artifacts"]
-    name = artifact or manifest["primary"]
+    artifacts, name = manifest["artifacts"], artifact or manifest["primary"]
     if name not in artifacts:
         raise DistillError(f"{folder} has no artifact {name!r}",
                            f"choose one of {sorted(artifacts)} (primary: {manifest['primary']})")
     return name, artifacts[name], manifest
 
 
-def artifact_runtime(folder: str | Path, artifact: str | None = None) -> str:
-    """The runtime edge.json gives `artifact` (None: the primary); "onnxruntime" runs lean."""
-    return chosen_artifact(folder, artifact)[1]["runtime"]
+def check_servable(folder: str | Path, artifact: str | None = None, allow_failed: bool = False) -> str | None:
+    """The artifact served must have passed the quantize stage's checks (edge.json "ok"): one that failed is refused
+    unless `allow_failed`, and then a warning comes back for stderr; a note when edge.json records no checks."""
+    name, spec, _ = chosen_artifact(folder, artifact)
+    if "ok" not in spec:
+        return f"note: {folder}/{EDGE_FILE} records no checks for artifact {name!r} (not written by the quantize stage)"
+    if spec["ok"] is True:
+        return None
+    why = f"{spec.get('check') or 'failed its checks against the fp32 student'}"
+    if not allow_failed:
+        raise DistillError(f"artifact {name!r} of {folder} did not pass its checks: {why}",
+                           "serve the primary artifact (leave out --artifact), or pass --allow-failed-artifact to "
+                           "serve it anyway, knowingly")
+    return f"WARNING: serving artifact {name!r}, which did not pass its checks ({why}): --allow-failed-artifact"
 
 
 def artifact_dir(folder: Path, name: str, spec: dict) -> Path:
@@ -276,11 +281,7 @@ def verify_digest(folder: str | Path, expected: str) -> str:
 
 
 def _json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_bytes()) if path.is_file() else {}
-    except (UnicodeDecodeError, ValueError) as err:
-        raise DistillError(f"{path} is not valid JSON ({err})", "copy or export the edge folder again") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, "copy or export the edge folder again") if path.is_file() else {}
 
 
 def load_tokenizer(path: Path, max_length: int):
@@ -369,24 +370,27 @@ class LeanEdge:
     def predict_outputs(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, C) float32 and pooled features (N, D) (None when the graph has no "features" output), in
         the order of `texts`, over length-sorted batches."""
-        encodings = self.tokenizer.encode_batch([str(t) for t in texts])
-        logits = np.zeros((len(texts), len(self.labels)), dtype=np.float32)  # (N, C)
+        return self._run(self.tokenizer.encode_batch([str(t) for t in texts]), batch_size)
+
+    def _run(self, encodings: Sequence, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        logits = np.zeros((len(encodings), len(self.labels)), dtype=np.float32)  # (N, C)
         features = None
         for idx in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
             out = self.session.run(self.output_names, pad_batch(encodings, idx, self.pad_id, self.input_names))
             logits[idx] = out[0]  # (B, C)
             if len(out) > 1:
                 if features is None:
-                    features = np.zeros((len(texts), out[1].shape[-1]), dtype=np.float32)  # (N, D)
+                    features = np.zeros((len(encodings), out[1].shape[-1]), dtype=np.float32)  # (N, D)
                 features[idx] = out[1]
         return logits, features
 
     def predict_rows(self, rows: Sequence[dict], batch_size: int = 32, out_of_scope: str = "abstain") -> list[dict]:
         """What EdgeModel.predict_rows answers (see label_rows); rows need a "text"."""
         check_answerable(self.folder, self.guard, self.primary, out_of_scope)
-        logits, features = self.predict_outputs([r["text"] for r in rows], batch_size)  # (N, C), (N, D)
+        encodings = self.tokenizer.encode_batch([str(r["text"]) for r in rows])
+        logits, features = self._run(encodings, batch_size)  # (N, C), (N, D)
         return label_rows(rows, logits, features, labels=self.labels, artifact=self.artifact, guard=self.guard,
-                          out_of_scope=out_of_scope)
+                          out_of_scope=out_of_scope, truncated=[bool(e.overflowing) for e in encodings])
 
 
 def load_lean(folder: str | Path, artifact: str | None = None, *, digest: str | None = None,
@@ -407,10 +411,6 @@ def load_lean(folder: str | Path, artifact: str | None = None, *, digest: str | 
                     primary=name == manifest["primary"], path=artifact_dir(folder, name, spec), threads=threads)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# python -m distill_gap.edge.lean
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Label JSONL rows with an edge folder's ONNX artifact: JSONL on stdout, one summary line on stderr."""
     parser = argparse.ArgumentParser(prog="python -m distill_gap.edge.lean", description=main.__doc__)
@@ -422,22 +422,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-of-scope", choices=OUT_OF_SCOPE, default="abstain",
                         help="rows outside the evaluated scope: abstain (label null, route fallback) or answer")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: every core)")
+    parser.add_argument("--strict", action="store_true", help="stop at a line that cannot be predicted (default: "
+                        'an error record {"id", "line", "error"} for it in the output)')
+    parser.add_argument("--allow-failed-artifact", action="store_true",
+                        help="serve an artifact that did not pass its checks (edge.json), with a warning")
     args = parser.parse_args(argv)
     try:
-        rows = checked_rows(args.input)  # every line checked before the model loads: a bad file prints nothing
+        rows = read_rows(args.input, strict=args.strict)  # strict: a bad file prints nothing
         edge = load_lean(args.folder, args.artifact, digest=args.digest, threads=args.threads)
+        note = check_servable(args.folder, edge.artifact, args.allow_failed_artifact)
+        if note:
+            print(note, file=sys.stderr)
         counts = stream_rows(edge, rows, sys.stdout, batch_size=max(1, args.batch_size),
                              out_of_scope=args.out_of_scope)
+        print(summary(counts, edge, args.out_of_scope, args.input), file=sys.stderr)
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    guard = edge.guard
-    print(f"{counts['rows']} rows labelled with {edge.artifact} ({edge.runtime})"
-          + (f"; {counts['out_of_scope']} out of scope by the {guard.detector} guard" if guard is not None
-             else "; no scope guard for this artifact: in_scope is null"), file=sys.stderr)
     return 0
 
 

@@ -4,7 +4,7 @@ artifact edge.json names, predict rows.
 An edge folder holds one or more artifacts of the same classifier (ONNX Runtime INT8, INC INT8, fp32 ONNX,
 fp32 transformers) and an edge.json saying which is primary. `distill predict` runs an ONNX artifact with
 distill_gap/edge/lean.py (no torch, no transformers) and every other one with this module; the input rows and the
-rows answered are lean.py's (parse_rows, check_answerable, label_rows), so both answer alike.
+rows answered are lean.py's (numbered_rows, check_answerable, label_rows), so both answer alike.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from distill_gap.edge.folder import EDGE_FILE, read_manifest
 from distill_gap.edge.guard import read_guard
-from distill_gap.edge.lean import artifact_dir, check_answerable, chosen_artifact, label_rows
-from distill_gap.edge.lean import OUT_OF_SCOPE, decode_json_line, parse_rows  # noqa: F401  (callers import them here)
+from distill_gap.edge.lean import ROW_EXAMPLE, artifact_dir, check_answerable, chosen_artifact, label_rows
+from distill_gap.edge.lean import numbered_rows
+from distill_gap.edge.lean import OUT_OF_SCOPE, decode_json_line  # noqa: F401  (callers import them here)
 from distill_gap.errors import DistillError
 from distill_gap.inference.predictor import Predictor, load_predictor
 from distill_gap.models.loading import check_no_code
@@ -63,9 +64,36 @@ class EdgeModel:
         is an error unless the caller asked to answer.
         """
         check_answerable(self.folder, self.guard, is_primary(self.folder, self.artifact), out_of_scope)
-        logits, features = self.predict_outputs([r["text"] for r in rows], batch_size)  # (N, C), (N, D)
+        texts = [str(r["text"]) for r in rows]
+        logits, features = self.predict_outputs(texts, batch_size)  # (N, C), (N, D)
         return label_rows(rows, logits, features, labels=self.labels, artifact=self.artifact, guard=self.guard,
-                          out_of_scope=out_of_scope)
+                          out_of_scope=out_of_scope, truncated=self.truncated(texts))
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts are longer than the model's window (their tokens are cut to max_length)."""
+        tokenizer = getattr(self.predictor, "tokenizer", None)
+        if tokenizer is None or not getattr(tokenizer, "is_fast", False) or not texts:
+            return [False] * len(texts)
+        enc = tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return [bool(e.overflowing) for e in enc.encodings]
+
+
+def parse_rows(lines: Iterable[bytes | str], source: str = "input") -> list[dict]:
+    """Rows {"id", "text"} from JSONL lines, every one checked first: DistillError naming the first bad lines (up to
+    five), or when there is no row at all."""
+    rows, bad = [], []
+    for row in numbered_rows(lines):
+        if "error" in row:
+            bad.append(f"line {row['line']}: {row['error']}")
+        else:
+            rows.append({"id": row["id"], "text": row["text"]})
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DistillError(f"{source}: {len(bad)} bad line{'s' if len(bad) > 1 else ''}: " + "; ".join(bad[:5]) + more,
+                           f"write one JSON object per line, like {ROW_EXAMPLE}; nothing was predicted")
+    if not rows:
+        raise DistillError(f"{source} has no rows", f"write one JSON object per line, like {ROW_EXAMPLE}")
+    return rows
 
 
 def is_primary(folder: Path, artifact: str) -> bool:

@@ -4,6 +4,7 @@ digest-verified into a local folder."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,39 @@ class ModelRef:
         return d
 
 
+class RegistryUnreachable(DistillError):
+    """The tracking server does not answer (a lost connection, a timeout): not a missing name or version."""
+
+
+def lost_connection(err: BaseException) -> bool:
+    """Whether a failed or timed-out connection appears along `err`'s chain (by type, as ops/transient.py reads it;
+    MLflow's REST client raises its MlflowException while handling requests' error)."""
+    import requests
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        err = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
+    return False
+
+
+def unreachable(tracking_uri: str, err: BaseException | str) -> RegistryUnreachable:
+    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return RegistryUnreachable(f"cannot reach the tracking server at {tracking_uri}: {reason}",
+                               "start it or check the network and --tracking-uri (MLFLOW_TRACKING_URI); a pinned "
+                               "version (models:/<name>/<N>) is served from the local verified cache meanwhile")
+
+
+def unreachable_or(err: BaseException, client, other: DistillError) -> DistillError:
+    """RegistryUnreachable naming the server when `err` is a lost connection, else `other`."""
+    return unreachable(client._tracking_client.tracking_uri, err) if lost_connection(err) else other
+
+
 def resolve_version(client, name: str, *, alias: str | None = None, version: int | None = None):
-    """The registry version `name` has under `version`, else under `alias`; a DistillError when it has none."""
+    """The registry version `name` has under `version`, else under `alias`; a DistillError when it has none,
+    RegistryUnreachable when the tracking server does not answer."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -150,6 +182,8 @@ def resolve_version(client, name: str, *, alias: str | None = None, version: int
             return client.get_model_version(name, str(version))
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
+        if lost_connection(err):
+            raise unreachable(client._registry_uri, err) from err  # transient (distill_gap/ops/transient.py)
         what = f"version {version}" if version is not None else f"alias '@{alias}'"
         raise DistillError(
             f"registered model '{name}' has no {what} in the MLflow registry at {client._registry_uri}",
@@ -172,59 +206,154 @@ def version_folder(downloaded: Path, source: str) -> Path:
 
 
 def fetch_model(client, name: str, *, alias: str | None = None, version: int | None = None,
-                cache_root: str | Path = ".distill/models") -> ModelRef:
-    """Download a registered model folder (cached by digest) and verify it against its digest tag."""
-    import mlflow
+                cache_root: str | Path = ".distill/models", public_keys: list[str] | None = None,
+                mv=None) -> ModelRef:
+    """A registered model folder in the local cache, verified before first use: its digest against the
+    `model.digest` tag and, with `public_keys`, its model-signing signature by one of those keys ([]: the key the
+    registry itself records, which the caller chose knowingly). `mv`: the version, when already resolved.
 
-    from distill_gap.digest import model_digest
+    Each download goes to a folder of this process's own and is renamed into place whole, so concurrent cold
+    starts never share one; a marker beside the folder remembers what was checked (distill_gap.registry.model_cache),
+    so later calls cost nothing while the files stay as they were.
+    """
+    from distill_gap.registry import model_cache as cache
 
-    mv = resolve_version(client, name, alias=alias, version=version)
+    mv = mv or resolve_version(client, name, alias=alias, version=version)
     expected = mv.tags.get("model.digest")
     if not expected:
-        raise DistillError(f"{name} version {mv.version} has no model.digest tag", "re-register it with `distill teacher import`")
-    local = Path(cache_root) / expected
-    if not (local.is_dir() and model_digest(local) == expected):
-        tmp = Path(cache_root) / f".{expected}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=client._tracking_client.tracking_uri)
-        inner = version_folder(tmp, mv.source)
-        got = model_digest(inner)
-        if got != expected:
-            detail = signature_problem(client, mv, inner)  # which files changed, from the folder's signature
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DistillError(f"{name} version {mv.version}: downloaded files have digest {got[:12]}, registry says "
-                               f"{expected[:12]}" + (f"; {detail}" if detail else ""),
-                               "the stored artifact was changed or damaged; re-register the model")
-        shutil.rmtree(local, ignore_errors=True)
-        inner.rename(local)
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise DistillError(f"{name} version {mv.version} has no model.digest tag",
+                           "re-register it with `distill teacher import`")
+    root = Path(cache_root)
+    local = root / expected
+    record = {"tracking_uri": client._tracking_client.tracking_uri, "name": name, "version": int(mv.version)}
+    marker = cache.read_marker(root, expected)
+    signature = (marker or {}).get("signature")
+    checked = cache.unchanged(root, expected, marker) and (public_keys is None
+                                                           or _signed_by(signature, public_keys, mv))
+    if not checked:
+        if _digest_matches(local, expected):  # in place from an earlier run without a marker for these checks
+            signature = _verified_signature(client, mv, local, public_keys) if public_keys is not None else None
+        else:
+            cache.discard(local)  # damaged or half there: out of the way, atomically
+            local, signature = _download(client, mv, root, expected, public_keys)
+    if not checked or record not in marker.get("versions", []):
+        cache.write_marker(root, expected, signature=signature, version=record)
     return ModelRef(name=name, version=int(mv.version), digest=expected, path=local, run_id=mv.run_id, alias=alias,
                     tags=dict(mv.tags))
 
 
-def signature_problem(client, mv, folder: Path) -> str | None:
-    """Why a downloaded version folder fails its signature ('<file>: digest differs ...'), else None.
+def _digest_matches(folder: Path, expected: str) -> bool:
+    from distill_gap.digest import model_digest
 
-    None also when the version is unsigned or its signature cannot be read: this only explains a refusal that
-    the whole-folder digest has already made.
-    """
-    import tempfile
+    try:
+        return folder.is_dir() and model_digest(folder) == expected
+    except (FileNotFoundError, OSError):
+        return False
 
+
+def _download(client, mv, root: Path, expected: str, public_keys: list[str] | None) -> tuple[Path, dict | None]:
+    """Download `mv` into a folder of this process's own, check it there, rename it into place: (folder, signature)."""
+    import mlflow
+
+    from distill_gap.digest import model_digest
+    from distill_gap.registry import model_cache as cache
+
+    tmp = cache.download_dir(root, expected)
+    try:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp),
+                                                tracking_uri=client._tracking_client.tracking_uri)
+        except Exception as err:  # noqa: BLE001 - MLflow wraps a lost server in MlflowException, a file store in OSError
+            raise unreachable_or(err, client, DistillError(
+                f"{mv.name} version {mv.version}: its files cannot be downloaded from {mv.source} "
+                f"({str(err).splitlines()[0][:300] if str(err) else type(err).__name__})",
+                "check the artifact store the registry points to, or re-register the model")) from None
+        inner = version_folder(tmp, mv.source)
+        got = model_digest(inner) if inner.is_dir() else "nothing"
+        if got != expected:
+            detail = signature_problem(client, mv, inner) if inner.is_dir() else None
+            raise DistillError(f"{mv.name} version {mv.version}: downloaded files have digest {got[:12]}, registry says "
+                               f"{expected[:12]}" + (f"; {detail}" if detail else ""),
+                               "the stored artifact was changed or damaged; re-register the model")
+        signature = _verified_signature(client, mv, inner, public_keys) if public_keys is not None else None
+        local, _ = cache.install(inner, root, expected)  # another process's copy of the same digest wins as well
+        return local, signature
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pem_sha256(pem: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(pem.strip().encode()).hexdigest()
+
+
+def _signed_by(signature: dict | None, public_keys: list[str], mv) -> bool:
+    """Whether a marker's signature check was made with one of the keys trusted now."""
+    keys = public_keys or [mv.tags.get("signing.public_key") or ""]
+    return bool(signature) and signature.get("public_key_sha256") in {_pem_sha256(k) for k in keys if k}
+
+
+def _verified_signature(client, mv, folder: Path, public_keys: list[str]) -> dict:
+    """The signature check of `folder` by one of `public_keys` ([]: the key the registry records), as the marker
+    records it; DistillError when the version is unsigned or no trusted key verifies it."""
+    sig_uri, recorded = mv.tags.get("signature.uri"), mv.tags.get("signing.public_key")
+    if not sig_uri:
+        raise DistillError(f"{mv.name} version {mv.version} is not signed (no signature.uri tag): only a signed "
+                           "version is served", "register it through the pipeline, which signs every version")
+    keys = list(public_keys) or ([recorded] if recorded else [])
+    if not keys:
+        raise DistillError(f"{mv.name} version {mv.version} records no signing.public_key to verify its "
+                           "signature with", "pass --public-key <the pipeline's signing-key.pub.pem>")
+    problem = _signature_check(client, mv, folder, keys)
+    if isinstance(problem, str):
+        raise DistillError(f"{mv.name} version {mv.version}: its signature does not verify with the trusted "
+                           f"key{'s' if len(keys) > 1 else ''}: {problem}",
+                           "serve a version signed by a key you trust (--public-key), or find out who changed or "
+                           "re-signed this one (`distill verify`); re-register it through the pipeline")
+    return problem
+
+
+def _signature_check(client, mv, folder: Path, keys: list[str]) -> dict | str:
+    """{"public_key_sha256", "uri"} of the first key in `keys` whose signature check of `folder` passes, or why none
+    does (the first key's reason, temporary paths replaced by the stored ones)."""
     import mlflow
 
     from distill_gap.signing import SignatureError, verify_folder
 
-    sig_uri, public_pem = mv.tags.get("signature.uri"), mv.tags.get("signing.public_key")
-    if not (sig_uri and public_pem):
-        return None
+    sig_uri = mv.tags["signature.uri"]
     with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
         try:
             sig = mlflow.artifacts.download_artifacts(artifact_uri=sig_uri, dst_path=tmp,
                                                       tracking_uri=client._tracking_client.tracking_uri)
-            verify_folder(folder, public_pem, sig)
-        except SignatureError as err:  # names each changed, missing or extra file; the temporary paths are not news
-            return err.problem.replace(str(folder), f"the stored folder {mv.source}").replace(str(sig), sig_uri)
-        except Exception:  # noqa: BLE001 - a diagnosis that fails leaves the refusal as it was
-            return None
-    return None
+        except Exception as err:  # noqa: BLE001 - a signature that cannot be fetched verifies nothing
+            reason = str(err).splitlines()[0][:200] if str(err) else repr(err)
+            return f"the signature {sig_uri} cannot be downloaded ({reason})"
+        problems = []
+        for pem in keys:
+            try:
+                verify_folder(folder, pem, sig)
+                return {"public_key_sha256": _pem_sha256(pem), "uri": sig_uri}
+            except SignatureError as err:  # names each changed, missing or extra file; temporary paths are not news
+                problems.append(err.problem.replace(str(folder), f"the stored folder {mv.source}")
+                                .replace(str(sig), sig_uri))
+            except DistillError as err:  # a trusted "key" that is no EC public key
+                problems.append(err.problem)
+        return problems[0]
+
+
+def signature_problem(client, mv, folder: Path) -> str | None:
+    """Why a downloaded version folder fails its signature by the key the registry records ('<file>: digest differs
+    ...'), else None.
+
+    None also when the version is unsigned or its signature cannot be read: this only explains a refusal that
+    the whole-folder digest has already made.
+    """
+    public_pem = mv.tags.get("signing.public_key")
+    if not (mv.tags.get("signature.uri") and public_pem):
+        return None
+    try:
+        problem = _signature_check(client, mv, folder, [public_pem])
+    except Exception:  # noqa: BLE001 - a diagnosis that fails leaves the refusal as it was
+        return None
+    return problem if isinstance(problem, str) and "cannot be downloaded" not in problem else None

@@ -258,9 +258,10 @@ def _predict(registry, rows: Path):
 
     from flows.cli import app
 
-    cfg, _, _ = registry
+    cfg, _, tmp = registry  # the key pair that signed the version is the operator's trusted key
     return CliRunner().invoke(app, ["predict", "--model", f"models:/{cfg.edge_model_name}/1", "--input", str(rows),
-                                    "--tracking-uri", cfg.tracking.uri])
+                                    "--tracking-uri", cfg.tracking.uri,
+                                    "--public-key", str(tmp / ".distill/keys/signing-key.pub.pem")])
 
 
 @pytest.fixture()

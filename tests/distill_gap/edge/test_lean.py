@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from distill_gap.edge import lean
-from distill_gap.edge.lean import checked_rows, load_lean, stream_rows
+from distill_gap.edge.lean import load_lean, read_rows, stream_rows
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.junk import JUNK_ROWS
 
@@ -129,7 +129,8 @@ def test_rows_stream_out_chunk_by_chunk(lean_edge_dir, texts):
     assert len(writes) == 3  # 4 + 4 + 2 rows, each chunk written when done
     expected = [r for i in range(0, 10, 4) for r in edge.predict_rows(rows[i:i + 4], batch_size=3)]
     assert [json.loads(line) for line in out.getvalue().splitlines()] == expected
-    assert counts == {"rows": 10, "out_of_scope": sum(r["in_scope"] is False for r in expected)}
+    assert counts == {"rows": 10, "out_of_scope": sum(r["in_scope"] is False for r in expected),
+                      "truncated": sum("truncated" in r for r in expected), "errors": 0}
 
     def failing():  # a source that fails after the first chunk: what was done is already out
         yield from rows[:4]
@@ -219,20 +220,20 @@ def test_a_primary_without_its_guard_is_refused_unless_answering(lean_edge_dir, 
     assert json.loads(capsys.readouterr().out)["in_scope"] is None
 
 
-def test_bad_input_is_refused_whole_before_anything_is_predicted(lean_edge_dir, tmp_path, capsys):
+def test_strict_input_is_refused_whole_before_anything_is_predicted(lean_edge_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "text": \n{"id": 3, "text": "a\\ud800b"}\n')
-    assert lean.main(["--folder", str(lean_edge_dir), "--input", str(bad)]) == 2
+    assert lean.main(["--folder", str(lean_edge_dir), "--input", str(bad), "--strict"]) == 2
     out = capsys.readouterr()
     assert out.out == ""
-    assert "2 bad lines: line 2: not valid JSON" in out.err
-    assert 'line 3: "text" is not valid Unicode (a lone surrogate at character 1)' in out.err
+    assert f"error: {bad} line 2: not valid JSON" in out.err and "leave out --strict" in out.err
+    assert len(out.err.strip().splitlines()) == 2  # the problem and the fix, no traceback
     with pytest.raises(DistillError, match="does not exist"):
-        checked_rows(tmp_path / "missing.jsonl")
+        read_rows(tmp_path / "missing.jsonl")
     good = _write_rows(tmp_path / "good.jsonl", ["one", "two"])
-    rows = checked_rows(good)  # checked now, read again as rows are taken
+    rows = read_rows(good, strict=True)  # checked now, read again as rows are taken
     good.write_text('{"text": "one"}\n{"text": \n')
-    with pytest.raises(DistillError, match="changed while it was read: line 2"):
+    with pytest.raises(DistillError, match="good.jsonl line 2: not valid JSON"):
         list(rows)
 
 

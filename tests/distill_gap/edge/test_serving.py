@@ -63,14 +63,15 @@ def edge_dir(spread_model_dir, texts, tmp_path_factory):
 
 
 def _register(edge: Path, root: Path, name: str) -> tuple[str, str]:
-    """Log `edge` as a run artifact on the SQLite store under `root`, register it with its digest, alias champion.
+    """Log `edge` as a run artifact on the SQLite store under `root`, sign it with the key pair in `root`/keys (as the
+    pipeline signs every version), register it with its digest, alias champion.
 
     Returns (tracking URI, version source).
     """
     from flows.config import GovernanceConfig, TrackingConfig
     from distill_gap.digest import model_digest
     from distill_gap.registry.tracking import client_for, experiment_id
-    from distill_gap.registry.versions import create_version
+    from distill_gap.registry.versions import create_version, sign_and_log
     from tests.helpers import log_model_dir
 
     tracking = TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts"))
@@ -79,8 +80,9 @@ def _register(edge: Path, root: Path, name: str) -> tuple[str, str]:
         client = client_for(tracking)
         run_id = client.create_run(experiment_id(client, tracking)).info.run_id
         source = log_model_dir(client, run_id, edge, "edge")
-        mv = create_version(client, name, source=source, run_id=run_id, tags={"model.digest": model_digest(edge)},
-                            governance=GovernanceConfig())
+        signed = sign_and_log(client, run_id, edge, "edge", GovernanceConfig(key_dir=str(root / "keys")))
+        mv = create_version(client, name, source=source, run_id=run_id,
+                            tags={"model.digest": model_digest(edge), **signed}, governance=GovernanceConfig())
         client.set_registered_model_alias(name, "champion", mv.version)
     return tracking.uri, source
 
@@ -104,10 +106,12 @@ def rows_file(texts, tmp_path):
 
 
 @pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    """Run from tmp_path, so the CLI's .distill/models cache starts empty and stays in the test's folder."""
+def in_tmp(tmp_path, monkeypatch, registry_root):
+    """Run from tmp_path, so the CLI's .distill/models cache starts empty and stays in the test's folder; the key
+    pair that signed the registered versions is the operator's (DISTILL_KEY_DIR)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DISTILL_KEY_DIR", str(registry_root / "keys"))
     return tmp_path
 
 
@@ -205,10 +209,11 @@ def test_parse_rows_checks_every_line_and_names_the_bad_ones():
 # `distill predict`
 
 
-def test_the_installed_command_predicts_stdin_rows_with_the_champion(registry, texts, tmp_path):
+def test_the_installed_command_predicts_stdin_rows_with_the_champion(registry, registry_root, texts, tmp_path):
     """Through the real console script and a pipe: rows on stdin, only JSONL on stdout, messages on stderr."""
     rows = "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts[:5]))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+           "DISTILL_KEY_DIR": str(registry_root / "keys")}
     proc = subprocess.run([str(REPO / ".venv/bin/distill"), "predict", "--model", "models:/x-edge@champion",
                            "--input", "-", "--tracking-uri", registry], input=rows, capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=180)
@@ -247,8 +252,8 @@ def test_predict_errors_exit_non_zero_with_nothing_on_stdout(registry, edge_dir,
         (["--model", "models:/x-edge", "--input", rows_file], "not a registry model URI"),
         (["--model", "models:/x-edge@staging", "--input", rows_file], "has no alias '@staging'"),
         (["--model", "models:/x-edge/9", "--input", rows_file], "has no version 9"),
-        (["--model", champion, "--input", bad_json], "line 2: not valid JSON"),
-        (["--model", champion, "--input", no_text], 'line 2: no "text"'),
+        (["--model", champion, "--input", bad_json, "--strict"], "line 2: not valid JSON"),
+        (["--model", champion, "--input", no_text, "--strict"], 'line 2: no "text"'),
         (["--model", champion, "--input", empty], "has no rows"),
         (["--model", champion, "--input", in_tmp / "missing.jsonl"], "does not exist"),
         (["--model", edge_dir, "--input", rows_file, "--artifact", "onnx-int8"], "no artifact 'onnx-int8'"),
