@@ -33,10 +33,11 @@ demo: install
 	echo "make demo: pipeline finished in $$((SECONDS - start)) s (install not included)"
 
 # Every test, on TEST_WORKERS pytest-xdist workers (CI's 2 cores: 2); a module stays on one worker, so its module
-# fixtures (a pipeline run, a server) are built once. TEST_WORKERS=0 runs in this process (for pdb, -s).
+# fixtures (a pipeline run, a server) are built once, and the longest modules start first (pyproject's addopts:
+# --dist loadfile --no-loadscope-reorder). TEST_WORKERS=0 runs in this process (for pdb, -s).
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 # Day-to-day: unit tests only, no end-to-end runs, fault drills or servers (markers slow, integration,
 # reliability; tests on the moto S3 server or the session's Prefect API are integration). `make test` runs all.
