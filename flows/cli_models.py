@@ -96,30 +96,38 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
            tracking_uri: str = TrackingOpt,
            public_key: Optional[list[str]] = typer.Option(None, "--public-key", help="trusted signing public key (PEM); "
                                                           "default: the local key pair's (governance.key_dir)"),
-           key_dir: Optional[Path] = typer.Option(None, help="folder of the local key pair (default .distill/keys)")):
+           key_dir: Optional[Path] = typer.Option(None, help="folder of the local key pair (default .distill/keys)"),
+           trust_registry_key: bool = typer.Option(False, "--trust-registry-key", help="with no trusted key: trust "
+                                                   "the key the registry itself records (whoever writes the registry "
+                                                   "can then sign for it)")):
     """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
+    from rich.text import Text
+
     from distill_gap.edge.serving import stdout_to_stderr
     from distill_gap.errors import DistillError
-    from distill_gap.governance.lineage import verify as run_verify
+    from distill_gap.governance.verify import verify as run_verify
     from distill_gap.registry.model_uri import registry_client
 
     try:
         with stdout_to_stderr():
             result = run_verify(registry_client(tracking_uri), model, public_keys=public_key, key_dir=key_dir,
-                                log=lambda m: err_console.print(f"[dim]{m}[/]"))
+                                trust_registry=trust_registry_key, log=lambda m: err_console.print(Text(m, style="dim")))
     except DistillError as err:
         fail(err)
-    table = Table(title=f"verify {result.uri} (keys: {result.key_source})")
+    if result.key_source.startswith("WARNING"):
+        err_console.print(Text(result.key_source, style="yellow"))
+    table = Table(title=Text(f"verify {result.uri} (keys: {result.key_source})"))
     for col in ("link", "result", "detail"):
         table.add_column(col)
-    for c in result.checks:
-        table.add_row(c.link, "[green]ok[/]" if c.ok else "[bold red]BROKEN[/]", c.detail)
+    for c in result.checks:  # Text: paths and names are never read as markup
+        table.add_row(Text(c.link), Text("ok", style="green") if c.ok else Text("BROKEN", style="bold red"),
+                      Text(c.detail))
     console.print(table)
     if not result.ok:
         broken = [c.link for c in result.checks if not c.ok]
-        err_console.print(f"[bold red]verification failed[/]: {', '.join(broken)}")
+        err_console.print(Text("verification failed: ", style="bold red") + Text(", ".join(broken)))
         raise typer.Exit(1)
-    console.print(f"[green]all {len(result.checks)} checks passed[/]")
+    console.print(Text(f"all {len(result.checks)} checks passed", style="green"))
 
 
 @app.command()

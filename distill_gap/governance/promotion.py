@@ -166,6 +166,15 @@ def _record(client, run_id: str, governance, *, name: str, mv, action: str, appr
     return record(client, run_id, governance, stmt)
 
 
+def _move_challenger(client, run_id: str, governance, *, name: str, mv, before: dict) -> None:
+    """@challenger moves with its own signed promote Statement (verify trusts no alias without one)."""
+    version = int(mv.version)
+    uri = _record(client, run_id, governance, name=name, mv=mv, action="challenger", approver=None, before=before,
+                  after={**before, CHALLENGER: version}, reason="registered: @challenger until @champion moves")
+    client.set_model_version_tag(name, str(version), "challenger.attestation.uri", uri)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+
+
 def promotion_lock(name: str, timeout_seconds: float = 600):
     """One promotion step of `name` at a time, across processes and machines: a Prefect global concurrency limit
     with one slot (created on first use). Two deliveries of the same request then see each other's result."""
@@ -217,7 +226,7 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
         before = aliases(client, name)
         if insufficient and waiver is None:  # registered, but not shown good enough: @challenger only
             if before.get(CHALLENGER) != version and before.get(CHAMPION) != version:
-                client.set_registered_model_alias(name, CHALLENGER, version)
+                _move_challenger(client, run_id, governance, name=name, mv=mv, before=before)
             thin = [g for g in (mv.tags.get("gates.insufficient") or "").split(",") if g]
             log(f"{name} v{version}: insufficient evidence for {', '.join(thin) or 'some gates'}; "
                 f"it is @challenger, @champion stays at "
@@ -237,7 +246,7 @@ def promote(client, version: int, *, name: str, approval_required: bool, governa
             log(f"{name} v{version} is already @champion: nothing changed")
             return {"changed": False, "champion": version, "reason": "already champion"}
         if before.get(CHALLENGER) != version:
-            client.set_registered_model_alias(name, CHALLENGER, version)
+            _move_challenger(client, run_id, governance, name=name, mv=mv, before=before)
     approval = waiver  # a verified waiver (distill_gap/governance/waiver.py) is the named approver's answer
     if approval_required and approval is None:  # outside the lock: a person may take hours
         if approve is None:

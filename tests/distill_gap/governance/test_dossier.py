@@ -21,7 +21,7 @@ from distill_gap.errors import DistillError
 from distill_gap.governance.dossier import (PREDICATE_TYPE, dossier_for, dossier_statement, require_current_review,
                                             write_model_card)
 from distill_gap.governance.dossier_render import render_dossier
-from distill_gap.governance.lineage import verify
+from distill_gap.governance.verify import verify
 from distill_gap.signing import ensure_key_pair, sign_statement, subject_digests, verify_statement
 
 

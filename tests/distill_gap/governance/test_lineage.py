@@ -11,7 +11,8 @@ import pytest
 
 from distill_gap.digest import sha256_json
 from distill_gap.errors import DistillError
-from distill_gap.governance.lineage import lineage, verify
+from distill_gap.governance.lineage import lineage
+from distill_gap.governance.verify import verify
 from distill_gap.registry.registration import LINEAGE_TAGS
 from distill_gap.signing import ensure_key_pair
 

@@ -67,8 +67,8 @@ def test_insufficient_evidence_is_challenger_and_a_signed_waiver_makes_champion(
     cfg, client = registry["cfg"], registry["client"]
     name = cfg.edge_model_name
     logs = []
-    out = promote(client, 1, name=name, approval_required=False, governance=cfg.governance, run_id="none",
-                  log=logs.append)
+    out = promote(client, 1, name=name, approval_required=False, governance=cfg.governance,
+                  run_id=client.get_model_version(name, "1").run_id, log=logs.append)
     assert out["champion"] is None and out["challenger"] == 1 and "waiver" in out["reason"]
     assert _state(client, name)["aliases"] == {"challenger": 1}
     assert "distill approve models:/wv-edge/1 --approver <name> --waive " + THIN in logs[-1]
@@ -152,7 +152,7 @@ def test_verify_checks_the_waiver_and_names_a_swapped_one(registry):
     approver's key, over this version; a waiver swapped for one signed by another key, or edited tags, break it."""
     import json
 
-    from distill_gap.governance.lineage import _download
+    from distill_gap.governance.verify import _download
     from distill_gap.governance.promotion import waive_and_promote
     from distill_gap.governance.waiver import sign_waiver, verify_recorded_waiver
     from distill_gap.registry.tracking import experiment_id, mlflow_run
