@@ -30,7 +30,7 @@ def run(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
 
     try:
         cfg = load_cfg(config, set)
-        console.print(f"[bold]distill-pipeline[/] {cfg.name} (config digest {cfg.digest()[:12]})")
+        console.print(f"distill-pipeline {cfg.name} (config digest {cfg.digest()[:12]})", style="bold")
         from flows.pipeline import distill_pipeline
         from distill_gap.ops.prefect_server import tie_ephemeral_server
 
@@ -82,9 +82,9 @@ def _print_summary(cfg, result: dict) -> None:
     for f in report["flags"]:
         by_suite.setdefault(f"{f['suite']} (n={f['n']})", []).append(f"{f['model']} {f['gap']:+.3f}")
     if by_suite:
-        console.print(f"[yellow]⚠ losses beyond {report['threshold']:.0%} vs the teacher:[/]")
+        console.print(f"⚠ losses beyond {report['threshold']:.0%} vs the teacher:", style="yellow")
         for suite, items in by_suite.items():
-            console.print(f"[yellow]  {suite}: {', '.join(items)}[/]")
+            console.print(f"  {suite}: {', '.join(items)}", style="yellow")
     reg, t, soft = result["registered"], result["teacher"], result["soft_labels"]
     from distill_gap.outcomes import gate_outcome
 
@@ -101,14 +101,14 @@ def _print_summary(cfg, result: dict) -> None:
         from distill_gap.outcomes import INSUFFICIENT, by_outcome
 
         thin = list(by_outcome(result["gates"], INSUFFICIENT))
-        console.print(f"[yellow]insufficient evidence for {', '.join(thin)}: @champion did not move. A named approver "
-                      f"may waive these gates with their own key:[/]\n  "
-                      f"{waiver_command(reg['edge']['name'], reg['edge']['version'], thin)}", highlight=False)
+        console.print(f"insufficient evidence for {', '.join(thin)}: @champion did not move. A named approver "
+                      "may waive these gates with their own key:", style="yellow")
+        console.print(f"  {waiver_command(reg['edge']['name'], reg['edge']['version'], thin)}")
     edge = result["edge"]
-    console.print(f"edge         primary {edge['primary']} ({'INT8' if edge['quantized'] else '[red]NOT quantized[/]'}): "
-                  f"{edge['reason']}", highlight=False)
+    console.print(f"edge         primary {edge['primary']} ({'INT8' if edge['quantized'] else 'NOT quantized'}): "
+                  f"{edge['reason']}", style=None if edge["quantized"] else "red")
     for e in edge["errors"]:
-        console.print(f"[yellow]  not built: {e['problem']}[/]", highlight=False)
+        console.print(f"  not built: {e['problem']}", style="yellow")
     console.print(f"gates        {gates}")
     checks = report.get("noninferiority", {}).get(edge["report_name"], [])
     if checks:  # the paired evidence against the teacher (issue 19): what is shown, what is not yet
@@ -189,7 +189,7 @@ def ui(prefect_port: int = typer.Option(4200), mlflow_port: int = typer.Option(5
             time.sleep(1)
         bad = [p.args[0] for p in procs if p.poll() not in (None, 0)]
         if bad:
-            err_console.print(f"[red]stopped: {bad}; is the port already in use?[/]")
+            err_console.print(f"stopped: {bad}; is the port already in use?", style="red")
             raise typer.Exit(1)
     except KeyboardInterrupt:
         pass

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from flows.cli_common import ConfigOpt, SetOpt, fail, load_cfg, app, console, err_console
 
@@ -69,10 +70,10 @@ def cache_verify(key: str = typer.Argument(..., help="a cache key or a unique pr
     except DistillError as err:
         fail(err)
     for shard in result["shards"]:
-        mark = "[green]ok[/]" if shard["ok"] else f"[red]BAD[/] {shard.get('problem', '')}"
+        mark = Text("ok", style="green") if shard["ok"] else Text("BAD ", style="red") + Text(shard.get("problem", ""))
         console.print(f"{shard['name']}  {mark}")
     if not result["ok"]:
-        err_console.print(f"[bold red]entry {result['key']} is damaged[/]: the next run recomputes the bad shards")
+        err_console.print(Text(f"entry {result['key']} is damaged", style="bold red") + Text(": the next run recomputes the bad shards"))
         raise typer.Exit(1)
     console.print(f"entry {result['key']}: all {len(result['shards'])} shards verified")
 

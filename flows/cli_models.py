@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from flows.cli_common import ConfigOpt, SetOpt, fail, load_cfg, app, console, err_console
 
@@ -53,13 +54,13 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
         sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
         return
     run = info["pipeline_run"]
-    root = _Branch(f"[bold]{info['name']} v{info['version']}[/]  ({model})  pipeline run {run['run_id']} "
+    root = _Branch(f"{info['name']} v{info['version']}  ({model})  pipeline run {run['run_id']} "
                    f"(trigger: {run['trigger_reason']})")
     node = root
     for link in info["chain"]:
         role = link["role"]
         if role in ("edge", "student", "teacher"):
-            text = (f"[bold]{role}[/] {link['name']} v{link['version']}  sha256 {str(link['digest'])[:16]}  "
+            text = (f"{role} {link['name']} v{link['version']}  sha256 {str(link['digest'])[:16]}  "
                     f"run {link['run_id']}" + (f"  @{', @'.join(link['aliases'])}" if link["aliases"] else ""))
             node = node.add(text, highlight=False)
             if role == "edge":
@@ -73,17 +74,17 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
                 node.add(f"licence {link['license']}" + (f" (override: {link['license_override']})"
                                                          if link.get("license_override") else ""), highlight=False)
                 if moved:
-                    node.add(f"[yellow]aliases now elsewhere: {', '.join(f'@{a} -> v{v}' for a, v in moved.items())}; "
-                             f"this model was made from v{link['version']}[/]", highlight=False)
-            node.add(f"[dim]{link['link']}[/]", highlight=False)
+                    node.add(f"⚠ aliases now elsewhere: {', '.join(f'@{a} -> v{v}' for a, v in moved.items())}; "
+                             f"this model was made from v{link['version']}", highlight=False)
+            node.add(f"{link['link']}", highlight=False)
         elif role == "soft labels":
-            node = node.add(f"[bold]soft labels[/] key {str(link['key'])[:16]}  {link['uri']}", highlight=False)
+            node = node.add(f"soft labels key {str(link['key'])[:16]}  {link['uri']}", highlight=False)
         elif role == "data":
-            data = node.add(f"[bold]data[/] sha256 {link['digest'][:16]}", highlight=False)
+            data = node.add(f"data sha256 {link['digest'][:16]}", highlight=False)
             for split, digest in link.get("splits", {}).items():
                 data.add(f"{split}: sha256 {digest}", highlight=False)
             if link.get("problem"):
-                data.add(f"[red]{link['problem']}[/]", highlight=False)
+                data.add(f"⚠ {link['problem']}", highlight=False)
     for line in root.lines():
         console.print(line, highlight=False)  # never cropped: digests and run ids stay whole
     console.print(f"pipeline run  {run['link']}" + (f"\nprefect run   {run['prefect_flow_run']}" if run["prefect_flow_run"] else ""),
@@ -101,7 +102,6 @@ def verify(model: str = typer.Argument(..., help="models:/<name>-edge@champion o
                                                    "the key the registry itself records (whoever writes the registry "
                                                    "can then sign for it)")):
     """Recompute every digest and check every signature behind a model; exit 1 naming any broken link."""
-    from rich.text import Text
 
     from distill_gap.edge.serving import stdout_to_stderr
     from distill_gap.errors import DistillError
@@ -164,9 +164,9 @@ def dossier(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
         fail(err)
     ev, gov = d["evidence"], d["governance"]
     colour = {"pass": "green", "fail": "bold red", "insufficient": "yellow"}[ev["outcome"]]
-    console.print(f"[bold]{mv.name} v{mv.version}[/] {' '.join('@' + a for a in d['status']['aliases'])}  gates: "
-                  f"[{colour}]{ev['outcome']}[/] ({len(ev['gates'])} gates, {len(ev['failed'])} failed, "
-                  f"{len(ev['insufficient'])} insufficient)", highlight=False)
+    console.print(Text(f"{mv.name} v{mv.version} {' '.join('@' + a for a in d['status']['aliases'])}  gates: ")
+                  + Text(ev["outcome"], style=colour) + Text(f" ({len(ev['gates'])} gates, {len(ev['failed'])} failed, "
+                  f"{len(ev['insufficient'])} insufficient)"))
     console.print(f"use: {d['intended_use']['use']}", highlight=False, markup=False)
     for item in d["intended_use"]["not_for"]:
         console.print(f"  not for: {item}", highlight=False, markup=False)
@@ -174,7 +174,7 @@ def dossier(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
     console.print(f"teacher {t['name']} v{t['version']} (licence {t['license']}), {len(d['lineage']['steps'])} signed "
                   f"steps, owner {gov['owner']}", highlight=False, markup=False)
     review = gov["review"]
-    console.print(f"review due {review['due']}" + (" [bold red](OVERDUE)[/]" if review["overdue"] else ""),
+    console.print(Text(f"review due {review['due']}") + Text(" (OVERDUE)" if review["overdue"] else "", style="bold red"),
                   highlight=False)
     if gov.get("waiver"):
         console.print(f"waiver of {', '.join(gov['waiver']['gates'])} by {gov['waiver']['approver']}: "
@@ -197,6 +197,16 @@ def promote(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt,
 
     try:
         cfg = load_cfg(config, set)
+        from distill_gap.registry.tracking import client_for
+        from distill_gap.registry.versions import resolve_version
+
+        if version < 1:
+            raise DistillError(f"--version {version}: versions are numbered from 1", "pass an existing version number")
+        try:  # before any run starts
+            resolve_version(client_for(cfg.tracking), cfg.edge_model_name, version=version)
+        except DistillError as err:
+            raise DistillError(err.problem, f"promote a version that exists: `distill lineage models:/"
+                                            f"{cfg.edge_model_name}@challenger` or the MLflow UI lists them") from None
         from flows.promote import promote_edge
         from distill_gap.ops.prefect_server import tie_ephemeral_server
 

@@ -26,6 +26,19 @@ def _name_version(ref: str) -> tuple[str, int]:
     return name, int(version)
 
 
+def _linked(client, ref: str, tag: str, mv):
+    """The registry version a lineage tag names; a DistillError naming the broken link when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        name, version = _name_version(ref)
+        return client.get_model_version(name, str(version))
+    except (ValueError, MlflowException):
+        raise DistillError(f"{mv.name} v{mv.version}: its {tag} tag names {ref!r}, which is not in the registry",
+                           f"the lineage is broken there; `distill verify models:/{mv.name}/{mv.version}` lists "
+                           "every link") from None
+
+
 def _pipeline_run_id(client, run_id: str | None) -> str | None:
     """The pipeline's parent run of a stage run (the run itself when it has no parent)."""
     if not run_id:
@@ -66,13 +79,12 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
         chain[0].update(primary=tags.get("edge.primary"), quantized=tags.get("edge.quantized"),
                         candidate=tags.get("quantization.candidate"), gates_passed=tags.get("gates.passed"),
                         promotion={k.removeprefix("promotion."): v for k, v in tags.items() if k.startswith("promotion.")})
-        sname, sversion = _name_version(tags["parent"])
-        chain.append(node(client.get_model_version(sname, str(sversion)), "student"))
+        chain.append(node(_linked(client, tags["parent"], "parent", mv), "student"))
     pipeline_run = _pipeline_run_id(client, mv.run_id)
     prun = client.get_run(pipeline_run) if pipeline_run else None
     chain.append({"role": "soft labels", "uri": tags.get("soft_labels.uri"), "key": tags.get("soft_labels.key")})
     tname, tversion = tags["teacher.name"], int(tags["teacher.version"])
-    teacher = client.get_model_version(tname, str(tversion))
+    teacher = _linked(client, f"{tname}/{tversion}", "teacher.version", mv)
     tnode = node(teacher, "teacher")
     tnode.update(license=teacher.tags.get("license"), recorded_digest=tags["teacher.digest"],
                  license_override=tags.get("license.override_reason"))

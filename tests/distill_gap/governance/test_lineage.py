@@ -76,3 +76,14 @@ def test_verify_names_a_changed_stored_file(chain):
     broken = {c.link: c.detail for c in result.checks if not c.ok}
     assert set(broken) == {"x-student v1 digest", "x-student v1 signature"}
     assert "config.json: digest differs from the signature" in broken["x-student v1 signature"]
+
+
+def test_lineage_names_a_link_to_a_version_that_does_not_exist(chain):
+    client = chain["client"]
+    client.set_model_version_tag("x-edge", "1", "teacher.version", "99")
+    try:
+        with pytest.raises(DistillError, match=r"x-edge v1: its teacher.version tag names 'x-teacher/99', which is "
+                                               r"not in the registry"):
+            lineage(client, "models:/x-edge/1")
+    finally:
+        client.set_model_version_tag("x-edge", "1", "teacher.version", "1")
