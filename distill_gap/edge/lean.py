@@ -101,7 +101,7 @@ def strict_rows(rows: Iterable[dict], source: str = "input") -> Iterator[dict]:
 def read_rows(path: str | Path, *, strict: bool = False) -> Iterator[dict]:
     """The rows of a JSONL file (or stdin, '-') as numbered_rows gives them, read as they are taken: memory stays
     flat however long the input. `strict`: a file is checked whole first, so a bad line stops the run before
-    anything is predicted; stdin stops at its first bad line (the rows before it are already answered)."""
+    anything is predicted; stdin stops at its first bad line (earlier chunks are already answered)."""
     stdin = str(path) == "-"
     source = "standard input" if stdin else str(path)
     if not stdin and not Path(path).is_file():

@@ -20,10 +20,10 @@ from distill_gap.errors import DistillError
 from distill_gap.evaluation.junk import JUNK_ROWS
 
 from tests.conftest import LABELS
-from tests.helpers import add_scope_guard
+
+from tests.distill_gap.edge.conftest import LEAN_MAX_LENGTH as MAX_LENGTH
 
 REPO = Path(__file__).resolve().parents[3]
-MAX_LENGTH = 64
 HEAVY = ("torch", "transformers", "prefect", "mlflow", "sklearn", "scipy", "pandas")
 # what a device copies: the lean module and the project modules it imports, nothing else of the project
 DEVICE_MODULES = {"distill_gap", "distill_gap.errors", "distill_gap.digest", "distill_gap.edge",
@@ -35,24 +35,6 @@ def texts(review_frame):
     """Reviews, and junk no review model was evaluated on (code, emoji, zero-width, 5 MB of one letter...)."""
     junk = [t for k, t in JUNK_ROWS.items() if k != "one letter, 5 MB"] + ["a" * 20_000]
     return review_frame["text"].tolist()[:40] + junk
-
-
-@pytest.fixture(scope="module")
-def lean_edge_dir(spread_model_dir, review_frame, tmp_path_factory):
-    """An edge folder as quantize + evaluate write it for the demo: onnx-int8 (primary) and onnx, the kNN guard
-    fitted on the primary's own features."""
-    from distill_gap.edge.onnx_export import export_onnx, quantize_onnx_int8
-
-    reviews = review_frame["text"].tolist()
-    edge = tmp_path_factory.mktemp("lean-edge") / "edge"
-    export_onnx(spread_model_dir, edge / "onnx", heldout_texts=reviews[:8], max_length=MAX_LENGTH)
-    quantize_onnx_int8(edge / "onnx", edge / "onnx-int8", heldout_texts=reviews[:8], max_length=MAX_LENGTH)
-    (edge / "edge.json").write_text(json.dumps({
-        "format": 1, "primary": "onnx-int8", "labels": LABELS, "max_length": MAX_LENGTH, "quantized": True,
-        "artifacts": {"onnx-int8": {"path": "onnx-int8", "runtime": "onnxruntime"},
-                      "onnx": {"path": "onnx", "runtime": "onnxruntime"}}}, indent=2))
-    add_scope_guard(edge, reviews[40:120])
-    return edge
 
 
 def _rows(texts):
