@@ -53,6 +53,13 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
         return
+    edge = info["chain"][0]
+    if edge["role"] == "edge" and edge["aliases"] and edge.get("gates_outcome") != "pass" and \
+            not (edge.get("gates_outcome") == "insufficient" and ("waiver" in edge["promotion"] or
+                                                                  edge["aliases"] == ["challenger"])):
+        err_console.print(f"⚠ {info['name']} v{info['version']} is @{', @'.join(edge['aliases'])} although its gates "
+                          f"are {edge.get('gates_outcome')} and no waiver is recorded: an alias moved by hand? run "
+                          f"`distill verify {model}`", style="bold red")
     run = info["pipeline_run"]
     root = _Branch(f"{info['name']} v{info['version']}  ({model})  pipeline run {run['run_id']} "
                    f"(trigger: {run['trigger_reason']})")

@@ -39,6 +39,26 @@ def _linked(client, ref: str, tag: str, mv):
                            "every link") from None
 
 
+def _attested_splits(client, uri: str | None, tmp: Path) -> dict[str, str]:
+    """The split digests the evaluate Statement names (its payload read, not verified: `distill verify` does that)."""
+    import base64
+
+    import mlflow
+
+    if not uri:
+        return {}
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/evaluate.dsse.json",
+                                                   dst_path=str(tmp), tracking_uri=client._tracking_client.tracking_uri)
+        stmt = json.loads(base64.b64decode(json.loads(Path(path).read_text())["payload"]))
+    except Exception:  # noqa: BLE001 - no Statement: the recorded file is all there is
+        return {}
+    if (stmt.get("predicate") or {}).get("step") != "evaluate":
+        return {}
+    return {i["name"].removeprefix("data/"): i["digest"]["sha256"] for i in stmt["predicate"].get("inputs", [])
+            if i["name"].startswith("data/")}
+
+
 def _pipeline_run_id(client, run_id: str | None) -> str | None:
     """The pipeline's parent run of a stage run (the run itself when it has no parent)."""
     if not run_id:
@@ -78,6 +98,8 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
     if name.endswith("-edge"):
         chain[0].update(primary=tags.get("edge.primary"), quantized=tags.get("edge.quantized"),
                         candidate=tags.get("quantization.candidate"), gates_passed=tags.get("gates.passed"),
+                        gates_outcome=tags.get("gates.outcome") or ("pass" if tags.get("gates.passed") == "true"
+                                                                    else "fail"),
                         promotion={k.removeprefix("promotion."): v for k, v in tags.items() if k.startswith("promotion.")})
         chain.append(node(_linked(client, tags["parent"], "parent", mv), "student"))
     pipeline_run = _pipeline_run_id(client, mv.run_id)
@@ -102,6 +124,13 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
                 data["splits"] = json.loads(Path(path).read_text())["data"]
             except Exception as err:  # noqa: BLE001 - report, do not hide
                 data["problem"] = f"lineage/inputs.json not readable: {err}"
+            attested = _attested_splits(client, tags.get("attestation.uri"), Path(tmp))
+        if attested:  # the signed evaluate Statement is the source; the unsigned file and the tag are checked against it
+            differ = sorted(k for k in set(attested) | set(data["splits"]) if attested.get(k) != data["splits"].get(k))
+            if differ:
+                data["problem"] = (f"lineage/inputs.json differs from the signed evaluate Statement for "
+                                   f"{', '.join(differ)}: showing the attested digests; run `distill verify`")
+            data["splits"] = attested
         data["datasets"] = [{"name": d.dataset.name, "sha256": {t.key: t.value for t in d.tags}.get("distill.sha256"),
                              "rows": {t.key: t.value for t in d.tags}.get("rows")}
                             for d in prun.inputs.dataset_inputs] if prun.inputs else []

@@ -171,3 +171,26 @@ def test_a_statement_signed_by_another_key_is_broken(promoted, tmp_path):
         broken = _broken(promoted)
     assert broken["attestation evaluate"].startswith("the statement is signed by unknown key(s)")
     assert "dossier" in broken
+
+
+def test_lineage_shows_the_attested_data_digests_and_warns_of_a_hand_moved_alias(promoted):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from distill_gap.governance.lineage import lineage
+
+    client = promoted["client"]
+    inputs = _local(client.get_run(promoted["run"]).info.artifact_uri) / "lineage" / "inputs.json"
+    with _restored(inputs):
+        inputs.write_text(json.dumps({"data": {**promoted["splits"], "train": "f" * 64}}))
+        data = lineage(client, "models:/x-edge/1")["chain"][-1]
+    assert data["splits"] == promoted["splits"]  # what the evaluate Statement attests, not the forged file
+    assert data["problem"].startswith("lineage/inputs.json differs from the signed evaluate Statement for train")
+    client.set_registered_model_alias("x-edge", "champion", 1)
+    try:
+        out = CliRunner().invoke(app, ["lineage", "models:/x-edge@champion", "--tracking-uri",
+                                       client._registry_uri])
+    finally:
+        client.delete_registered_model_alias("x-edge", "champion")
+    assert out.exit_code == 0, out.output
+    assert "x-edge v1 is @challenger, @champion although its gates are insufficient and no waiver" in out.output
