@@ -20,7 +20,6 @@ itself records is an explicit choice (`trust_registry=True`, `--trust-registry-k
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from distill_gap.digest import model_digest, sha256_json
 from distill_gap.errors import DistillError
 from distill_gap.governance.lineage import _name_version, _pipeline_run_id
 from distill_gap.registry.model_uri import parse_model_uri
+from distill_gap.registry.model_uri import trusted_public_keys as trusted_keys  # one trust rule for verify and predict
 from distill_gap.registry.versions import resolve_version, version_folder
 
 REQUIRED_STEPS = ("soft-labels", "distill", "quantize", "evaluate")  # every pipeline-made version has these
@@ -54,28 +54,6 @@ class Verification:
 
     def add(self, link: str, ok: bool, detail: str) -> None:
         self.checks.append(Check(link, ok, detail))
-
-
-def trusted_keys(public_keys: list[str] | None, key_dir: str | Path | None,
-                 trust_registry: bool = False) -> tuple[list[str], str]:
-    """The public keys signatures must come from: --public-key files, else the local key pair's public key; the key
-    recorded in the registry only when the caller says so (an empty list: each version's own key)."""
-    if public_keys:
-        pems = []
-        for p in public_keys:
-            if not Path(p).is_file():
-                raise DistillError(f"public key file not found: {p}", "pass the PEM file of the signing public key")
-            pems.append(Path(p).read_text())
-        return pems, f"--public-key {', '.join(public_keys)}"
-    pub = Path(key_dir or os.environ.get("DISTILL_KEY_DIR") or ".distill/keys") / "signing-key.pub.pem"
-    if pub.is_file():
-        return [pub.read_text()], f"local key {pub}"
-    if trust_registry:
-        return [], "WARNING: the keys recorded in the registry itself (--trust-registry-key): whoever can write " \
-                   "the registry can sign for it"
-    raise DistillError(f"no trusted public key: no --public-key and no local key at {pub}",
-                       "pass --public-key <pipeline key .pub.pem> or --key-dir <folder>; or, knowingly, "
-                       "--trust-registry-key to trust the key the registry records")
 
 
 def _download(client, uri: str, dst: Path) -> Path:
