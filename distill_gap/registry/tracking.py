@@ -55,15 +55,22 @@ def use_store(uri: str) -> None:
             os.environ[k] = v
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI mode (an empty Traces page, no model registry in
+# the sidebar); this project trains models (issue 23)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, tracking) -> str:
-    """The id of tracking.experiment, created (with its artifact location) when missing."""
+    """The id of tracking.experiment, created (with its artifact location and kind) when missing."""
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # an experiment made before the tag (or by hand)
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     if not tracking_uri(tracking).startswith(("http://", "https://", "databricks")):
         location = Path(tracking.artifact_location).resolve().as_uri()
-    return client.create_experiment(tracking.experiment, artifact_location=location)
+    return client.create_experiment(tracking.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def code_version() -> str:

@@ -137,3 +137,12 @@ def test_code_version_is_the_checkouts_commit():
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert code_version().removesuffix("+dirty") == head
+
+
+def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(store):
+    """MLflow 3 shows an experiment without mlflow.experimentKind in its GenAI mode (Traces, no registry link)."""
+    client, eid, tracking = store
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.delete_experiment_tag(eid, "mlflow.experimentKind")  # made before the tag, or by hand
+    assert experiment_id(client, tracking) == eid
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"
