@@ -11,14 +11,15 @@ from distill_gap.registry.pyfunc import log_split_inputs
 from tasks.data import load_data
 
 
-def validate(splits) -> dict:
-    """Validate every split; publish the report as an artifact; raise DataValidationError on failure."""
+def validate(splits, name: str = "") -> dict:
+    """Validate every split; publish the report as an artifact (key <name>-data-validation); raise
+    DataValidationError on failure."""
     try:
         report = validate_splits(splits.frames, splits.labels, splits.slice_columns)
     except DataValidationError as e:
-        _publish(e.report)
+        _publish(e.report, name)
         raise
-    _publish(report)
+    _publish(report, name)
     return report
 
 
@@ -30,7 +31,7 @@ def validate_data(run, data_cfg, seed: int):
     the run's dataset inputs; returns the splits."""
     with run.stage("validate"):
         splits = load_data(data_cfg, seed)
-        validate(splits)
+        validate(splits, run.name)
     log_split_inputs(run.client, run.run_id, splits,
                      sources=data_cfg.model_dump(include={"train", "validation", "test"}))
     return splits

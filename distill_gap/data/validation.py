@@ -357,8 +357,9 @@ def validation_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _publish(report: dict) -> None:
-    """Markdown artifact "data-validation", only inside a Prefect run (plain calls have no API)."""
+def _publish(report: dict, name: str = "") -> None:
+    """Markdown artifact "<name>-data-validation" (one history per config), only inside a Prefect run (plain calls
+    have no API)."""
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import get_run_context
     from prefect.exceptions import MissingContextError
@@ -369,6 +370,6 @@ def _publish(report: dict) -> None:
         return
     create_markdown_artifact(
         markdown=validation_markdown(report),
-        key="data-validation",
+        key=f"{name}-data-validation" if name else "data-validation",
         description="Great Expectations suite per split (id, text, label, slice columns)",
     )

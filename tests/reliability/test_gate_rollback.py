@@ -166,7 +166,10 @@ def test_default_margins_on_64_rows_are_insufficient_then_a_named_approver_waive
 
     with get_client(sync_client=True) as c:  # the Prefect UI links to the page in the MLflow UI
         links = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{cfg.name}-dossier"])))
+        validation = c.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"{cfg.name}-data-validation"])))
     assert links and "/artifactPath/dossier/dossier.html" in links[0].data  # Prefect keeps links as markdown
+    assert validation  # one history per config: the key carries the config's name (issue 23)
     # the model card ships inside the signed edge folder
     import mlflow
 
