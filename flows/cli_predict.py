@@ -53,8 +53,7 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
     from distill_gap.errors import DistillError
     from distill_gap.registry.model_uri import parse_model_uri, resolve_edge, trusted_public_keys
 
-    say = _say
-    out = _real_stdout()
+    say, out = _say, _real_stdout()
     try:
         if out_of_scope not in OUT_OF_SCOPE:
             raise DistillError(f"--out-of-scope {out_of_scope!r} is not an option", "use abstain or answer")
@@ -65,7 +64,8 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
             keys, source = trusted_public_keys(public_key, key_dir, trust_registry_key)
             if not keys:
                 say(source)
-        with _bounded_mlflow_retries(registry_timeout), stdout_to_stderr():  # what libraries print goes to stderr; the rows go to `out`, chunk by chunk
+        # what libraries print goes to stderr; the rows go to `out`, chunk by chunk
+        with _bounded_mlflow_retries(registry_timeout), stdout_to_stderr():
             folder = resolve_edge(model, tracking_uri, log=say, public_keys=keys, timeout_s=registry_timeout)
             name, spec, _ = chosen_artifact(folder, artifact)
             note = check_servable(folder, name, allow_failed_artifact)
