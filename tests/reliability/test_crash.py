@@ -2,12 +2,14 @@
 again. `distill run` is a real subprocess with an MLflow SQLite store; failpoints (distill_gap/ops/failpoints.py)
 hold it at the exact place, the test signals the process.
 
-The six drills run in two lanes, each on its own workspace (config, MLflow store, soft-label folder, PREFECT_HOME)
-and each ending with a run that completes; the lanes run at the same time (each process is mostly one busy core).
-The soft-label drills run on the default ephemeral Prefect API (a server the process starts, SQLite in
-PREFECT_HOME): the SIGKILL drill shows that the server dies with its process, and the SIGTERM drill after it marks
-the killed run Crashed on that server. The other runs talk to the session's Prefect server (PREFECT_API_URL), as
-a deployment does: a server start of their own would cost ~20 s each and show nothing new.
+The six drills run one after the other on one workspace (config, MLflow store, soft-label folder, PREFECT_HOME),
+then a run that completes. The soft-label drills run on the default ephemeral Prefect API (a server the process
+starts, SQLite in PREFECT_HOME): the SIGKILL drill shows that the server dies with its process, and the SIGTERM drill
+after it marks the killed run Crashed on that server. The other runs talk to the session's Prefect server
+(PREFECT_API_URL), as a deployment does: a server start of their own would cost ~20 s each and show nothing new.
+(One sequence, not two lanes at the same time: seven `distill run` processes instead of eight, and the distill and
+register drills start from complete soft labels; on `make test`'s two busy cores a second lane only takes its
+core from the other pytest worker.)
 
 After each kill the next run starts from the work already done: completed soft-label shards are reused, never
 duplicated or truncated; every killed run ends Crashed in Prefect and FAILED or KILLED in MLflow, never RUNNING
@@ -22,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -33,43 +34,39 @@ from tests.helpers import drill_workspace
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
-# (failpoint to hold at, signal, Prefect API), run after run on the lane's workspace, then a run that completes.
+# (failpoint to hold at, signal, Prefect API), run after run on one workspace, then a run that completes.
 # "own": the run starts its own ephemeral API server; "session": PREFECT_API_URL names the session's server.
-LANES = {
-    "soft-labels": [
-        ("soft-labels.shard-written@2", signal.SIGKILL, "own"),
-        ("soft-labels.shard-written@1", signal.SIGTERM, "own"),  # marks the SIGKILLed run Crashed on that server
-        ("distill.epoch-end@1", signal.SIGKILL, "session"),
-    ],
-    "register": [
-        ("distill.epoch-end@1", signal.SIGTERM, "session"),
-        ("register.student-registered", signal.SIGKILL, "session"),
-        ("register.student-registered", signal.SIGTERM, "session"),
-    ],
-}
+DRILLS = [
+    ("soft-labels.shard-written@2", signal.SIGKILL, "own"),
+    ("soft-labels.shard-written@1", signal.SIGTERM, "own"),  # marks the SIGKILLed run Crashed on that server
+    ("distill.epoch-end@1", signal.SIGKILL, "session"),
+    ("distill.epoch-end@1", signal.SIGTERM, "session"),
+    ("register.student-registered", signal.SIGKILL, "session"),
+    ("register.student-registered", signal.SIGTERM, "session"),
+]
+SOFT_LABEL_DRILLS = 2  # the first two: killed while the soft labels were being written
 STARTED_OWN_SERVER = "Starting temporary server"  # Prefect's log line when it starts an ephemeral API server
 
 
 @pytest.fixture(scope="module")
-def lanes(tmp_path_factory, tiny_model_dir, tiny_data, mlflow_db_template, prefect_api_url) -> dict:
-    """Both lanes' drills, run at the same time: per lane its workspace, each run's rc/log/servers, and the
-    soft-label store after each run (or the exception that stopped the lane)."""
-    workspaces = {}
-    for lane in LANES:
-        ws = drill_workspace(tmp_path_factory.mktemp(f"crash-{lane}"), "crash", tiny_model_dir, data=tiny_data,
-                             mlflow_db=mlflow_db_template)
-        ws["env"]["DISTILL_FAILPOINT_DIR"] = str(ws["tmp"] / "failpoints")
-        ws["api_url"] = prefect_api_url
-        workspaces[lane] = ws
-    with ThreadPoolExecutor(len(LANES)) as pool:
-        futures = {lane: pool.submit(_drive, workspaces[lane], LANES[lane]) for lane in LANES}
-    out = {}
-    for lane, future in futures.items():
-        try:
-            out[lane] = {"ws": workspaces[lane], **future.result()}
-        except Exception as exc:  # noqa: BLE001 - re-raised by that lane's test
-            out[lane] = {"ws": workspaces[lane], "error": exc}
-    return out
+def drills(tmp_path_factory, tiny_model_dir, tiny_data, mlflow_db_template, prefect_api_url) -> dict:
+    """The six drills and the final run on one workspace: each run's rc/log/servers, the soft-label store after each
+    drill."""
+    ws = drill_workspace(tmp_path_factory.mktemp("crash"), "crash", tiny_model_dir, data=tiny_data,
+                         mlflow_db=mlflow_db_template)
+    ws["env"]["DISTILL_FAILPOINT_DIR"] = str(ws["tmp"] / "failpoints")
+    ws["api_url"] = prefect_api_url
+    results, shard_files = [], []
+    for i, (failpoint, sig, api) in enumerate(DRILLS):
+        results.append(_run(ws, _name(i), failpoint, sig, api))
+        shard_files.append(_shards(ws))
+    final = _run(ws, "final")
+    return {"ws": ws, "results": results, "shard_files": shard_files, "final": final}
+
+
+def _name(i: int) -> str:
+    failpoint, sig, _ = DRILLS[i]
+    return f"drill{i}-{failpoint.split('@')[0]}-{sig.name}"
 
 
 def _servers(prefect_home: Path) -> list[psutil.Process]:
@@ -157,23 +154,11 @@ def _shards(ws) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_size) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _drive(ws, drills) -> dict:
-    """Run the lane's drills one after the other, then a run that completes."""
-    results, shard_files = [], []
-    for i, (failpoint, sig, api) in enumerate(drills):
-        results.append(_run(ws, f"drill{i}-{failpoint.split('@')[0]}-{sig.name}", failpoint, sig, api))
-        shard_files.append(_shards(ws))
-    final = _run(ws, "final")
-    return {"results": results, "shard_files": shard_files, "final": final}
-
-
-def _check_lane(lane: dict, drills) -> dict:
-    """What every lane must show: each kill as intended, the final run completing from the work kept, the store
-    whole, every killed run Crashed / KILLED or FAILED, and the registry holding the final run's versions only."""
-    if "error" in lane:
-        raise lane["error"]
-    ws, results, shard_files, final = lane["ws"], lane["results"], lane["shard_files"], lane["final"]
-    for (failpoint, sig, api), r in zip(drills, results):
+def _check_runs(drills: dict, which: range) -> None:
+    """Each drill in `which` killed as intended, on the API it should use, its server gone with it; the final run
+    completed on the session's API."""
+    for i in which:
+        (failpoint, sig, api), r = DRILLS[i], drills["results"][i]
         if sig == signal.SIGKILL:
             assert r["rc"] == -signal.SIGKILL, (failpoint, r["log"][-3000:])
         else:  # one clear message, not a traceback
@@ -182,8 +167,18 @@ def _check_lane(lane: dict, drills) -> dict:
         assert not r["servers"], f"an ephemeral API server outlived its process: {r['servers']}"
         # the drill ran where it should: its own ephemeral server, or the session's (no server started)
         assert (STARTED_OWN_SERVER in r["log"]) == (api == "own"), (api, r["log"][-3000:])
+    final = drills["final"]
     assert final["rc"] == 0, final["log"][-4000:]
     assert not final["servers"] and STARTED_OWN_SERVER not in final["log"]
+
+
+def test_killed_soft_label_runs_resume_from_the_stored_shards(drills):
+    _check_runs(drills, range(SOFT_LABEL_DRILLS))
+    ws, results, shard_files = drills["ws"], drills["results"], drills["shard_files"]
+    # completed work reused: each run after a soft-label kill went on from the shards already stored
+    assert "(2 shards reused)" not in results[0]["log"]
+    reused = [int(m) for m in re.findall(r"\((\d+) shards? reused\)", results[1]["log"] + results[2]["log"])]
+    assert reused and reused[0] >= 1, results[1]["log"][-3000:]
 
     # stored shards are never rewritten or removed by a later run
     for before, after in zip(shard_files, shard_files[1:] + [_shards(ws)]):
@@ -201,13 +196,17 @@ def _check_lane(lane: dict, drills) -> dict:
     verify = CliRunner().invoke(app, ["cache", "verify", manifests[0].split("/")[0], "--config", str(ws["config"])])
     assert verify.exit_code == 0, verify.output  # every shard's digest, no truncated shard
 
-    # every killed run: Prefect Crashed, MLflow FAILED or KILLED; no stage run left RUNNING
-    state = _state(ws)
+
+def test_every_killed_run_ends_crashed_and_leaves_no_registry_version(drills):
+    """Every killed run: Prefect Crashed, MLflow FAILED or KILLED; no stage run left RUNNING; the registry holds
+    the final run's versions only (a killed registration left nothing behind)."""
+    _check_runs(drills, range(len(DRILLS)))
+    state = _state(drills["ws"])
     pipelines = sorted((r for r in state["runs"] if r["stage"] == "pipeline"), key=lambda r: r["reason"])
-    assert len(pipelines) == len(drills) + 1
+    assert len(pipelines) == len(DRILLS) + 1
     by_reason = {r["reason"]: r for r in pipelines}
-    for i, (failpoint, sig, _) in enumerate(drills):
-        run = by_reason[f"test: drill{i}-{failpoint.split('@')[0]}-{sig.name}"]
+    for i, (failpoint, sig, _) in enumerate(DRILLS):
+        run = by_reason[f"test: {_name(i)}"]
         flow = state["flows"][run["flow_run"]]
         assert flow["name"] == "Crashed", (failpoint, sig.name, flow)
         assert run["status"] == ("KILLED" if sig == signal.SIGKILL else "FAILED"), (failpoint, sig.name, run)
@@ -217,25 +216,9 @@ def _check_lane(lane: dict, drills) -> dict:
     assert state["flows"][by_reason["test: final"]["flow_run"]]["state"] == "COMPLETED"
     assert not [r for r in state["runs"] if r["status"] == "RUNNING"]
 
-    # the registry holds the final run's versions only: a killed registration left nothing behind
     final_run = by_reason["test: final"]["id"]
     final_stages = {r["id"] for r in state["runs"] if r["parent"] == final_run}
     for name, versions in state["versions"].items():
         assert len(versions) == 1 and versions[0][1] in final_stages, (name, versions)
     edge_version = state["versions"]["crash-edge"][0][0]
     assert state["aliases"]["crash-edge"] == {"challenger": edge_version, "champion": edge_version}
-    return state
-
-
-def test_killed_soft_label_runs_resume_from_the_stored_shards(lanes):
-    lane = lanes["soft-labels"]
-    _check_lane(lane, LANES["soft-labels"])
-    results = lane["results"]
-    # completed work reused: each run after a soft-label kill went on from the shards already stored
-    assert "(2 shards reused)" not in results[0]["log"]
-    reused = [int(m) for m in re.findall(r"\((\d+) shards? reused\)", results[1]["log"] + results[2]["log"])]
-    assert reused and reused[0] >= 1, results[1]["log"][-3000:]
-
-
-def test_killed_distill_and_register_runs_are_never_left_running(lanes):
-    _check_lane(lanes["register"], LANES["register"])
