@@ -275,17 +275,20 @@ SLOW_UNIT_TESTS = {
 SERVER_FIXTURES = {"s3_endpoint", "_prefect_server"}  # moto's S3 server; the session's Prefect API (~17 s to start)
 
 
-# The longest modules, longest first (seconds of one worker, measured 2026-12-02 on 2 idle cores): `make test`
-# runs the suite on two pytest-xdist workers, one module per worker at a time (--dist loadfile), and a module that
-# starts last would run alone at the end. Everything else keeps its collection order after these.
+# The longest modules (seconds of one worker while the other is busy too, measured 2026-12-02 on 2 cores): `make test`
+# hands modules to its two pytest-xdist workers in this order, then the rest in collection order (pyproject's addopts:
+# --dist loadfile --no-loadscope-reorder), so none of these starts late and runs alone at the end. A worker asks for
+# its next module while its last two tests run, so the first worker takes the first and third modules at once and the
+# second worker the fourth once the production stack is half done: the order pairs them crash + S3 outage against
+# production stack + triggers.
 LONGEST_MODULES = [
-    "tests/flows/test_triggers.py",  # ~140 s: prefect server, worker, three pipeline runs
-    "tests/reliability/test_crash.py",  # ~130 s
-    "tests/infra/test_production_stack.py",  # ~75 s: PostgreSQL, prefect and mlflow servers
-    "tests/reliability/test_concurrent_runs.py",  # ~55 s
-    "tests/reliability/test_cold_start.py",  # ~50 s
-    "tests/reliability/test_s3_outage.py",  # ~40 s
-    "tests/flows/test_pipeline.py",  # ~40 s
+    "tests/reliability/test_crash.py",  # ~200 s: seven `distill run` processes, two of them on their own API server
+    "tests/infra/test_production_stack.py",  # ~150 s: PostgreSQL, prefect and mlflow servers, one `distill run`
+    "tests/reliability/test_s3_outage.py",  # ~60 s: two in-process runs, one to the end
+    "tests/flows/test_triggers.py",  # ~150 s: prefect server, worker, three pipeline runs
+    "tests/reliability/test_concurrent_runs.py",  # ~60 s: two `distill run` at once, each with its own server
+    "tests/reliability/test_cold_start.py",  # ~50 s: two cold starts
+    "tests/flows/test_pipeline.py",  # ~60 s: two in-process runs, a `distill verify` process
 ]
 
 

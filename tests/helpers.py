@@ -79,6 +79,16 @@ def wait_http(url: str, proc, log: Path, timeout: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def drain_prefect_services(timeout: float = 30) -> None:
+    """Deliver what this process's Prefect client services still hold (events, API logs, concurrency-slot
+    clients), then stop them. Each is bound to the API it was started against, and a pytest worker runs many
+    modules: one left running after its module's own server stopped would fail the events and the promotion lock of
+    every later module on that worker (the slot client), and hang the next harness drain (the events)."""
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
+    _QueueServiceBase.drain_all(timeout=timeout)  # one registry of instances for every service class
+
+
 def import_tiny_teacher(config, model_dir) -> dict:
     """Register `model_dir` as the config's pinned teacher (`distill teacher import`, in this process): seconds,
     where `distill teacher bootstrap` trains one for ~30 s. For tests about faults, not about teacher quality."""

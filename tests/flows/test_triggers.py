@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from tests.conftest import _free_port
-from tests.helpers import OPEN_GATES, OPEN_TOLERABLE_LOSS, fresh_mlflow_db, import_tiny_teacher, wait_http
+from tests.helpers import (OPEN_GATES, OPEN_TOLERABLE_LOSS, drain_prefect_services, fresh_mlflow_db,
+                           import_tiny_teacher, wait_http)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,7 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
                                       start_new_session=True))
         yield {"tmp": tmp, "config": config, "env": env, "logs": logs}
     finally:
+        drain_prefect_services()  # while the server is up: this process's clients of it go with it
         for p in procs:
             with pytest.MonkeyPatch.context():
                 try:
