@@ -244,26 +244,24 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
         result.add("soft labels", False, f"{uri}: {err.problem}")
 
 
-def _verify_alias(result: Verification, client, mv, alias: str, keys: list[str], tmp: Path) -> None:
-    """An alias is trusted only with the signed promote Statement that moved exactly it to exactly this version,
-    and never on a version whose gates failed (a champion also needs them passed, or waived)."""
+def alias_check(client, mv, alias: str, keys: list[str], tmp: Path) -> tuple[bool, str]:
+    """(trusted, why) for `alias` on version `mv`: trusted only with the signed promote Statement that moved exactly
+    it to exactly this version, and never on a version whose gates failed (a champion also needs them passed, or
+    waived). Used by verify and by `distill predict` before it serves an alias."""
     from distill_gap.signing import SignatureError, subject_digests, verify_statement
 
-    tags, link = mv.tags, f"@{alias}"
+    tags = mv.tags
     outcome = tags.get("gates.outcome") or ("pass" if tags.get("gates.passed") == "true" else "fail")
     if outcome == "fail":
-        result.add(link, False, f"{mv.name} v{mv.version} is @{alias} although its gates failed: the alias was moved "
-                                "by hand (MLflow UI or client)")
-        return
+        return False, (f"{mv.name} v{mv.version} is @{alias} although its gates failed: the alias was moved by hand "
+                       "(MLflow UI or client)")
     if alias == "champion" and outcome != "pass" and not tags.get("promotion.waiver"):
-        result.add(link, False, f"{mv.name} v{mv.version} is @champion with insufficient evidence and no waiver: the "
-                                "alias was moved by hand (MLflow UI or client)")
-        return
+        return False, (f"{mv.name} v{mv.version} is @champion with insufficient evidence and no waiver: the alias was "
+                       "moved by hand (MLflow UI or client)")
     records = ("promotion.attestation.uri", "rollback.attestation.uri", f"{alias}.attestation.uri")
-    for uri in dict.fromkeys(tags[k] for k in records if tags.get(k)):
+    for n, uri in enumerate(dict.fromkeys(tags[k] for k in records if tags.get(k))):
         try:
-            envelope = json.loads(_download(client, uri, tmp / f"alias-{len(result.checks)}.d").read_text())
-            stmt = verify_statement(envelope, keys)
+            stmt = verify_statement(json.loads(_download(client, uri, tmp / f"alias-{n}.d").read_text()), keys)
         except (SignatureError, ValueError, OSError):
             continue  # unsigned or by another key: not evidence
         except Exception:  # noqa: BLE001 - not downloadable: try the next record
@@ -271,11 +269,10 @@ def _verify_alias(result: Verification, client, mv, alias: str, keys: list[str],
         after = (stmt["predicate"].get("results") or {}).get("aliases_after") or {}
         if subject_digests(stmt).get(f"{mv.name}/{mv.version}") == tags.get("model.digest") and \
                 str(after.get(alias)) == str(mv.version):
-            result.add(link, True, f"moved to v{mv.version} by a signed promote Statement "
-                                   f"({stmt['predicate']['parameters'].get('action')})")
-            return
-    result.add(link, False, f"no signed promote Statement moved @{alias} to {mv.name} v{mv.version}: the alias was "
-                            "moved by hand (MLflow UI or client); promote with `distill promote` or roll back")
+            return True, (f"moved to v{mv.version} by a signed promote Statement "
+                          f"({stmt['predicate']['parameters'].get('action')})")
+    return False, (f"no signed promote Statement moved @{alias} to {mv.name} v{mv.version}: the alias was moved by "
+                   "hand (MLflow UI or client); promote with `distill promote` or roll back")
 
 
 def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: str | Path | None = None,
@@ -290,7 +287,7 @@ def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: s
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if alias:
-            _verify_alias(result, client, mv, alias, keys, tmp)
+            result.add(f"@{alias}", *alias_check(client, mv, alias, keys, tmp))
         # 1. the models: edge, its parent student, the teacher version it was made from (not the alias)
         versions, edge_folder = [mv], None
         if mv.name.endswith("-edge") and not tags.get("parent"):
