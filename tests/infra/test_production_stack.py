@@ -180,9 +180,9 @@ def pipeline(stack, tiny_model_dir, tiny_data):
     with _environ(stack["env"]), contextlib.chdir(stack["tmp"]):  # .distill/ work folders land in tmp
         import_tiny_teacher(load_config(TINY, store), tiny_model_dir)
     imported = time.monotonic()
-    # fewer bootstrap resamples and stress rows, one INC trial and no ONNX copies (as tests/flows/test_triggers.py):
+    # no bootstrap intervals or stress suites, one INC trial and no ONNX copies (as tests/flows/test_triggers.py):
     # this test is about where things are stored, not about the intervals or the toolchains
-    trimmed = ["evaluate.bootstrap_samples=50", "evaluate.stress_rows=40", "quantize.candidates=[static]",
+    trimmed = ["evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[static]",
                "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
                *OPEN_GATE_OVERRIDES]  # stores, not quality
     out = _distill(stack, "run", "--config", TINY, *(a for o in [*store, *trimmed] for a in ("--set", o)),
