@@ -35,6 +35,8 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
                                                    "$DISTILL_KEY_DIR or .distill/keys)"),
             trust_registry_key: bool = typer.Option(False, "--trust-registry-key", help="no key of your own: trust "
                                                     "the key the registry records (warned)"),
+            allow_untrusted_alias: bool = typer.Option(False, "--allow-untrusted-alias", help="serve an alias that no "
+                                                       "signed promote Statement moved there (warned)"),
             registry_timeout: float = typer.Option(10.0, min=0.5, help="seconds the tracking server may take to "
                                                    "answer before it counts as down")):
     """Label JSONL rows with an edge model: one JSON object per row on stdout, in input order, messages on stderr.
@@ -66,7 +68,8 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
                 say(source)
         # what libraries print goes to stderr; the rows go to `out`, chunk by chunk
         with _bounded_mlflow_retries(registry_timeout), stdout_to_stderr():
-            folder = resolve_edge(model, tracking_uri, log=say, public_keys=keys, timeout_s=registry_timeout)
+            folder = resolve_edge(model, tracking_uri, log=say, public_keys=keys, timeout_s=registry_timeout,
+                                  check_alias=_alias_rule(keys, allow_untrusted_alias))
             name, spec, _ = chosen_artifact(folder, artifact)
             note = check_servable(folder, name, allow_failed_artifact)
             if note:
@@ -87,6 +90,28 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/<name>
     if out is not sys.stdout:
         out.close()
     say(line)
+
+
+def _alias_rule(keys: list[str] | None, allow: bool):
+    """check_alias for resolve_edge: an alias is served only when a signed promote Statement moved it to exactly
+    that version and its gates did not fail (distill_gap.governance.verify.alias_check, as `distill verify` reads it);
+    otherwise a refusal, or with `allow` a warning."""
+    def check(client, mv, alias: str) -> None:
+        import tempfile
+
+        from distill_gap.errors import DistillError
+        from distill_gap.governance.verify import alias_check
+
+        with tempfile.TemporaryDirectory(prefix="distill-alias-") as tmp:
+            trusted, why = alias_check(client, mv, alias, keys or [mv.tags.get("signing.public_key", "")], Path(tmp))
+        if trusted:
+            return
+        if not allow:
+            raise DistillError(why, f"serve a version you checked (models:/{mv.name}/<N>), or pass "
+                                    "--allow-untrusted-alias to serve this one anyway, knowingly")
+        _say(f"WARNING: {why}; serving it because of --allow-untrusted-alias")
+
+    return check
 
 
 def _say(message: str) -> None:

@@ -93,10 +93,11 @@ def trusted_public_keys(public_keys: list[str] | None, key_dir: str | Path | Non
 
 def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str | Path = DEFAULT_CACHE_ROOT,
                  log: Callable[[str], None] | None = None, public_keys: list[str] | None = None,
-                 timeout_s: float = REGISTRY_TIMEOUT_S) -> Path:
+                 timeout_s: float = REGISTRY_TIMEOUT_S, check_alias: Callable[..., None] | None = None) -> Path:
     """A local edge folder: as is; a registry URI: downloaded into the cache and verified before first use (its
-    digest, and its signature by one of `public_keys` when given; see fetch_model). A pinned version is served from
-    the local verified cache when the tracking server cannot be reached, with a note through `log`."""
+    digest, and its signature by one of `public_keys` when given; see fetch_model). `check_alias(client, mv, alias)`
+    may refuse the version an alias points to before anything is fetched. A pinned version is served from the local
+    verified cache when the tracking server cannot be reached, with a note through `log`."""
     text = str(uri_or_path)
     if not text.startswith("models:"):
         folder = Path(text)
@@ -118,6 +119,8 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
             raise DistillError(err.problem, f"check the name and {'alias' if alias else 'version'} in the MLflow "
                                "registry (`distill ui`); `distill run --config <config>` registers <name>-edge and "
                                "moves @champion when the gates pass") from None
+        if alias and check_alias is not None:
+            check_alias(client, mv, alias)
         ref = fetch_model(client, name, version=int(mv.version), cache_root=cache_root, public_keys=public_keys,
                           mv=mv)
     except RegistryUnreachable as err:

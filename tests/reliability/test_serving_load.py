@@ -4,7 +4,8 @@
   into place whole; before, two shared one `.partial` folder and one crashed in 3 of 7 trials);
 - memory stays flat in the number of rows (rows read, predicted and written 256 at a time);
 - a tracking server that goes away (a real `mlflow server` behind a TCP proxy that is taken down) is named as such
-  after a bounded wait, and a pinned version is served from the local verified cache meanwhile.
+  after a bounded wait, and a pinned version is served from the local verified cache meanwhile;
+- an alias moved by hand (no signed promote Statement, gates not passed) is refused before anything is fetched.
 A real tiny ONNX edge folder with its kNN guard, signed with a real key pair and registered like the pipeline does.
 """
 
@@ -184,3 +185,19 @@ def test_a_registry_outage_is_named_and_a_pinned_version_is_served_from_the_veri
 
     other, _ = _distill([*base, "--model", "models:/load-edge/2"], tmp_path)  # never fetched: nothing to serve
     assert other.returncode == 2 and "no verified copy of load-edge v2" in other.stderr
+
+
+def test_an_alias_moved_by_hand_is_refused_before_anything_is_fetched(chain, tmp_path):
+    """tests/chain.py's x-edge v1 (insufficient evidence, no waiver) made @champion by hand, as in MLflow's UI."""
+    client, keys = chain["client"], chain["keys"]
+    client.set_registered_model_alias("x-edge", "champion", 1)
+    rows = _rows(tmp_path / "rows.jsonl", 2)
+    args = ["predict", "--model", "models:/x-edge@champion", "--input", rows, "--tracking-uri",
+            client._tracking_client.tracking_uri, "--public-key", keys / "signing-key.pub.pem"]
+    refused, _ = _distill(args, tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "error: x-edge v1 is @champion with insufficient evidence and no waiver: the alias was moved by hand" \
+        in refused.stderr and "--allow-untrusted-alias" in refused.stderr
+    assert not (tmp_path / ".distill" / "models").exists()  # refused before the download
+    forced, _ = _distill([*args, "--allow-untrusted-alias"], tmp_path)
+    assert "WARNING: x-edge v1 is @champion with insufficient evidence" in forced.stderr
