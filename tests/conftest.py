@@ -226,7 +226,7 @@ def tiny_data(tmp_path_factory) -> dict:
     CSV files; returns the `data` config section that reads them back as the same rows.
 
     Reading the built-in data set (215k reviews, every one HTML-unescaped) costs ~5 s per pipeline run; runs about
-    faults, stores and wiring read these files instead. tests/flows/test_pipeline.py and the production stack keep
+    faults, stores and wiring read these files instead (the production stack too). tests/flows/test_pipeline.py keeps
     the built-in path."""
     from distill_gap.data.splits import load_splits
     from flows.config import load_config
