@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-integration bench clean
+.PHONY: install browser demo test test-fast test-integration bench clean
 
 install: $(STAMP)
 
@@ -36,8 +36,15 @@ demo: install
 # fixtures (a pipeline run, a server) are built once, and the longest modules start first (pyproject's addopts:
 # --dist loadfile --no-loadscope-reorder). TEST_WORKERS=0 runs in this process (for pdb, -s).
 TEST_WORKERS ?= 2
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+
+# Debian's Chromium for the pages checked in a real browser (the dossier); best effort: without it (no root, no
+# apt) those checks are skipped and say so
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+	  echo "no chromium: the browser checks are skipped (apt-get install chromium)"
 
 # Day-to-day: unit tests only, no end-to-end runs, fault drills or servers (markers slow, integration,
 # reliability; tests on the moto S3 server or the session's Prefect API are integration). `make test` runs all.
