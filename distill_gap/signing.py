@@ -316,6 +316,12 @@ def verify_statement(envelope: dict, public_pems: Iterable[str]) -> dict:
     return statement
 
 
+def statement_payload(envelope: dict) -> dict:
+    """The Statement inside a DSSE envelope, NOT verified: for reading what an envelope claims (to name it, or to
+    show it beside records that are verified elsewhere). Raises KeyError, TypeError or ValueError on a malformed one."""
+    return json.loads(base64.b64decode(envelope["payload"]))
+
+
 def subject_digests(statement: dict) -> dict[str, str]:
     """Map each subject name of an in-toto Statement to its sha256 digest."""
     try:

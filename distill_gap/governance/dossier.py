@@ -31,6 +31,7 @@ STEP_ORDER = ("soft-labels", "distill", "quantize", "export", "evaluate", "promo
 
 
 def download(client, uri: str, dst: Path) -> Path:
+    """An artifact (file or folder) of the client's store, downloaded under `dst`; its local path."""
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
@@ -213,13 +214,15 @@ def dossier_for(client, mv, *, keys: list[str] | None = None, edge_folder: Path 
     step Statements; default the key the version records)."""
     tags = dict(mv.tags)
     keys = keys or [tags.get("signing.public_key", "")]
+    from distill_gap.signing import statement_payload
+
     with tempfile.TemporaryDirectory() as t:
         statements, problems = load_statements(client, tags.get("attestation.uri"), keys, Path(t))
         waiver_uri = tags.get("promotion.waiver.uri")
         if waiver_uri:  # the waiver is signed by the approver's own key, checked by `distill verify`
             try:
                 env = json.loads(download(client, waiver_uri, Path(t) / "waiver.d").read_text())
-                statements["waiver"] = {"statement": _payload(env), "uri": waiver_uri, "sha256": None}
+                statements["waiver"] = {"statement": statement_payload(env), "uri": waiver_uri, "sha256": None}
             except Exception as err:  # noqa: BLE001
                 problems.append(f"the waiver at {waiver_uri} is not readable: {err}")
         scope, scope_problem = _scope_of(client, mv, edge_folder, Path(t))
@@ -227,12 +230,6 @@ def dossier_for(client, mv, *, keys: list[str] | None = None, edge_folder: Path 
     return compile_dossier(name=mv.name, version=int(mv.version), tags=tags, statements=statements,
                            problems=problems, scope_record=scope, aliases=here, scope_problem=scope_problem,
                            tracking_uri=_public_uri(client), today=today)
-
-
-def _payload(envelope: dict) -> dict:
-    import base64
-
-    return json.loads(base64.b64decode(envelope["payload"]))
 
 
 def _public_uri(client) -> str | None:
@@ -276,9 +273,11 @@ def publish(client, mv, governance, *, edge_folder: Path | None = None, staged=N
     return uri
 
 
-def check_published(client, mv, trusted: list[str], tmp: Path) -> list[tuple[str, bool, str]]:
+def check_published(client, mv, trusted: list[str], tmp: Path,
+                    edge_folder: Path | None = None) -> list[tuple[str, bool, str]]:
     """`distill verify`'s check of the published dossier: signed by a trusted key, about this version's digest, and
-    saying what the signed records say (gates and outcome, teacher, data, soft labels)."""
+    saying what the signed records say (gates and outcome, teacher, data, soft labels). `edge_folder`: the version's
+    folder when the caller has downloaded it already (else it is downloaded again for its scope.json)."""
     from distill_gap.signing import SignatureError, subject_digests, verify_statement
 
     uri = mv.tags.get("dossier.uri")
@@ -294,7 +293,7 @@ def check_published(client, mv, trusted: list[str], tmp: Path) -> list[tuple[str
     if stmt.get("predicateType") != PREDICATE_TYPE:
         return [("dossier", False, f"{uri}/dossier.dsse.json is not a dossier (predicateType "
                                    f"{stmt.get('predicateType')})")]
-    published, fresh = stmt["predicate"], dossier_for(client, mv, keys=trusted)
+    published, fresh = stmt["predicate"], dossier_for(client, mv, keys=trusted, edge_folder=edge_folder)
     subject = subject_digests(stmt).get(f"{mv.name}/{mv.version}")
     differ = [k for k, a, b in (
         ("subject", subject, mv.tags.get("model.digest")),

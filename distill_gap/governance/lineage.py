@@ -41,16 +41,13 @@ def _linked(client, ref: str, tag: str, mv):
 
 def _attested_splits(client, uri: str | None, tmp: Path) -> dict[str, str]:
     """The split digests the evaluate Statement names (its payload read, not verified: `distill verify` does that)."""
-    import base64
-
-    import mlflow
+    from distill_gap.governance.dossier import download
+    from distill_gap.signing import statement_payload
 
     if not uri:
         return {}
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/evaluate.dsse.json",
-                                                   dst_path=str(tmp), tracking_uri=client._tracking_client.tracking_uri)
-        stmt = json.loads(base64.b64decode(json.loads(Path(path).read_text())["payload"]))
+        stmt = statement_payload(json.loads(download(client, f"{uri.rstrip('/')}/evaluate.dsse.json", tmp).read_text()))
     except Exception:  # noqa: BLE001 - no Statement: the recorded file is all there is
         return {}
     if (stmt.get("predicate") or {}).get("step") != "evaluate":

@@ -27,6 +27,7 @@ from typing import Callable
 
 from distill_gap.digest import model_digest, sha256_json
 from distill_gap.errors import DistillError
+from distill_gap.governance.dossier import download as _download
 from distill_gap.governance.lineage import _name_version, _pipeline_run_id
 from distill_gap.registry.model_uri import parse_model_uri
 from distill_gap.registry.model_uri import trusted_public_keys as trusted_keys  # one trust rule for verify and predict
@@ -54,13 +55,6 @@ class Verification:
 
     def add(self, link: str, ok: bool, detail: str) -> None:
         self.checks.append(Check(link, ok, detail))
-
-
-def _download(client, uri: str, dst: Path) -> Path:
-    import mlflow
-
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                    tracking_uri=client._tracking_client.tracking_uri))
 
 
 def _get_version(result: Verification, client, ref: str, link: str):
@@ -323,7 +317,7 @@ def verify(client, uri: str, *, public_keys: list[str] | None = None, key_dir: s
         if mv.name.endswith("-edge"):
             from distill_gap.governance.dossier import check_published
 
-            for link, ok, detail in check_published(client, mv, keys, tmp):
+            for link, ok, detail in check_published(client, mv, keys, tmp, edge_folder=edge_folder):
                 result.add(link, ok, detail)
     return result
 

@@ -16,7 +16,6 @@ gate is waived. The promote Statement then carries the waiver envelope, and `dis
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import statement
 from distill_gap.signing import PRIVATE_KEY_NAME, SignatureError, _read_public, ensure_key_pair, key_dir, \
-    keyid_of, sign_statement, subject_digests, verify_statement
+    keyid_of, sign_statement, statement_payload, subject_digests, verify_statement
 
 APPROVERS_DIR = "approvers"  # <governance key_dir>/approvers/<name>/: an approver's own key pair
 
@@ -147,7 +146,7 @@ def check_waiver(envelope: dict, approval_cfg, *, name: str, version: int, tags:
     DistillError naming what is wrong; nothing is changed either way."""
     claimed = ((envelope or {}).get("signatures") or [{}])[0].get("keyid")
     try:
-        payload = json.loads(base64.b64decode(envelope["payload"]))
+        payload = statement_payload(envelope)
         approver = payload["predicate"]["approver"]["approver"]
     except (KeyError, TypeError, ValueError) as err:
         raise DistillError(f"not a waiver envelope ({type(err).__name__}: {err})", "sign it with `distill approve`") \
