@@ -111,14 +111,9 @@ def resolve_edge(uri_or_path: str | Path, tracking_uri: str, *, cache_root: str 
     name, alias, version = parse_model_uri(text)
     try:
         client = registry_client(tracking_uri, timeout_s=timeout_s)
-        try:  # resolve once, then fetch that version: an alias moved in between cannot mix two versions
-            mv = resolve_version(client, name, alias=alias, version=version)
-        except RegistryUnreachable:
-            raise
-        except DistillError as err:
-            raise DistillError(err.problem, f"check the name and {'alias' if alias else 'version'} in the MLflow "
-                               "registry (`distill ui`); `distill run --config <config>` registers <name>-edge and "
-                               "moves @champion when the gates pass") from None
+        # resolve once, then fetch that version: an alias moved in between cannot mix two versions; a missing one is
+        # named with what the model does have (resolve_version)
+        mv = resolve_version(client, name, alias=alias, version=version)
         if alias and check_alias is not None:
             check_alias(client, mv, alias)
         ref = fetch_model(client, name, version=int(mv.version), cache_root=cache_root, public_keys=public_keys,

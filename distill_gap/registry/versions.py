@@ -187,8 +187,26 @@ def resolve_version(client, name: str, *, alias: str | None = None, version: int
         what = f"version {version}" if version is not None else f"alias '@{alias}'"
         raise DistillError(
             f"registered model '{name}' has no {what} in the MLflow registry at {client._registry_uri}",
-            "run `distill teacher bootstrap --config <config>` or `distill teacher import PATH --config <config>` first",
+            _what_exists(client, name),
         ) from err  # the cause stays: a registry that cannot be reached is transient (distill_gap/ops/transient.py)
+
+
+def _what_exists(client, name: str) -> str:
+    """The fix for a missing version or alias: what the model has (so a typo is seen at once), or how to create it."""
+    from mlflow.exceptions import MlflowException
+
+    create = ("run `distill run --config <config>` to register it (a teacher: `distill teacher bootstrap --config "
+              "<config>` or `distill teacher import PATH --config <config>`)")
+    try:
+        model = client.get_registered_model(name)
+        numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return f"no model named '{name}' is registered there; {create}"
+    if not numbers:
+        return f"'{name}' has no versions yet; {create}"
+    shown = ", ".join(map(str, numbers[-10:])) + (f" (and {len(numbers) - 10} earlier)" if len(numbers) > 10 else "")
+    aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "none"
+    return f"'{name}' has versions {shown}; aliases: {aliases}"
 
 
 def version_folder(downloaded: Path, source: str) -> Path:

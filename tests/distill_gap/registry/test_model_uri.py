@@ -67,4 +67,4 @@ def test_resolve_edge_fetches_a_registered_version_by_alias_or_number(mlflow_tra
     assert resolve_edge("models:/x-edge/1", mlflow_tracking.uri, cache_root=tmp_path) == folder
     with pytest.raises(DistillError, match="has no alias '@staging'") as err:
         resolve_edge("models:/x-edge@staging", mlflow_tracking.uri, cache_root=tmp_path)
-    assert "check the name and alias" in err.value.fix  # not the teacher's fix that resolve_version gives
+    assert err.value.fix == "'x-edge' has versions 1; aliases: @champion -> v1"  # what there is, so a typo shows

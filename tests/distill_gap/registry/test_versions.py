@@ -71,9 +71,12 @@ def test_resolve_by_alias_or_number_and_a_missing_one_names_the_fix(registry):
     assert resolve_version(client, "x-edge", version=2).version == 2
     with pytest.raises(DistillError, match="registered model 'x-edge' has no alias '@pinned'") as err:
         resolve_version(client, "x-edge", alias="pinned")
-    assert "distill teacher bootstrap" in err.value.fix
+    assert err.value.fix == "'x-edge' has versions 1, 2; aliases: @champion -> v1"
     with pytest.raises(DistillError, match="has no version 9"):
         resolve_version(client, "x-edge", version=9)
+    with pytest.raises(DistillError, match="'x-edg' has no version 1") as err:
+        resolve_version(client, "x-edg", version=1)
+    assert err.value.fix.startswith("no model named 'x-edg' is registered there; run `distill run --config")
 
 
 def test_fetch_verifies_the_digest_and_reuses_the_cache(registry, tmp_path):
