@@ -297,13 +297,18 @@ def _frame_schema(df: pd.DataFrame) -> str | None:
 
 def _dataset_source(uri: str | None, split: str):
     """A DatasetSource for a data URI (path, file://, s3://, https://); anything else is described by tags."""
+    import warnings
+
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.exceptions import MlflowException
 
     if uri:
         try:
-            return resolve_dataset_source(uri)
+            with warnings.catch_warnings():  # a local path matches MLflow's two local-artifact sources (same class
+                # name, same result: it takes the last); the warning says nothing a user could act on
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in")
+                return resolve_dataset_source(uri)
         except MlflowException:  # e.g. builtin:drugreview/train
             pass
     return CodeDatasetSource({"distill.split": split, **({"distill.data.uri": uri} if uri else {})})
