@@ -14,11 +14,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402  (light: os and random only)
+from distill_gap.ops.runtime import apply_embedded_env, apply_project_prefect_home  # noqa: E402  (light)
 
 apply_embedded_env()
+apply_project_prefect_home()  # every command (run, ui, worker, deploy) on one Prefect history: .distill/prefect
 
-from flows.cli_common import (ConfigOpt, SetOpt, app, console, err_console, fail, load_cfg,  # noqa: E402
+from flows.cli_common import (ConfigOpt, SetOpt, app, console, fail, load_cfg,  # noqa: E402
                                on_sigterm, teacher_app)
 
 
@@ -168,37 +169,6 @@ def show_config(config: Path = ConfigOpt, set: Optional[list[str]] = SetOpt):
 
 
 @app.command()
-def ui(prefect_port: int = typer.Option(4200), mlflow_port: int = typer.Option(5000),
-       tracking_uri: str = typer.Option("sqlite:///.distill/mlflow.db", help="the MLflow store to browse")):
-    """Start the Prefect and MLflow UIs on 127.0.0.1 and print both URLs (Ctrl-C stops both)."""
-    import subprocess
-    import time
-
-    bindir = Path(sys.executable).parent
-    Path(".distill").mkdir(exist_ok=True)
-    procs = [
-        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
-        subprocess.Popen([str(bindir / "mlflow"), "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
-                          "--port", str(mlflow_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
-    ]
-    console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}   (flow runs, gap-report artifacts)")
-    console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}   (runs, registry: <name>-teacher/-student/-edge)")
-    try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-        bad = [p.args[0] for p in procs if p.poll() not in (None, 0)]
-        if bad:
-            err_console.print(f"stopped: {bad}; is the port already in use?", style="red")
-            raise typer.Exit(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            p.terminate()
-
-
-@app.command()
 def deploy(pool: str = typer.Option("distill-process", help="the work pool named in prefect.yaml")):
     """Create the work pool if missing, deploy everything in prefect.yaml, apply deployments/automations.yaml."""
     from distill_gap.ops.deployments import apply_automations, deploy_all, ensure_work_pool
@@ -224,7 +194,7 @@ def worker(pool: str = typer.Option("distill-process", help="the work pool to ta
 
 
 # the cache and model commands register on `app` too; imported last so that `distill --help` lists run first
-from flows import cli_cache, cli_models, cli_predict  # noqa: E402,F401
+from flows import cli_cache, cli_models, cli_predict, cli_ui  # noqa: E402,F401
 
 
 def main() -> None:

@@ -27,6 +27,38 @@ def apply_embedded_env(extra: dict[str, str] | None = None) -> None:
         os.environ.setdefault(key, value)
 
 
+STATE_DIR = ".distill"  # the project's state folder: MLflow store, keys, caches, logs, the embedded Prefect's history
+
+
+def project_prefect_home(environ=os.environ, cwd: str | None = None) -> str | None:
+    """Where the embedded Prefect keeps its history for this project: <cwd>/.distill/prefect, so that `make clean`
+    clears it and two clones do not share one. None (leave Prefect's own default) when the user chose: PREFECT_HOME
+    or PREFECT_API_URL set, in the environment or in the active Prefect profile."""
+    if environ.get("PREFECT_HOME") or environ.get("PREFECT_API_URL"):
+        return None
+    profiles = environ.get("PREFECT_PROFILES_PATH") or os.path.expanduser("~/.prefect/profiles.toml")
+    try:
+        import tomllib
+
+        with open(profiles, "rb") as f:
+            data = tomllib.load(f)
+        active = environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+        chosen = data.get("profiles", {}).get(active, {})
+        if chosen.get("PREFECT_HOME") or chosen.get("PREFECT_API_URL"):
+            return None
+    except (OSError, ValueError, AttributeError):  # no profile file, or one Prefect itself would reject
+        pass
+    return os.path.join(cwd or os.getcwd(), STATE_DIR, "prefect")
+
+
+def apply_project_prefect_home() -> None:
+    """Set PREFECT_HOME to the project's state folder unless the user chose otherwise (see project_prefect_home).
+    Before Prefect is imported: its settings are read once."""
+    home = project_prefect_home()
+    if home:
+        os.environ["PREFECT_HOME"] = home
+
+
 def select_device(preference: str = "auto") -> str:
     """'cuda' when available (or asked for), else 'cpu'."""
     import torch

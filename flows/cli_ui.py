@@ -1,0 +1,184 @@
+"""`distill ui`: the Prefect and MLflow UIs on 127.0.0.1, "ready" once both answer, stopped together.
+
+Each server runs in its own process group (the Prefect server is one process; MLflow is its CLI and one uvicorn
+worker, without its job runner), so a stop reaches every process either started. SIGTERM (systemd, `docker stop`,
+`kill`), SIGHUP (a closed terminal) and Ctrl-C all stop both: SIGTERM to each group, then SIGKILL to what is left
+after a grace period. Output goes to .distill/logs/<server>.log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import typer
+
+from flows.cli_common import app, console, err_console
+
+LOG_DIR = Path(".distill/logs")
+GRACE_S = 10.0  # after SIGTERM, how long each server may take to stop before SIGKILL
+
+
+class _Stop(Exception):
+    """Raised in the main thread by a stop signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum, _frame) -> None:
+    raise _Stop(signum)
+
+
+def _port_free(port: int) -> bool:
+    """Whether a server could listen on the port now (connections in TIME_WAIT do not count, as for the servers)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _die_on_parent_exit() -> None:  # in the child, before exec: a SIGKILLed `distill ui` still stops its servers
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _server_commands(prefect_port: int, mlflow_port: int, tracking_uri: str) -> list[tuple[str, list[str], dict]]:
+    """(name, argv, environment) per server."""
+    bindir = Path(sys.executable).parent
+    prefect_env = {**os.environ, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(prefect_port)}
+    if not (os.environ.get("PREFECT_UI_API_URL") or os.environ.get("PREFECT_SERVER_UI_API_URL")):
+        prefect_env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"  # else the UI follows PREFECT_API_URL
+    prefect_env.pop("PREFECT_API_URL", None)  # this server serves its own database, wherever runs may be sent
+    mlflow_env = {**os.environ}
+    mlflow_env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no huey job runner (GenAI jobs only)
+    return [
+        ("prefect-server", [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                            "--port", str(prefect_port)], prefect_env),
+        ("mlflow-server", [str(bindir / "mlflow"), "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+                           "--port", str(mlflow_port), "--workers", "1"], mlflow_env),
+    ]
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process group, wait up to GRACE_S, SIGKILL to whatever is left, reap."""
+    def group_alive(p: subprocess.Popen) -> bool:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True  # the group outlives its leader while any member lives
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (GRACE_S if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            for p in procs:
+                p.poll()  # reap the leader, or the group never empties
+            if not any(group_alive(p) for p in procs):
+                return
+            time.sleep(0.1)
+
+
+def _wait_ready(servers: list[tuple[str, str, subprocess.Popen, Path]], timeout: float) -> None:
+    """Wait until every health URL answers 200; exit 1 with the log's name when a server exits or is too slow."""
+    pending = list(servers)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for item in list(pending):
+            name, url, proc, log = item
+            if _answers(url):
+                pending.remove(item)
+            elif proc.poll() is not None:
+                raise _Failed(f"{name} exited with code {proc.returncode} before it answered {url}", log)
+        if pending and time.monotonic() > deadline:
+            name, url, _, log = pending[0]
+            raise _Failed(f"{name} did not answer {url} within {timeout:.0f} s", log)
+        if pending:
+            time.sleep(0.3)
+
+
+class _Failed(Exception):
+    def __init__(self, problem: str, log: Path):
+        super().__init__(problem)
+        self.log = log
+
+
+@app.command()
+def ui(prefect_port: int = typer.Option(4200, help="port of the Prefect UI and API"),
+       mlflow_port: int = typer.Option(5000, help="port of the MLflow UI"),
+       tracking_uri: str = typer.Option("sqlite:///.distill/mlflow.db", help="the MLflow store to browse"),
+       timeout: float = typer.Option(180.0, help="seconds to wait for both servers to answer")):
+    """Start the Prefect and MLflow UIs on 127.0.0.1; "ready" once both answer (Ctrl-C, SIGTERM or SIGHUP stop both)."""
+    for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):
+        if not _port_free(port):
+            err_console.print(f"error: port {port} on 127.0.0.1 is in use\n  fix: stop what holds it, or pass "
+                              f"{flag} with a free port")
+            raise typer.Exit(2)
+    if prefect_port == mlflow_port:
+        err_console.print("error: --prefect-port and --mlflow-port are the same\n  fix: give each server its own port")
+        raise typer.Exit(2)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
+    procs: list[subprocess.Popen] = []
+    code = 0
+    try:
+        servers = []
+        for (name, argv, env), health in zip(_server_commands(prefect_port, mlflow_port, tracking_uri),
+                                             (f"http://127.0.0.1:{prefect_port}/api/health",
+                                              f"http://127.0.0.1:{mlflow_port}/health")):
+            log = LOG_DIR / f"{name}.log"
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True,
+                                              preexec_fn=_die_on_parent_exit))
+            servers.append((name, health, procs[-1], log))
+        _wait_ready(servers, timeout)
+        console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}   (flow runs, gap-report artifacts; "
+                      f"history in {os.environ.get('PREFECT_HOME', '~/.prefect')})")
+        console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}   (runs, registry: <name>-teacher/-student/-edge; "
+                      f"{tracking_uri})")
+        console.print(f"ready: both answer their health checks; logs in {LOG_DIR}/ (Ctrl-C or SIGTERM stops both)")
+        sys.stdout.flush()
+        while True:
+            for name, _, proc, log in servers:
+                if proc.poll() is not None:
+                    raise _Failed(f"{name} stopped with code {proc.returncode}", log)
+            time.sleep(0.5)
+    except _Stop as stop:
+        console.print(f"stopping both servers ({stop})")
+    except _Failed as failed:
+        err_console.print(f"error: {failed}\n  fix: read {failed.log} (its last lines say why); both servers stopped")
+        code = 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the stop
+        _stop_all(procs)
+    raise typer.Exit(code)
