@@ -188,6 +188,9 @@ class MarginsConfig(_Section):
     aggregate: float = Field(0.03, ge=0, le=1)  # relative: 3% of the teacher's test accuracy
     critical_slice: float = Field(0.03, ge=0, le=1)  # accuracy points on each of data.critical_slices
     class_recall: float = Field(0.05, ge=0, le=1)  # recall points on each class
+    # the teacher against always answering the training split's most frequent class, same rows: 0 = the teacher
+    # must be shown better (a teacher that collapsed onto one class passes every comparison with itself)
+    teacher_vs_majority: float = Field(0.0, ge=0, le=1)
 
 
 class EvaluateConfig(_Section):

@@ -11,7 +11,8 @@ from typing import Sequence
 # beyond the INC tolerance of 1%. The gates themselves are tested in tests/distill_gap/evaluation/test_gates.py
 # and, failing inside a pipeline run, in tests/reliability/test_gate_rollback.py.
 OPEN_GATES = {"max_edge_drop": 1.0, "min_edge_agreement": 0.0, "max_ece": 1.0, "max_ood_auroc_drop": 1.0,
-              "max_flip_rate_increase": 1.0, "margins": {"aggregate": 1.0, "critical_slice": 1.0, "class_recall": 1.0}}
+              "max_flip_rate_increase": 1.0,
+              "margins": {"aggregate": 1.0, "critical_slice": 1.0, "class_recall": 1.0, "teacher_vs_majority": 1.0}}
 OPEN_TOLERABLE_LOSS = 0.5  # quantize.tolerable_loss: the first INC candidate is accepted
 OPEN_GATE_OVERRIDES = [*(f"evaluate.{k}={v}" for k, v in OPEN_GATES.items() if k != "margins"),
                        *(f"evaluate.margins.{k}={v}" for k, v in OPEN_GATES["margins"].items()),

@@ -47,6 +47,7 @@ def gate_thresholds(evaluate_cfg) -> dict[str, float]:
             "noninferior:accuracy": m.aggregate,  # relative: x the teacher's test accuracy
             "noninferior:recall": m.class_recall,
             "noninferior:slice": m.critical_slice,
+            "teacher_vs_majority_class": m.teacher_vs_majority,
             "calibration_ece": evaluate_cfg.max_ece,
             "ood_auroc_vs_teacher": evaluate_cfg.max_ood_auroc_drop,
             "stress_flip_rate_vs_teacher": evaluate_cfg.max_flip_rate_increase}
@@ -102,6 +103,16 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
         g = _gate(c["drop"] if c["n"] else 0.0, c["margin"], False, describe(c), c["outcome"])
         g.update(rows_needed=c["rows_needed"], inherited=c["inherited"], low=c["low"], high=c["high"], n=c["n"])
         gates[f"noninferior:{c['check']}"] = g
+    # the teacher itself must be shown to beat the majority-class answer: every check above is relative to it
+    base = next(iter(report.noninferiority.get("teacher") or []), None)
+    if base is None:
+        gates["teacher_vs_majority_class"] = _gate(0.0, evaluate_cfg.margins.teacher_vs_majority, False,
+                                                   "the teacher was not compared with the majority-class answer on "
+                                                   "labelled test rows: missing evidence", INSUFFICIENT)
+    else:
+        g = _gate(base["drop"] if base["n"] else 0.0, base["margin"], False, describe(base), base["outcome"])
+        g.update(rows_needed=base["rows_needed"], low=base["low"], high=base["high"], n=base["n"])
+        gates["teacher_vs_majority_class"] = g
     if edge_model in report.calibration:
         e = report.calibration[edge_model]["ece_after"]
         gates["calibration_ece"] = _gate(e, limits["calibration_ece"], e <= limits["calibration_ece"],

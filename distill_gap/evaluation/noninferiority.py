@@ -112,10 +112,35 @@ def compare(truth: np.ndarray, preds: dict[str, np.ndarray], labels: list[str], 
     return out
 
 
+BASELINE_CHECK = "accuracy vs majority class"  # the teacher's own check, under report.noninferiority["teacher"]
+
+
+def baseline_check(truth: np.ndarray, teacher_pred: np.ndarray, majority: int, majority_label: str, margin: float,
+                   *, seed: int = 0) -> dict:
+    """Is the teacher shown to beat predicting the training split's most frequent class on every row? The same
+    paired check with the constant predictor in the teacher's place: drop = baseline accuracy - teacher accuracy;
+    pass when its upper one-sided 95% bound is below `margin` (0: the teacher is shown better than the constant).
+    A teacher that collapsed onto one class passes every check against it: this is what stops it."""
+    truth = np.asarray(truth)
+    base_ok, teacher_ok = truth == majority, np.asarray(teacher_pred) == truth
+    c = check(BASELINE_CHECK, base_ok, teacher_ok, margin, floor=0.0, seed=seed,
+              teacher_value=float(base_ok.mean()) if truth.size else None,
+              model_value=float(teacher_ok.mean()) if truth.size else None)
+    return {**c, "baseline": majority_label}
+
+
 def describe(c: dict) -> str:
     """One sentence of evidence for a check: drop, bounds, rows, and what would decide it."""
     if not c["n"]:
         return f"{c['check']}: no rows to compare on (missing evidence)"
+    if c["check"] == BASELINE_CHECK:
+        text = (f"teacher accuracy {c['model']:.3f} vs {c['teacher']:.3f} for always answering "
+                f"'{c['baseline']}' (the training split's most frequent class) on {c['n']} test rows: difference "
+                f"{-c['drop']:+.3f}, one-sided 95% bounds [{-c['high']:+.3f}, {-c['low']:+.3f}]")
+        if c["outcome"] == "insufficient":
+            text += ("; not shown to beat it: " + (f"about {c['rows_needed']} labelled rows would decide it"
+                                                   if c["rows_needed"] else "more rows alone will not decide it"))
+        return text
     text = (f"{c['check']}: drop {c['drop']:+.3f} vs the teacher on {c['n']} rows (one-sided 95% bounds "
             f"[{c['low']:+.3f}, {c['high']:+.3f}], margin {c['margin']:.3f}; {c['teacher_only']} rows only the "
             f"teacher gets right, {c['model_only']} only the model)")
@@ -179,4 +204,19 @@ def add_noninferiority(report, logits: dict[str, dict[str, np.ndarray]], splits,
     report.noninferiority = compare(truth[known].astype(int), preds, list(splits.labels),
                                     margins=evaluate_cfg.margins, slices=slices, floor=evaluate_cfg.teacher_floor,
                                     seed=seed)
+    majority = _majority_class(splits, label_id)
+    if majority is not None:
+        report.noninferiority["teacher"] = [baseline_check(
+            truth[known].astype(int), preds["teacher"], majority, splits.labels[majority],
+            evaluate_cfg.margins.teacher_vs_majority, seed=seed + 97)]
     return report.noninferiority
+
+
+def _majority_class(splits, label_id: dict[str, int]) -> int | None:
+    """The training split's most frequent class (ties: the first in label order); None without labelled rows."""
+    frame = splits.frames.get("train")
+    counts = frame["label"].map(label_id).value_counts() if frame is not None else None
+    if counts is None or counts.empty:
+        return None
+    top = counts.max()
+    return int(min(k for k, v in counts.items() if v == top))

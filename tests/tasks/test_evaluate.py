@@ -57,7 +57,10 @@ def test_every_model_scored_and_a_model_that_cannot_be_loaded_is_listed(evaluate
 
 def test_every_compressed_model_is_compared_with_the_teacher_on_the_same_rows(evaluated):
     report = evaluated["report"]
-    assert set(report.noninferiority) == {"student", EDGE}
+    assert set(report.noninferiority) == {"student", EDGE, "teacher"}  # teacher: against the majority answer
+    (base,) = report.noninferiority["teacher"]
+    assert base["check"] == "accuracy vs majority class" and base["n"] == len(evaluated["splits"]["test"])
+    assert base["model"] == pytest.approx(report.metric("test", "teacher"))
     checks = {c["check"]: c for c in report.noninferiority[EDGE]}
     assert set(checks) == {"accuracy", *(f"recall:{label}" for label in LABELS)}
     assert all(c["n"] > 0 and c["outcome"] in ("pass", "fail", "insufficient") for c in checks.values())

@@ -23,7 +23,8 @@ def test_thresholds_are_the_evaluate_config():
     cfg = EvaluateConfig(max_edge_drop=0.04, max_ood_auroc_drop=0.2)
     limits = gate_thresholds(cfg)
     assert limits["edge_accuracy_drop_vs_student"] == 0.04 and limits["ood_auroc_vs_teacher"] == 0.2
-    assert limits["noninferior:recall"] == cfg.margins.class_recall == 0.05 and len(limits) == 8
+    assert limits["noninferior:recall"] == cfg.margins.class_recall == 0.05 and len(limits) == 9
+    assert limits["teacher_vs_majority_class"] == cfg.margins.teacher_vs_majority == 0.0
 
 
 def _report(truth, edge, splits, *, critical_slices=None, cfg=None, **logits_extra):
@@ -220,3 +221,17 @@ def test_the_agreement_gate_reads_the_larger_unlabelled_sample_where_it_was_meas
     gate = evaluate_gates(report, "e", edge_parity(sampled), EvaluateConfig())["edge_argmax_agreement_vs_student"]
     assert gate["outcome"] == "pass" and gate["value"] == pytest.approx(0.991)
     assert "336 unlabelled training texts" in gate["detail"]
+
+
+def test_the_teacher_must_beat_the_majority_answer_and_missing_evidence_is_insufficient():
+    """The gate reads the teacher's own check (report.noninferiority["teacher"], against always answering the
+    training split's most frequent class); a report without it has no evidence that the teacher learned anything:
+    insufficient, never a pass."""
+    truth = np.array([0] * 20 + [1] * 20)
+    report = _report(truth, truth, two_site_splits())
+    assert [c["check"] for c in report.noninferiority["teacher"]] == ["accuracy vs majority class"]
+    gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 1.0}, EvaluateConfig())
+    assert gates["teacher_vs_majority_class"]["outcome"] == "pass"  # a perfect teacher on 40 rows of two classes
+    del report.noninferiority["teacher"]
+    g = evaluate_gates(report, "student-int8", {"argmax_agreement": 1.0}, EvaluateConfig())["teacher_vs_majority_class"]
+    assert g["outcome"] == "insufficient" and "missing evidence" in g["detail"]

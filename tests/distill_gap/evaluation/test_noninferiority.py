@@ -85,3 +85,23 @@ def test_bad_arrays_and_margins_are_refused():
         paired_drop([True, False], [True])
     with pytest.raises(DistillError, match=r"evaluate.margins.aggregate"):
         load_config("configs/demo.yaml", ["evaluate.margins.aggregate=1.5"])
+
+
+def test_a_teacher_that_collapsed_onto_one_class_is_not_shown_to_beat_the_majority_answer():
+    """The teacher against always answering the training split's most frequent class, on the same rows: a teacher
+    that answers that class everywhere is exactly the constant (undecidable: insufficient, and more rows will not
+    decide it), one stuck on a rarer class is shown worse (fail), a teacher that learned something passes."""
+    from distill_gap.evaluation.noninferiority import BASELINE_CHECK, baseline_check
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice(3, size=400, p=[0.2, 0.2, 0.6])
+    collapsed = baseline_check(truth, np.full(400, 2), 2, "positive", 0.0)
+    assert collapsed["check"] == BASELINE_CHECK and collapsed["drop"] == 0 and collapsed["outcome"] == "insufficient"
+    assert collapsed["rows_needed"] is None and "more rows alone will not decide it" in describe(collapsed)
+    assert "always answering 'positive'" in describe(collapsed)
+    stuck = baseline_check(truth, np.zeros(400, dtype=int), 2, "positive", 0.0)
+    assert stuck["outcome"] == "fail" and stuck["model"] < stuck["teacher"]
+    learned = np.where(rng.random(400) < 0.8, truth, rng.choice(3, size=400))
+    good = baseline_check(truth, learned, 2, "positive", 0.0)
+    assert good["outcome"] == "pass" and good["high"] < 0 and good["model"] > 0.8
+    assert baseline_check(truth, np.full(400, 2), 2, "positive", 1.0)["outcome"] == "pass"  # opened by config
