@@ -25,6 +25,7 @@ from distill_gap.evaluation.scope import add_scope
 from distill_gap.evaluation.gates import evaluate_gates, quantization_gate, verdict_markdown
 from distill_gap.governance.attestation import evaluate_statement
 from distill_gap.monitoring.drift import reference_profile
+from distill_gap.registry.presentation import describe_run
 from tasks.attest import attest_task
 
 _log = logging.getLogger("distill.evaluate")
@@ -150,7 +151,7 @@ def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, clie
     return data
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, edge, splits, critical_slices: dict[str, list],
                   require_int8: bool, max_length: int, seed: int) -> tuple[GapReport, dict[str, dict], object]:
     """The run's `evaluate` stage: every model scored on its own (see `evaluate`), the gates, the gap report
@@ -171,6 +172,8 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
         gates = evaluate_gates(report, edge.report_name, edge_parity(edge.artifacts[edge.primary]), evaluate_cfg,
                                quantization=quantization_gate(edge, require_int8), critical_slices=critical_slices)
         publish_report(report, gates, run.name, client=run.client, run_id=stage_run_id)
+    # the pipeline run's page: verdict, flagged slices, headline metrics (the dossier link follows at registration)
+    describe_run(run.client, run.run_id, report, gates, edge.report_name, links=run.links(evaluate_run=stage_run_id))
     digests = {"teacher": teacher.digest, "student": student.digest,
                **({"student-hard": student.baseline.digest} if student.baseline is not None else {}),
                **{a["report_name"]: a["digest"] for a in edge.artifacts.values()}}  # taken once, when built

@@ -14,6 +14,7 @@ from distill_gap.outcomes import FAIL, PASS, by_outcome, overall_outcome
 from distill_gap.monitoring.events import GATES_FAILED, emit
 from distill_gap.governance.attestation import ATTESTATION_DIR
 from distill_gap.governance.dossier import publish, write_model_card
+from distill_gap.registry.presentation import describe_run, stage_run_id as find_stage_run
 from distill_gap.registry.registration import register_models
 from distill_gap.registry.versions import Staged, check_teacher_license, fetch_model, unstage
 
@@ -47,7 +48,7 @@ def attestation_uri(run) -> str:
     return f"{run.client.get_run(run.run_id).info.artifact_uri.rstrip('/')}/{ATTESTATION_DIR}"
 
 
-@task(name="register", cache_policy=NO_CACHE)
+@task(name="register", task_run_name="register", cache_policy=NO_CACHE)
 def register_task(run, *, teacher, splits, soft, student, edge, report, gates: dict) -> dict:
     """Register the signed student and edge versions with their lineage tags (no alias moves), in the run's
     `register` stage.
@@ -59,19 +60,23 @@ def register_task(run, *, teacher, splits, soft, student, edge, report, gates: d
     from prefect.transactions import get_transaction
 
     staged = Staged()
+    evaluate_run = find_stage_run(run.client, run.run_id, "evaluate")
     with run.stage("register") as stage_run_id:
+        links = run.links(evaluate_run=evaluate_run, register_run=stage_run_id)
         out = register_models(
             run.client, stage_run_id, config_digest=run.config_digest, governance=run.governance, labels=splits.labels,
             student_model_name=run.student_model_name, edge_model_name=run.edge_model_name, teacher=teacher,
             data_digest=splits.digest(), soft=soft, student=student, edge=edge, report=report, gates=gates,
             example_texts=splits["test"]["text"].head(3).tolist(), attestation_uri=attestation_uri(run),
             trigger_reason=run.trigger_reason, license_override=check_teacher_license(teacher, run.governance),
-            staged=staged, model_card=write_model_card, publish_dossier=publish, log=get_run_logger().info)
+            staged=staged, model_card=write_model_card, publish_dossier=publish, links=links,
+            log=get_run_logger().info)
     txn = get_transaction()
     if txn is not None:
         txn.set("staged", staged)
         txn.set("client", run.client)
     link_dossier(run, stage_run_id, out["edge"])
+    describe_run(run.client, run.run_id, report, gates, edge.report_name, links=links)  # now with the dossier
     return out
 
 
@@ -100,7 +105,7 @@ def unregister(txn) -> None:
     log(f"rolled back the registration: removed {', '.join(removed) or 'nothing'}")
 
 
-@task(name="release-gate", cache_policy=NO_CACHE)
+@task(name="release-gate", task_run_name="release-gate", cache_policy=NO_CACHE)
 def release_task(run, registered: dict, gates: dict) -> dict:
     """The release gate as a task: inside the release transaction, so that GatesFailed rolls the staging back."""
     from prefect.logging import get_run_logger

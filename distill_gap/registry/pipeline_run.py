@@ -40,16 +40,35 @@ class PipelineRun:
     edge_model_name: str
     threads: int | None = None
     mlflow_ui: str = "http://127.0.0.1:5000"  # links from Prefect artifacts into the MLflow UI (tracking.ui_url)
+    prefect_ui: str = ""  # links from MLflow into the Prefect UI (its flow run); empty when unknown
 
     @property
     def context(self) -> dict[str, str]:
         """Where a Statement was made: the MLflow run and the Prefect flow run."""
         return {"mlflow_run_id": self.run_id, "prefect_flow_run_id": self.flow_run_id}
 
+    def links(self, *, evaluate_run: str | None = None, register_run: str | None = None) -> dict[str, str]:
+        """Links for descriptions in MLflow: the gap report and the dossier (in the MLflow UI), the flow run."""
+        from distill_gap.registry.presentation import ui_links
+
+        return ui_links(self.mlflow_ui, self.client.get_run(self.run_id).info.experiment_id,
+                        evaluate_run=evaluate_run, register_run=register_run, prefect_ui=self.prefect_ui,
+                        flow_run_id=self.flow_run_id)
+
     def stage(self, stage: str) -> contextlib.AbstractContextManager[str]:
         """The stage's nested MLflow run `<name>-<stage>` (tag distill.stage); yields its run id."""
         return mlflow_run(self.client, parent_run_id=self.run_id, run_name=f"{self.name}-{stage}",
                           tags={"distill.stage": stage})
+
+
+def prefect_ui_url() -> str:
+    """The Prefect UI of the API runs report to; on the embedded default, `distill ui`'s (it serves the same
+    history, .distill/prefect) at its default port."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_UI_URL.value() or ""
+    return "http://127.0.0.1:4200"
 
 
 @contextlib.contextmanager
@@ -68,6 +87,7 @@ def open_pipeline_run(cfg, *, trigger_reason: str, flow_run_id: str | None,
                               config_digest=cfg.digest(), governance=cfg.governance, trigger_reason=trigger_reason,
                               workdir=workdir, device=device, teacher_model_name=cfg.teacher_model_name,
                               student_model_name=cfg.student_model_name, edge_model_name=cfg.edge_model_name,
-                              threads=cfg.runtime.threads, mlflow_ui=cfg.tracking.ui_url.rstrip("/"))
+                              threads=cfg.runtime.threads, mlflow_ui=cfg.tracking.ui_url.rstrip("/"),
+                              prefect_ui=prefect_ui_url())
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -40,13 +40,13 @@ def register_models(client, run_id: str, *, config_digest: str, governance, labe
                     student_model_name: str, edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
                     example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
                     license_override: str | None = None, staged: Staged | None = None, model_card=None,
-                    publish_dossier=None, log=print) -> dict:
+                    publish_dossier=None, links: dict[str, str] | None = None, log=print) -> dict:
     """Register the student and the edge model, signed and logged as MLflow models, with every lineage tag.
 
     `model_card(client, edge, name=, tags=, governance=)` writes the edge folder's model card before it is signed;
     `publish_dossier(client, version, governance, edge_folder=, staged=, log=)` publishes the new edge version's
     dossier (both from distill_gap.governance.dossier, passed in by the register stage: the registry does not
-    import governance).
+    import governance). `links` (name -> URL: the gap report, the dossier) end each version's description.
 
     No alias moves here: promotion (challenger, approval, champion) is the promote stage's step
     (distill_gap.governance.promotion). Everything written is recorded in `staged`; when this raises (an exception,
@@ -59,7 +59,7 @@ def register_models(client, run_id: str, *, config_digest: str, governance, labe
                          edge=edge, report=report, gates=gates, example_texts=example_texts,
                          attestation_uri=attestation_uri, trigger_reason=trigger_reason,
                          license_override=license_override, staged=staged, model_card=model_card,
-                         publish_dossier=publish_dossier, log=log)
+                         publish_dossier=publish_dossier, links=links or {}, log=log)
     except BaseException:
         removed = unstage(client, staged, log)
         log(f"registration interrupted; removed what it had written: {', '.join(removed) or 'nothing'}")
@@ -69,7 +69,8 @@ def register_models(client, run_id: str, *, config_digest: str, governance, labe
 def _register(client, run_id: str, *, config_digest: str, governance, labels: list[str], student_model_name: str,
               edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
               example_texts: list[str], attestation_uri: str, trigger_reason: str, license_override: str | None,
-              staged: Staged, model_card, publish_dossier, log) -> dict:
+              staged: Staged, model_card, publish_dossier, links: dict[str, str], log) -> dict:
+    from distill_gap.registry.presentation import describe_model, headline_metrics, version_description
     from distill_gap.registry.pyfunc import link_version, log_model_folder
 
     outcome = overall_outcome(gates)
@@ -92,13 +93,16 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
     signed = sign_and_log(client, run_id, student.path, "student", governance, staged)
     logged = log_model_folder(client, run_id, student.path, "student", example_texts=example_texts, labels=labels)
     staged.logged_models.append(logged.model_id)
+    kind = (f"Fp32 student of {teacher.name} v{teacher.version} ({_describe_spec(student)}); the verdict is this "
+            f"run's, for the {edge_model_name} version quantized from it"
+            + (f"; hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ".")
     sv = create_version(client, student_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                        governance=governance, staged=staged, description=(
-        f"Student of {teacher.name} v{teacher.version} ({_describe_spec(student)}), test accuracy "
-        f"{test['student']['accuracy']:.3f} (teacher {test['teacher']['accuracy']:.3f}"
-        + (f", hard-label baseline {test['student-hard']['accuracy']:.3f}" if "student-hard" in test else "") + ")."),
-        tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}", "model.digest": student.digest})
+                        governance=governance, staged=staged,
+                        description=version_description(report, gates, "student", kind=kind, links=links),
+                        tags={**lineage, **signed, "parent": f"{teacher.name}/{teacher.version}",
+                              "model.digest": student.digest})
     link_version(client, logged, student_model_name, sv.version)
+    describe_model(client, student_model_name, "student", edge_model_name)
     failpoint("register.student-registered")
     # 2. edge version, parent = the student version it was quantized from; its model card (README.md, outside the
     # digest, inside the folder signature) is compiled from the signed Statements like the dossier
@@ -111,12 +115,16 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
     logged = log_model_folder(client, run_id, edge.path, "edge", example_texts=example_texts, labels=labels)
     staged.logged_models.append(logged.model_id)
     kind = f"INT8 edge model ({edge.primary})" if edge.quantized else "Edge model, NOT quantized (fp32 student)"
+    kind = (f"{kind} of {student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} "
+            f"MB: {edge.reason}.")
     ev = create_version(client, edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                        governance=governance, staged=staged, description=(
-        f"{kind} of {student_model_name} v{sv.version}, {edge.artifacts[edge.primary]['size_bytes'] / 1e6:.1f} MB "
-        f"(student {test['student']['accuracy']:.3f}). {summary} {edge.reason}."),
-        tags={**lineage, **signed, **edge_tags})
+                        governance=governance, staged=staged,
+                        description=version_description(report, gates, edge.report_name, kind=kind, links=links),
+                        tags={**lineage, **signed, **edge_tags})
     link_version(client, logged, edge_model_name, ev.version)
+    describe_model(client, edge_model_name, "edge", edge_model_name)
+    for key, value in headline_metrics(report, gates, edge.report_name).items():  # versions compare by these
+        client.log_metric(run_id, key, value, model_id=logged.model_id)
     if publish_dossier is not None:
         publish_dossier(client, client.get_model_version(edge_model_name, str(ev.version)), governance,
                         edge_folder=edge.path, staged=staged, log=log)

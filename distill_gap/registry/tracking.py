@@ -61,16 +61,20 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def experiment_id(client, tracking) -> str:
-    """The id of tracking.experiment, created (with its artifact location and kind) when missing."""
+    """The id of tracking.experiment, created (with its artifact location, kind and description) when missing."""
+    from distill_gap.registry.presentation import EXPERIMENT_DESCRIPTION, NOTE
+
+    tags = {**EXPERIMENT_KIND, NOTE: EXPERIMENT_DESCRIPTION}
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is not None:
-        if "mlflow.experimentKind" not in exp.tags:  # an experiment made before the tag (or by hand)
-            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        for key, value in tags.items():  # an experiment made before these tags (or by hand): a description of
+            if key not in exp.tags:      # the user's own stays
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if not tracking_uri(tracking).startswith(("http://", "https://", "databricks")):
         location = Path(tracking.artifact_location).resolve().as_uri()
-    return client.create_experiment(tracking.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+    return client.create_experiment(tracking.experiment, artifact_location=location, tags=tags)
 
 
 def code_version() -> str:

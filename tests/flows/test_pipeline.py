@@ -173,7 +173,29 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     for key in ("owner", "review.due", "signature.uri", "signing.public_key", "signing.keyid", "teacher.license"):
         assert edge.tags.get(key), key
     assert edge.tags["trigger.reason"] == "test: first run" and edge.tags["owner"] == cfg.governance.owner
-    assert "Gap vs the teacher" in edge.description and "Verdict" in edge.description
+    # what people read in the MLflow UI (issue 23): the version's markdown, verdict first, links to report and dossier
+    exp = client.get_run(run_id).info.experiment_id
+    assert edge.description.startswith("**Verdict: every gate passed.**"), edge.description
+    assert "\n\nScope: in scope when the mahalanobis score >= " in edge.description
+    stage = {r.data.tags["distill.stage"]: r.info.run_id for r in children}
+    assert (f"[Gap report]({cfg.tracking.ui_url}/#/experiments/{exp}/runs/{stage['evaluate']}/artifactPath/evaluation/"
+            f"gap_report.html) · [Dossier]({cfg.tracking.ui_url}/#/experiments/{exp}/runs/{stage['register']}/"
+            "artifactPath/dossier/dossier.html)") in edge.description
+    assert "distill promote" in client.get_registered_model("tiny-edge").description
+    assert "distill promote" in client.get_registered_model("tiny-student").description
+    # the pipeline run: its description and headline metrics; the logged edge model carries the same metrics
+    parent = client.get_run(run_id)
+    assert parent.data.tags["mlflow.note.content"].startswith("**Verdict: every gate passed.**")
+    assert "[Prefect flow run](" in parent.data.tags["mlflow.note.content"]
+    assert "[Dossier](" in parent.data.tags["mlflow.note.content"]
+    headline = {k: v for k, v in parent.data.metrics.items() if k.startswith("headline.")}
+    assert not cfg.data.critical_slices  # tiny.yaml declares none: no worst-critical-slice number is invented
+    assert set(headline) == {"headline.edge_test_accuracy", "headline.retention_vs_teacher",
+                             "headline.scope_auroc"}, headline
+    assert headline["headline.edge_test_accuracy"] == first["report"]["suites"]["test"][first["edge"]["report_name"]][
+        "accuracy"]
+    logged = client.get_logged_model(edge.source.removeprefix("models:/"))
+    assert {m.key for m in logged.metrics or []} >= set(headline)
     info = mlflow.models.get_model_info(f"models:/tiny-edge/{edge_v}")
     assert info.signature is not None and info.signature.inputs.input_names() == ["text"]
     assert client.get_registered_model("tiny-edge").tags["owner"] == cfg.governance.owner
