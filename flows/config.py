@@ -110,6 +110,15 @@ class StudentConfig(_Section):
     path: str | None = None  # kind pretrained: a local model folder sharing the teacher's tokenizer
 
 
+class VocabConfig(_Section):
+    """Vocabulary trimming of the trained student (distill_gap/kd/vocab.py): keep the word pieces the training
+    texts use, every special and single-character piece, and the teacher's lowest ids up to `min_tokens`; the
+    embedding table shrinks with it. WordPiece tokenizers only."""
+
+    trim: bool = False
+    min_tokens: int = Field(0, ge=0)  # floor: at least this many tokens (0: only what the domain needs)
+
+
 class DistillConfig(_Section):
     """The distill stage (tasks/distill.py) builds the student, its loss and the training loop's arguments from this
     section: these defaults are the only ones (the loss and the loop take every knob as an argument)."""
@@ -145,6 +154,7 @@ class DistillConfig(_Section):
     baseline: bool = False  # also train the same student on hard labels only and report it beside the KD student
     freeze_embeddings: bool = False  # keep the student's word embeddings fixed (the teacher's, for kind layers):
     # AdamW then skips ~12M of MiniLM's 15.6M student parameters, a faster step on small data
+    vocab: VocabConfig = Field(default_factory=lambda: VocabConfig())  # trim the student's vocabulary after training
 
     @model_validator(mode="after")
     def _schedule_needs_end(self) -> "DistillConfig":

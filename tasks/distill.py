@@ -54,6 +54,7 @@ class StudentResult:
     hard_labels_only: bool = False
     examples_per_second: float = 0.0
     baseline: "StudentResult | None" = None   # the hard-label student of the same spec (distill.baseline)
+    vocab: dict | None = None    # distill.vocab.trim: tokens kept of the teacher's (distill_gap.kd.vocab)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -184,11 +185,20 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
         fix_if_not_finite=NOT_FINITE_FIX, teacher_logits=teacher_logits, val_teacher_preds=val_teacher_preds,
         teacher_model=teacher_model, weights=None if hard_labels_only else weights, example_ids=train_ids,
         device=device, desc=desc, on_epoch=on_epoch)
-    out = save_classifier(student.cpu(), tokenizer, out_dir)
+    student, vocab = student.cpu(), None
+    if d.vocab.trim:  # after training: the loop (and a teacher run online) saw the teacher's ids
+        from distill_gap.kd.vocab import trim_vocabulary, write_record
+
+        student, tokenizer, vocab = trim_vocabulary(student, tokenizer, train_texts, floor=d.vocab.min_tokens)
+    out = save_classifier(student, tokenizer, out_dir)
+    if vocab is not None:
+        write_record(out, vocab)
+        vocab = {k: v for k, v in vocab.items() if k != "kept_teacher_ids"}  # the mapping stays in the folder
     return StudentResult(path=out, digest=model_digest(out), layers=list(spec.get("layers") or []),
                          parameters=sum(p.numel() for p in student.parameters()), best_epoch=result.best_epoch,
                          best_val_metric=result.best_metric, history=result.history, seconds=result.seconds,
-                         spec=spec, hard_labels_only=hard_labels_only, examples_per_second=result.examples_per_second)
+                         spec=spec, hard_labels_only=hard_labels_only, examples_per_second=result.examples_per_second,
+                         vocab=vocab)
 
 
 def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_slices: dict[str, list],
@@ -227,6 +237,12 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
     log.info("student %s: %.1fM parameters, best epoch %d (val %s %.3f), %.0f s, %.0f examples/s", result.spec,
              result.parameters / 1e6, result.best_epoch, distill_cfg.select_metric, result.best_val_metric,
              result.seconds, result.examples_per_second)
+    if result.vocab:
+        log.info("vocabulary trimmed: %d of the teacher's %d tokens kept for %d training texts (floor %d)",
+                 result.vocab["kept"], result.vocab["teacher_vocab_size"], result.vocab["texts"],
+                 result.vocab["floor"])
+        if client is not None:
+            client.log_metric(run_id, "student.vocab_tokens", result.vocab["kept"])
     if distill_cfg.baseline:
         result.baseline = distill_student(teacher_dir, workdir / "student-hard", on_epoch=on_epoch_for("student_hard"),
                                           hard_labels_only=True, desc="hard-label baseline", **common)
@@ -239,7 +255,7 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
 # Prefect task
 
 
-@task(name="distill", cache_policy=NO_CACHE)
+@task(name="distill", task_run_name="distill", cache_policy=NO_CACHE)
 def distill_task(run, distill_cfg, teacher, soft, splits, *, critical_slices: dict[str, list], max_length: int,
                  seed: int) -> StudentResult:
     """Train the student on the cached soft labels in the run's `distill` stage, then attest the step (never

@@ -17,6 +17,7 @@ INT8, the CLI as processes.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,9 @@ def test_a_critical_slice_without_rows_is_insufficient_then_a_named_approver_wai
     tmp, base, first_cfg, first = passing_run
     key = create_approver_key(first_cfg.governance, "rita")
     approvers = json.dumps([{"name": "rita", "public_key": str(key.public_path)}])
-    overrides = [*base, f"approval.approvers={approvers}",
+    # this candidate also trims its vocabulary (issue 21): the trimmed student goes through quantization,
+    # evaluation, registration and the dossier like any other
+    overrides = [*base, f"approval.approvers={approvers}", "distill.vocab.trim=true",
                  'data.critical_slices={"condition": ["Pain", "Not In These Rows"]}']
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     old = os.getcwd()
@@ -194,6 +197,11 @@ def test_a_critical_slice_without_rows_is_insufficient_then_a_named_approver_wai
                                          "record": mv.tags["promotion.waiver.uri"]}
     assert d["status"]["aliases"] == ["challenger", "champion"] and d["evidence"]["outcome"] == "insufficient"
     assert [s["step"] for s in d["lineage"]["steps"]][:3] == ["soft-labels", "distill", "quantize"]
+    distilled = next(s for s in d["lineage"]["steps"] if s["step"] == "distill")
+    assert "vocabulary trimmed" in distilled["technique"] and distilled["parameters"]["vocab"]["trim"] is True
+    shrunk = re.fullmatch(r"(\d+) of the teacher's (\d+) tokens", distilled["parameters"]["vocab_kept"])
+    kept, total = map(int, shrunk.groups())
+    assert 0 < kept <= total
     assert not d["lineage"]["problems"] and d["scope"]["shipped"]
     assert "Waived by <b>rita</b>" in page.read_text()
     from prefect.client.orchestration import get_client

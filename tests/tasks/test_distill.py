@@ -198,3 +198,26 @@ def test_the_stage_step_takes_its_sections(tiny_model_dir, review_frame, tmp_pat
     assert weighted.digest != plain.digest                             # the critical rows weigh more
     assert weighted.baseline.hard_labels_only and weighted.baseline.digest == plain.baseline.digest  # no weights
     assert (weighted.path.parent, weighted.baseline.path.name) == (tmp_path / "w", "student-hard")
+
+
+def test_a_trimmed_student_answers_its_training_texts_as_the_untrimmed_one(tiny_model_dir, review_frame, tmp_path):
+    """distill.vocab.trim (issue 21): the same training, then only the pieces the training texts use are kept; the
+    mapping and the count go with the student (folder, StudentResult), the logits on the training texts do not
+    move, and the folder is smaller."""
+    from distill_gap.kd.vocab import read_record
+
+    full = _run(tiny_model_dir, review_frame, tmp_path / "full")
+    trimmed = _run(tiny_model_dir, review_frame, tmp_path / "trimmed", vocab={"trim": True})
+    assert full.vocab is None and trimmed.vocab["kept"] < trimmed.vocab["teacher_vocab_size"]
+    assert trimmed.vocab["texts"] == 96 and "kept_teacher_ids" not in trimmed.vocab
+    assert read_record(trimmed.path)["kept"] == trimmed.vocab["kept"] and trimmed.parameters < full.parameters
+    texts = review_frame["text"].tolist()[:96]
+    logits = []
+    for path in (full.path, trimmed.path):
+        model, tok = load_classifier(path)
+        model.eval()
+        with torch.no_grad():
+            logits.append(model(**tok(texts, padding=True, truncation=True, max_length=32,
+                                      return_tensors="pt")).logits.numpy())
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
+    assert (trimmed.path / "model.safetensors").stat().st_size < (full.path / "model.safetensors").stat().st_size
