@@ -35,7 +35,10 @@ def gates_failed(edge_name: str, failed: dict[str, dict]) -> GatesFailed:
     return GatesFailed(
         f"{edge_name}: gates failed ({failed_evidence(failed)}); the staged versions were rolled back, "
         "nothing is registered",
-        "read the gap report (Prefect artifact <name>-gap-report, MLflow evaluate run) and change the student, "
+        ("the teacher itself is not better than always answering one class: retrain it (`distill teacher bootstrap "
+         "--force`, more epochs or rows) or import a better one (`distill teacher import`), then run again; "
+         if "teacher_vs_majority_class" in failed else "")
+        + "read the gap report (Prefect artifact <name>-gap-report, MLflow evaluate run) and change the student, "
         "the quantization, or the evaluate.* thresholds")
 
 

@@ -1,0 +1,47 @@
+"""Library messages a user of `distill` cannot act on, silenced at the source (issue 23: output is for people).
+
+Each is named exactly, so anything else a library says still shows:
+- torch's pytree logger: "<enum ...> is an Enum subclass and is now natively supported by torch.compile ..."
+  (torchao registers its enums at import; torch deprecates that, nothing for a user to change);
+- torch's FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated" (raised inside torch.export for INC);
+- Intel Neural Compressor's own logger below ERROR ("Auto detect accelerator: CPU_Accelerator", "hw aligned
+  scales not supported for device ..."): INC resets its logger's level and handlers from $LOGLEVEL when it first
+  loads, so a filter on the logger (which it keeps) does the work;
+- MLflow's INFO lines about its own bookkeeping ("Creating initial MLflow database tables...", "Updating database
+  tables", "Validating input example against model signature").
+LOGLEVEL=DEBUG shows everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+_DONE = False
+
+
+class _Drop(logging.Filter):
+    def __init__(self, *, below: int = 0, containing: str | None = None):
+        super().__init__()
+        self.below, self.containing = below, containing
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.below:
+            return False
+        return not (self.containing and self.containing in record.getMessage())
+
+
+def quiet_libraries() -> None:
+    """Install the filters once per process (idempotent)."""
+    global _DONE
+    if _DONE or os.environ.get("LOGLEVEL", "").upper() == "DEBUG":
+        return
+    _DONE = True
+    logging.getLogger("torch.utils._pytree").addFilter(
+        _Drop(containing="is an Enum subclass and is now natively supported by torch.compile"))
+    logging.getLogger("neural_compressor").addFilter(_Drop(below=logging.ERROR))
+    logging.getLogger("mlflow.store.db.utils").addFilter(_Drop(below=logging.WARNING))
+    logging.getLogger("mlflow.pyfunc").addFilter(_Drop(containing="Validating input example against model signature"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)

@@ -1,0 +1,57 @@
+"""Library messages a user cannot act on are dropped by name; everything else the same libraries say still shows
+(issue 23: output is for people)."""
+
+import logging
+import warnings
+
+import flows  # noqa: F401  (installs the filters, as every `distill` command does)
+
+
+class _Keep(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _said(logger_name: str, *calls) -> list[str]:
+    logger, keep = logging.getLogger(logger_name), _Keep()
+    level = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.DEBUG)  # what the level lets through is not the question: the filters are
+    try:
+        for at, message in calls:
+            logger.log(at, message)
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+    return keep.messages
+
+
+def test_the_named_messages_are_dropped_and_the_rest_still_shows():
+    enum = ("<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile as an "
+            "opaque value type.")
+    assert _said("torch.utils._pytree", (logging.WARNING, enum), (logging.WARNING, "another pytree warning")) == [
+        "another pytree warning"]
+    from neural_compressor.common.utils.logger import Logger
+
+    inc = Logger().get_logger()  # INC resets its logger's level and handlers here; the filter stays
+    assert inc.name == "neural_compressor"
+    assert _said("neural_compressor", (logging.WARNING, "Auto detect accelerator: CPU_Accelerator."),
+                 (logging.ERROR, "quantization failed")) == ["quantization failed"]
+    assert _said("mlflow.store.db.utils", (logging.INFO, "Creating initial MLflow database tables..."),
+                 (logging.WARNING, "database is locked")) == ["database is locked"]
+    assert _said("mlflow.pyfunc", (logging.INFO, "Validating input example against model signature"),
+                 (logging.INFO, "another pyfunc line")) == ["another pyfunc line"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        from distill_gap.ops.quiet import quiet_libraries
+        import distill_gap.ops.quiet as quiet
+
+        quiet._DONE = False  # catch_warnings reset the filters: install them again inside it
+        quiet_libraries()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
