@@ -7,10 +7,13 @@ opens its nested MLflow run and attests its step.
 
 from __future__ import annotations
 
-from prefect import flow
+from pathlib import Path
+
+from prefect import flow, tags
 from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
+from distill_gap.ops.run_names import config_name_of, flow_run_name, run_tags, tag_flow_run
 from distill_gap.registry.pipeline_run import open_pipeline_run
 from flows.config import PipelineConfig, load_config
 from tasks.distill import distill_task
@@ -23,11 +26,20 @@ from tasks.teacher import resolve_teacher_task
 from tasks.validate import validate_data
 
 
-@flow(name="distill-pipeline", log_prints=True)
+def _run_name() -> str:
+    """`demo · manual`, `demo · drift`: the config and the trigger, in the Prefect UI's run lists."""
+    p = flow_run.parameters
+    name = config_name_of(p["config"]) if "config" in p else Path(p.get("config_path", "?")).stem
+    return flow_run_name(name, p.get("trigger_reason", "manual"))
+
+
+@flow(name="distill-pipeline", flow_run_name=_run_name, log_prints=True)
 def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> dict:
     """Distill the pinned teacher into a student and an INT8 edge model, evaluate each, register, promote."""
     cfg, rt = config, config.runtime
-    with open_pipeline_run(cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id()) as run:
+    labels = run_tags(cfg.name, trigger_reason)  # config:<name>, trigger:<kind>: on the flow run and its task runs
+    tag_flow_run(labels, log=print)
+    with tags(*labels), open_pipeline_run(cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id()) as run:
         splits = validate_data(run, cfg.data, cfg.seed)
         teacher = resolve_teacher_task(run, cfg.teacher, splits)
         soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length)
@@ -57,7 +69,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
             "promotion": promotion, "tracking_uri": run.client._registry_uri}
 
 
-@flow(name="distill-pipeline-from-file", log_prints=True)
+@flow(name="distill-pipeline-from-file", flow_run_name=_run_name, log_prints=True)
 def distill_pipeline_from_file(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
                                trigger_reason: str = "manual") -> dict:
     """Deployment entry point: load a YAML config (+ overrides) and run distill-pipeline as a subflow."""

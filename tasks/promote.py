@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from distill_gap.governance.promotion import promote, request_approval
 
 
-@task(name="promote", cache_policy=NO_CACHE)
+@task(name="promote", task_run_name="promote", cache_policy=NO_CACHE)
 def promote_task(client, approval_cfg, governance, name: str, version: int, *, run_id: str,
                  request_id: str | None = None) -> dict:
     """@challenger, the approver's answer when approval_cfg.required, then @champion of `name` (<name>-edge); a

@@ -23,8 +23,8 @@ def resolve_teacher(client, teacher_model_name: str, teacher_cfg, labels: list[s
     return ref
 
 
-@task(name="resolve-teacher", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=retry_if_transient)
+@task(name="resolve-teacher", task_run_name="resolve-teacher", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient)
 def resolve_teacher_task(run, teacher_cfg, splits):
     """Resolve the pinned teacher version in the registry and verify its digest and licence; record the inputs."""
     from prefect.logging import get_run_logger

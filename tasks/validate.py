@@ -25,7 +25,7 @@ def validate(splits, name: str = "") -> dict:
 
 # Deterministic, so no retries (loading retries transient S3 errors itself); NO_CACHE: validation is cheap and must
 # see the frames it is given (hashing DataFrames for a cache key would cost more than validating them).
-@task(name="validate-data", retries=0, cache_policy=NO_CACHE)
+@task(name="validate-data", task_run_name="validate-data", retries=0, cache_policy=NO_CACHE)
 def validate_data(run, data_cfg, seed: int):
     """Load the splits (the load-data task) and validate them inside the run's `validate` stage, then log them as
     the run's dataset inputs; returns the splits."""

@@ -129,6 +129,23 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
     arts = asyncio.run(_artifact())
     assert arts and "student-int8" in max(arts, key=lambda a: a.created).data  # this run's: the newest
 
+    # the Prefect run says what ran (issue 23): `<config> · <trigger>`, tagged; each task run named by its step
+    async def _runs(flow_run_id):
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as c:
+            return (await c.read_flow_run(flow_run_id),
+                    await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
+
+    flow_run, task_runs = asyncio.run(_runs(run.data.tags["prefect.flow_run_id"]))
+    assert flow_run.name == "tiny · test" and {"config:tiny", "trigger:test"} <= set(flow_run.tags)
+    names = {t.name for t in task_runs}
+    steps = {"validate-data", "load-data", "resolve-teacher", "soft-labels-lookup", "soft-labels-manifest", "distill",
+             "quantize", "quantize-int8", "export-onnx", "quantize-onnx-int8", "evaluate", "register", "release-gate",
+             "promote"}
+    assert {"validate-data", "distill", "evaluate", "register", "attest-distill", "attest-evaluate"} <= names, names
+    assert all(n in steps or n.startswith(("attest-", "label-shard-")) for n in names), names  # no random suffix
+
     # second run: same key -> cache hit, teacher not run, a new student version with the same lineage. Its later
     # stages are trimmed (one INC trial, no ONNX copies, no intervals or stress suites): the cache is what is
     # tested, and the soft-label key does not depend on them
