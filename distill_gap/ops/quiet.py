@@ -3,6 +3,8 @@
 Each is named exactly, so anything else a library says still shows:
 - torch's pytree logger: "<enum ...> is an Enum subclass and is now natively supported by torch.compile ..."
   (torchao registers its enums at import; torch deprecates that, nothing for a user to change);
+- torchao's "Failed to load .../torchao/_C_*.so" at import: the wheel ships CUDA and other-Python builds of its
+  kernels beside the CPU ones, and says so for each one it cannot load;
 - torch's FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated" (raised inside torch.export for INC);
 - Intel Neural Compressor's own logger below ERROR ("Auto detect accelerator: CPU_Accelerator", "hw aligned
   scales not supported for device ..."): INC resets its logger's level and handlers from $LOGLEVEL when it first
@@ -41,6 +43,7 @@ def quiet_libraries() -> None:
     logging.getLogger("torch.utils._pytree").addFilter(
         _Drop(containing="is an Enum subclass and is now natively supported by torch.compile"))
     logging.getLogger("neural_compressor").addFilter(_Drop(below=logging.ERROR))
+    logging.getLogger("torchao").addFilter(_Drop(containing="/torchao/_C"))
     logging.getLogger("mlflow.store.db.utils").addFilter(_Drop(below=logging.WARNING))
     logging.getLogger("mlflow.pyfunc").addFilter(_Drop(containing="Validating input example against model signature"))
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",

@@ -35,6 +35,9 @@ def test_the_named_messages_are_dropped_and_the_rest_still_shows():
             "opaque value type.")
     assert _said("torch.utils._pytree", (logging.WARNING, enum), (logging.WARNING, "another pytree warning")) == [
         "another pytree warning"]
+    assert _said("torchao", (logging.WARNING, "Failed to load /x/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-"
+                                              "linux-gnu.so: Could not load this library"),
+                 (logging.WARNING, "another torchao warning")) == ["another torchao warning"]
     from neural_compressor.common.utils.logger import Logger
 
     inc = Logger().get_logger()  # INC resets its logger's level and handlers here; the filter stays
