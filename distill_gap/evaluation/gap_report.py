@@ -13,12 +13,13 @@ import numpy as np
 
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.gates import MIN_SLICE_ROWS
-from distill_gap.evaluation.html_report import drop_cell
 from distill_gap.evaluation.intervals import bootstrap_metrics
 from distill_gap.evaluation.metrics import ece, fit_temperature, mean_kl, reliability_bins, score
+from distill_gap.evaluation.noninferiority import paired_drop
 from distill_gap.evaluation.ood import auroc_drop_interval, energy_score, msp_score, ood_detection
 from distill_gap.evaluation.stress import stress_result, stress_variants
 from distill_gap.inference.predictor import load_predictor
+from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
 
 
 @dataclass
@@ -57,85 +58,106 @@ class GapReport:
                 gaps.append((suite, by_model[model]["accuracy"] - by_model["teacher"]["accuracy"]))
         return sorted(gaps, key=lambda g: g[1])[:k]
 
-    def markdown(self, title: str = "Gap report") -> str:
-        """A table ops teams read in the Prefect UI: teacher beside each compressed model, per suite."""
+    def markdown(self, title: str = "Gap report", *, edge: str | None = None, gates: dict | None = None,
+                 links: dict[str, str] | None = None) -> str:
+        """What ops teams read in the Prefect UI, in this order: the verdict (with `gates`), the flagged suites of
+        the shipped artifact `edge` (default: the last compressed model), a compact table of `edge` against the
+        teacher on the suites with enough rows (fits ~900 px), the links (the HTML report in MLflow) and what
+        could not be evaluated. Every other model and section (calibration, OOD detectors, scope, stress,
+        non-inferiority, the small slices) is in the HTML report and gap_report.json."""
         others = [m for m in self.models if m != "teacher"]
-        head = "| suite | n | teacher acc | " + " | ".join(f"{m} acc (Δ) | {m} F1 | {m} fidelity" for m in others) + " |"
-        sep = "|" + "---|" * (3 + 3 * len(others))
-        rows = [head, sep]
-        flagged = {(f["suite"], f["model"]) for f in self.flags}
-        for suite, by_model in self.suites.items():
-            t = by_model["teacher"]
+        edge = edge if edge is not None else (others[-1] if others else "teacher")
+        lines = []
+        if gates is not None:
+            lines += [*verdict_lines(gates, self.not_evaluated), ""]
+        lines += [f"## {title}", ""]
+        # 1. flagged suites of the shipped artifact, worst first
+        flags = sorted((f for f in self.flags if f["model"] == edge), key=lambda f: f["gap"])
+        if flags:
+            lines.append(f"**⚠ `{edge}` (shipped) loses more than {self.threshold:.0%} accuracy to the teacher on "
+                         f"{len(flags)} suite(s):**")
+            for f in flags:
+                t, e = self.suites[f["suite"]]["teacher"], self.suites[f["suite"]][edge]
+                lines.append(f"- {f['suite'].removeprefix('slice:')}: {f['gap'] * 100:+.1f} pts "
+                             f"({e['accuracy']:.3f} vs {t['accuracy']:.3f}, n={f['n']}{_gap_text(e)})")
+        else:
+            lines.append(f"No suite where `{edge}` (shipped) loses more than {self.threshold:.0%} accuracy to the "
+                         f"teacher (suites of {MIN_SLICE_ROWS}+ rows).")
+        # 2. the edge model against the teacher where there are enough rows; slices worst first
+        rows, small = [], 0
+        for suite, by_model in sorted(self.suites.items(), key=lambda kv: self._order(kv[0], edge)):
+            t, e = by_model.get("teacher", {}), by_model.get(edge)
             if not t.get("n"):
                 continue
-            cells = [suite, str(t["n"]), f"{t['accuracy']:.3f}"]
-            for m in others:
-                s = by_model.get(m)
-                if not s or "accuracy" not in s:
-                    cells += ["not evaluated", "-", "-"]
-                    continue
-                mark = " ⚠" if (suite, m) in flagged else ""
-                cells += [f"{s['accuracy']:.3f}{_ci_text(s)} ({s['accuracy'] - t['accuracy']:+.3f}){mark}",
-                          f"{s['macro_f1']:.3f}", f"{s.get('fidelity', float('nan')):.3f}"]
-            rows.append("| " + " | ".join(cells) + " |")
-        lines = [f"## {title}", "", *rows, ""]
-        if self.flags:
-            lines.append(f"**⚠ {len(self.flags)} suite(s) where a compressed model loses more than "
-                         f"{self.threshold:.0%} accuracy against the teacher** (slices under {MIN_SLICE_ROWS} rows not flagged):")
-            lines += [f"- `{f['model']}` on `{f['suite']}`: {f['gap']:+.3f} (n={f['n']})" for f in self.flags]
-        else:
-            lines.append(f"No suite where a compressed model loses more than {self.threshold:.0%} against the teacher.")
-        for m in others:
-            worst = self.worst_slices(m)
-            if worst:
-                lines.append(f"- largest slice losses of `{m}`: " + ", ".join(f"{s.removeprefix('slice:')} {g:+.3f}" for s, g in worst))
-        if self.calibration:
-            lines += ["", "### Calibration (ECE on test, 15 bins; T fitted on validation)", "",
-                      "| model | T | ECE before | ECE after |", "|---|---|---|---|"]
-            lines += [f"| {m} | {c['temperature']:.2f} | {c['ece_before']:.3f} | {c['ece_after']:.3f} |"
-                      for m, c in self.calibration.items()]
-        if self.ood:
-            lines += ["", "### OOD detection (in = test; AUROC / FPR at 95% TPR per detector, each model on its own "
-                      "features)", "", "| OOD set | model | MSP | MSP AUROC drop vs teacher [paired 95%] | energy | "
-                      "Mahalanobis | kNN |", "|---|---|---|---|---|---|---|"]
-            for suite, by_model in self.ood.items():
-                lines += [f"| {suite} | {m} | {_det(d.get('msp'))} | {drop_cell(d['msp'].get('drop_vs_teacher'))} | "
-                          f"{_det(d.get('energy'))} | {_det(d.get('mahalanobis'))} | {_det(d.get('knn'))} |"
-                          for m, d in by_model.items()]
-            notes = [f"- {suite}, `{m}`, {det}: {r['note']}" for suite, by_model in self.ood.items()
-                     for m, d in by_model.items() for det, r in d.items() if isinstance(r, dict) and r.get("note")]
-            if notes:
-                lines += ["", *notes]
-        if self.scope:
-            lines += ["", "### Scope guard (ships with the edge model; threshold at 95% in-distribution TPR on "
-                      "validation)", "", "| model | detector | threshold | OOD rows kept in scope |", "|---|---|---|---|"]
-            lines += [f"| {m} | {g['detector']} | {g['threshold']:.4g} | "
-                      + ", ".join(f"{suite}: {share:.1%}" for suite, share in g.get("ood_in_scope", {}).items())
-                      + " |" for m, g in self.scope.items()]
-        if self.noninferiority:
-            lines += ["", "### Non-inferiority vs the teacher (same test rows; pass: upper one-sided 95% bound of "
-                      "the drop below the margin, fail: lower bound above it, else insufficient evidence)", "",
-                      "| model | check | n | teacher | model | drop [95% bounds] | margin | outcome | rows needed |",
-                      "|---|---|---|---|---|---|---|---|---|"]
-            lines += [f"| {m} | {c['check']}{' (inherited)' if c['inherited'] else ''} | {c['n']} | "
-                      f"{_num(c['teacher'])} | {_num(c['model'])} | "
-                      + (f"{c['drop']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c["n"] else "no rows")
-                      + f" | {c['margin']:.3f} | {c['outcome']} | {c['rows_needed'] or '-'} |"
-                      for m, checks in self.noninferiority.items() for c in checks]
-        if self.stress:
-            lines += ["", "### Stress suites (seeded sample of test)", "", "| variant | " +
-                      " | ".join(f"{m} drop / flips" for m in self.models) + " |", "|---|" + "---|" * len(self.models)]
-            for variant, by_model in self.stress.items():
-                lines.append(f"| {variant} | " + " | ".join(
-                    f"{by_model[m]['accuracy_drop']:+.3f} / {by_model[m]['flip_rate']:.3f}" if m in by_model else "-"
-                    for m in self.models) + " |")
-        for miss in self.not_evaluated:
-            lines.append(f"\n**not evaluated**: `{miss['model']}` on {miss['suite']}: {miss['reason']}")
+            if t["n"] < MIN_SLICE_ROWS:
+                small += 1
+                continue
+            if not e or "accuracy" not in e:
+                rows.append(f"| {suite.removeprefix('slice:')} | {t['n']} | {t['accuracy']:.3f} | not evaluated | - | - |")
+                continue
+            mark = " ⚠" if any(f["suite"] == suite for f in flags) else ""
+            rows.append(f"| {suite.removeprefix('slice:')} | {t['n']} | {t['accuracy']:.3f} | "
+                        f"{e['accuracy']:.3f}{_ci_text(e)} | {e['accuracy'] - t['accuracy']:+.3f}{mark} | "
+                        f"{_num(e.get('fidelity'))} |")
+        lines += ["", f"### `{edge}` vs the teacher (accuracy; suites of {MIN_SLICE_ROWS}+ rows, slices worst first)",
+                  "", f"| suite | n | teacher | {edge} [95% CI] | Δ | fidelity |", "|---|--:|--:|--:|--:|--:|", *rows]
+        if small:
+            lines += ["", f"{small} slice(s) under {MIN_SLICE_ROWS} rows (never flagged) are in the HTML report and "
+                          "gap_report.json."]
+        # 3. where the rest is
+        links = {k: v for k, v in (links or {}).items() if v}
+        rest = [m for m in others if m != edge]
+        lines += ["", (" · ".join(f"[{k}]({v})" for k, v in links.items()) + ": " if links else "")
+                  + "plots, every model" + (f" ({', '.join(rest)})" if rest else "") + " and every section "
+                  "(per-class recall, calibration, OOD detectors and scope guard, non-inferiority, stress suites) "
+                  "are in the HTML report; every number in gap_report.json (MLflow, evaluate run, evaluation/)."]
+        if gates is None:  # the verdict lists them otherwise
+            lines += [f"\n**not evaluated**: `{m['model']}` on {m['suite']}: {m['reason']}" for m in self.not_evaluated]
         return "\n".join(lines) + "\n"
+
+    def _order(self, suite: str, edge: str) -> tuple:
+        """Held-out splits, then OOD suites, then slices by the edge model's gap (worst first)."""
+        if not suite.startswith("slice:"):
+            return (0 if not suite.startswith("ood:") else 1, 0.0)
+        by_model = self.suites[suite]
+        e, t = by_model.get(edge, {}), by_model.get("teacher", {})
+        gap = e["accuracy"] - t["accuracy"] if "accuracy" in e and "accuracy" in t else 0.0
+        return (2, gap)
 
 
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def verdict_lines(gates: dict[str, dict], not_evaluated: list[dict] | None = None) -> list[str]:
+    """The gates' outcome in markdown, short: the verdict, then one bullet per failed or undecided gate with its
+    evidence (failed first), the passed gates in one line, what was not evaluated."""
+    failed, thin = by_outcome(gates, FAIL), by_outcome(gates, INSUFFICIENT)
+    if failed:
+        head = f"**Verdict: {len(failed)} gate(s) FAILED: {', '.join(failed)}** (@champion not moved)"
+    elif thin:
+        head = (f"**Verdict: insufficient evidence for {len(thin)} gate(s)** (@challenger only: @champion needs a "
+                "named approver's signed waiver of these gates)")
+    else:
+        head = f"**Verdict: all {len(gates)} gates passed.**"
+    lines = [head, ""]
+    for label, group in (("**FAIL**", failed), ("undecided", thin)):
+        lines += [f"- {label} `{k}`: {g['value']:.3f} vs threshold {g['threshold']:.3f}"
+                  + (" (inherited from the teacher)" if g.get("inherited") else "")
+                  + (f"; {g['detail']}" if g.get("detail") else "") for k, g in group.items()]
+    passed = [k for k in gates if k not in failed and k not in thin]
+    if passed:
+        lines.append(f"- passed ({len(passed)}): " + ", ".join(f"`{k}`" for k in passed))
+    lines += [f"- not evaluated: `{m['model']}` on {m['suite']}: {m['reason']}" for m in not_evaluated or []]
+    return lines
+
+
+def _gap_text(metrics: dict) -> str:
+    """"; 90% interval of the paired gap [low, high] pts" where gap_report measured it."""
+    gap = (metrics.get("ci") or {}).get("gap_vs_teacher") or {}
+    if gap.get("low") is None:
+        return ""
+    return f"; paired 90% interval [{gap['low'] * 100:+.1f}, {gap['high'] * 100:+.1f}] pts"
 
 
 def _ci_text(metrics: dict) -> str:
@@ -147,9 +169,19 @@ def _ci_text(metrics: dict) -> str:
     return f" [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
+def gap_interval(teacher_ok, model_ok, *, seed: int = 0) -> dict:
+    """The accuracy gap model - teacher on the same rows with a 90% interval: the non-inferiority checks' paired
+    posterior (noninferiority.paired_drop), its one-sided 95% bounds negated. {"value", "low", "high", "level"}."""
+    r = paired_drop(teacher_ok, model_ok, seed=seed)
+    return {"value": -r["drop"], "low": -r["high"], "high": -r["low"], "level": 0.90}
+
+
 def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: float = 0.02, *,
                bootstrap_samples: int = 0, seed: int = 0) -> GapReport:
-    """Score each model's logits (model -> split -> (N, C)) per split and per test slice against the teacher."""
+    """Score each model's logits (model -> split -> (N, C)) per split and per test slice against the teacher.
+
+    With `bootstrap_samples`, each metric gets its bootstrap interval under "ci", and each compressed model on a
+    suite of MIN_SLICE_ROWS+ rows the paired interval of its gap to the teacher (ci["gap_vs_teacher"])."""
     labels = list(splits.labels)
     label_id = {l: i for i, l in enumerate(labels)}
     models = list(logits)
@@ -189,6 +221,8 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
             if bootstrap_samples and len(truth):
                 by_model[m]["ci"] = bootstrap_metrics(truth, pred, num_classes=len(labels), n_boot=bootstrap_samples,
                                                       seed=seed, min_n=MIN_SLICE_ROWS)
+                if m != "teacher" and len(truth) >= MIN_SLICE_ROWS:
+                    by_model[m]["ci"]["gap_vs_teacher"] = gap_interval(teacher_pred == truth, pred == truth, seed=seed)
         report.suites[suite] = by_model
         if by_model["teacher"]["n"] >= MIN_SLICE_ROWS:
             for m in [m for m in models[1:] if m in by_model]:
@@ -196,10 +230,6 @@ def gap_report(logits: dict[str, dict[str, np.ndarray]], splits, threshold: floa
                 if gap < -threshold:
                     report.flags.append({"suite": suite, "model": m, "gap": gap, "n": by_model[m]["n"]})
     return report
-
-
-def _det(r: dict | None) -> str:
-    return "-" if not r else f"{r['auroc']:.3f} / {r['fpr_at_tpr']:.3f}"
 
 
 def _truth(splits, split: str) -> np.ndarray:

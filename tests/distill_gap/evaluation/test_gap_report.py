@@ -23,8 +23,12 @@ def test_flags_a_slice_loss_hidden_by_the_aggregate():
     flagged = {(f["suite"], f["model"]) for f in report.flags}
     assert ("slice:site=s2", "student") in flagged and ("slice:site=s1", "student") not in flagged
     assert report.worst_slices("student")[0][0] == "slice:site=s2"
-    md = report.markdown()
-    assert "slice:site=s2" in md and "⚠" in md
+    md = report.markdown()  # the shipped model defaults to the last compressed one
+    assert "- site=s2: -30.0 pts (0.700 vs 1.000, n=20)" in md  # the flagged slice, said first
+    table = md[md.index("| suite |"):].splitlines()
+    assert table[2:5] == ["| test | 40 | 1.000 | 0.850 | -0.150 ⚠ | 0.850 |",  # held-out split, then slices worst first
+                          "| site=s2 | 20 | 1.000 | 0.700 | -0.300 ⚠ | 0.700 |",
+                          "| site=s1 | 20 | 1.000 | 1.000 | +0.000 | 1.000 |"]
 
 
 def test_intervals_calibration_ood_and_scope():
@@ -61,8 +65,11 @@ def test_intervals_calibration_ood_and_scope():
 
     gate = evaluate_gates(report, "student", {"argmax_agreement": 1.0}, EvaluateConfig())["ood_auroc_vs_teacher:far"]
     assert "kNN AUROC" in gate["detail"] and "shipped guard" in gate["detail"]
-    md = report.markdown()
-    assert "n too small" in md and "Calibration" in md and "OOD detection" in md and "Scope guard" in md
+    gap = report.suites["slice:site=a"]["student"]["ci"]["gap_vs_teacher"]  # paired: the same rows
+    acc = {m: report.metric("slice:site=a", m) for m in ("teacher", "student")}
+    assert gap["value"] == pytest.approx(acc["student"] - acc["teacher"]) and gap["low"] <= gap["value"] <= gap["high"]
+    assert "gap_vs_teacher" not in report.suites["slice:site=tiny"]["student"]["ci"]  # under 10 rows: no interval
+    assert "gap_vs_teacher" not in report.suites["test"]["teacher"]["ci"]
 
     scope = scope_record(report, "student", splits)
     assert scope["model"] == "student" and "knn score >= threshold" in scope["rule"]
@@ -106,7 +113,6 @@ def test_stress_suites_measure_flips_and_a_breaking_model_is_reported():
     assert report.stress["casing"]["edge"]["n"] == 40
     assert report.not_evaluated == [{"model": "broken", "suite": "stress",
                                      "reason": "RuntimeError: tokenizer exploded"}]
-    assert "Stress suites" in report.markdown()
     empty = gap_report(logits, splits)
     assert not add_stress(empty, {"teacher": digit_teacher}, splits, ["teacher"], rows=0, seed=3).stress
 
@@ -123,7 +129,8 @@ def test_a_model_with_the_wrong_number_of_classes_is_not_evaluated_and_the_other
     assert missing[0]["model"] == "broken" and "3 classes" in missing[0]["reason"]
     report = gap_report(logits, splits, 0.02)
     report.not_evaluated += missing
-    assert "not evaluated" in report.markdown()
+    assert "**not evaluated**: `broken` on all: " in report.markdown()
+    assert "- not evaluated: `broken` on all: " in report.markdown(gates={})  # with gates: in the verdict
     with pytest.raises(Exception, match="3 classes"):  # the teacher is required
         collect_outputs({"teacher": two}, splits)
 
@@ -166,3 +173,33 @@ def test_ood_sets_of_unseen_classes_get_accuracy_only_where_labels_are_in_the_se
     assert "ood:unlabelled" not in report.suites  # detection only: add_calibration_and_ood still scores it
     add_calibration_and_ood(report, logits, splits)
     assert "msp" in report.ood["ood:unlabelled"]["student"]
+
+
+def _slice(n: int, teacher: float, model: float) -> dict:
+    return {"teacher": {"n": n, "accuracy": teacher}, **{m: {"n": n, "accuracy": model, "fidelity": 0.9}
+                                                        for m in ("student", "edge")}}
+
+
+def test_markdown_says_the_verdict_then_what_the_shipped_model_loses_in_a_narrow_table():
+    suites = {"test": _slice(325, 0.726, 0.720), "slice:c=Pain": _slice(17, 0.765, 0.706),
+              "slice:c=Depression": _slice(25, 0.8, 0.72),
+              **{f"slice:c=Rare {i}": _slice(2, 1.0, 0.5) for i in range(94)}}  # never flagged, not listed
+    flags = [{"suite": s, "model": m, "gap": suites[s][m]["accuracy"] - suites[s]["teacher"]["accuracy"], "n": suites[s][m]["n"]}
+             for s in ("slice:c=Depression", "slice:c=Pain") for m in ("student", "edge")]
+    report = GapReport(models=["teacher", "student", "edge"], suites=suites, flags=flags,
+                       not_evaluated=[{"model": "onnx", "suite": "all", "reason": "onnxruntime missing"}])
+    gates = {"noninferior:recall:neu": {"value": 0.0, "threshold": 0.05, "passed": False, "outcome": "insufficient",
+                                        "inherited": True, "detail": "the teacher is at 0.05"},
+             "calibration_ece": {"value": 0.04, "threshold": 0.05, "passed": True, "detail": "ECE"}}
+    md = report.markdown("Gap report: demo", edge="edge", gates=gates, links={"HTML report": "http://ui/#/x.html"})
+    verdict, flagged, table, rest = (md.index("**Verdict: insufficient evidence for 1 gate(s)**"),
+                                     md.index("**⚠ `edge` (shipped)"), md.index("| suite |"), md.index("[HTML report]"))
+    assert verdict == 0 and verdict < flagged < table < rest  # the verdict, the flags, the table, the links
+    assert "- undecided `noninferior:recall:neu`: 0.000 vs threshold 0.050 (inherited from the teacher)" in md
+    assert "- passed (1): `calibration_ece`" in md and "- not evaluated: `onnx` on all: onnxruntime missing" in md
+    assert "- c=Depression: -8.0 pts (0.720 vs 0.800, n=25)" in md and "`student` on" not in md  # the edge's only
+    assert md.index("c=Depression: -8.0") < md.index("c=Pain: -5.9")  # worst first
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3 and all(line.count(" | ") == 5 for line in rows)  # header + 3 suites, 6 columns
+    assert "Rare" not in md and "94 slice(s) under 10 rows" in md
+    assert "[HTML report](http://ui/#/x.html)" in md and "every model (student)" in md
