@@ -119,6 +119,16 @@ class VocabConfig(_Section):
     min_tokens: int = Field(0, ge=0)  # floor: at least this many tokens (0: only what the domain needs)
 
 
+class PruneConfig(_Section):
+    """Structured pruning of the student before distillation (distill_gap/kd/pruning.py): in every layer this share
+    of the least important attention heads and FFN neurons is removed (the dense shapes shrink), and distillation
+    then recovers. BERT-style students only."""
+
+    heads: float = Field(0.0, ge=0, lt=1)
+    ffn: float = Field(0.0, ge=0, lt=1)
+    sample: int = Field(512, ge=1)  # training texts the importance is measured on (the first ones, in split order)
+
+
 class DistillConfig(_Section):
     """The distill stage (tasks/distill.py) builds the student, its loss and the training loop's arguments from this
     section: these defaults are the only ones (the loss and the loop take every knob as an argument)."""
@@ -155,12 +165,16 @@ class DistillConfig(_Section):
     freeze_embeddings: bool = False  # keep the student's word embeddings fixed (the teacher's, for kind layers):
     # AdamW then skips ~12M of MiniLM's 15.6M student parameters, a faster step on small data
     vocab: VocabConfig = Field(default_factory=lambda: VocabConfig())  # trim the student's vocabulary after training
+    prune: PruneConfig = Field(default_factory=lambda: PruneConfig())  # heads / FFN neurons removed before training
 
     @model_validator(mode="after")
     def _schedule_needs_end(self) -> "DistillConfig":
         if self.alpha_schedule != "constant" and self.alpha_end is None:
             raise ValueError(f"distill.alpha_schedule {self.alpha_schedule!r} needs distill.alpha_end (alpha at the "
                              "last step)")
+        if self.prune.heads and self.attention_loss:
+            raise ValueError("distill.attention_loss matches attention maps head by head, which distill.prune.heads "
+                             "removes: set one of them off")
         return self
 
 

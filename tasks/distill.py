@@ -55,6 +55,7 @@ class StudentResult:
     examples_per_second: float = 0.0
     baseline: "StudentResult | None" = None   # the hard-label student of the same spec (distill.baseline)
     vocab: dict | None = None    # distill.vocab.trim: tokens kept of the teacher's (distill_gap.kd.vocab)
+    pruning: dict | None = None  # distill.prune: heads and FFN neurons removed before training (distill_gap.kd.pruning)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -157,6 +158,12 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
     teacher, tokenizer = load_classifier(teacher_dir)
     spec = student_spec(d)
     student = build_student(teacher.cpu(), tokenizer, spec, labels=model_labels(teacher))
+    pruning = None
+    if d.prune.heads or d.prune.ffn:  # before training: distillation recovers what the removed parts carried
+        from distill_gap.kd.pruning import prune
+
+        pruning = prune(student, tokenizer, list(train_texts)[:d.prune.sample], heads=d.prune.heads,
+                        ffn=d.prune.ffn, max_length=max_length)
     if d.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     uses_teacher_model = not hard_labels_only and (d.hidden_loss != "none" or d.attention_loss)
@@ -198,7 +205,7 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
                          parameters=sum(p.numel() for p in student.parameters()), best_epoch=result.best_epoch,
                          best_val_metric=result.best_metric, history=result.history, seconds=result.seconds,
                          spec=spec, hard_labels_only=hard_labels_only, examples_per_second=result.examples_per_second,
-                         vocab=vocab)
+                         vocab=vocab, pruning=pruning)
 
 
 def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_slices: dict[str, list],
@@ -237,6 +244,10 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
     log.info("student %s: %.1fM parameters, best epoch %d (val %s %.3f), %.0f s, %.0f examples/s", result.spec,
              result.parameters / 1e6, result.best_epoch, distill_cfg.select_metric, result.best_val_metric,
              result.seconds, result.examples_per_second)
+    if result.pruning:
+        p = result.pruning
+        log.info("pruned before training: heads kept per layer %s, FFN width %d -> %d, parameters %.2fM -> %.2fM",
+                 p["heads_kept"], *p["ffn_width"], p["parameters"][0] / 1e6, p["parameters"][1] / 1e6)
     if result.vocab:
         log.info("vocabulary trimmed: %d of the teacher's %d tokens kept for %d training texts (floor %d)",
                  result.vocab["kept"], result.vocab["teacher_vocab_size"], result.vocab["texts"],

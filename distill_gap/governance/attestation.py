@@ -81,19 +81,22 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
                       context: dict) -> dict:
     """The student trained on the soft labels (`d`: the distill config section)."""
     vocab = getattr(student, "vocab", None)  # distill.vocab.trim: tokens kept (the mapping is in the folder)
+    pruning = getattr(student, "pruning", None)  # distill.prune: what was removed before training
     return statement(
         "distill", {student_model_name: student.digest},
         technique=(f"knowledge distillation: alpha*CE(hard) + (1-alpha)*T^2*{d.divergence}(teacher_T || student_T)"
                    + (f" + {d.hidden_loss} hidden-state loss" if d.hidden_loss != "none" else "")
                    + (" + attention KL" if d.attention_loss else "")
-                   + ("; vocabulary trimmed to the pieces the training texts use" if vocab else "")),
+                   + ("; vocabulary trimmed to the pieces the training texts use" if vocab else "")
+                   + ("; attention heads and FFN neurons pruned by importance before training" if pruning else "")),
         parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": seed},
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, f"soft-labels/{soft.key}": soft_labels_digest(soft),
                 "data/train": splits.digests()["train"], "data/validation": splits.digests()["validation"]},
         data={k: v for k, v in splits.summary().items() if k in ("train", "validation")},
         results={"parameters": student.parameters, "best_epoch": student.best_epoch,
                  f"best_val_{d.select_metric}": student.best_val_metric, "seconds": round(student.seconds, 1),
-                 "history": student.history, **({"vocab": vocab} if vocab else {})},
+                 "history": student.history, **({"vocab": vocab} if vocab else {}),
+                 **({"pruning": pruning} if pruning else {})},
         context=context)
 
 

@@ -104,10 +104,14 @@ def _steps(statements: dict) -> list[dict]:
             continue
         p = s["statement"]["predicate"]
         params = {k: v for k, v in (p.get("parameters") or {}).items() if not isinstance(v, (dict, list))
-                  or k in ("student_spec", "waived", "candidates", "vocab")}
+                  or k in ("student_spec", "waived", "candidates", "vocab", "prune")}
         kept = (p.get("results") or {}).get("vocab")
         if kept:  # distill.vocab.trim: how far the vocabulary shrank (the mapping is in the model folder)
             params["vocab_kept"] = f"{kept['kept']} of the teacher's {kept['teacher_vocab_size']} tokens"
+        pruned = (p.get("results") or {}).get("pruning")
+        if pruned:  # distill.prune: the shapes after pruning
+            params["pruned"] = (f"heads kept per layer {pruned['heads_kept']}, FFN width {pruned['ffn_width'][0]} -> "
+                                f"{pruned['ffn_width'][1]}")
         steps.append({"step": step, "technique": p.get("technique"), "parameters": params,
                       "subjects": {x["name"]: x["digest"]["sha256"] for x in s["statement"].get("subject", [])},
                       "statement": s["uri"], "statement_sha256": s["sha256"]})

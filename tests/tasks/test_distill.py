@@ -221,3 +221,14 @@ def test_a_trimmed_student_answers_its_training_texts_as_the_untrimmed_one(tiny_
                                       return_tensors="pt")).logits.numpy())
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
     assert (trimmed.path / "model.safetensors").stat().st_size < (full.path / "model.safetensors").stat().st_size
+
+
+def test_a_pruned_student_is_smaller_trains_and_records_what_went(tiny_model_dir, review_frame, tmp_path):
+    """distill.prune (issue 21): heads and FFN neurons are removed before training, the saved student has the
+    smaller shapes, and the record goes with it."""
+    pruned = _run(tiny_model_dir, review_frame, tmp_path / "pruned", prune={"heads": 0.5, "ffn": 0.5})
+    assert pruned.pruning["heads_kept"] == [1] and pruned.pruning["ffn_width"] == [64, 32]  # one layer kept
+    student, _ = load_classifier(pruned.path)
+    assert student.config.intermediate_size == 32 and pruned.parameters == pruned.pruning["parameters"][1]
+    assert student.base_model.encoder.layer[0].attention.self.num_attention_heads == 1
+    assert len(pruned.history) >= 1

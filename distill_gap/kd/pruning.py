@@ -1,0 +1,125 @@
+"""Structured pruning of a student before distillation (issue 21): whole attention heads and FFN neurons go, so
+the dense shapes shrink (a smaller real model, not a mask); distillation then recovers what they carried.
+
+Importance is measured on training texts with the student's own activations (no labels, no gradients):
+- a head: the mean L2 norm of its context vectors over real tokens, times the norm of its slice of the attention
+  output projection (what it adds to the residual stream);
+- an FFN neuron: its mean |activation| over real tokens, times the norm of its column of the FFN output layer.
+Heads are pruned per layer with transformers' own `prune_heads` (kept in `config.pruned_heads`, so the saved folder
+loads back pruned); FFN neurons keep the same count in every layer (`config.intermediate_size` shrinks), each
+layer keeping its own most important ones. BERT-style encoders only (BERT, RoBERTa, MiniLM, ...: an `encoder.layer`
+list with `attention.self`, `intermediate.dense`, `output.dense`); anything else is refused up front.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from distill_gap.errors import DistillError
+
+_FIX = "set distill.prune.heads and distill.prune.ffn to 0 for this student"
+
+
+def _layers(model):
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    first = layers[0] if layers is not None and len(layers) else None
+    if first is None or not all(hasattr(first, a) for a in ("attention", "intermediate", "output")) or \
+            not hasattr(first.attention, "self") or not hasattr(model, "prune_heads"):
+        raise DistillError(f"structured pruning supports BERT-style encoders (BERT, RoBERTa, MiniLM); this student "
+                           f"is {getattr(model.config, 'model_type', type(model).__name__)}", _FIX)
+    return list(layers)
+
+
+def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(heads (L, H), ffn (L, I)) importance scores of a BERT-style model on `texts` (see the module docstring)."""
+    import torch
+
+    layers = _layers(model)
+    n_heads = [layer.attention.self.num_attention_heads for layer in layers]
+    head_dim = layers[0].attention.self.attention_head_size
+    ctx_sum = [np.zeros(h) for h in n_heads]
+    act_sum = [np.zeros(layer.intermediate.dense.out_features) for layer in layers]
+    tokens = 0
+    mask_now = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        def on_context(_m, _inp, out, i=i):  # BertSelfAttention returns (context, ...)
+            ctx = (out[0] if isinstance(out, tuple) else out).detach()
+            b, t, _ = ctx.shape
+            norms = ctx.view(b, t, -1, head_dim).norm(dim=-1)  # (B, T, H)
+            ctx_sum[i] += (norms * mask_now["m"][..., None]).sum((0, 1)).double().cpu().numpy()
+
+        def on_intermediate(_m, _inp, out, i=i):  # after the activation
+            act_sum[i] += (out.detach().abs() * mask_now["m"][..., None]).sum((0, 1)).double().cpu().numpy()
+
+        hooks += [layer.attention.self.register_forward_hook(on_context),
+                  layer.intermediate.register_forward_hook(on_intermediate)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            texts = list(texts)
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt").to(device)
+                mask_now["m"] = enc["attention_mask"].to(torch.float32)
+                tokens += int(enc["attention_mask"].sum())
+                model(**enc)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    heads = np.zeros((len(layers), max(n_heads)))
+    ffn = np.zeros((len(layers), max(len(a) for a in act_sum)))
+    for i, layer in enumerate(layers):
+        w = layer.attention.output.dense.weight.detach().double().cpu().numpy()  # (hidden, H * d)
+        out_norm = np.linalg.norm(w.reshape(w.shape[0], n_heads[i], head_dim), axis=(0, 2))
+        heads[i, :n_heads[i]] = ctx_sum[i] / max(tokens, 1) * out_norm
+        col = np.linalg.norm(layer.output.dense.weight.detach().double().cpu().numpy(), axis=0)  # (I,)
+        ffn[i, :len(col)] = act_sum[i] / max(tokens, 1) * col
+    return heads, ffn
+
+
+def prune(model, tokenizer, texts, *, heads: float, ffn: float, max_length: int) -> dict:
+    """Prune `model` in place: in every layer the `heads` share of its least important heads and the `ffn` share of
+    its least important FFN neurons (at least one of each stays, or a DistillError names the setting).
+    Returns the record: heads kept per layer, FFN width before/after, parameters before/after."""
+    import torch
+
+    layers = _layers(model)
+    n_heads = [layer.attention.self.num_attention_heads for layer in layers]
+    width = layers[0].intermediate.dense.out_features
+    keep_heads = [h - int(math.floor(h * heads + 1e-9)) for h in n_heads]
+    keep_ffn = width - int(math.floor(width * ffn + 1e-9))
+    if min(keep_heads) < 1:
+        raise DistillError(f"distill.prune.heads={heads} leaves no attention head in a layer of {min(n_heads)} heads",
+                           f"use a ratio below {1 - 1 / min(n_heads):.2f}, or 0 to keep every head")
+    if keep_ffn < 1:
+        raise DistillError(f"distill.prune.ffn={ffn} leaves no FFN neuron of {width}", "use a ratio below 1")
+    before = sum(p.numel() for p in model.parameters())
+    head_scores, ffn_scores = importance(model, tokenizer, texts, max_length=max_length)
+    drop = {}
+    for i, layer in enumerate(layers):
+        order = np.argsort(head_scores[i, :n_heads[i]], kind="stable")  # least important first
+        gone = sorted(int(h) for h in order[:n_heads[i] - keep_heads[i]])
+        if gone:
+            drop[i] = gone
+    if drop:
+        model.prune_heads(drop)
+    if keep_ffn < width:
+        from transformers.pytorch_utils import prune_linear_layer
+
+        for i, layer in enumerate(layers):
+            keep = torch.as_tensor(sorted(np.argsort(-ffn_scores[i, :width], kind="stable")[:keep_ffn].tolist()),
+                                   device=layer.intermediate.dense.weight.device)
+            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
+            layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
+        model.config.intermediate_size = keep_ffn
+    return {"heads_ratio": heads, "ffn_ratio": ffn, "heads_kept": [h - len(drop.get(i, [])) for i, h in
+                                                                   enumerate(n_heads)],
+            "heads_pruned": {str(i): g for i, g in drop.items()}, "ffn_width": [width, keep_ffn],
+            "parameters": [before, sum(p.numel() for p in model.parameters())], "texts": len(texts)}
