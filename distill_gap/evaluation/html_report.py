@@ -13,13 +13,14 @@ import base64
 import html
 import io
 import math
+import re
 from typing import Iterable
 
 from distill_gap.evaluation.gates import MIN_SLICE_ROWS  # smaller slices are never flagged
 from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
 
 PLOT_DPI = 100  # 100 dpi keeps ~30 slices x 5 models well under 1 MB of PNG
-MAX_SLICES_PLOTTED = 30  # the table lists every slice; the bar chart shows the worst 30 by the reference gap
+MAX_SLICES_PLOTTED = 30  # the gap plot shows the worst 30 slices of MIN_SLICE_ROWS+ rows; the tables list all
 MAX_LABEL_CHARS = 48  # slice names in plot axes are cut here (the table shows them in full)
 # Colour-blind-safe (Okabe-Ito); the teacher is always grey so compressed models stand out beside it
 TEACHER_COLOUR = "#7f7f7f"
@@ -28,7 +29,7 @@ DASH = "–"
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
- margin:0 auto;max-width:1280px;padding:16px 24px 48px}
+ margin:0 auto;max-width:1360px;padding:16px 20px 48px}
 h1{font-size:22px;margin:8px 0 12px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;
  padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
 nav a{margin-right:14px;color:#0969da;text-decoration:none}
@@ -41,7 +42,8 @@ nav a{margin-right:14px;color:#0969da;text-decoration:none}
 table{border-collapse:collapse;margin:6px 0 10px;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #d0d7de;padding:3px 8px;white-space:nowrap}
 th{background:#f6f8fa;font-weight:600;text-align:center}
-td{text-align:right}td.name{text-align:left;white-space:normal;max-width:340px;word-break:break-word}
+td{text-align:right}td.name{text-align:left;white-space:normal;min-width:12em;max-width:24em;overflow-wrap:normal;word-break:normal;hyphens:none}
+.ci{color:#57606a;font-size:12px}td.flag .ci{color:#a50e0e}
 tr:nth-child(even) td{background:#fbfcfd}
 td.flag,tr:nth-child(even) td.flag{background:#fde2e1;color:#a50e0e;font-weight:600}
 td.gain{color:#1a7f37}td.loss{color:#a50e0e}td.warn{color:#9a6700}td.muted{color:#8c959f}
@@ -49,6 +51,8 @@ td.pass{color:#1a7f37;font-weight:600}td.fail{color:#a50e0e;font-weight:600}
 .legend{color:#57606a;font-size:12.5px;margin:2px 0 8px}
 .plot{max-width:100%;height:auto;border:1px solid #eaeef2;margin:4px 0 10px}
 .ok{color:#1a7f37}
+.findings{margin:6px 0 10px 18px;padding:0}.findings li{margin:3px 0}
+details{margin:6px 0 12px}summary{cursor:pointer;color:#0969da}
 """
 
 
@@ -78,6 +82,19 @@ def _interval_text(metrics: dict, key: str = "accuracy") -> tuple[str, str | Non
         # two digits: the point estimate of a tiny slice does not deserve three
         return f"{_num(value, '.2f')} ({ci['note']})", ci["note"]
     return _num(value), None
+
+
+def _acc_html(metrics: dict, key: str = "accuracy", *, small: bool = False) -> tuple[str, str | None]:
+    """(escaped cell html, note): the value, its interval in a smaller grey span; `small` (a slice under
+    MIN_SLICE_ROWS rows, said once above its table): two digits and no note."""
+    ci = (metrics.get("ci") or {}).get(key) or {}
+    value = ci.get("value", metrics.get(key))
+    if small:
+        return _num(value, ".2f"), None
+    if _finite(ci.get("low")) and _finite(ci.get("high")):
+        return f'{_num(value)} <span class="ci">[{_num(ci["low"])}, {_num(ci["high"])}]</span>', None
+    text, note = _interval_text(metrics, key)
+    return _e(text), note
 
 
 def _plot_text(s: str) -> str:
@@ -141,6 +158,28 @@ def _worst_slices(report: dict, model: str, teacher: str, k: int = 3) -> list[tu
     return sorted([(s, g) for s, g in gaps if g is not None and g < 0], key=lambda x: x[1])[:k]
 
 
+def _reference(models: list[str], edge: str | None) -> str:
+    """The model slices are sorted by: the shipped one where known, else the student, else the first compressed."""
+    if edge in models[1:]:
+        return edge
+    return "student" if "student" in models[1:] else (models[1] if len(models) > 1 else models[0])
+
+
+def _slices_by_size(suites: dict, models: list[str], ref: str) -> tuple[list[str], list[str]]:
+    """(slices of MIN_SLICE_ROWS+ teacher rows sorted by ref's gap, worst first; the smaller ones, by name order)."""
+    teacher = models[0]
+    slices = [s for s in suites if s.startswith("slice:")]
+    big = [s for s in slices if ((suites[s] or {}).get(teacher) or {}).get("n", 0) >= MIN_SLICE_ROWS]
+    gaps = {s: _gap(suites, s, ref, teacher) for s in big}
+    big.sort(key=lambda s: (gaps[s] is None, gaps[s] if gaps[s] is not None else 0.0))
+    return big, sorted((s for s in slices if s not in big), key=_natural)
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts "Condition 2" before "Condition 10"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 
@@ -189,33 +228,124 @@ def _summary(report: dict, models: list[str]) -> str:
     return f'<p class="summary">Compression lost most on: {"; ".join(parts)}.{key}</p>'
 
 
-def _suite_table(report: dict, names: list[str], models: list[str]) -> str:
+def _findings(report: dict, models: list[str], labels: list[str]) -> str:
+    """What matters, in words: a detector at chance, a class no model predicts, a teacher weakness the compressed
+    models inherited, and whether the teacher beats always answering the majority class."""
+    items = _chance_findings(report) + _class_findings(report, models, labels) + _inherited_findings(report)
+    base = next((c for c in (report.get("noninferiority") or {}).get("teacher") or []
+                 if c.get("check") == "accuracy vs majority class" and c.get("n")), None)
+    if base:  # the teacher's own check: "teacher" holds the constant answer's accuracy, "model" the teacher's
+        said = {"pass": "is shown better than", "fail": "is shown no better than"}.get(
+            base["outcome"], "is not shown better than")
+        needed = (f"; about {base['rows_needed']} labelled rows would decide it"
+                  if base["outcome"] == "insufficient" and base.get("rows_needed") else "")
+        items.append(f"The teacher {said} always answering <b>{_e(base.get('baseline', '?'))}</b>: accuracy "
+                     f"{_num(base.get('model'))} vs {_num(base.get('teacher'))} on {_e(base['n'])} test rows{needed}.")
+    return f'<ul class="findings">{"".join(f"<li>{i}</li>" for i in items)}</ul>' if items else ""
+
+
+def _chance_findings(report: dict) -> list[str]:
+    """One statement per OOD set and detector whose AUROC interval holds 0.5 for some model (the shipped first)."""
+    shipped = {m: g.get("detector") for m, g in (report.get("scope") or {}).items()}
+    out = []
+    for suite, by_model in (report.get("ood") or {}).items():
+        at_chance: dict[str, list[str]] = {}
+        for m, dets in (by_model or {}).items():
+            for det, r in (dets or {}).items():
+                ci = (r or {}).get("ci") if isinstance(r, dict) else None
+                if ci and _finite(ci.get("low")) and _finite(ci.get("high")) and ci["low"] <= 0.5 <= ci["high"]:
+                    at_chance.setdefault(det, []).append(
+                        f"{_e(m)} {_num(r.get('auroc'), '.2f')} [{_num(ci['low'], '.2f')}, {_num(ci['high'], '.2f')}]")
+        for det, which in sorted(at_chance.items(), key=lambda kv: (kv[0] not in shipped.values(), kv[0])):
+            guard = " (the shipped scope guard's detector)" if det in shipped.values() else ""
+            out.append(f"<b>The {_e(det)} detector{guard} is at chance on {_e(suite.removeprefix('ood:'))}</b>: "
+                       f"its AUROC interval holds 0.5 for {'; '.join(which)}: it does not tell these rows from test "
+                       "rows.")
+    return out
+
+
+def _class_findings(report: dict, models: list[str], labels: list[str]) -> list[str]:
+    """A class with test rows that no model predicts: recall 0 for every model (bootstrap point estimates, else
+    the non-inferiority checks' recall values)."""
+    test = (report.get("suites") or {}).get("test") or {}
+    recall: dict[str, dict[str, float]] = {}  # label -> model -> recall
+    support: dict[str, int] = {}
+    for m in models:
+        for i, r in enumerate(((test.get(m) or {}).get("ci") or {}).get("per_class_recall") or []):
+            if i < len(labels) and _finite(r.get("value")):
+                recall.setdefault(labels[i], {})[m] = r["value"]
+                support[labels[i]] = r.get("support") or 0
+    for m, checks in (report.get("noninferiority") or {}).items():
+        for c in checks:
+            label = str(c.get("check", "")).removeprefix("recall:")
+            if c.get("check", "").startswith("recall:") and c.get("n"):
+                recall.setdefault(label, {}).setdefault(m, c.get("model"))
+                recall[label].setdefault(models[0], c.get("teacher"))
+                support.setdefault(label, c["n"])
+    out = []
+    for label, by_model in recall.items():
+        if set(models) <= set(by_model) and all(_finite(v) and v == 0 for v in by_model.values()):
+            out.append(f"<b>No model predicts {_e(label)}</b>: its recall on test is 0 for every model, the teacher "
+                       f"included ({_e(support.get(label, '?'))} rows of it).")
+    return out
+
+
+def _inherited_findings(report: dict) -> list[str]:
+    """Non-inferiority checks flagged `inherited`: the teacher itself is below its floor there."""
+    by_check: dict[str, list[tuple[str, dict]]] = {}
+    for m, checks in (report.get("noninferiority") or {}).items():
+        if m == "teacher":
+            continue
+        for c in checks:
+            if c.get("inherited"):
+                by_check.setdefault(c["check"], []).append((m, c))
+    out = []
+    for check, pairs in by_check.items():
+        models = ", ".join(f"{_e(m)} {_num(c.get('model'))}" for m, c in pairs)
+        out.append(f"<b>Inherited from the teacher: {_e(check)}</b>: the teacher itself is at "
+                   f"{_num(pairs[0][1].get('teacher'))} here (below its floor); the compressed models' "
+                   f"{models} is the teacher's weakness, not a loss from compression.")
+    return out
+
+
+def _suite_table(report: dict, names: list[str], models: list[str], *, compact: bool = False,
+                 small: bool = False) -> str:
+    """Teacher beside each compressed model, one row per suite. compact: accuracy and its gap only (the slice
+    tables; macro-F1, fidelity and KL per slice are in the JSON); small: suites under MIN_SLICE_ROWS rows."""
     suites = report["suites"]
     teacher, others = models[0], models[1:]
     flagged = {(f.get("suite"), f.get("model")) for f in report.get("flags") or []}
-    head = [[("suite", 1), ("n", 1), (_e(teacher), 2)] + [(_e(m), 5) for m in others],
-            [("", 1), ("", 1), ("accuracy [CI]", 1), ("macro-F1", 1)]
-            + [(h, 1) for _ in others for h in ("accuracy [CI]", "Δ acc", "macro-F1", "fidelity", "KL")]]
+    per_model = ("accuracy [CI]", "Δ acc") if compact else ("accuracy [CI]", "Δ acc", "macro-F1", "fidelity", "KL")
+    if small:
+        per_model = ("accuracy", "Δ acc")
+    teacher_cols = per_model[:1] if compact or small else ("accuracy [CI]", "macro-F1")
+    head = [[("slice" if compact or small else "suite", 1), ("n", 1), (_e(teacher), len(teacher_cols))]
+            + [(_e(m), len(per_model)) for m in others],
+            [("", 1), ("", 1)] + [(h, 1) for h in teacher_cols] + [(h, 1) for _ in others for h in per_model]]
     rows = []
     for suite in names:
         by_model = suites[suite] or {}
         t = by_model.get(teacher) or {}
         n = t.get("n", next((v.get("n") for v in by_model.values() if v and "n" in v), None))
-        acc, note = _interval_text(t)
+        acc, note = _acc_html(t, small=small)
         cells = [_td(_e(suite.removeprefix("slice:")), "name", suite), _td(_e(n if n is not None else DASH)),
-                 _td(_e(acc), "muted" if note else "", note), _td(_num(t.get("macro_f1")))]
+                 _td(acc, "muted" if note else "", note)]
+        if not (compact or small):
+            cells.append(_td(_num(t.get("macro_f1"))))
         for m in others:
             s = by_model.get(m)
             if not s:
-                cells += [_td(DASH, "muted")] * 5
+                cells += [_td(DASH, "muted")] * len(per_model)
                 continue
-            acc, note = _interval_text(s)
+            acc, note = _acc_html(s, small=small)
             gap = _gap(suites, suite, m, teacher)
             flag = (suite, m) in flagged
             gap_cls = "flag" if flag else ("loss" if gap is not None and gap < 0 else "gain" if gap else "")
-            cells += [_td(_e(acc), "flag" if flag else ("muted" if note else ""), note),
-                      _td(_num(gap, "+.3f"), gap_cls, "flagged: loses more than the threshold" if flag else None),
-                      _td(_num(s.get("macro_f1"))), _td(_num(s.get("fidelity"))), _td(_num(s.get("kl_teacher"), ".4f"))]
+            cells += [_td(acc, "flag" if flag else ("muted" if note else ""), note),
+                      _td(_num(gap, "+.3f"), gap_cls, "flagged: loses more than the threshold" if flag else None)]
+            if not (compact or small):
+                cells += [_td(_num(s.get("macro_f1"))), _td(_num(s.get("fidelity"))),
+                          _td(_num(s.get("kl_teacher"), ".4f"))]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return _table(head, rows)
 
@@ -395,62 +525,65 @@ def _top_legend(ax, n: int) -> None:
               borderaxespad=0.2, handlelength=1.2, columnspacing=1.0)
 
 
-def _slice_plot(report: dict, models: list[str]) -> str | None:
-    """Horizontal grouped bars: accuracy per slice per model with interval whiskers, worst slice on top."""
+def _gap_plot(report: dict, models: list[str], slices: list[str], ref: str) -> str | None:
+    """Per slice (already sorted, worst first), each compressed model's accuracy gap to the teacher in points with
+    its paired interval; a line at 0 (the teacher) and at the flag threshold."""
     import numpy as np
 
     suites = report.get("suites") or {}
-    teacher = models[0]
-    ref = "student" if "student" in models[1:] else (models[1] if len(models) > 1 else teacher)
-    slices = [s for s in suites if s.startswith("slice:")]
-    if not slices:
+    teacher, shown = models[0], slices[:MAX_SLICES_PLOTTED]
+    plotted = [m for m in models[1:] if any(_gap(suites, s, m, teacher) is not None for s in shown)]
+    if not shown or not plotted:
         return None
-    gaps = {s: _gap(suites, s, ref, teacher) for s in slices}
-    # worst gap first; slices without a gap (model missing) last
-    slices = sorted(slices, key=lambda s: (gaps[s] is None, gaps[s] if gaps[s] is not None else 0.0))
-    shown = slices[:MAX_SLICES_PLOTTED]
-    plotted = [m for m in models if any(_finite((suites[s].get(m) or {}).get("accuracy")) for s in shown)]
-    if not plotted:
-        return None
-    labels = []
-    for s in shown:
-        n = (suites[s].get(teacher) or {}).get("n")
-        small = _finite(n) and n < MIN_SLICE_ROWS
-        labels.append(_plot_text(s.removeprefix("slice:"))
-                      + (f"  (n={n}{', too small' if small else ''})" if n is not None else ""))
-    # label column width from the longest label (DejaVu Sans 8 pt: ~0.065 in per character)
-    label_w = 0.3 + 0.058 * max(len(t) for t in labels)
-    k, bar = len(plotted), 0.8 / len(plotted)
-    plot_h = len(shown) * (0.07 * k + 0.1)
-    fig = _figure(label_w + 6.0, plot_h + 1.3, left=label_w, right=0.2, top=0.75, bottom=0.55)
+    labels = [_plot_text(s.removeprefix("slice:")) + f"  (n={(suites[s].get(teacher) or {}).get('n', '?')})"
+              for s in shown]
+    label_w = 0.3 + 0.058 * max(len(t) for t in labels)  # DejaVu Sans 8 pt: ~0.06 in per character
+    k = len(plotted)
+    plot_h = len(shown) * (0.07 * k + 0.14)
+    fig = _figure(label_w + 6.5, plot_h + 1.3, left=label_w, right=0.2, top=0.75, bottom=0.55)
     ax = fig.subplots()
     colours = _colours(models)
     y = np.arange(len(shown))
+    flagged = {(f.get("suite"), f.get("model")) for f in report.get("flags") or []}
+    lows, highs = [], []
     for j, m in enumerate(plotted):
-        acc, lo, hi = [], [], []
+        gap, lo, hi = [], [], []
         for s in shown:
-            metrics = suites[s].get(m) or {}
-            ci = (metrics.get("ci") or {}).get("accuracy") or {}
-            a = ci.get("value", metrics.get("accuracy"))
-            a = a if _finite(a) else np.nan
-            acc.append(a)
-            ok = _finite(ci.get("low")) and _finite(ci.get("high")) and _finite(a)
-            lo.append(max(a - ci["low"], 0.0) if ok else 0.0)
-            hi.append(max(ci["high"] - a, 0.0) if ok else 0.0)
-        ax.barh(y - 0.4 + bar * (j + 0.5), acc, height=bar, color=colours[m], label=m,
-                xerr=[lo, hi], error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333333"})
+            g = _gap(suites, s, m, teacher)
+            ci = ((suites[s].get(m) or {}).get("ci") or {}).get("gap_vs_teacher") or {}
+            ok = g is not None and _finite(ci.get("low")) and _finite(ci.get("high"))
+            gap.append(100 * g if g is not None else np.nan)
+            lo.append(100 * max(g - ci["low"], 0.0) if ok else 0.0)
+            hi.append(100 * max(ci["high"] - g, 0.0) if ok else 0.0)
+            if ok:
+                lows.append(100 * ci["low"])
+                highs.append(100 * ci["high"])
+        ys = y - 0.4 + 0.8 * (j + 0.5) / k
+        ax.errorbar(gap, ys, xerr=[lo, hi], fmt="o", ms=4.5, color=colours[m], ecolor=colours[m], elinewidth=1.1,
+                    capsize=2, label=m)
+        marks = [(g, yy) for g, yy, s in zip(gap, ys, shown) if (s, m) in flagged]
+        if marks:
+            ax.scatter(*zip(*marks), s=70, facecolors="none", edgecolors="#d93025", linewidths=1.2, zorder=4)
+    threshold = report.get("threshold")
+    ax.axvline(0, color=TEACHER_COLOUR, lw=1.2)
+    if _finite(threshold):
+        ax.axvline(-100 * threshold, color="#d93025", lw=1, ls="--")
+    finite = [v for v in [*lows, *highs] if _finite(v)] + [
+        100 * g for s in shown for m in plotted if (g := _gap(suites, s, m, teacher)) is not None]
+    span = max([abs(v) for v in finite] + [100 * (threshold or 0.0) + 1, 5.0]) * 1.08
+    ax.set_xlim(-span, span)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(len(shown) - 0.5, -0.5)  # worst slice on top
-    ax.set_xlim(0, 1.0)
-    ax.set_xticks(np.linspace(0, 1, 11))
-    ax.set_xlabel("accuracy (whiskers: bootstrap interval)", fontsize=9)
+    for edge in y[:-1] + 0.5:
+        ax.axhline(edge, color="#eaeef2", lw=0.8)
+    ax.set_xlabel("accuracy gap to the teacher (points; whiskers: paired 90% interval on the same rows)", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="x", alpha=0.3)
-    extra = f" (worst {len(shown)} of {len(slices)})" if len(shown) < len(slices) else ""
-    ax.set_title(f"Accuracy per test slice, sorted by {_plot_text(ref)}'s loss vs {_plot_text(teacher)}{extra}",
-                 fontsize=10, pad=22)
+    extra = f", worst {len(shown)} of {len(slices)}" if len(shown) < len(slices) else ""
+    ax.set_title(f"Accuracy gap to the teacher per test slice of {MIN_SLICE_ROWS}+ rows, worst first for "
+                 f"{_plot_text(ref)}{extra}", fontsize=10, pad=22)
     _top_legend(ax, len(plotted))
-    return _img(_png(fig), "accuracy per slice")
+    return _img(_png(fig), "accuracy gap to the teacher per slice")
 
 
 def _reliability_plot(calibration: dict) -> str | None:
@@ -550,8 +683,9 @@ def _stress_plot(stress: dict, models: list[str]) -> str | None:
 # The page
 
 
-def render_html(report: dict, *, title: str, gates: dict | None = None) -> str:
-    """One self-contained HTML page (inline CSS and PNG plots) for the gap report dict and optional gates."""
+def render_html(report: dict, *, title: str, gates: dict | None = None, edge: str | None = None) -> str:
+    """One self-contained HTML page (inline CSS and PNG plots) for the gap report dict and optional gates; slices
+    are sorted by the gap of `edge` (the shipped model) where given."""
     from matplotlib import rc_context
 
     models = _models(report)
@@ -562,36 +696,56 @@ def render_html(report: dict, *, title: str, gates: dict | None = None) -> str:
     calibration, ood, stress = report.get("calibration") or {}, report.get("ood") or {}, report.get("stress") or {}
     scope, not_evaluated = report.get("scope") or {}, report.get("not_evaluated") or []
     threshold = report.get("threshold")
+    ref = _reference(models, edge)
     body, nav = [], []
 
     def section(anchor: str, heading: str, *parts: str | None) -> None:
         nav.append(f'<a href="#{anchor}">{_e(heading)}</a>')
         body.append(f'<h2 id="{anchor}">{_e(heading)}</h2>' + "".join(p for p in parts if p))
 
+    flag_words = (f"Red cells: flagged, the model loses more than {_e(_num(threshold, '.0%'))} accuracy against the "
+                  f"teacher (slices under {MIN_SLICE_ROWS} rows are never flagged).")
     # mathtext off: a '$' in a slice name must stay a dollar sign, not start a formula (or raise)
     with rc_context({"text.parse_math": False}):
-        # 1. Suite tables, teacher beside each compressed model
-        legend = ('<p class="legend">Δ acc = model accuracy − teacher accuracy. Red cells: flagged, the model loses '
-                  f"more than {_e(_num(threshold, '.0%'))} accuracy against the teacher (slices under "
-                  f"{MIN_SLICE_ROWS} rows are never flagged). Intervals are bootstrap percentile intervals; "
-                  "KL = mean KL(teacher ‖ model).</p>")
-        for i, (anchor, heading, names) in enumerate(_suite_groups(suites)):
-            plot = _slice_plot(report, models) if anchor == "slices" else None
+        # 1. Test slices: the gap plot, the slices with enough rows, the small ones collapsed
+        big, small = _slices_by_size(suites, models, ref)
+        if big or small:
+            legend = (f'<p class="legend">Slices of {MIN_SLICE_ROWS}+ rows, worst first for {_e(ref)}. Plot: each '
+                      "dot is a compressed model's accuracy minus the teacher's on the same rows (0 = the teacher), "
+                      "whiskers its paired 90% interval, the dashed line the flag threshold, a red ring a flagged "
+                      "slice. Table: Δ acc = model accuracy − teacher accuracy; accuracy intervals are bootstrap "
+                      f"percentile intervals. {flag_words} Macro-F1, fidelity and KL per slice are in "
+                      "gap_report.json.</p>")
+            details = ""
+            if small:
+                details = (f"<details><summary>{len(small)} slice(s) under {MIN_SLICE_ROWS} rows: n too small for "
+                           "an interval, never flagged (accuracy to two digits)</summary>"
+                           + _suite_table(report, small, models, small=True) + "</details>")
+            section("slices", "Test slices: gap to the teacher", _gap_plot(report, models, big, ref),
+                    legend if big else None, _suite_table(report, big, models, compact=True) if big else
+                    f"<p>No slice has {MIN_SLICE_ROWS} rows or more.</p>", details)
+        # 2. Held-out splits and OOD suites, teacher beside each compressed model
+        legend = ('<p class="legend">Δ acc = model accuracy − teacher accuracy. ' + flag_words + " Intervals are "
+                  "bootstrap percentile intervals; KL = mean KL(teacher ‖ model).</p>")
+        for anchor, heading, names in _suite_groups(suites):
+            if anchor == "slices":
+                continue
             recall = _per_class_recall(report, models, labels) if anchor == "splits" else None
-            section(anchor, heading, legend if i == 0 else None, _suite_table(report, names, models), recall, plot)
+            section(anchor, heading, legend if anchor == "splits" else None, _suite_table(report, names, models),
+                    recall)
         if report.get("noninferiority"):
             section("noninferiority", "Non-inferiority vs the teacher (same rows)",
                     '<p class="legend">Drop = teacher − model on the same test rows. Pass: the upper one-sided 95% '
                     "bound is below the margin; fail: the lower bound is above it; otherwise the evidence is "
                     "insufficient, and the last column says how many labelled rows would decide it.</p>",
                     _noninferiority_table(report["noninferiority"]))
-        # 2. Calibration
+        # 3. Calibration
         if calibration:
             section("calibration", "Calibration (temperature scaling)",
                     '<p class="legend">T fitted on validation; ECE over 15 equal-width confidence bins; '
                     "points sized by the share of rows in the bin, dotted line = perfect calibration.</p>",
                     _calibration_table(calibration), _reliability_plot(calibration))
-        # 3. OOD
+        # 4. OOD
         if ood:
             section("ood", "Out-of-distribution detection",
                     '<p class="legend">AUROC with in-distribution as positive; FPR = share of OOD rows still '
@@ -599,7 +753,7 @@ def render_html(report: dict, *, title: str, gates: dict | None = None) -> str:
                     _ood_table(ood), *[_ood_plot(s, by_model) for s, by_model in ood.items()])
         if scope:
             section("scope", "Scope guard (ships with the edge model)", _scope_table(scope))
-        # 4. Stress
+        # 5. Stress
         if stress:
             section("stress", "Stress suites", _stress_table(stress, models), _stress_plot(stress, models))
     if not_evaluated:
@@ -608,8 +762,9 @@ def render_html(report: dict, *, title: str, gates: dict | None = None) -> str:
         section("not-evaluated", "Not evaluated", '<p class="ok">Every model was evaluated on every suite.</p>')
 
     head = (f'<h1>{_e(title)}</h1>{_verdict(gates, report)}{_summary(report, models)}'
-            f'<p class="legend">Models: {_e(", ".join(models))} (teacher: {_e(models[0])}).</p>'
-            f"<nav>{''.join(nav)}</nav>")
+            f"{_findings(report, models, labels)}"
+            f'<p class="legend">Models: {_e(", ".join(models))} (teacher: {_e(models[0])}'
+            + (f"; shipped: {_e(edge)}" if edge in models else "") + f').</p><nav>{"".join(nav)}</nav>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{head}{''.join(body)}</body></html>\n")

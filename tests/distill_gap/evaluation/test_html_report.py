@@ -1,9 +1,12 @@
 """HTML gap report: one self-contained page from the report dict, every section optional, user text escaped."""
 
 import re
+import shutil
+import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from distill_gap.evaluation.html_report import render_html
 
@@ -81,7 +84,7 @@ def test_full_report_shows_verdict_flags_and_every_section():
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "1 of 3 gates failed" in page and "edge_accuracy_drop_vs_student" in page
     assert "<b>student</b> on condition=Depression (-0.080 ⚠)" in page  # summary names the flagged slice
-    assert re.search(r'<td class="flag"[^>]*>[^<]*\[', page), "the flagged accuracy cell is highlighted"
+    assert re.search(r'<td class="flag"[^>]*>[^<]*<span class="ci">\[', page), "the flagged accuracy cell is highlighted"
     assert "n too small" in page
     assert page.count('src="data:image/png;base64,') >= 4  # slices, reliability, OOD, stress
     for heading in ("Held-out splits", "Test slices", "Out-of-distribution suites", "Calibration",
@@ -162,3 +165,80 @@ def test_noninferiority_checks_show_their_outcome_bounds_and_rows_needed():
     assert 'id="noninferiority"' in page and "labelled rows that would decide it" in page
     assert "slice:site=&lt;x&gt;" in page and "no rows" in page  # escaped, and missing evidence said
     assert re.search(r'<td class="(warn|loss)">(insufficient|fail)</td>', page)
+
+
+def _gap_ci(report: dict) -> dict:
+    """The report with a paired gap interval on every compressed model's slice of 10+ rows, as gap_report adds."""
+    for by_model in report["suites"].values():
+        for m, v in by_model.items():
+            if m != "teacher" and v["n"] >= 10:
+                gap = v["accuracy"] - by_model["teacher"]["accuracy"]
+                v["ci"]["gap_vs_teacher"] = {"value": gap, "low": gap - 0.05, "high": gap + 0.05, "level": 0.9}
+    return report
+
+
+def test_the_gap_plot_comes_first_then_the_slices_worst_first_and_the_small_ones_collapsed():
+    report = _gap_ci(synthetic_report(3, 8))
+    page = _text(render_html(report, title="t", gates=GATES, edge="student-int8"))
+    slices = page[page.index('<h2 id="slices">'):page.index('<h2 id="splits">')]
+    assert page.index('<h2 id="slices">') < page.index('<h2 id="splits">')  # the first section
+    assert slices.index('alt="accuracy gap to the teacher per slice"') < slices.index("<table>")
+    big, small = slices.split("<details>")
+    names = re.findall(r'<td class="name" title="slice:([^"]+)"', big)
+    gaps = [report["suites"][f"slice:{n}"]["student-int8"]["accuracy"]
+            - report["suites"][f"slice:{n}"]["teacher"]["accuracy"] for n in names]
+    assert len(names) == 7 and gaps == sorted(gaps)  # every slice of 10+ rows, worst first for the shipped model
+    assert "Rare disease" not in big and "condition=Rare disease" in small and "n too small" in small
+    assert "shipped: student-int8" in page
+
+
+def test_what_matters_is_said_in_words():
+    report = synthetic_report(3, 4)
+    for m in report["models"]:  # nobody predicts "neutral"
+        report["suites"]["test"][m]["ci"]["per_class_recall"][1] |= {"value": 0.0}
+    knn = {"auroc": 0.52, "ci": {"value": 0.52, "low": 0.44, "high": 0.6}}
+    report["ood"]["ood:unseen_conditions"]["student"]["knn"] = knn
+    report["scope"]["student"]["detector"] = "knn"
+    report["noninferiority"] = {
+        "student": [{"check": "recall:neutral", "n": 33, "teacher": 0.06, "model": 0.03, "inherited": True,
+                     "drop": 0.03, "low": -0.05, "high": 0.1, "margin": 0.05, "outcome": "insufficient",
+                     "rows_needed": 400}],
+        "teacher": [{"check": "accuracy vs majority class", "n": 325, "teacher": 0.597, "model": 0.751,
+                     "baseline": "positive", "outcome": "pass", "rows_needed": None, "drop": -0.154, "low": -0.19,
+                     "high": -0.11, "margin": 0.0, "inherited": False}]}
+    findings = render_html(report, title="t", gates=GATES).split('<ul class="findings">')[1].split("</ul>")[0]
+    assert "<b>No model predicts neutral</b>: its recall on test is 0 for every model" in findings
+    assert ("<b>The knn detector (the shipped scope guard's detector) is at chance on unseen_conditions</b>: "
+            "its AUROC interval holds 0.5 for student 0.52 [0.44, 0.60]") in findings
+    assert "<b>Inherited from the teacher: recall:neutral</b>: the teacher itself is at 0.060" in findings
+    assert "The teacher is shown better than always answering <b>positive</b>: accuracy 0.751 vs 0.597" in findings
+    report["ood"]["ood:unseen_conditions"]["student"]["knn"]["ci"]["low"] = 0.51  # above chance: nothing said
+    report["noninferiority"]["student"][0]["inherited"] = False
+    report["suites"]["test"]["teacher"]["ci"]["per_class_recall"][1]["value"] = 0.1
+    page = render_html(report, title="t", gates=GATES)
+    assert "at chance" not in page and "No model predicts" not in page and "Inherited from" not in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_gap_report_reads_at_1400_px_in_a_real_browser(tmp_path):
+    """Laid out by Chromium at 1,400 px: slice names are never squeezed into fragments, and the plot is on top."""
+    probe = ("<script>const r = s => document.querySelector(s).getBoundingClientRect();"
+             "const w = [...document.querySelectorAll('#slices ~ div td.name, #slices ~ details td.name')];"
+             "document.body.dataset.probe = JSON.stringify({name: Math.min(...w.map(c => c.getBoundingClientRect().width)),"
+             "plot: r('img[alt^=\"accuracy gap\"]').top, table: r('h2#slices ~ div table').top,"
+             "page: document.documentElement.scrollWidth});</script>")
+    page = tmp_path / "gap.html"
+    page.write_text(render_html(_gap_ci(synthetic_report(5, 30)), title="t", gates=GATES, edge="student-int4")
+                    .replace("</body>", probe + "</body>"))
+    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import html
+    import json
+
+    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]+)"', done.stdout).group(1)))
+    assert probe["name"] >= 160, probe  # 12em: "condition=Birth Control" on one or two whole-word lines
+    assert probe["plot"] < probe["table"], probe  # the gap plot before the slice table
+    assert probe["page"] <= 1400, probe  # the page itself never scrolls sideways (wide tables scroll in their box)
