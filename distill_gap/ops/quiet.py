@@ -5,6 +5,8 @@ Each is named exactly, so anything else a library says still shows:
   (torchao registers its enums at import; torch deprecates that, nothing for a user to change);
 - torchao's "Failed to load .../torchao/_C_*.so" at import: the wheel ships CUDA and other-Python builds of its
   kernels beside the CPU ones, and says so for each one it cannot load;
+- torch's TracerWarning "torch.tensor results are registered as constants in the trace" during the ONNX export of
+  transformers' attention mask (it says itself it can be ignored);
 - torch's FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated" (raised inside torch.export for INC);
 - Intel Neural Compressor's own logger below ERROR ("Auto detect accelerator: CPU_Accelerator", "hw aligned
   scales not supported for device ..."): INC resets its logger's level and handlers from $LOGLEVEL when it first
@@ -46,5 +48,6 @@ def quiet_libraries() -> None:
     logging.getLogger("torchao").addFilter(_Drop(containing="/torchao/_C"))
     logging.getLogger("mlflow.store.db.utils").addFilter(_Drop(below=logging.WARNING))
     logging.getLogger("mlflow.pyfunc").addFilter(_Drop(containing="Validating input example against model signature"))
+    warnings.filterwarnings("ignore", message="torch.tensor results are registered as constants in the trace")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
