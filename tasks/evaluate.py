@@ -22,7 +22,7 @@ from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_oo
                                                gap_report, load_predictors, report_metrics, scope_record)
 from distill_gap.evaluation.noninferiority import add_noninferiority
 from distill_gap.evaluation.scope import add_scope
-from distill_gap.evaluation.gates import evaluate_gates, quantization_gate, verdict_markdown
+from distill_gap.evaluation.gates import evaluate_gates, quantization_gate
 from distill_gap.governance.attestation import evaluate_statement
 from distill_gap.monitoring.drift import reference_profile
 from distill_gap.registry.presentation import describe_run
@@ -114,23 +114,25 @@ def edge_parity(artifact: dict) -> dict:
             "where": f"{v['agreement_n']} unlabelled training texts (the quantize stage's agreement sample)"}
 
 
-def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, client=None,
-                   run_id: str | None = None) -> dict:
-    """The gap report three ways: Prefect markdown + table artifacts, HTML with plots and JSON in MLflow."""
+def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, edge: str | None = None,
+                   links: dict[str, str] | None = None, client=None, run_id: str | None = None) -> dict:
+    """The gap report three ways: Prefect markdown (verdict, what the shipped `edge` model loses, links: `links`
+    name -> URL, e.g. the HTML report in the MLflow UI) + table artifacts (3 decimals), HTML with plots and JSON
+    in MLflow."""
     import json
     import tempfile
 
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     title = f"Gap report: {name} (teacher vs compressed models)"
-    md = verdict_markdown(gates, report.not_evaluated) + "\n" + report.markdown(title)
+    md = report.markdown(title, edge=edge, gates=gates, links=links)
     create_markdown_artifact(key=f"{name}-gap-report", markdown=md, description=f"Evaluation parity for {name}")
-    table = [{"suite": suite, "model": m, "n": v.get("n"), "accuracy": v.get("accuracy"),
-              "low": ((v.get("ci") or {}).get("accuracy") or {}).get("low"),
-              "high": ((v.get("ci") or {}).get("accuracy") or {}).get("high"),
-              "gap_vs_teacher": (v["accuracy"] - by_model["teacher"]["accuracy"])
+    table = [{"suite": suite, "model": m, "n": v.get("n"), "accuracy": _round(v.get("accuracy")),
+              "low": _round(((v.get("ci") or {}).get("accuracy") or {}).get("low")),
+              "high": _round(((v.get("ci") or {}).get("accuracy") or {}).get("high")),
+              "gap_vs_teacher": _round(v["accuracy"] - by_model["teacher"]["accuracy"])
               if "accuracy" in v and "accuracy" in by_model.get("teacher", {}) else None,
-              "fidelity": v.get("fidelity"), "kl_teacher": v.get("kl_teacher")}
+              "fidelity": _round(v.get("fidelity")), "kl_teacher": _round(v.get("kl_teacher"))}
              for suite, by_model in report.suites.items() for m, v in by_model.items()]
     create_table_artifact(key=f"{name}-gap-table", table=table, description=f"Per-suite metrics of {name}")
     data = {**report.to_dict(), "gates": gates, "seconds": report.seconds}
@@ -138,7 +140,7 @@ def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, clie
     try:
         from distill_gap.evaluation.html_report import render_html
 
-        html = render_html(report.to_dict(), title=title, gates=gates)
+        html = render_html(report.to_dict(), title=title, gates=gates, edge=edge)
     except ImportError:  # matplotlib missing: the markdown and JSON still go out
         pass
     if client is not None:
@@ -149,6 +151,11 @@ def publish_report(report: GapReport, gates: dict[str, dict], name: str, *, clie
                 (Path(tmp) / "gap_report.html").write_text(html)
             client.log_artifacts(run_id, tmp, "evaluation")
     return data
+
+
+def _round(x: float | None) -> float | None:
+    """3 decimals for people (the table artifact); the JSON keeps every digit."""
+    return None if x is None else round(float(x), 3) + 0.0
 
 
 @task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
@@ -171,7 +178,10 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
         edge = dataclasses.replace(edge, digest=model_digest(edge.path))
         gates = evaluate_gates(report, edge.report_name, edge_parity(edge.artifacts[edge.primary]), evaluate_cfg,
                                quantization=quantization_gate(edge, require_int8), critical_slices=critical_slices)
-        publish_report(report, gates, run.name, client=run.client, run_id=stage_run_id)
+        gap_link = run.links(evaluate_run=stage_run_id).get("Gap report")
+        publish_report(report, gates, run.name, edge=edge.report_name,
+                       links={"Gap report with plots (MLflow)": gap_link} if gap_link else None,
+                       client=run.client, run_id=stage_run_id)
     # the pipeline run's page: verdict, flagged slices, headline metrics (the dossier link follows at registration)
     describe_run(run.client, run.run_id, report, gates, edge.report_name, links=run.links(evaluate_run=stage_run_id))
     digests = {"teacher": teacher.digest, "student": student.digest,
