@@ -74,8 +74,8 @@ class GapReport:
         # 1. flagged suites of the shipped artifact, worst first
         flags = sorted((f for f in self.flags if f["model"] == edge), key=lambda f: f["gap"])
         if flags:
-            lines.append(f"**⚠ `{edge}` (shipped) loses more than {self.threshold:.0%} accuracy to the teacher on "
-                         f"{len(flags)} suite(s):**", "")  # a blank line: strict renderers start the list
+            lines += [f"**⚠ `{edge}` (shipped) loses more than {self.threshold:.0%} accuracy to the teacher on "
+                      f"{len(flags)} suite(s):**", ""]  # a blank line: strict renderers start the list
             for f in flags:
                 t, e = self.suites[f["suite"]]["teacher"], self.suites[f["suite"]][edge]
                 lines.append(f"- {f['suite'].removeprefix('slice:')}: {f['gap'] * 100:+.1f} pts "
