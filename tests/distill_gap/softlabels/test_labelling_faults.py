@@ -2,7 +2,9 @@
 
 A labelling process SIGKILLed mid-write, two processes labelling one key at once, a flipped byte in
 a stored shard, and an S3 endpoint that is down. The labelling runs in real subprocesses
-(tests/distill_gap/softlabels/_labelling_worker.py) so that a kill and a race are what a real run would meet.
+(tests/distill_gap/softlabels/_labelling_worker.py) so that a kill and a race are what a real run would meet. They
+are forked from one interpreter that imported torch, transformers, boto3 and the labelling code once
+(tests/forkserver.py): each worker is its own process, with its own environment, killed by a real SIGKILL.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from distill_gap.ops.transient import is_transient
 from distill_gap.softlabels.labelling import ensure_soft_labels
 from distill_gap.softlabels.store import SoftLabelStore
 from tests.conftest import LABELS
+from tests.forkserver import ForkServer
 
 REPO = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("_labelling_worker.py")
@@ -32,6 +33,8 @@ FP16_ATOL = 4e-3      # as in test_labelling.py: fp16 storage plus padding-depen
 N = 96                # rows labelled per test
 SHARD = 16            # six shards of 16
 PREFIX = "soft-labels/v1"
+PRELOAD = ["numpy", "torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
+           "optimum.exporters.onnx", "boto3", "distill_gap.softlabels.backends", "distill_gap.softlabels.labelling"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,19 @@ def teacher(sharp_teacher_dir, rows):
                 max_length=64, batch_size=16, shard_size=SHARD, teacher_meta={"name": "tiny", "version": "1"})
 
 
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
+    """The fork server the labelling workers start from."""
+    server = ForkServer(PRELOAD, env=_worker_env(), log=tmp_path_factory.mktemp("forkserver") / "log.txt")
+    yield server
+    server.close()
+
+
+def _worker_env(**env) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            **{k: str(v) for k, v in env.items()}}
+
+
 def _objects(bucket: str, prefix: str) -> list[str]:
     import boto3
 
@@ -53,22 +69,20 @@ def _objects(bucket: str, prefix: str) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-def _start_worker(tmp_path: Path, name: str, store_uri: str, teacher: dict, **env) -> tuple[subprocess.Popen, Path]:
+def _start_worker(forks: ForkServer, tmp_path: Path, name: str, store_uri: str, teacher: dict, **env):
+    """A labelling worker process (forked, see the module docstring); returns it and its output folder."""
     out = tmp_path / name
     out.mkdir()
     args = out / "args.json"
     args.write_text(json.dumps({**teacher, "store_uri": store_uri, "out": str(out)}))
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                **{k: str(v) for k, v in env.items()}}
+    full_env = _worker_env(**env)
     assert full_env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:"), "the worker must talk to moto"
-    log = open(out / "log.txt", "wb")
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(args)], cwd=REPO, env=full_env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    proc = forks.start([str(WORKER), str(args)], entry=str(WORKER), env=full_env, cwd=REPO,
+                       log=out / "log.txt")
     return proc, out
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, out: Path, timeout: float = 90) -> None:
+def _wait_for(path: Path, proc, out: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -82,10 +96,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, out: Path, timeout: float = 90
 # ------------------------------------------------------------------------------- SIGKILL mid-write
 
 
-def test_sigkill_mid_write_resumes_from_the_shards_written(s3_bucket, teacher, tmp_path):
+def test_sigkill_mid_write_resumes_from_the_shards_written(s3_bucket, teacher, tmp_path, forks):
     store_uri = f"s3://{s3_bucket}/{PREFIX}"
     marker = tmp_path / "three-shards-written"
-    proc, out = _start_worker(tmp_path, "killed", store_uri, teacher,
+    proc, out = _start_worker(forks, tmp_path, "killed", store_uri, teacher,
                               WORKER_HANG_AFTER_SHARDS=3, WORKER_HANG_MARKER=marker)
     try:
         _wait_for(marker, proc, out)
@@ -124,12 +138,12 @@ def test_sigkill_mid_write_resumes_from_the_shards_written(s3_bucket, teacher, t
 # ------------------------------------------------------------------------------- two writers at once
 
 
-def test_two_concurrent_runs_on_one_key_agree(s3_bucket, teacher, tmp_path):
+def test_two_concurrent_runs_on_one_key_agree(s3_bucket, teacher, tmp_path, forks):
     store_uri = f"s3://{s3_bucket}/{PREFIX}"
     go = tmp_path / "go"
     # Both start labelling together (go file) and both pass the "no manifest yet" check before either
     # creates an object (write barrier): they race on every shard and on the manifest.
-    workers = [_start_worker(tmp_path, name, store_uri, teacher, WORKER_GO_FILE=go,
+    workers = [_start_worker(forks, tmp_path, name, store_uri, teacher, WORKER_GO_FILE=go,
                              WORKER_READY_FILE=tmp_path / f"{name}.ready",
                              WORKER_WRITE_BARRIER=tmp_path / "barrier", WORKER_WRITE_PARTIES=2)
                for name in ("a", "b")]
