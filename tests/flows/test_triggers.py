@@ -7,12 +7,15 @@ sample starts none.
 Each deployment runs through the worker at least once (drift-monitor, teacher-watch, and the distill-pipeline
 runs the automations start); the undrifted sample and the second delivery of the drifted one run drift-monitor in
 this process, on the same server (a worker's flow run is a new process: ~15 s of imports each). The teacher is
-imported, not trained: the test is about triggers, not the teacher."""
+imported, not trained, and the champion the monitors start from is registered, not produced by a first pipeline run
+(~30 s): the test is about triggers, not the teacher or that first run. The runs the triggers start are whole
+pipeline runs through the worker, and each must end as the new champion."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,10 +85,11 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
                 except ProcessLookupError:
                     pass
         for p in procs:
-            try:
-                p.wait(timeout=20)
+            try:  # uvicorn waits for idle keep-alive connections (~15 s here): nothing to save in a test server
+                p.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -122,33 +126,77 @@ def _wait_for_pipeline_runs(n: int, timeout: float) -> list:
 
 
 def _production(path: Path, frame, *, drifted: bool) -> str:
+    """Production rows: the reviews cleaned as the pipeline reads them (raw, their `&#039;` alone shifts the digit
+    share past its threshold: drift), or drifted: each cut to three words in capitals."""
+    from distill_gap.data.splits import _clean_review
+
     rows = frame.sample(n=len(frame), random_state=1)
     with path.open("w") as f:
         for i, r in enumerate(rows.itertuples()):
-            text = " ".join(str(r.text).split()[:3]).upper() if drifted else str(r.text)
+            text = _clean_review(str(r.text))
+            text = " ".join(text.split()[:3]).upper() if drifted else text
             f.write(json.dumps({"text": text, "condition": r.condition, "timestamp": 1_790_000_000 + i}) + "\n")
     return str(path)
 
 
-def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame, tiny_model_dir):
+def _register_champion(cfg, model_dir, tiny_data: dict, folder: Path) -> str:
+    """The starting point of the monitors: an edge folder of `model_dir` (its fp32 artifact) with the scope guard
+    and the reference profile the evaluate stage ships (guard fitted on the training texts, reference on validation
+    + test), registered as <name>-edge v1 @champion, distilled from teacher v1. Returns its version."""
+    import pandas as pd
+
+    from distill_gap.digest import model_digest
+    from distill_gap.edge.folder import write_reference
+    from distill_gap.edge.serving import load_edge
+    from distill_gap.monitoring.drift import reference_profile
+    from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
+    from distill_gap.registry.versions import create_version
+    from tests.conftest import LABELS
+    from tests.helpers import add_scope_guard, log_model_dir
+
+    edge = folder / "edge"
+    shutil.copytree(model_dir, edge / "fp32")
+    (edge / "edge.json").write_text(json.dumps({
+        "format": 1, "primary": "fp32", "labels": LABELS, "max_length": cfg.runtime.max_length, "quantized": False,
+        "artifacts": {"fp32": {"path": "fp32", "runtime": "transformers", "ok": True}}}))
+    guard = add_scope_guard(edge, pd.read_csv(tiny_data["train"])["text"].tolist())
+    texts = [t for split in ("validation", "test") for t in pd.read_csv(tiny_data[split])["text"].tolist()]
+    logits, features = load_edge(edge).predict_outputs(texts)
+    write_reference(edge, reference_profile(texts, logits, LABELS, scope_scores=guard.score(logits, features),
+                                            scope_threshold=guard.threshold, sample_size=cfg.drift.sample_size,
+                                            seed=cfg.seed))
+    client = client_for(cfg.tracking)
+    with mlflow_run(client, experiment_id=experiment_id(client, cfg.tracking), run_name="champion") as run_id:
+        mv = create_version(client, cfg.edge_model_name, source=log_model_dir(client, run_id, edge, "edge"),
+                            run_id=run_id, governance=cfg.governance,
+                            tags={"model.digest": model_digest(edge), "teacher.name": cfg.teacher_model_name,
+                                  "teacher.version": "1", "gates.passed": "true", "trigger.reason": "initial"})
+    client.set_registered_model_alias(cfg.edge_model_name, "champion", mv.version)
+    return mv.version
+
+
+def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame, tiny_model_dir, tiny_data):
     from flows.config import load_config
     from flows.monitor import drift_monitor
-    from flows.pipeline import distill_pipeline
     from distill_gap.registry.tracking import client_for
     from distill_gap.registry.versions import fetch_model
     from distill_gap.kd.teacher import import_teacher
+    from tests.helpers import spread_classifier
 
     cfg = load_config(stack["config"])
     client = client_for(cfg.tracking)
-    # a champion to monitor (in this process, not through the worker: it is the starting point)
+    # the starting point, in this process: the pinned teacher and a champion to monitor, whose logits and features
+    # vary by text (the untrained tiny model's hardly do)
     import_tiny_teacher(cfg, tiny_model_dir)
-    assert distill_pipeline(cfg, trigger_reason="initial")["registered"]["edge"]["champion"]
+    model = spread_classifier(tiny_model_dir, review_frame["text"].tolist()[:96], stack["tmp"] / "champion-model")
+    assert int(_register_champion(cfg, model, tiny_data, stack["tmp"] / "champion")) == 1
     monitor = {"config_path": str(stack["config"]), "overrides": []}
 
-    # 1. an undrifted sample (drift-monitor in this process): a report, no event, no run
+    # 1. an undrifted sample (drift-monitor in this process): a report, no drift, no event, no run
     calm = drift_monitor(**monitor, production=_production(stack["tmp"] / "calm.jsonl", review_frame, drifted=False),
                          return_state=True)
     assert calm.is_completed(), calm.message
+    assert not calm.result()["drifted"], calm.result()["reasons"]
     # 2. a drifted sample, seen twice (one burst: through the worker, then in this process): exactly one
     # distill-pipeline run, reason recorded
     drifted = _production(stack["tmp"] / "drifted.jsonl", review_frame, drifted=True)
