@@ -1,22 +1,29 @@
 """Issue 10, item 2: two pipeline runs at once on the same config, with the embedded defaults: each `distill run`
 starts its own ephemeral Prefect API on the same SQLite database (one PREFECT_HOME) and writes to the same MLflow
 SQLite store and soft-label folder. Both finish (or one fails with one clear message); no MLflow metric is lost;
-SQLite lock contention shows up as log lines at most, never as a failure."""
+SQLite lock contention shows up as log lines at most, never as a failure.
+
+Both processes are forked at the same moment from one interpreter that imported flows.pipeline, torch, transformers
+and Great Expectations once (tests/forkserver.py): each runs `flows.cli:main` with its own pid and log, starts its own
+API server and does all its work at the same time as the other; only the ~15 CPU-seconds of imports are shared.
+(tests/reliability/test_crash.py runs the installed command in a fresh interpreter.)"""
 
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.forkserver import ForkServer
 from tests.helpers import drill_workspace
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")  # the last line of a traceback
+PRELOAD = ["flows.cli", "flows.pipeline", "torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
+           "optimum.exporters.onnx", "great_expectations"]  # not onnxruntime: it starts a thread (tests/forkserver.py)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +55,14 @@ def _mlflow_state(ws) -> dict:
 
 def test_two_runs_at_once_both_finish_and_lose_nothing(ws):
     tmp = ws["tmp"]
-    procs = {name: subprocess.Popen([str(BIN / "distill"), "run", "--config", str(ws["config"]), "--reason", name],
-                                    env=ws["env"], cwd=tmp, stdout=(tmp / f"{name}.log").open("w"),
-                                    stderr=subprocess.STDOUT) for name in ("twin-a", "twin-b")}
-    rcs = {name: p.wait(timeout=900) for name, p in procs.items()}
+    forks = ForkServer(PRELOAD, env=ws["env"], log=tmp / "forkserver.log")
+    try:
+        procs = {name: forks.start([str(BIN / "distill"), "run", "--config", str(ws["config"]), "--reason", name],
+                                   entry="flows.cli:main", env=ws["env"], cwd=tmp, log=tmp / f"{name}.log")
+                 for name in ("twin-a", "twin-b")}
+        rcs = {name: p.wait(timeout=900) for name, p in procs.items()}
+    finally:
+        forks.close()
     logs = {name: (tmp / f"{name}.log").read_text() for name in procs}
     finished = [n for n, rc in rcs.items() if rc == 0]
     for name, rc in rcs.items():  # a run that does not finish fails with one clear message, not a traceback
