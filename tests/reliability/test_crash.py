@@ -53,7 +53,8 @@ DRILLS = [
 SOFT_LABEL_DRILLS = 2  # the first two: killed while the soft labels were being written
 STARTED_OWN_SERVER = "Starting temporary server"  # Prefect's log line when it starts an ephemeral API server
 EXECUTED = 1  # the first drills run the installed command in a fresh interpreter; the others are forked (preloaded)
-PRELOAD = ["flows.cli", "flows.pipeline", "torch", "transformers", "great_expectations"]
+PRELOAD = ["flows.cli", "flows.pipeline", "torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
+           "optimum.exporters.onnx", "great_expectations"]  # not onnxruntime: it starts a thread (tests/forkserver.py)
 
 
 @pytest.fixture(scope="module")
