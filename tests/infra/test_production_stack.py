@@ -184,7 +184,8 @@ def pipeline(stack, tiny_model_dir, tiny_data):
     # this test is about where things are stored, not about the intervals or the toolchains
     trimmed = ["evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[static]",
                "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
-               *OPEN_GATE_OVERRIDES]  # stores, not quality
+               *OPEN_GATE_OVERRIDES,  # stores, not quality
+               "runtime.threads=1"]  # tiny models gain nothing from a second thread; the other pytest worker has it
     out = _distill(stack, "run", "--config", TINY, *(a for o in [*store, *trimmed] for a in ("--set", o)),
                    "--reason", "test: production stack")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
