@@ -133,6 +133,19 @@ def prefect_api(_prefect_server):
                 SubprocessASGIServer._instances.pop(None, None)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_restored():
+    """An in-process pipeline run sets torch's intra-op threads to runtime.threads (tiny.yaml: 2) for the whole
+    process: a pytest worker keeps it for every later module, each competing with the other worker for its core.
+    After each module the count goes back to OMP_NUM_THREADS (1, set above)."""
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_store_variables_restored():
     """MLflow's set_tracking_uri/set_registry_uri export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI, which win over
@@ -275,20 +288,22 @@ SLOW_UNIT_TESTS = {
 SERVER_FIXTURES = {"s3_endpoint", "_prefect_server"}  # moto's S3 server; the session's Prefect API (~17 s to start)
 
 
-# The longest modules (seconds of one worker while the other is busy too, measured 2026-12-02 on 2 cores): `make test`
-# hands modules to its two pytest-xdist workers in this order, then the rest in collection order (pyproject's addopts:
-# --dist loadfile --no-loadscope-reorder), so none of these starts late and runs alone at the end. A worker asks for
-# its next module while its last two tests run, so the first worker takes the first and third modules at once and the
-# second worker the fourth once the production stack is half done: the order pairs them crash + S3 outage against
-# production stack + triggers.
+# The longest modules (seconds of one worker while the other is busy too, 2026-12-02 on 2 cores, after the cuts of
+# issue 17): `make test` hands modules to its two pytest-xdist workers in this order, then the rest in collection order
+# (pyproject's addopts: --dist loadfile --no-loadscope-reorder), so none of these starts late and runs alone at the
+# end. A worker asks for its next module while its last two tests run: the first worker takes the first and third
+# modules at once (crash + production stack), the second the second and fourth (triggers + concurrent runs), and
+# each then takes the next module whenever it is down to two pending tests.
 LONGEST_MODULES = [
-    "tests/reliability/test_crash.py",  # ~200 s: seven `distill run` processes, two of them on their own API server
-    "tests/infra/test_production_stack.py",  # ~150 s: PostgreSQL, prefect and mlflow servers, one `distill run`
+    "tests/reliability/test_crash.py",  # ~190 s: seven `distill run` drills, most forked from one pre-imported process
+    "tests/flows/test_triggers.py",  # ~150 s: prefect server, `distill deploy`, worker, two pipeline runs through it
+    "tests/infra/test_production_stack.py",  # ~100 s: PostgreSQL, prefect and mlflow servers, one `distill run`
+    "tests/reliability/test_concurrent_runs.py",  # ~75 s: two `distill run` at once, each with its own server
+    "tests/reliability/test_serving_load.py",  # ~70 s: 14 `distill predict` processes, an mlflow server
+    "tests/flows/test_default_gates.py",  # ~70 s: a teacher trained, two in-process runs on default gates, CLI processes
+    "tests/flows/test_pipeline.py",  # ~65 s: two in-process runs, a `distill verify` process
     "tests/reliability/test_s3_outage.py",  # ~60 s: two in-process runs, one to the end
-    "tests/flows/test_triggers.py",  # ~150 s: prefect server, worker, three pipeline runs
-    "tests/reliability/test_concurrent_runs.py",  # ~60 s: two `distill run` at once, each with its own server
-    "tests/reliability/test_cold_start.py",  # ~50 s: two cold starts
-    "tests/flows/test_pipeline.py",  # ~60 s: two in-process runs, a `distill verify` process
+    "tests/reliability/test_cold_start.py",  # ~55 s: two cold starts
 ]
 
 
