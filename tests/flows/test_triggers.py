@@ -68,6 +68,7 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
         raw["quantize"].update(require_int8=False, tolerable_loss=OPEN_TOLERABLE_LOSS, candidates=["static"],
                                max_trials=1, onnx=False, onnx_int8=False)
         raw["drift"] = {"sample_size": 200, "min_rows": 50}
+        raw["runtime"]["threads"] = 1  # tiny models gain nothing from a second thread; the other pytest worker has it
         config.write_text(yaml.safe_dump(raw))
         deployed = subprocess.run([str(BIN / "distill"), "deploy"], env=env, cwd=ROOT, capture_output=True, text=True,
                                   timeout=180)
