@@ -32,7 +32,8 @@ def workspace(tmp_path_factory, s3_endpoint, prefect_api, tiny_model_dir, mlflow
     os.chdir(tmp)
     boto3.client("s3").create_bucket(Bucket="distill-soft")
     base = [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}", "soft_labels.store=s3://distill-soft/labels",
-            "soft_labels.engine=onnxruntime", "evaluate.bootstrap_samples=100", *OPEN_GATE_OVERRIDES]
+            "soft_labels.engine=onnxruntime", "evaluate.bootstrap_samples=100", *OPEN_GATE_OVERRIDES,
+            "runtime.threads=1"]  # tiny models gain nothing from a second thread; the other pytest worker has it
     import_tiny_teacher(load_config(ROOT / "configs/tiny.yaml", base), tiny_model_dir)
     yield tmp, base
     os.chdir(old)
