@@ -135,7 +135,7 @@ def prefect_api(_prefect_server):
 
 @pytest.fixture(scope="module", autouse=True)
 def _torch_threads_restored():
-    """An in-process pipeline run sets torch's intra-op threads to runtime.threads (tiny.yaml: 2) for the whole
+    """An in-process pipeline run sets torch's intra-op threads to runtime.threads (a test may set 2) for the whole
     process: a pytest worker keeps it for every later module, each competing with the other worker for its core.
     After each module the count goes back to OMP_NUM_THREADS (1, set above)."""
     yield
