@@ -304,6 +304,7 @@ LONGEST_MODULES = [
     "tests/flows/test_pipeline.py",  # ~65 s: two in-process runs, a `distill verify` process
     "tests/reliability/test_s3_outage.py",  # ~60 s: two in-process runs, one to the end
     "tests/reliability/test_cold_start.py",  # ~55 s: two cold starts
+    "tests/flows/test_cli_ui.py",  # ~45 s: `distill ui` with both servers, stopped by SIGTERM
 ]
 
 
