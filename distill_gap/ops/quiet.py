@@ -11,6 +11,10 @@ Each is named exactly, so anything else a library says still shows:
 - Intel Neural Compressor's own logger below ERROR ("Auto detect accelerator: CPU_Accelerator", "hw aligned
   scales not supported for device ..."): INC resets its logger's level and handlers from $LOGLEVEL when it first
   loads, so a filter on the logger (which it keeps) does the work;
+- ONNX Runtime's quantizer: "Please consider (to run) pre-processing before quantization" (on the root logger; the
+  project's graph is exported for it) and "... doesn't support int4 data type. Force to update it to ..." (it then
+  does so itself);
+- torchao's "Detected no triton" (CPU machines have none; the kernels that need it are not used);
 - MLflow's INFO lines about its own bookkeeping ("Creating initial MLflow database tables...", "Updating database
   tables", "Validating input example against model signature").
 LOGLEVEL=DEBUG shows everything.
@@ -46,6 +50,10 @@ def quiet_libraries() -> None:
         _Drop(containing="is an Enum subclass and is now natively supported by torch.compile"))
     logging.getLogger("neural_compressor").addFilter(_Drop(below=logging.ERROR))
     logging.getLogger("torchao").addFilter(_Drop(containing="/torchao/_C"))
+    logging.getLogger().addFilter(_Drop(containing="pre-processing before quantization"))
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").addFilter(
+        _Drop(containing="doesn't support int4 data type. Force to update"))
+    logging.getLogger("torchao.kernel.intmm").addFilter(_Drop(containing="Detected no triton"))
     logging.getLogger("mlflow.store.db.utils").addFilter(_Drop(below=logging.WARNING))
     logging.getLogger("mlflow.pyfunc").addFilter(_Drop(containing="Validating input example against model signature"))
     warnings.filterwarnings("ignore", message="torch.tensor results are registered as constants in the trace")

@@ -38,6 +38,13 @@ def test_the_named_messages_are_dropped_and_the_rest_still_shows():
     assert _said("torchao", (logging.WARNING, "Failed to load /x/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-"
                                               "linux-gnu.so: Could not load this library"),
                  (logging.WARNING, "another torchao warning")) == ["another torchao warning"]
+    assert _said("", (logging.WARNING, "Please consider to run pre-processing before quantization. Refer to ..."),
+                 (logging.WARNING, "a root warning")) == ["a root warning"]
+    assert _said("onnxruntime.quantization.matmul_nbits_quantizer",
+                 (logging.WARNING, "The opset of the input model is under 21 and doesn't support int4 data type. "
+                                   "Force to update it to opset 21"), (logging.WARNING, "other")) == ["other"]
+    assert _said("torchao.kernel.intmm", (logging.WARNING, "Warning: Detected no triton, on systems without ..."),
+                 (logging.WARNING, "other")) == ["other"]
     from neural_compressor.common.utils.logger import Logger
 
     inc = Logger().get_logger()  # INC resets its logger's level and handlers here; the filter stays
