@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flows.cli_ui import _port_free  # the same check the command makes before it starts anything
+
 pytestmark = [pytest.mark.slow]
 BINDIR = Path(sys.executable).parent
 
@@ -32,15 +34,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_free(port: int) -> bool:
-    """Whether a server could listen on the port now (connections in TIME_WAIT do not count, as for the servers)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def test_ui_is_ready_on_any_port_and_sigterm_stops_every_child(tmp_path):
