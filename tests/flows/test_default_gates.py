@@ -46,8 +46,9 @@ def keyword_splits(out: Path, seed: int = 0) -> dict:
         for label in LABELS:
             for i in range(per_class):
                 words = list(rng.choice(FILLER, size=int(rng.integers(8, 16))))
-                for _ in range(int(rng.integers(1, 3))):
-                    words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(VERDICT_WORDS[label])))
+                for _ in range(2):  # twice, in the first third: a typo in one or the stress suites' truncation
+                    # (keeps the first half) leaves the verdict readable, so the stress gate measures the models
+                    words.insert(int(rng.integers(0, len(words) // 3 + 1)), str(rng.choice(VERDICT_WORDS[label])))
                 out_rows.append({"id": f"{prefix}-{label}-{i}", "text": " ".join(words), "label": label,
                                  "condition": str(rng.choice(["Pain", "Migraine"]))})
         return pd.DataFrame(out_rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
@@ -81,7 +82,8 @@ def passing_run(tmp_path_factory, prefect_api, mlflow_db_template):
         base = [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}",
                 f"tracking.artifact_location={tmp}/mlartifacts",
                 f"soft_labels.store=file://{tmp}/soft-labels", f"governance.key_dir={tmp}/keys",
-                *data_overrides(data), "teacher.epochs=6", "distill.epochs=6", "distill.patience=6",
+                *data_overrides(data), "teacher.epochs=10", "distill.epochs=10", "distill.patience=10",
+                "quantize.calibration_samples=64",
                 "evaluate.bootstrap_samples=200", "evaluate.stress_rows=60", "quantize.candidates=[static]",
                 "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false", "runtime.threads=1"]
         cfg = load_config(ROOT / "configs/tiny.yaml", base)
