@@ -4,7 +4,6 @@ runs on a real Prefect API (test harness) with its global concurrency limit, MLf
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
