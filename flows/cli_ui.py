@@ -165,6 +165,10 @@ def ui(prefect_port: int = typer.Option(4200, help="port of the Prefect UI and A
                       f"history in {os.environ.get('PREFECT_HOME', '~/.prefect')})")
         console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}   (runs, registry: <name>-teacher/-student/-edge; "
                       f"{tracking_uri})")
+        # MLflow 3.17's sidebar opens in GenAI mode in a fresh browser whatever the experiment's kind
+        # (mlflow/mlflow#24498): say where the models are and how to get the registry into the sidebar
+        console.print(f"            registry: http://127.0.0.1:{mlflow_port}/#/models (in the sidebar: switch the "
+                      "GenAI / Model training toggle to Model training once)")
         console.print(f"ready: both answer their health checks; logs in {LOG_DIR}/ (Ctrl-C or SIGTERM stops both)")
         sys.stdout.flush()
         while True:

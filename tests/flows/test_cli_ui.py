@@ -56,6 +56,7 @@ def test_ui_is_ready_on_any_port_and_sigterm_stops_every_child(tmp_path):
         assert _get(f"http://127.0.0.1:{mlflow_port}/health")[0] == 200
         printed = out.read_text()
         assert f"http://127.0.0.1:{prefect_port}" in printed and f"http://127.0.0.1:{mlflow_port}" in printed
+        assert f"registry: http://127.0.0.1:{mlflow_port}/#/models" in printed  # MLflow opens in GenAI mode
         # 2. the browser's UI is told to call this server's API, not the default port's
         settings = json.loads(_get(f"http://127.0.0.1:{prefect_port}/ui-settings")[1])
         assert settings["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
