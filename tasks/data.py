@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.data.splits import Splits, load_splits
 from distill_gap.ops.transient import retry_if_transient
 
 
-@task(name="load-data", task_run_name="load-data", cache_policy=NO_CACHE, retries=2,
+@step("load-data", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient)
 def load_data(data, seed: int) -> Splits:
     """Read and split the data set; retried only on transient errors (an S3 endpoint that cannot be reached)."""

@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import distill_statement
@@ -266,7 +267,7 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
 # Prefect task
 
 
-@task(name="distill", task_run_name="distill", cache_policy=NO_CACHE)
+@step("distill", cache_policy=NO_CACHE)
 def distill_task(run, distill_cfg, teacher, soft, splits, *, critical_slices: dict[str, list], max_length: int,
                  seed: int) -> StudentResult:
     """Train the student on the cached soft labels in the run's `distill` stage, then attest the step (never

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.digest import folder_bytes, model_digest
 from distill_gap.edge.folder import write_reference
@@ -158,7 +159,7 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 3) + 0.0
 
 
-@task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
+@step("evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, edge, splits, critical_slices: dict[str, list],
                   require_int8: bool, max_length: int, seed: int) -> tuple[GapReport, dict[str, dict], object]:
     """The run's `evaluate` stage: every model scored on its own (see `evaluate`), the gates, the gap report

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.governance.promotion import promote, request_approval
 
 
-@task(name="promote", task_run_name="promote", cache_policy=NO_CACHE)
+@step("promote", cache_policy=NO_CACHE)
 def promote_task(client, approval_cfg, governance, name: str, version: int, *, run_id: str,
                  request_id: str | None = None) -> dict:
     """@challenger, the approver's answer when approval_cfg.required, then @champion of `name` (<name>-edge); a

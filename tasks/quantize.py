@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.edge.checks import artifact_check, batch_independence, logit_parity
 from distill_gap.edge.folder import EDGE_ARTIFACTS, EDGE_FILE, INT8_ARTIFACTS, EdgeBuild
@@ -230,7 +231,7 @@ def quantize_edge(quantize_cfg, splits, student_dir, out_dir, *, name: str, max_
     return edge
 
 
-@task(name="quantize", task_run_name="quantize", cache_policy=NO_CACHE)
+@step("quantize", cache_policy=NO_CACHE)
 def quantize_task(run, quantize_cfg, *, student, splits, max_length: int, min_edge_agreement: float,
                   seed: int) -> EdgeBuild:
     """The run's `quantize` stage: the edge folder built and recorded, then the quantize and export steps attested
@@ -250,7 +251,7 @@ def quantize_task(run, quantize_cfg, *, student, splits, max_length: int, min_ed
     return edge
 
 
-@task(name="quantize-int8", task_run_name="quantize-int8", cache_policy=NO_CACHE)
+@step("quantize-int8", cache_policy=NO_CACHE)
 def autotune_task(student_dir, calibration_texts, val_texts, val_label_ids, heldout_texts, out_dir, **kwargs):
     """INC accuracy-aware autotune (never retried: a failure is deterministic)."""
     from prefect.logging import get_run_logger
@@ -259,13 +260,13 @@ def autotune_task(student_dir, calibration_texts, val_texts, val_label_ids, held
                          log=get_run_logger().info, **kwargs)
 
 
-@task(name="export-onnx", task_run_name="export-onnx", cache_policy=NO_CACHE)
+@step("export-onnx", cache_policy=NO_CACHE)
 def export_onnx_task(student_dir, out_dir, **kwargs) -> OnnxResult:
     """Export the fp32 student to ONNX and measure ONNX Runtime parity (never retried: deterministic)."""
     return export_onnx(student_dir, out_dir, **kwargs)
 
 
-@task(name="quantize-onnx-int8", task_run_name="quantize-onnx-int8", cache_policy=NO_CACHE)
+@step("quantize-onnx-int8", cache_policy=NO_CACHE)
 def quantize_onnx_task(onnx_dir, out_dir, **kwargs) -> OnnxResult:
     """ONNX Runtime INT8 of the fp32 ONNX student (never retried: deterministic)."""
     return quantize_onnx_int8(onnx_dir, out_dir, **kwargs)

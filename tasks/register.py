@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.gates import failed_evidence, gates_failed
@@ -48,7 +49,7 @@ def attestation_uri(run) -> str:
     return f"{run.client.get_run(run.run_id).info.artifact_uri.rstrip('/')}/{ATTESTATION_DIR}"
 
 
-@task(name="register", task_run_name="register", cache_policy=NO_CACHE)
+@step("register", cache_policy=NO_CACHE)
 def register_task(run, *, teacher, splits, soft, student, edge, report, gates: dict) -> dict:
     """Register the signed student and edge versions with their lineage tags (no alias moves), in the run's
     `register` stage.
@@ -105,7 +106,7 @@ def unregister(txn) -> None:
     log(f"rolled back the registration: removed {', '.join(removed) or 'nothing'}")
 
 
-@task(name="release-gate", task_run_name="release-gate", cache_policy=NO_CACHE)
+@step("release-gate", cache_policy=NO_CACHE)
 def release_task(run, registered: dict, gates: dict) -> dict:
     """The release gate as a task: inside the release transaction, so that GatesFailed rolls the staging back."""
     from prefect.logging import get_run_logger

@@ -14,6 +14,8 @@ from typing import Sequence
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import step
+
 from distill_gap.digest import tokenizer_digest
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import soft_labels_statement
@@ -161,7 +163,7 @@ _RETRYING = dict(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
                  cache_policy=NO_CACHE)
 
 
-@task(name="soft-labels-lookup", task_run_name="soft-labels-lookup", **_RETRYING)
+@step("soft-labels-lookup", **_RETRYING)
 def soft_labels_lookup_task(plan: LabelPlan, *, teacher_dir, teacher_digest: str, tokenizer_digest: str,
                             labels: list[str], run: dict) -> tuple[SoftLabels | None, list[ShardJob]]:
     """lookup_soft_labels as a task: store reads retried on transient S3 errors."""
@@ -175,7 +177,7 @@ def label_shard_task(job: ShardJob, teacher_dir, run: dict) -> dict:
     return label_shard(job, teacher_dir, **{**run, "progress": False})
 
 
-@task(name="soft-labels-manifest", task_run_name="soft-labels-manifest", **_RETRYING)
+@step("soft-labels-manifest", **_RETRYING)
 def finish_soft_labels_task(plan: LabelPlan, shards: list[dict], *, teacher_meta: dict | None,
                             produced_by: dict) -> SoftLabels:
     """The manifest from the shard results (create-only, last), and the entry read back."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.models.loading import check_teacher_labels, config_labels
 from distill_gap.ops.transient import retry_if_transient
@@ -23,7 +24,7 @@ def resolve_teacher(client, teacher_model_name: str, teacher_cfg, labels: list[s
     return ref
 
 
-@task(name="resolve-teacher", task_run_name="resolve-teacher", cache_policy=NO_CACHE, retries=2,
+@step("resolve-teacher", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=[2, 10], retry_condition_fn=retry_if_transient)
 def resolve_teacher_task(run, teacher_cfg, splits):
     """Resolve the pinned teacher version in the registry and verify its digest and licence; record the inputs."""

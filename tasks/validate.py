@@ -3,8 +3,9 @@ The validated splits are then logged as the pipeline run's dataset inputs, with 
 
 from __future__ import annotations
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks import step
 
 from distill_gap.data.validation import DataValidationError, _publish, validate_splits
 from distill_gap.registry.pyfunc import log_split_inputs
@@ -25,7 +26,7 @@ def validate(splits, name: str = "") -> dict:
 
 # Deterministic, so no retries (loading retries transient S3 errors itself); NO_CACHE: validation is cheap and must
 # see the frames it is given (hashing DataFrames for a cache key would cost more than validating them).
-@task(name="validate-data", task_run_name="validate-data", retries=0, cache_policy=NO_CACHE)
+@step("validate-data", retries=0, cache_policy=NO_CACHE)
 def validate_data(run, data_cfg, seed: int):
     """Load the splits (the load-data task) and validate them inside the run's `validate` stage, then log them as
     the run's dataset inputs; returns the splits."""

@@ -62,6 +62,13 @@ def _gate(value: float, threshold: float, passed: bool, detail: str, outcome: st
             "detail": detail}
 
 
+def _check_gate(c: dict) -> dict:
+    """The gate of one paired check (distill_gap.evaluation.noninferiority): its outcome, bounds and rows needed."""
+    g = _gate(c["drop"] if c["n"] else 0.0, c["margin"], False, describe(c), c["outcome"])
+    g.update(rows_needed=c["rows_needed"], inherited=c["inherited"], low=c["low"], high=c["high"], n=c["n"])
+    return g
+
+
 def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                    quantization: dict | None = None, critical_slices: dict[str, list[str]] | None = None
                    ) -> dict[str, dict]:
@@ -103,19 +110,12 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                     0.0, limits["noninferior:slice"], False, f"critical slice {column}={value} was declared but "
                     "not compared with the teacher: missing evidence", INSUFFICIENT)
     for c in checks or []:
-        g = _gate(c["drop"] if c["n"] else 0.0, c["margin"], False, describe(c), c["outcome"])
-        g.update(rows_needed=c["rows_needed"], inherited=c["inherited"], low=c["low"], high=c["high"], n=c["n"])
-        gates[f"noninferior:{c['check']}"] = g
+        gates[f"noninferior:{c['check']}"] = _check_gate(c)
     # the teacher itself must be shown to beat the majority-class answer: every check above is relative to it
     base = next(iter(report.noninferiority.get("teacher") or []), None)
-    if base is None:
-        gates["teacher_vs_majority_class"] = _gate(0.0, evaluate_cfg.margins.teacher_vs_majority, False,
-                                                   "the teacher was not compared with the majority-class answer on "
-                                                   "labelled test rows: missing evidence", INSUFFICIENT)
-    else:
-        g = _gate(base["drop"] if base["n"] else 0.0, base["margin"], False, describe(base), base["outcome"])
-        g.update(rows_needed=base["rows_needed"], low=base["low"], high=base["high"], n=base["n"])
-        gates["teacher_vs_majority_class"] = g
+    gates["teacher_vs_majority_class"] = _check_gate(base) if base is not None else _gate(
+        0.0, evaluate_cfg.margins.teacher_vs_majority, False, "the teacher was not compared with the majority-class "
+        "answer on labelled test rows: missing evidence", INSUFFICIENT)
     if edge_model in report.calibration:
         e = report.calibration[edge_model]["ece_after"]
         gates["calibration_ece"] = _gate(e, limits["calibration_ece"], e <= limits["calibration_ece"],
