@@ -38,12 +38,7 @@ def _one_candidate(model_dir, texts, out, name: str, **kwargs):
 
 @pytest.fixture(scope="module")
 def static_int8(spread_model_dir, texts, tmp_path_factory):
-    """Autotune over [static, dynamic] with a goal the first trial meets: it stops there and builds static. One
-    autotune (~6 s) for the test of the static artifact and the test of stopping at the first trial."""
-    labels = np.arange(len(texts["heldout"])) % 3
-    return autotune_int8(spread_model_dir, texts["calibration"], texts["heldout"], labels, texts["heldout"],
-                         tmp_path_factory.mktemp("int8") / "static", tolerable_loss=0.99, max_trials=3,
-                         candidates=["static", "dynamic"], max_length=MAX_LENGTH)
+    return _one_candidate(spread_model_dir, texts, tmp_path_factory.mktemp("int8") / "static", "static")
 
 
 def _assert_close_to_fp32(parity: dict, int8_logits: np.ndarray, fp32: np.ndarray):
@@ -102,8 +97,11 @@ def test_user_errors_name_the_fix(tmp_path, spread_model_dir, texts):
     assert not (tmp_path / "out").exists()
 
 
-def test_autotune_stops_at_the_first_candidate_meeting_the_goal(static_int8):
-    r = static_int8  # candidates [static, dynamic], max_trials 3, tolerable_loss 0.99
+def test_autotune_stops_at_the_first_candidate_meeting_the_goal(spread_model_dir, texts, tmp_path):
+    labels = np.arange(len(texts["heldout"])) % 3
+    r = autotune_int8(spread_model_dir, texts["calibration"], texts["heldout"], labels, texts["heldout"],
+                      tmp_path / "int8", tolerable_loss=0.99, max_trials=3, candidates=["static", "dynamic"],
+                      max_length=MAX_LENGTH)
     t = r.tuning
     assert t.met and t.best == "static" and len(t.trials) == 1  # INC stops at the first trial meeting the goal
     assert t.trials[0]["met_goal"] and t.trials[0]["name"] == "static" and "inc" in t.trials[0]
