@@ -12,11 +12,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from distill_gap.monitoring.events import DRIFT_DETECTED, REVIEW_DUE, TEACHER_CHANGED, emit
 from distill_gap.monitoring.watches import monitor_drift, reviews_due, teacher_change
+from distill_gap.ops.run_names import named_after_config
 from distill_gap.registry.tracking import client_for
 from flows.config import load_config
 
 
-@flow(name="teacher-watch", log_prints=True)
+@flow(name="teacher-watch", flow_run_name=named_after_config("teacher watch"), log_prints=True)
 def teacher_watch(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
     """Emit distill.teacher.changed when the teacher's alias no longer points to the champion's teacher."""
     cfg = load_config(config_path, overrides or [])
@@ -32,7 +33,7 @@ def teacher_watch(config_path: str = "configs/demo.yaml", overrides: list[str] |
     return found
 
 
-@flow(name="drift-monitor", log_prints=True)
+@flow(name="drift-monitor", flow_run_name=named_after_config("drift check"), log_prints=True)
 def drift_monitor(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
                   production: str = ".distill/production") -> dict:
     """Compare a production sample with the champion's reference; emit distill.drift.detected on drift."""
@@ -57,7 +58,7 @@ def drift_monitor(config_path: str = "configs/demo.yaml", overrides: list[str] |
     return report
 
 
-@flow(name="review-check", log_prints=True)
+@flow(name="review-check", flow_run_name=named_after_config("review check"), log_prints=True)
 def review_check(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> list[dict]:
     """Emit distill.review.due for every champion (edge, student) past its review.due date (governance.review_days
     after registration), to its owner; the dossier shows it overdue."""

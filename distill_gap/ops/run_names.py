@@ -18,6 +18,18 @@ def flow_run_name(config_name: str, reason: str) -> str:
     return f"{config_name} · {trigger_kind(reason)}"
 
 
+def named_after_config(what: str):
+    """A Prefect `flow_run_name` for the scheduled watches: `<config> · <what>` (`demo · drift check`), the config
+    named by the flow run's `config_path` parameter (its file name, as the deployments pass it)."""
+    def name() -> str:
+        from pathlib import Path
+
+        from prefect.runtime import flow_run
+
+        return f"{Path(str(flow_run.parameters.get('config_path', '?'))).stem} · {what}"
+    return name
+
+
 def run_tags(config_name: str, reason: str) -> list[str]:
     return [f"config:{config_name}", f"trigger:{trigger_kind(reason)}"]
 

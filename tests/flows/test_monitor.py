@@ -68,6 +68,8 @@ def test_review_check_emits_one_event_per_champion_past_its_review_date(prefect_
     distill.review.due event naming its owner; one still within its review period gets none."""
     from datetime import date, timedelta
 
+    from prefect.client.orchestration import get_client
+
     from flows.monitor import review_check
     from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
     from distill_gap.registry.versions import create_version
@@ -85,7 +87,10 @@ def test_review_check_emits_one_event_per_champion_past_its_review_date(prefect_
     assert review_check(config_path=str(ROOT / "configs/tiny.yaml"), overrides=overrides) == []  # due in 90 days
     overdue = (date.today() - timedelta(days=3)).isoformat()
     client.set_model_version_tag(cfg.edge_model_name, "1", "review.due", overdue)
-    due = review_check(config_path=str(ROOT / "configs/tiny.yaml"), overrides=overrides)
+    state = review_check(config_path=str(ROOT / "configs/tiny.yaml"), overrides=overrides, return_state=True)
+    due = state.result()
+    with get_client(sync_client=True) as prefect:  # the run says what it is in the Prefect UI's lists
+        assert prefect.read_flow_run(state.state_details.flow_run_id).name == "tiny · review check"
     assert [(d["name"], d["version"], d["due"], d["days"], d["owner"]) for d in due] == \
         [(cfg.edge_model_name, 1, overdue, 3, cfg.governance.owner)]
     assert due[0]["event_id"] is not None

@@ -93,8 +93,13 @@ def test_failed_gates_never_move_champion(registry, prefect_api):
 
     cfg, client = registry
     before = _registry_state(client, cfg.edge_model_name)
-    result = promote_edge(cfg, version=2)
+    state = promote_edge(cfg, version=2, return_state=True)
+    result = state.result()
     assert not result["changed"] and result["reason"] == "gates failed"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # what the Prefect UI's run list says
+        assert prefect.read_flow_run(state.state_details.flow_run_id).name == f"{cfg.name} · promote v2"
     assert _registry_state(client, cfg.edge_model_name) == before  # no alias, no tag
 
 
