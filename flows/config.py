@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from distill_gap.digest import sha256_json
 from distill_gap.errors import DistillError
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from flows.config_section import Section as _Section
+from flows.config_student import AugmentConfig, PruneConfig, StudentConfig, VocabConfig
 
 
 class HoldoutConfig(_Section):
@@ -98,37 +98,6 @@ class SoftLabelConfig(_Section):
     retry_delays: list[float] = Field(default_factory=lambda: [5.0, 15.0], max_length=10)
 
 
-class StudentConfig(_Section):
-    """How the student is built: from teacher layers, a fresh smaller config, or a pretrained folder."""
-
-    kind: Literal["layers", "config", "pretrained"] = "layers"
-    every: int | None = Field(None, ge=1)  # kind layers: every k-th teacher layer instead of distill.student_layers
-    num_layers: int = Field(2, ge=1)  # kind config
-    hidden_size: int = Field(128, ge=1)
-    num_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(512, ge=1)
-    path: str | None = None  # kind pretrained: a local model folder sharing the teacher's tokenizer
-
-
-class VocabConfig(_Section):
-    """Vocabulary trimming of the trained student (distill_gap/kd/vocab.py): keep the word pieces the training
-    texts use, every special and single-character piece, and the teacher's lowest ids up to `min_tokens`; the
-    embedding table shrinks with it. WordPiece tokenizers only."""
-
-    trim: bool = False
-    min_tokens: int = Field(0, ge=0)  # floor: at least this many tokens (0: only what the domain needs)
-
-
-class PruneConfig(_Section):
-    """Structured pruning of the student before distillation (distill_gap/kd/pruning.py): in every layer this share
-    of the least important attention heads and FFN neurons is removed (the dense shapes shrink), and distillation
-    then recovers. BERT-style students only."""
-
-    heads: float = Field(0.0, ge=0, lt=1)
-    ffn: float = Field(0.0, ge=0, lt=1)
-    sample: int = Field(512, ge=1)  # training texts the importance is measured on (the first ones, in split order)
-
-
 class DistillConfig(_Section):
     """The distill stage (tasks/distill.py) builds the student, its loss and the training loop's arguments from this
     section: these defaults are the only ones (the loss and the loop take every knob as an argument)."""
@@ -166,12 +135,16 @@ class DistillConfig(_Section):
     # AdamW then skips ~12M of MiniLM's 15.6M student parameters, a faster step on small data
     vocab: VocabConfig = Field(default_factory=lambda: VocabConfig())  # trim the student's vocabulary after training
     prune: PruneConfig = Field(default_factory=lambda: PruneConfig())  # heads / FFN neurons removed before training
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig())  # teacher-labelled extra texts (KD only)
 
     @model_validator(mode="after")
     def _schedule_needs_end(self) -> "DistillConfig":
         if self.alpha_schedule != "constant" and self.alpha_end is None:
             raise ValueError(f"distill.alpha_schedule {self.alpha_schedule!r} needs distill.alpha_end (alpha at the "
                              "last step)")
+        if (self.augment.copies or self.augment.unlabelled) and self.alpha == 1 and self.alpha_end in (None, 1):
+            raise ValueError("distill.augment rows have no hard label and learn from the KD term only, which "
+                             "distill.alpha 1 switches off: lower distill.alpha (e.g. 0.5) or set augment.copies 0")
         if self.prune.heads and self.attention_loss:
             raise ValueError("distill.attention_loss matches attention maps head by head, which distill.prune.heads "
                              "removes: set one of them off")

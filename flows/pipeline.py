@@ -42,7 +42,8 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
     with tags(*labels), open_pipeline_run(cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id()) as run:
         splits = validate_data(run, cfg.data, cfg.seed)
         teacher = resolve_teacher_task(run, cfg.teacher, splits)
-        soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length)
+        soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length,
+                           augment=cfg.distill.augment, seed=cfg.seed)
         student = distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,
                                max_length=rt.max_length, seed=cfg.seed)
         edge = quantize_task(run, cfg.quantize, student=student, splits=splits, max_length=rt.max_length,

@@ -240,8 +240,26 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
                   teacher_logits=teacher_logits, val_texts=val["text"].tolist(),
                   val_label_ids=val["label"].map(label_id).to_numpy(), distill_cfg=distill_cfg,
                   max_length=max_length, seed=seed, device=device, train_ids=train["id"].tolist())
+    kd_rows = dict(common)
+    aug = getattr(soft, "augmented", None)
+    if aug is not None:  # distill.augment: the teacher's logits are these rows' only label (KD term only)
+        from distill_gap.kd.losses import NO_LABEL
+
+        aug_logits = aug.logits()
+        n = len(aug.frame)
+        kd_rows.update(train_texts=common["train_texts"] + aug.frame["text"].tolist(),
+                       train_label_ids=np.concatenate([common["train_label_ids"], np.full(n, NO_LABEL)]),
+                       teacher_logits=np.concatenate([teacher_logits, aug_logits]),
+                       train_ids=common["train_ids"] + aug.frame["id"].tolist())
+        aug_weights = example_weights(aug_logits, None, critical_weight=1.0,
+                                      uncertainty_weight=distill_cfg.uncertainty_weight)
+        if weights is not None or aug_weights is not None:
+            weights = np.concatenate([np.ones(len(train), np.float32) if weights is None else weights,
+                                      np.ones(n, np.float32) if aug_weights is None else aug_weights])
+        log.info("augmentation: %d teacher-labelled rows beside %d labelled ones (%s), KD term only", n, len(train),
+                 ", ".join(f"{k} {v}" for k, v in aug.summary()["by_source"].items()))
     result = distill_student(teacher_dir, workdir / "student", on_epoch=on_epoch_for("student"), weights=weights,
-                             **common)
+                             **kd_rows)
     log.info("student %s: %.1fM parameters, best epoch %d (val %s %.3f), %.0f s, %.0f examples/s", result.spec,
              result.parameters / 1e6, result.best_epoch, distill_cfg.select_metric, result.best_val_metric,
              result.seconds, result.examples_per_second)

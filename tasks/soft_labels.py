@@ -16,9 +16,11 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import step
 
+from distill_gap.data.splits import split_digest
 from distill_gap.digest import tokenizer_digest
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import soft_labels_statement
+from distill_gap.kd.augment import AugmentedRows, extra_texts
 from distill_gap.ops.transient import is_transient, retry_if_transient_as
 from distill_gap.softlabels.engines import resolve_engine
 from distill_gap.softlabels.labelling import (LabelPlan, ShardJob, SoftLabels, finish_soft_labels, label_shard,
@@ -89,19 +91,31 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
                            "into the soft-labels stage)", err.fix) from err
 
 
-def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int) -> SoftLabels:
+def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, seed: int = 13) -> SoftLabels:
     """The run's `soft-labels` stage for the training split (`sl_cfg`: the soft_labels section), then its
-    attestation. Call it from inside a flow: it submits the stage's tasks."""
+    attestation. With `augment` (the distill.augment section) switched on, the augmentation rows are labelled by the
+    same teacher under their own key (soft.augmented). Call it from inside a flow: it submits the stage's tasks."""
     train = splits["train"]
-    with run.stage("soft-labels"):
-        soft = soft_labels_stage(
-            sl_cfg.store, teacher_dir=teacher.path, teacher_digest=teacher.digest,
-            tokenizer_digest=tokenizer_digest(teacher.path), data_digest=splits.digests()["train"],
-            ids=train["id"].tolist(), texts=train["text"].tolist(), labels=splits.labels, max_length=max_length,
-            batch_size=sl_cfg.batch_size, shard_size=sl_cfg.shard_size, dtype=sl_cfg.dtype, top_k=sl_cfg.top_k,
-            device=run.device, engine=sl_cfg.engine, task_runner=sl_cfg.task_runner,
-            dask_address=sl_cfg.dask_address, dask_workers=sl_cfg.dask_workers, threads=run.threads,
-            retry_delays=sl_cfg.retry_delays, teacher_meta={"name": teacher.name, "version": teacher.version})
+    common = dict(teacher_dir=teacher.path, teacher_digest=teacher.digest, tokenizer_digest=tokenizer_digest(teacher.path),
+                  labels=splits.labels, max_length=max_length, batch_size=sl_cfg.batch_size,
+                  shard_size=sl_cfg.shard_size, dtype=sl_cfg.dtype, top_k=sl_cfg.top_k, device=run.device,
+                  engine=sl_cfg.engine, task_runner=sl_cfg.task_runner, dask_address=sl_cfg.dask_address,
+                  dask_workers=sl_cfg.dask_workers, threads=run.threads, retry_delays=sl_cfg.retry_delays,
+                  teacher_meta={"name": teacher.name, "version": teacher.version})
+    with run.stage("soft-labels") as stage_run_id:
+        soft = soft_labels_stage(sl_cfg.store, data_digest=splits.digests()["train"], ids=train["id"].tolist(),
+                                 texts=train["text"].tolist(), **common)
+        extra = None if augment is None else extra_texts(augment, splits.frames, seed=seed)
+        if extra is not None:
+            digest = split_digest(extra)
+            get_run_logger().info(f"augmentation: {len(extra)} teacher-labelled rows "
+                                  f"({', '.join(f'{k} {v}' for k, v in extra['source'].value_counts().items())})")
+            aug = soft_labels_stage(sl_cfg.store, data_digest=digest, ids=extra["id"].tolist(),
+                                    texts=extra["text"].tolist(), **common)
+            soft.augmented = AugmentedRows(frame=extra, digest=digest, soft=aug)
+            summary = soft.augmented.summary()
+            for key, value in (("augment.rows", summary["rows"]), ("augment.key", aug.key), ("augment.digest", digest)):
+                run.client.log_param(stage_run_id, key, value)
     attest_task(run, soft_labels_statement(sl_cfg, max_length=max_length, soft=soft, teacher=teacher, splits=splits,
                                            context=run.context))
     return soft

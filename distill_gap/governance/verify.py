@@ -213,29 +213,40 @@ def _verify_lineage_facts(result: Verification, client, mv, statements: dict, tm
 
 
 def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> None:
-    """The soft-label entry: every shard re-hashed against its manifest; the manifest against its Statement."""
+    """The soft-label entries: the training split's (the soft_labels.key tag) and every other entry the signed
+    soft-labels Statement names (distill.augment's rows): every shard re-hashed against its manifest, the manifest
+    against its Statement."""
     from distill_gap.signing import subject_digests
-    from distill_gap.softlabels.maintenance import verify_entry
-    from distill_gap.softlabels.store import SoftLabelStore
 
     uri, key = tags.get("soft_labels.uri"), tags.get("soft_labels.key")
     if not uri or not key:
         result.add("soft labels", False, "no soft_labels.uri / soft_labels.key tag")
         return
     store_uri = uri.rsplit("/", 1)[0]
+    stmt = statements.get("soft-labels")
+    attested = {n.removeprefix("soft-labels/"): d for n, d in (subject_digests(stmt) if stmt else {}).items()
+                if n.startswith("soft-labels/")}
+    _verify_entry(result, "soft labels", store_uri, key, attested.get(key) if stmt else None, stmt is not None)
+    for other in sorted(set(attested) - {key}):
+        _verify_entry(result, "augmentation soft labels", store_uri, other, attested[other], True)
+
+
+def _verify_entry(result: Verification, what: str, store_uri: str, key: str, want: str | None, attested: bool) -> None:
+    from distill_gap.softlabels.maintenance import verify_entry
+    from distill_gap.softlabels.store import SoftLabelStore
+
     try:
         checked = verify_entry(store_uri, key)
         bad = [f"{s['name']}: {s['problem']}" for s in checked["shards"] if not s["ok"]]
-        result.add("soft labels shards", checked["ok"], checked.get("problem") or
+        result.add(f"{what} shards", checked["ok"], checked.get("problem") or
                    ("; ".join(bad) if bad else f"{len(checked['shards'])} shards match the manifest"))
         manifest = SoftLabelStore(store_uri).manifest(key)
-        stmt = statements.get("soft-labels")
-        if stmt is not None and manifest is not None:
-            want, got = subject_digests(stmt).get(f"soft-labels/{key}"), sha256_json(manifest)
-            result.add("soft labels manifest", got == want,
+        if attested and manifest is not None:
+            got = sha256_json(manifest)
+            result.add(f"{what} manifest", got == want,
                        f"sha256 {got[:16]} {'=' if got == want else '!='} attested {str(want)[:16]}")
     except DistillError as err:
-        result.add("soft labels", False, f"{uri}: {err.problem}")
+        result.add(what, False, f"{store_uri}/{key}: {err.problem}")
 
 
 def alias_check(client, mv, alias: str, keys: list[str], tmp: Path) -> tuple[bool, str]:

@@ -53,9 +53,19 @@ def _normalized_weight(weight: torch.Tensor | None, student_logits: torch.Tensor
     return weight.float() / weight.float().sum()
 
 
+NO_LABEL = -1  # a training row without a hard label (teacher-labelled augmentation): only the KD term learns it
+
+
 def _weighted_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on hard labels, the `w`-weighted sum over examples (w sums to 1: a weighted mean)."""
-    return (w * F.cross_entropy(student_logits.float(), labels, reduction="none")).sum()
+    """Cross-entropy on hard labels, the `w`-weighted sum over examples (w sums to 1: a weighted mean). Rows labelled
+    NO_LABEL are left out and the weights renormalised over the others; a batch without a labelled row gives 0."""
+    labelled = labels != NO_LABEL
+    ce = F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+    if bool(labelled.all()):
+        return (w * ce).sum()
+    w = w * labelled
+    total = w.sum()
+    return (w * ce).sum() / total if total > 0 else (ce * 0.0).sum()
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:

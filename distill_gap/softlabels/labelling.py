@@ -9,6 +9,8 @@ shard is recomputed by the teacher and rewritten, with a warning naming it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -39,6 +41,8 @@ class SoftLabels:
     labelled: int = 0        # examples the teacher labelled in this call (0 on a clean hit)
     seconds: float = 0.0     # wall time of this call's teacher pass
     repaired: list[str] = field(default_factory=list)   # shards of a hit that failed verification and were recomputed
+    # distill.augment: the teacher-labelled extra rows (distill_gap.kd.augment.AugmentedRows), their own entry
+    augmented: Any = None
 
 
 def _check_teacher(teacher_dir, labels: list[str], teacher_digest: str, tokenizer_digest: str) -> None:

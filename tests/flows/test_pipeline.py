@@ -149,13 +149,50 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
 
     # second run: same key -> cache hit, teacher not run, a new student version with the same lineage. Its later
     # stages are trimmed (one INC trial, no ONNX copies, no intervals or stress suites): the cache is what is
-    # tested, and the soft-label key does not depend on them
+    # tested, and the soft-label key does not depend on them. It also learns from one edited copy of each training
+    # text (distill.augment), which the teacher labels under a key of their own, and which verify checks
     second = distill_pipeline(_config(workspace, "quantize.candidates=[static]", "quantize.max_trials=1",
                                       "quantize.onnx=false", "quantize.onnx_int8=false",
-                                      "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0"))
+                                      "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0",
+                                      "distill.augment.copies=1"))
     assert second["soft_labels"]["hit"] and second["soft_labels"]["key"] == first["soft_labels"]["key"]
     assert second["registered"]["student"]["version"] == first["registered"]["student"]["version"] + 1
-    assert len(_manifests()) == 1
+    assert len(_manifests()) == 2  # the training rows' entry, reused, and the augmentation rows' own
+    _augmented_run_is_attested_and_verified(cfg, second)
+
+
+def _augmented_run_is_attested_and_verified(cfg, second):
+    from distill_gap.governance.lineage import lineage
+    from distill_gap.governance.verify import verify
+
+    client = client_for(cfg.tracking)
+    stages = {r.data.tags["distill.stage"]: r for r in client.search_runs(
+        [client.get_run(second["run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{second['run_id']}'")}
+    params = stages["soft-labels"].data.params
+    rows, key = int(params["augment.rows"]), params["augment.key"]
+    assert rows > 60 and key != second["soft_labels"]["key"]  # ~one edited copy per training row, not in a split
+    assert second["student"]["spec"]["kind"] == "layers"
+    result = verify(client, f"models:/tiny-edge/{second['registered']['edge']['version']}",
+                    key_dir=cfg.governance.key_dir)
+    checks = {c.link: c for c in result.checks}
+    assert result.ok, [c for c in result.checks if not c.ok]
+    assert checks["augmentation soft labels manifest"].ok and checks["augmentation soft labels shards"].ok
+    # one changed byte in an augmentation shard is named by verify (and put back)
+    import boto3
+
+    s3, shard = boto3.client("s3"), f"labels/{key}/shards/part-00000.parquet"
+    body = s3.get_object(Bucket="distill-soft", Key=shard)["Body"].read()
+    s3.put_object(Bucket="distill-soft", Key=shard, Body=body[:-1] + bytes([body[-1] ^ 1]))
+    try:
+        bad = verify(client, f"models:/tiny-edge/{second['registered']['edge']['version']}",
+                     key_dir=cfg.governance.key_dir)
+    finally:
+        s3.put_object(Bucket="distill-soft", Key=shard, Body=body)
+    assert [c.link for c in bad.checks if not c.ok] == ["augmentation soft labels shards"]
+    chain = lineage(client, f"models:/tiny-edge/{second['registered']['edge']['version']}")["chain"]
+    soft = next(n for n in chain if n["role"] == "soft labels")
+    assert soft["augmented"] == {"key": key, "digest": params["augment.digest"], "rows": rows}
 
 
 def _cli(*args):

@@ -1,0 +1,56 @@
+"""The config sections that shape the student (distill.student, distill.vocab, distill.prune, distill.augment):
+what it is built from, what is cut from it, and what extra text it learns from. Part of flows/config.py's schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from flows.config_section import Section
+
+
+class StudentConfig(Section):
+    """How the student is built: from teacher layers, a fresh smaller config, or a pretrained folder."""
+
+    kind: Literal["layers", "config", "pretrained"] = "layers"
+    every: int | None = Field(None, ge=1)  # kind layers: every k-th teacher layer instead of distill.student_layers
+    num_layers: int = Field(2, ge=1)  # kind config
+    hidden_size: int = Field(128, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=1)
+    path: str | None = None  # kind pretrained: a local model folder sharing the teacher's tokenizer
+
+
+class VocabConfig(Section):
+    """Vocabulary trimming of the trained student (distill_gap/kd/vocab.py): keep the word pieces the training
+    texts use, every special and single-character piece, and the teacher's lowest ids up to `min_tokens`; the
+    embedding table shrinks with it. WordPiece tokenizers only."""
+
+    trim: bool = False
+    min_tokens: int = Field(0, ge=0)  # floor: at least this many tokens (0: only what the domain needs)
+
+
+class PruneConfig(Section):
+    """Structured pruning of the student before distillation (distill_gap/kd/pruning.py): in every layer this share
+    of the least important attention heads and FFN neurons is removed (the dense shapes shrink), and distillation
+    then recovers. BERT-style students only."""
+
+    heads: float = Field(0.0, ge=0, lt=1)
+    ffn: float = Field(0.0, ge=0, lt=1)
+    sample: int = Field(512, ge=1)  # training texts the importance is measured on (the first ones, in split order)
+
+
+class AugmentConfig(Section):
+    """Teacher-labelled augmentation (distill_gap/kd/augment.py): extra training texts that only the teacher labels,
+    through the soft-label store under their own key, learned with the KD term only (no hard label). Seeded edits of
+    the training texts (`copies` per text, one method per copy in turn) and/or unlabelled in-domain texts from a file.
+    A text equal to any row of any split is dropped, so nothing of validation or test leaks in."""
+
+    copies: int = Field(0, ge=0, le=20)  # edited copies per training text (0: none)
+    methods: list[Literal["delete", "swap", "crop"]] = Field(
+        default_factory=lambda: ["delete", "swap", "crop"], min_length=1)
+    rate: float = Field(0.15, gt=0, lt=0.5)  # share of a text's words each edit drops, swaps or crops
+    unlabelled: str | None = None  # CSV / JSONL / Parquet path or s3:// URI of in-domain texts without labels
+    text_column: str = "text"  # of `unlabelled`
+    max_unlabelled: int = Field(20000, ge=1)  # seeded sample when the file holds more
