@@ -194,7 +194,7 @@ def worker(pool: str = typer.Option("distill-process", help="the work pool to ta
 
 
 # the cache and model commands register on `app` too; imported last so that `distill --help` lists run first
-from flows import cli_cache, cli_models, cli_predict, cli_ui  # noqa: E402,F401
+from flows import cli_cache, cli_feedback, cli_models, cli_predict, cli_ui  # noqa: E402,F401
 
 
 def main() -> None:

@@ -288,6 +288,13 @@ class DriftConfig(_Section):
         return DriftThresholds(**self.model_dump(exclude={"sample_size"}))
 
 
+class FeedbackConfig(_Section):
+    """Answers to the rows the edge model abstained on (distill_gap/monitoring/feedback.py): `distill feedback add`
+    checks a file and stores it here, one create-only part per file; redistillation reads them."""
+
+    store: str = "file://.distill/feedback"  # a folder or s3://bucket/prefix
+
+
 class RuntimeConfig(_Section):
     max_length: int = Field(128, ge=8)  # tokens per example (part of the soft-label key)
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
@@ -308,6 +315,7 @@ class PipelineConfig(_Section):
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

@@ -93,7 +93,7 @@ def _bad_lines(problems: list[str], n_bad: int, what: str) -> DistillError:
                         f"write one JSON object per line with a non-empty \"text\", like {_ROW_EXAMPLE}")
 
 
-def _parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
+def parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
     """Objects of the non-blank lines and their 1-based line numbers; bad lines are named (first 5)."""
     try:
         from orjson import loads
@@ -119,7 +119,7 @@ def _parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
     raise _bad_lines(problems, n_bad, "malformed lines")
 
 
-def _timestamps(values: "pd.Series", where: list[str]) -> "pd.Series":
+def parse_timestamps(values: "pd.Series", where: list[str], field: str = "timestamp") -> "pd.Series":
     """UTC datetimes from ISO 8601 strings or epoch numbers (seconds; milliseconds above 1e11); nulls stay NaT."""
     import pandas as pd
 
@@ -136,7 +136,7 @@ def _timestamps(values: "pd.Series", where: list[str]) -> "pd.Series":
     if len(bad):
         raise DistillError(f"{len(bad)} rows with a timestamp that is neither ISO 8601 nor an epoch number: "
                            + "; ".join(f"{where[i]}: {values.iloc[i]!r}" for i in bad[:_MAX_REPORTED]),
-                           'write "timestamp" as ISO 8601 (2026-11-22T10:00:00Z) or epoch seconds, or leave it out')
+                           f'write "{field}" as ISO 8601 (2026-11-22T10:00:00Z) or epoch seconds')
     return out
 
 
@@ -149,7 +149,7 @@ def read_production_rows(source: str, *, max_rows: int | None = None) -> "pd.Dat
 
     rows, where = [], []
     for name, read in _sources(str(source)):
-        file_rows, numbers = _parse_jsonl(read(), name)
+        file_rows, numbers = parse_jsonl(read(), name)
         rows += file_rows
         where += [f"{name} line {i}" for i in numbers]
         if max_rows is not None and len(rows) >= max_rows:
@@ -170,7 +170,7 @@ def read_production_rows(source: str, *, max_rows: int | None = None) -> "pd.Dat
     if "label" in df:
         df["label"] = df["label"].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     if "timestamp" in df:
-        df["timestamp"] = _timestamps(df["timestamp"], where)
+        df["timestamp"] = parse_timestamps(df["timestamp"], where)
     return df
 
 
@@ -303,7 +303,7 @@ def _window(prod: "pd.DataFrame") -> dict | None:
     if "timestamp" not in prod:
         return None
     ts = prod["timestamp"] if pd.api.types.is_datetime64_any_dtype(prod["timestamp"]) else \
-        _timestamps(prod["timestamp"], [f"row {i}" for i in range(len(prod))])
+        parse_timestamps(prod["timestamp"], [f"row {i}" for i in range(len(prod))])
     ts = ts.dropna()
     return None if ts.empty else {"first": ts.min().isoformat(), "last": ts.max().isoformat(), "rows": int(len(ts))}
 
