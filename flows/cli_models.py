@@ -86,9 +86,9 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
             node.add(f"{link['link']}", highlight=False)
         elif role == "soft labels":
             node = node.add(f"soft labels key {str(link['key'])[:16]}  {link['uri']}", highlight=False)
-            if link.get("augmented"):
-                a = link["augmented"]
-                node.add(f"+ {a['rows']} teacher-labelled augmentation rows: key {a['key'][:16]}, data "
+            if link.get("extra"):
+                a = link["extra"]
+                node.add(f"+ {a['rows']} extra rows (augmentation, production, feedback): key {a['key'][:16]}, data "
                          f"{str(a['digest'])[:16]}", highlight=False)
         elif role == "data":
             data = node.add(f"data sha256 {link['digest'][:16]}", highlight=False)

@@ -18,7 +18,7 @@ from distill_gap.errors import DistillError
 
 
 from flows.config_section import Section as _Section
-from flows.config_student import AugmentConfig, PruneConfig, StudentConfig, VocabConfig
+from flows.config_student import AugmentConfig, PruneConfig, RedistillConfig, StudentConfig, VocabConfig
 
 
 class HoldoutConfig(_Section):
@@ -316,6 +316,7 @@ class PipelineConfig(_Section):
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    redistill: RedistillConfig = Field(default_factory=RedistillConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

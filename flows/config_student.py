@@ -54,3 +54,17 @@ class AugmentConfig(Section):
     unlabelled: str | None = None  # CSV / JSONL / Parquet path or s3:// URI of in-domain texts without labels
     text_column: str = "text"  # of `unlabelled`
     max_unlabelled: int = Field(20000, ge=1)  # seeded sample when the file holds more
+
+
+class RedistillConfig(Section):
+    """What a redistillation learns from production (issue 22; distill_gap/kd/production.py): the rows of a production
+    sample (a drift event's: the triggered run gets them as `production` of distill-pipeline-from-file) and the
+    answers `distill feedback add` stored. The pinned teacher labels them under their own soft-label key, beside
+    distill.augment's rows; a row a person answered also gets that answer as its hard label. Rows equal to a row of
+    any split are dropped; the rest pass the data validation suite before anything is labelled."""
+
+    production: str | None = None  # a JSONL file, a folder of them or an s3:// prefix of production rows
+    production_digest: str | None = None  # the drift event's sha256 of those rows: changed or gone rows are an error
+    feedback: bool = False  # also learn from the answers in feedback.store
+    max_rows: int = Field(5000, ge=1)  # seeded sample beyond this (answered rows first)
+    weight: float = Field(1.0, gt=0)  # loss weight of these rows, relative to a training row

@@ -49,9 +49,14 @@ def drift_monitor(config_path: str = "configs/demo.yaml", overrides: list[str] |
                                  markdown=f"**Drift not evaluated.** {err.problem}\n\nFix: {err.fix}")
         raise
     create_markdown_artifact(key=key, markdown=drift_markdown(report), description=f"drift-monitor for {cfg.name}")
-    if report["drifted"]:
+    if report["drifted"]:  # the evidence travels with the event: the rows (location and digest), what moved, where
+        from distill_gap.monitoring.drift import sample_digest
+
+        low = [f"{s['column']}={s['value']}" for s in (report.get("accuracy") or {}).get("slices", [])
+               if cfg.drift.min_accuracy is not None and s["accuracy"] < cfg.drift.min_accuracy]
         report["event_id"] = emit(DRIFT_DETECTED, cfg.name, {
             "config_path": config_path, "champion": report["champion"], "production": production,
+            "production_digest": sample_digest(production), "statistics": report["reasons"], "slices": low,
             "reason": "; ".join(report["reasons"])[:1000], "rows": report["rows"], "scored": report["scored"]})
     print(("DRIFT: " + "; ".join(report["reasons"])) if report["drifted"] else
           f"no drift in {report['rows']} rows ({report['scored']} scored)")

@@ -43,7 +43,8 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         splits = validate_data(run, cfg.data, cfg.seed)
         teacher = resolve_teacher_task(run, cfg.teacher, splits)
         soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length,
-                           augment=cfg.distill.augment, seed=cfg.seed)
+                           augment=cfg.distill.augment, redistill=cfg.redistill, feedback_store=cfg.feedback.store,
+                           seed=cfg.seed)
         student = distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,
                                max_length=rt.max_length, seed=cfg.seed)
         edge = quantize_task(run, cfg.quantize, student=student, splits=splits, max_length=rt.max_length,
@@ -72,6 +73,10 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
 
 @flow(name="distill-pipeline-from-file", flow_run_name=_run_name, log_prints=True)
 def distill_pipeline_from_file(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-                               trigger_reason: str = "manual") -> dict:
-    """Deployment entry point: load a YAML config (+ overrides) and run distill-pipeline as a subflow."""
-    return distill_pipeline(load_config(config_path, overrides or []), trigger_reason=trigger_reason)
+                               trigger_reason: str = "manual", production: str = "",
+                               production_digest: str = "") -> dict:
+    """Deployment entry point: load a YAML config (+ overrides) and run distill-pipeline as a subflow. A drift event
+    passes its production rows and their digest: the run learns from them (redistill.production)."""
+    extra = [f"redistill.production={production}", f"redistill.production_digest={production_digest or 'null'}"] \
+        if production else []
+    return distill_pipeline(load_config(config_path, [*(overrides or []), *extra]), trigger_reason=trigger_reason)

@@ -241,23 +241,26 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
                   val_label_ids=val["label"].map(label_id).to_numpy(), distill_cfg=distill_cfg,
                   max_length=max_length, seed=seed, device=device, train_ids=train["id"].tolist())
     kd_rows = dict(common)
-    aug = getattr(soft, "augmented", None)
-    if aug is not None:  # distill.augment: the teacher's logits are these rows' only label (KD term only)
+    extra = getattr(soft, "extra", None)
+    if extra is not None:  # extra rows: a person's answer is the hard label, else the teacher's logits are the only one
         from distill_gap.kd.losses import NO_LABEL
 
-        aug_logits = aug.logits()
-        n = len(aug.frame)
-        kd_rows.update(train_texts=common["train_texts"] + aug.frame["text"].tolist(),
-                       train_label_ids=np.concatenate([common["train_label_ids"], np.full(n, NO_LABEL)]),
-                       teacher_logits=np.concatenate([teacher_logits, aug_logits]),
-                       train_ids=common["train_ids"] + aug.frame["id"].tolist())
-        aug_weights = example_weights(aug_logits, None, critical_weight=1.0,
-                                      uncertainty_weight=distill_cfg.uncertainty_weight)
-        if weights is not None or aug_weights is not None:
-            weights = np.concatenate([np.ones(len(train), np.float32) if weights is None else weights,
-                                      np.ones(n, np.float32) if aug_weights is None else aug_weights])
-        log.info("augmentation: %d teacher-labelled rows beside %d labelled ones (%s), KD term only", n, len(train),
-                 ", ".join(f"{k} {v}" for k, v in aug.summary()["by_source"].items()))
+        extra_logits = extra.logits()
+        n = len(extra.frame)
+        hard = extra.frame["label"].map(lambda v: label_id[v] if v else NO_LABEL).to_numpy()
+        kd_rows.update(train_texts=common["train_texts"] + extra.frame["text"].tolist(),
+                       train_label_ids=np.concatenate([common["train_label_ids"], hard]),
+                       teacher_logits=np.concatenate([teacher_logits, extra_logits]),
+                       train_ids=common["train_ids"] + extra.frame["id"].tolist())
+        extra_weights = example_weights(extra_logits, None, critical_weight=1.0,
+                                        uncertainty_weight=distill_cfg.uncertainty_weight)
+        extra_weights = (np.ones(n, np.float32) if extra_weights is None else extra_weights) * \
+            extra.frame["weight"].to_numpy(np.float32)
+        if weights is not None or not np.all(extra_weights == 1.0):
+            weights = np.concatenate([np.ones(len(train), np.float32) if weights is None else weights, extra_weights])
+        log.info("extra rows: %d beside %d training rows (%s); %d with a person's answer, the rest KD term only", n,
+                 len(train), ", ".join(f"{k} {v}" for k, v in extra.summary()["by_source"].items()),
+                 int((hard != NO_LABEL).sum()))
     result = distill_student(teacher_dir, workdir / "student", on_epoch=on_epoch_for("student"), weights=weights,
                              **kd_rows)
     log.info("student %s: %.1fM parameters, best epoch %d (val %s %.3f), %.0f s, %.0f examples/s", result.spec,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import pandas as pd
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -20,7 +22,7 @@ from distill_gap.data.splits import split_digest
 from distill_gap.digest import tokenizer_digest
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import soft_labels_statement
-from distill_gap.kd.augment import AugmentedRows, extra_texts
+from distill_gap.kd.augment import ExtraRows, extra_texts
 from distill_gap.ops.transient import is_transient, retry_if_transient_as
 from distill_gap.softlabels.engines import resolve_engine
 from distill_gap.softlabels.labelling import (LabelPlan, ShardJob, SoftLabels, finish_soft_labels, label_shard,
@@ -91,10 +93,31 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
                            "into the soft-labels stage)", err.fix) from err
 
 
-def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, seed: int = 13) -> SoftLabels:
+def extra_rows(splits, *, augment=None, redistill=None, feedback_store: str = "", seed: int = 13):
+    """The rows beyond the training split, each text once and none equal to a row of any split: distill.augment's
+    edits and unlabelled texts, then redistill's production rows and feedback answers; validated by the data suite.
+    None when neither is configured."""
+    from distill_gap.data.validation import validate_extra_rows
+    from distill_gap.kd.production import production_rows
+
+    exclude = {str(t) for df in splits.frames.values() for t in df["text"]}
+    parts = [] if augment is None else [extra_texts(augment, splits.frames, seed=seed, exclude=exclude)]
+    if redistill is not None:
+        parts.append(production_rows(redistill, feedback_store=feedback_store, labels=list(splits.labels),
+                                     exclude=exclude, seed=seed))
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    frame = pd.concat(parts, ignore_index=True)
+    validate_extra_rows("extra rows", frame, list(splits.labels))  # nothing unvalidated is labelled or trained on
+    return frame
+
+
+def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, redistill=None,
+                feedback_store: str = "", seed: int = 13) -> SoftLabels:
     """The run's `soft-labels` stage for the training split (`sl_cfg`: the soft_labels section), then its
-    attestation. With `augment` (the distill.augment section) switched on, the augmentation rows are labelled by the
-    same teacher under their own key (soft.augmented). Call it from inside a flow: it submits the stage's tasks."""
+    attestation. Extra rows (extra_rows: distill.augment's, redistill's) are labelled by the same teacher under their
+    own key (soft.extra). Call it from inside a flow: it submits the stage's tasks."""
     train = splits["train"]
     common = dict(teacher_dir=teacher.path, teacher_digest=teacher.digest, tokenizer_digest=tokenizer_digest(teacher.path),
                   labels=splits.labels, max_length=max_length, batch_size=sl_cfg.batch_size,
@@ -105,16 +128,17 @@ def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, 
     with run.stage("soft-labels") as stage_run_id:
         soft = soft_labels_stage(sl_cfg.store, data_digest=splits.digests()["train"], ids=train["id"].tolist(),
                                  texts=train["text"].tolist(), **common)
-        extra = None if augment is None else extra_texts(augment, splits.frames, seed=seed)
+        extra = extra_rows(splits, augment=augment, redistill=redistill, feedback_store=feedback_store, seed=seed)
         if extra is not None:
             digest = split_digest(extra)
-            get_run_logger().info(f"augmentation: {len(extra)} teacher-labelled rows "
-                                  f"({', '.join(f'{k} {v}' for k, v in extra['source'].value_counts().items())})")
-            aug = soft_labels_stage(sl_cfg.store, data_digest=digest, ids=extra["id"].tolist(),
-                                    texts=extra["text"].tolist(), **common)
-            soft.augmented = AugmentedRows(frame=extra, digest=digest, soft=aug)
-            summary = soft.augmented.summary()
-            for key, value in (("augment.rows", summary["rows"]), ("augment.key", aug.key), ("augment.digest", digest)):
+            by_source = ", ".join(f"{k} {v}" for k, v in extra["source"].value_counts().items())
+            get_run_logger().info(f"extra rows: {len(extra)} labelled by the teacher ({by_source}; "
+                                  f"{int((extra['label'] != '').sum())} with a person's answer)")
+            entry = soft_labels_stage(sl_cfg.store, data_digest=digest, ids=extra["id"].tolist(),
+                                      texts=extra["text"].tolist(), **common)
+            soft.extra = ExtraRows(frame=extra, digest=digest, soft=entry)
+            for key, value in (("extra.rows", len(extra)), ("extra.key", entry.key), ("extra.digest", digest),
+                               ("extra.sources", by_source), ("extra.answered", int((extra["label"] != "").sum()))):
                 run.client.log_param(stage_run_id, key, value)
     attest_task(run, soft_labels_statement(sl_cfg, max_length=max_length, soft=soft, teacher=teacher, splits=splits,
                                            context=run.context))

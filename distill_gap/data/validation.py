@@ -100,6 +100,20 @@ def validate_splits(
     return report
 
 
+def validate_extra_rows(name: str, frame: pd.DataFrame, labels: list[str], *, max_text_chars: int = 100_000) -> dict:
+    """The same suite for rows that join training from elsewhere (production rows, feedback answers): id, text and
+    label columns, a label optional (None or "" = the teacher's logits are the only label) but one of `labels` when
+    given. Raises DataValidationError (split `name`) on any failure: nothing unvalidated is trained on."""
+    data = frame[list(CANONICAL_COLUMNS)].copy()
+    data["label"] = data["label"].map(lambda v: None if v is None or v == "" else v)
+    failed = _validate_frame(_gx_batch_definition(), data, list(labels), list(CANONICAL_COLUMNS), max_text_chars,
+                             labels_optional=True)
+    report = {"passed": not failed, "splits": {name: {"rows": int(len(frame)), "passed": not failed, "failed": failed}}}
+    if failed:
+        raise DataValidationError(report)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 # the suite
 

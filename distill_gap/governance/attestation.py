@@ -65,24 +65,24 @@ def soft_labels_digest(soft) -> str:
 
 def soft_labels_statement(sl, *, max_length: int, soft, teacher, splits, context: dict) -> dict:
     """The teacher's logits for every training row (`sl`: the soft_labels config section)."""
-    aug = getattr(soft, "augmented", None)  # distill.augment: the extra rows' own entry, a second subject
+    aug = getattr(soft, "extra", None)  # distill.augment / redistill: the extra rows' own entry, a second subject
     subjects = {f"soft-labels/{soft.key}": soft_labels_digest(soft)}
     inputs = {f"{teacher.name}/{teacher.version}": teacher.digest, "data/train": splits.digests()["train"]}
     if aug is not None:
         subjects[f"soft-labels/{aug.soft.key}"] = soft_labels_digest(aug.soft)
-        inputs["augmentation-rows"] = aug.digest  # not data/: those are the splits
+        inputs["extra-rows"] = aug.digest  # not data/: those are the splits
     return statement(
         "soft-labels", subjects,
         technique="teacher logits for every training example, raw (temperature applied at training time)"
-                  + ("; and for the augmentation rows (edited training texts, unlabelled in-domain texts) under "
-                     "their own key" if aug is not None else ""),
+                  + ("; and for the extra rows (edited training texts, unlabelled in-domain texts, production rows, "
+                     "feedback answers) under their own key" if aug is not None else ""),
         parameters={"max_length": max_length, "dtype": sl.dtype, "top_k": sl.top_k, "engine": sl.engine,
                     "shard_size": sl.shard_size, "store": soft.uri, "key": soft.key},
         inputs=inputs,
-        data={"train": splits.summary()["train"], **({"augmented": aug.summary()} if aug is not None else {})},
+        data={"train": splits.summary()["train"], **({"extra": aug.summary()} if aug is not None else {})},
         results={"examples": len(soft.ids), "cache_hit": soft.hit, "labelled": soft.labelled,
                  "seconds": round(soft.seconds, 2), "repaired_shards": soft.repaired,
-                 **({"augmented_examples": len(aug.soft.ids), "augmented_cache_hit": aug.soft.hit}
+                 **({"extra_examples": len(aug.soft.ids), "extra_cache_hit": aug.soft.hit}
                     if aug is not None else {})},
         context=context)
 
@@ -92,7 +92,7 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
     """The student trained on the soft labels (`d`: the distill config section)."""
     vocab = getattr(student, "vocab", None)  # distill.vocab.trim: tokens kept (the mapping is in the folder)
     pruning = getattr(student, "pruning", None)  # distill.prune: what was removed before training
-    aug = getattr(soft, "augmented", None)  # distill.augment: extra rows learned with the KD term only
+    aug = getattr(soft, "extra", None)  # extra rows: distill.augment's, redistill's
     return statement(
         "distill", {student_model_name: student.digest},
         technique=(f"knowledge distillation: alpha*CE(hard) + (1-alpha)*T^2*{d.divergence}(teacher_T || student_T)"
@@ -100,15 +100,16 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
                    + (" + attention KL" if d.attention_loss else "")
                    + ("; vocabulary trimmed to the pieces the training texts use" if vocab else "")
                    + ("; attention heads and FFN neurons pruned by importance before training" if pruning else "")
-                   + (f"; {len(aug.frame)} teacher-labelled augmentation rows, KD term only" if aug is not None
+                   + (f"; {len(aug.frame)} extra teacher-labelled rows (KD term; a person's answer as the hard label where "
+                         "there is one)" if aug is not None
                       else "")),
         parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": seed},
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, f"soft-labels/{soft.key}": soft_labels_digest(soft),
                 "data/train": splits.digests()["train"], "data/validation": splits.digests()["validation"],
-                **({f"soft-labels/{aug.soft.key}": soft_labels_digest(aug.soft), "augmentation-rows": aug.digest}
+                **({f"soft-labels/{aug.soft.key}": soft_labels_digest(aug.soft), "extra-rows": aug.digest}
                    if aug is not None else {})},
         data={**{k: v for k, v in splits.summary().items() if k in ("train", "validation")},
-              **({"augmented": aug.summary()} if aug is not None else {})},
+              **({"extra": aug.summary()} if aug is not None else {})},
         results={"parameters": student.parameters, "best_epoch": student.best_epoch,
                  f"best_val_{d.select_metric}": student.best_val_metric, "seconds": round(student.seconds, 1),
                  "history": student.history, **({"vocab": vocab} if vocab else {}),

@@ -102,8 +102,8 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
     pipeline_run = _pipeline_run_id(client, mv.run_id)
     prun = client.get_run(pipeline_run) if pipeline_run else None
     chain.append({"role": "soft labels", "uri": tags.get("soft_labels.uri"), "key": tags.get("soft_labels.key"),
-                  **({"augmented": {"key": tags["augment.key"], "digest": tags.get("augment.digest"),
-                                    "rows": int(tags.get("augment.rows") or 0)}} if tags.get("augment.key") else {})})
+                  **({"extra": {"key": tags["extra.key"], "digest": tags.get("extra.digest"),
+                                    "rows": int(tags.get("extra.rows") or 0)}} if tags.get("extra.key") else {})})
     tname, tversion = tags["teacher.name"], int(tags["teacher.version"])
     teacher = _linked(client, f"{tname}/{tversion}", "teacher.version", mv)
     tnode = node(teacher, "teacher")

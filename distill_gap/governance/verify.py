@@ -214,7 +214,7 @@ def _verify_lineage_facts(result: Verification, client, mv, statements: dict, tm
 
 def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> None:
     """The soft-label entries: the training split's (the soft_labels.key tag) and every other entry the signed
-    soft-labels Statement names (distill.augment's rows): every shard re-hashed against its manifest, the manifest
+    soft-labels Statement names (the extra rows: distill.augment's, redistill's): every shard re-hashed against its manifest, the manifest
     against its Statement."""
     from distill_gap.signing import subject_digests
 
@@ -228,7 +228,7 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
                 if n.startswith("soft-labels/")}
     _verify_entry(result, "soft labels", store_uri, key, attested.get(key) if stmt else None, stmt is not None)
     for other in sorted(set(attested) - {key}):
-        _verify_entry(result, "augmentation soft labels", store_uri, other, attested[other], True)
+        _verify_entry(result, "extra soft labels", store_uri, other, attested[other], True)
 
 
 def _verify_entry(result: Verification, what: str, store_uri: str, key: str, want: str | None, attested: bool) -> None:

@@ -95,13 +95,16 @@ def unlabelled_rows(uri: str, *, text_column: str, max_rows: int, seed: int, exc
     return pd.DataFrame({"id": ids, "text": kept, "source": "unlabelled"}, columns=["id", "text", "source"])
 
 
-def extra_texts(augment, splits_frames: dict[str, pd.DataFrame], *, seed: int) -> pd.DataFrame | None:
+def extra_texts(augment, splits_frames: dict[str, pd.DataFrame], *, seed: int,
+                exclude: set[str] | None = None) -> pd.DataFrame | None:
     """The augmentation rows of `augment` (the distill.augment config section) for the training split of
-    `splits_frames`, deduplicated against every split; None when augmentation is off. Columns id, text, label
-    (empty: the teacher's logits are the only label), source."""
+    `splits_frames`, deduplicated against every split (and `exclude`, which is extended with every text kept); None
+    when augmentation is off. Columns id, text, label (empty: the teacher's logits are the only label), source,
+    weight (1)."""
     if not augment.copies and not augment.unlabelled:
         return None
-    exclude = {str(t) for df in splits_frames.values() for t in df["text"]}
+    exclude = exclude if exclude is not None else set()
+    exclude.update(str(t) for df in splits_frames.values() for t in df["text"])
     train = splits_frames["train"]
     parts = []
     if augment.copies:
@@ -119,14 +122,15 @@ def extra_texts(augment, splits_frames: dict[str, pd.DataFrame], *, seed: int) -
     if clash:
         raise DistillError(f"augmentation ids collide with data ids, e.g. {sorted(clash)[0]!r}",
                            "data ids must not contain '~' followed by an augmentation method name")
-    return frame.assign(label="")[["id", "text", "label", "source"]]
+    return frame.assign(label="", weight=1.0)[["id", "text", "label", "source", "weight"]]
 
 
 @dataclass
-class AugmentedRows:
-    """Augmentation rows with their teacher logits (the soft-label entry under their own key)."""
+class ExtraRows:
+    """Rows beyond the training split (distill.augment's, redistill's production rows and feedback answers) with their
+    teacher logits (the soft-label entry under their own key)."""
 
-    frame: pd.DataFrame   # id, text, label (empty), source
+    frame: pd.DataFrame   # id, text, label (a person's answer, or empty: KD term only), source, weight
     digest: str           # split_digest of the rows: the data digest of their soft-label cache key
     soft: Any             # distill_gap.softlabels.labelling.SoftLabels of these rows
 

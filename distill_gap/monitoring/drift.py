@@ -87,6 +87,16 @@ def _sources(source: str) -> list[tuple[str, Callable[[], bytes]]]:
     return [(str(path), path.read_bytes)]
 
 
+def sample_digest(source: str) -> str:
+    """sha256 of a production sample's contents (every JSONL input in name order, each by its own sha256): a drift
+    event carries it, and the redistillation it starts refuses rows that changed or are gone since."""
+    import hashlib
+
+    from distill_gap.digest import sha256_json
+
+    return sha256_json([hashlib.sha256(read()).hexdigest() for _, read in _sources(str(source))])
+
+
 def _bad_lines(problems: list[str], n_bad: int, what: str) -> DistillError:
     more = f" (and {n_bad - len(problems)} more)" if n_bad > len(problems) else ""
     return DistillError(f"{n_bad} {what}: " + "; ".join(problems) + more,
@@ -116,6 +126,10 @@ def parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
             n_bad += 1
             if len(problems) < _MAX_REPORTED:
                 problems.append(f"{name} line {i}: {problem}")
+    if not n_bad:  # only the fast parser refused (orjson: NaN/Infinity, which json and decode_json_line accept)
+        import json
+
+        return [json.loads(lines[i - 1]) for i in numbers], numbers
     raise _bad_lines(problems, n_bad, "malformed lines")
 
 

@@ -71,7 +71,11 @@ def apply_automations(path: Path = AUTOMATIONS) -> list[str]:
                 actions=[RunDeployment(source="selected", deployment_id=deployment.id, parameters={
                     "config_path": {"__prefect_kind": "jinja", "template": "{{ event.payload.config_path }}"},
                     "trigger_reason": {"__prefect_kind": "jinja",
-                                       "template": "{{ event.event }}: {{ event.payload.reason }}"}})],
+                                       "template": "{{ event.event }}: {{ event.payload.reason }}"},
+                    # a drift event's rows and their digest: the run learns from them (empty for other events)
+                    "production": {"__prefect_kind": "jinja", "template": "{{ event.payload.production or '' }}"},
+                    "production_digest": {"__prefect_kind": "jinja",
+                                          "template": "{{ event.payload.production_digest or '' }}"}})],
             ).create()
             names.append(spec["name"])
     return names

@@ -87,9 +87,9 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
         "intended_use": governance.intended_use, "not_for": "\n".join(governance.not_for),
         **({"license.override_reason": license_override} if license_override else {}),
     }
-    aug = getattr(soft, "augmented", None)  # distill.augment: the teacher-labelled extra rows' own entry
+    aug = getattr(soft, "extra", None)  # the extra rows' own entry (distill.augment, redistill)
     if aug is not None:
-        lineage.update({"augment.key": aug.soft.key, "augment.digest": aug.digest, "augment.rows": str(len(aug.frame))})
+        lineage.update({"extra.key": aug.soft.key, "extra.digest": aug.digest, "extra.rows": str(len(aug.frame))})
     test = report.suites["test"]
     summary = gap_summary(report, gates, edge.report_name)
     # 1. student version: signed, logged as an MLflow model (signature + input example), all tags at once

@@ -41,8 +41,8 @@ class SoftLabels:
     labelled: int = 0        # examples the teacher labelled in this call (0 on a clean hit)
     seconds: float = 0.0     # wall time of this call's teacher pass
     repaired: list[str] = field(default_factory=list)   # shards of a hit that failed verification and were recomputed
-    # distill.augment: the teacher-labelled extra rows (distill_gap.kd.augment.AugmentedRows), their own entry
-    augmented: Any = None
+    # distill.augment / redistill: the teacher-labelled extra rows (distill_gap.kd.augment.ExtraRows), their own entry
+    extra: Any = None
 
 
 def _check_teacher(teacher_dir, labels: list[str], teacher_digest: str, tokenizer_digest: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 from flows.config import load_config
 from distill_gap.registry.registration import LINEAGE_TAGS
 from distill_gap.registry.tracking import client_for
+from distill_gap.monitoring.drift import sample_digest
 from tests.helpers import OPEN_GATE_OVERRIDES, fresh_mlflow_db, import_tiny_teacher
 
 pytestmark = pytest.mark.slow
@@ -149,19 +150,48 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
 
     # second run: same key -> cache hit, teacher not run, a new student version with the same lineage. Its later
     # stages are trimmed (one INC trial, no ONNX copies, no intervals or stress suites): the cache is what is
-    # tested, and the soft-label key does not depend on them. It also learns from one edited copy of each training
-    # text (distill.augment), which the teacher labels under a key of their own, and which verify checks
+    # tested, and the soft-label key does not depend on them. It also learns from extra rows, which the teacher
+    # labels under a key of their own and verify checks: one edited copy of each training text (distill.augment),
+    # and a redistillation's: production rows (as a drift event names them, with their digest) and answers kept by
+    # `distill feedback` (a person's answer becomes a hard label)
+    production, store = _production_and_feedback(workspace, cfg, first)
     second = distill_pipeline(_config(workspace, "quantize.candidates=[static]", "quantize.max_trials=1",
                                       "quantize.onnx=false", "quantize.onnx_int8=false",
                                       "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0",
-                                      "distill.augment.copies=1"))
+                                      "distill.augment.copies=1", f"redistill.production={production}",
+                                      f"redistill.production_digest={sample_digest(production)}",
+                                      "redistill.feedback=true", f"feedback.store={store}"))
     assert second["soft_labels"]["hit"] and second["soft_labels"]["key"] == first["soft_labels"]["key"]
     assert second["registered"]["student"]["version"] == first["registered"]["student"]["version"] + 1
     assert len(_manifests()) == 2  # the training rows' entry, reused, and the augmentation rows' own
-    _augmented_run_is_attested_and_verified(cfg, second)
+    _extra_rows_are_attested_and_verified(cfg, second)
 
 
-def _augmented_run_is_attested_and_verified(cfg, second):
+def _production_and_feedback(workspace, cfg, first):
+    """A production sample (40 real reviews that no split holds) and two answers a person gave to rows the champion
+    abstained on, one of them not in the sample."""
+    from distill_gap.data.splits import load_splits, read_table
+    from distill_gap.monitoring.feedback import append_feedback
+
+    splits = load_splits(cfg.data, cfg.seed)
+    used = {t for f in splits.frames.values() for t in f["text"]}
+    raw = read_table("builtin:drugreview/test")  # reviews no split holds (data.max_rows leaves most out)
+    unseen = raw[~raw["review"].isin(used)].head(40)
+    production = workspace[0] / "production.jsonl"
+    production.write_text("".join(json.dumps({"text": t, "condition": c}) + "\n"
+                                  for t, c in zip(unseen["review"], unseen["condition"].fillna("unknown"))))
+    store = f"file://{workspace[0]}/feedback"
+    version = first["registered"]["edge"]["version"]
+    answers = [{"id": f"a-{i}", "text": t, "answer": a, "answered_by": "nurse.kim", "kind": "human",
+                "answered_at": "2026-12-02T10:00:00Z", "edge_version": version}
+               for i, (t, a) in enumerate([(unseen["review"].iloc[0], "negative"),
+                                           ("the patch fell off after an hour, useless", "negative")])]
+    append_feedback(store, answers, ["a line 1", "a line 2"], labels=list(cfg.data.labels),
+                    edge_versions=lambda wanted: [])
+    return str(production), store
+
+
+def _extra_rows_are_attested_and_verified(cfg, second):
     from distill_gap.governance.lineage import lineage
     from distill_gap.governance.verify import verify
 
@@ -170,14 +200,17 @@ def _augmented_run_is_attested_and_verified(cfg, second):
         [client.get_run(second["run_id"]).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{second['run_id']}'")}
     params = stages["soft-labels"].data.params
-    rows, key = int(params["augment.rows"]), params["augment.key"]
+    rows, key = int(params["extra.rows"]), params["extra.key"]
     assert rows > 60 and key != second["soft_labels"]["key"]  # ~one edited copy per training row, not in a split
+    sources = dict(part.rsplit(" ", 1) for part in params["extra.sources"].split(", "))
+    assert {"production", "feedback"} <= set(sources) and sources["feedback"] == "1", sources
+    assert int(sources["production"]) > 10 and params["extra.answered"] == "2"
     assert second["student"]["spec"]["kind"] == "layers"
     result = verify(client, f"models:/tiny-edge/{second['registered']['edge']['version']}",
                     key_dir=cfg.governance.key_dir)
     checks = {c.link: c for c in result.checks}
     assert result.ok, [c for c in result.checks if not c.ok]
-    assert checks["augmentation soft labels manifest"].ok and checks["augmentation soft labels shards"].ok
+    assert checks["extra soft labels manifest"].ok and checks["extra soft labels shards"].ok
     # one changed byte in an augmentation shard is named by verify (and put back)
     import boto3
 
@@ -189,10 +222,10 @@ def _augmented_run_is_attested_and_verified(cfg, second):
                      key_dir=cfg.governance.key_dir)
     finally:
         s3.put_object(Bucket="distill-soft", Key=shard, Body=body)
-    assert [c.link for c in bad.checks if not c.ok] == ["augmentation soft labels shards"]
+    assert [c.link for c in bad.checks if not c.ok] == ["extra soft labels shards"]
     chain = lineage(client, f"models:/tiny-edge/{second['registered']['edge']['version']}")["chain"]
     soft = next(n for n in chain if n["role"] == "soft labels")
-    assert soft["augmented"] == {"key": key, "digest": params["augment.digest"], "rows": rows}
+    assert soft["extra"] == {"key": key, "digest": params["extra.digest"], "rows": rows}
 
 
 def _cli(*args):

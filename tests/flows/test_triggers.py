@@ -179,6 +179,7 @@ def _register_champion(cfg, model_dir, tiny_data: dict, folder: Path) -> str:
 def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_frame, tiny_model_dir, tiny_data):
     from flows.config import load_config
     from flows.monitor import drift_monitor
+    from distill_gap.monitoring.drift import sample_digest
     from distill_gap.registry.tracking import client_for
     from distill_gap.registry.versions import fetch_model
     from distill_gap.kd.teacher import import_teacher
@@ -208,8 +209,12 @@ def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_fram
     runs = _pipeline_runs()
     assert len(runs) == 1 and runs[0].state.is_completed(), [(r.name, r.state.name) for r in runs]
     assert runs[0].parameters["trigger_reason"].startswith("distill.drift.detected")
+    # the event carried its rows and their digest, and the run learned from them (teacher-labelled, own key)
+    assert runs[0].parameters["production"] == drifted
+    assert runs[0].parameters["production_digest"] == sample_digest(drifted)
     edge = client.get_model_version_by_alias(cfg.edge_model_name, "champion")
     assert edge.tags["trigger.reason"].startswith("distill.drift.detected"), edge.tags["trigger.reason"]
+    assert int(edge.tags["extra.rows"]) > 50 and edge.tags["extra.key"], edge.tags
 
     # 3. the teacher's alias moves: teacher-watch starts one run
     teacher_dir = fetch_model(client, cfg.teacher_model_name, version=1, cache_root=stack["tmp"] / "models").path
@@ -219,5 +224,6 @@ def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_fram
     assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
     newest = max(runs, key=lambda r: r.created)
     assert newest.parameters["trigger_reason"].startswith("distill.teacher.changed")
+    assert newest.parameters["production"] == ""  # a teacher change names no production rows
     edge = client.get_model_version_by_alias(cfg.edge_model_name, "champion")
     assert edge.tags["teacher.version"] == "2" and edge.tags["trigger.reason"].startswith("distill.teacher.changed")

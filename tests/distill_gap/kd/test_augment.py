@@ -81,7 +81,7 @@ def test_extra_texts_off_on_and_refused(review_frame):
     frames = {"train": train, "test": test}
     assert extra_texts(_augment(), frames, seed=1) is None
     extra = extra_texts(_augment(copies=2), frames, seed=1)
-    assert list(extra.columns) == ["id", "text", "label", "source"] and (extra["label"] == "").all()
+    assert list(extra.columns) == ["id", "text", "label", "source", "weight"] and (extra["label"] == "").all()
     assert not set(extra["text"]) & set(review_frame["text"]) and len(extra) > 40
     clash = {"train": train, "test": test.assign(id=[f"{train['id'].iloc[0]}~delete0"] + test["id"].tolist()[1:])}
     with pytest.raises(DistillError, match="augmentation ids collide with data ids"):

@@ -277,3 +277,12 @@ def test_s3_prefix_through_moto(s3_bucket, review_frame):
         read_production_rows(f"s3://{s3_bucket}/bad")
     with pytest.raises(DistillError, match="cannot list"):
         read_production_rows("s3://no-such-bucket-here/prod")
+
+
+def test_rows_that_only_the_fast_parser_refuses_are_read(tmp_path):
+    """orjson refuses NaN and Infinity, which Python's json writes (json.dumps of a pandas NaN) and reads: such a
+    sample is read, not reported as '0 malformed lines'."""
+    path = write_jsonl(tmp_path / "nan.jsonl", [json.dumps({"text": "fine", "condition": float("nan")}),
+                                                json.dumps({"text": "also fine", "score": float("inf")})])
+    df = read_production_rows(path)
+    assert df["text"].tolist() == ["fine", "also fine"] and math.isnan(df["condition"].iloc[0])

@@ -1,0 +1,82 @@
+"""What a redistillation learns from production (issue 22): the rows of a production sample (a drift event's) and the
+answers kept by `distill feedback`, as extra training rows.
+
+The pinned teacher labels them through the soft-label store under their own key (the soft-labels stage, beside
+distill.augment's rows); a row a person answered also gets that answer as its hard label, every other row learns
+from the KD term only. Rows equal to a row of any split are dropped (a production sample that overlaps the test
+split must not leak it into training), repeats are dropped, more than `max_rows` are sampled (seeded), and the
+rows pass the same Great Expectations suite as the splits before anything is labelled. A production sample is
+checked against the digest its drift event recorded: rows that changed or are gone are an error, never a silent
+substitute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from distill_gap.errors import DistillError
+
+COLUMNS = ["id", "text", "label", "source", "weight"]
+
+
+def _row_id(text: str) -> str:
+    return f"production:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+
+
+def production_rows(redistill, *, feedback_store: str, labels: list[str], exclude: set[str],
+                    seed: int) -> pd.DataFrame | None:
+    """The production rows of `redistill` (the redistill config section): columns id, text, label (a person's answer
+    or ""), source (production | feedback), weight. None when it names no source. `exclude` (texts of every split
+    and of other extra rows) is extended with every text kept."""
+    from distill_gap.monitoring.drift import read_production_rows, sample_digest
+    from distill_gap.monitoring.feedback import answered
+
+    if not redistill.production and not redistill.feedback:
+        return None
+    texts: dict[str, list] = {}  # text -> [label, source], first seen wins, a person's answer always
+    if redistill.production:
+        if redistill.production_digest:
+            try:
+                got = sample_digest(redistill.production)
+            except DistillError as err:
+                raise DistillError(f"the production rows this run was started for are gone: {err.problem}",
+                                   "start the run again from a new drift event, or unset redistill.production_digest "
+                                   "to learn from the rows there now") from None
+            if got != redistill.production_digest:
+                raise DistillError(f"the production rows at {redistill.production} changed since the drift event "
+                                   f"(sha256 {got[:16]}, the event recorded {redistill.production_digest[:16]})",
+                                   "start the run again from a new drift event, or unset redistill.production_digest "
+                                   "to learn from the rows there now")
+        for text in read_production_rows(redistill.production)["text"]:
+            texts.setdefault(text.strip(), ["", "production"])
+    if redistill.feedback:
+        fb = answered(feedback_store)
+        for text, answer, kind in zip(fb.get("text", []), fb.get("answer", []), fb.get("kind", [])):
+            entry = texts.setdefault(str(text).strip(), ["", "feedback"])
+            if kind == "human":
+                entry[0] = str(answer)
+    kept = [(t, lab, src) for t, (lab, src) in texts.items() if t and t not in exclude]
+    overlap = sum(1 for t in texts if t in exclude)
+    if not texts and not redistill.production:
+        return None  # redistill.feedback with nothing stored yet: nothing to add
+    if not kept:
+        raise DistillError(f"redistill names production rows, but none is left to learn from ({len(texts)} read, "
+                           f"{overlap} equal to rows of the data splits or other extra rows)",
+                           "point redistill.production at new rows, or add answers with `distill feedback add`")
+    if len(kept) > redistill.max_rows:  # answered rows first: a person's label is the scarcest thing here
+        order = np.random.default_rng(seed).permutation(len(kept))
+        order = sorted(order, key=lambda i: kept[i][1] == "")
+        kept = [kept[i] for i in sorted(order[:redistill.max_rows])]
+    exclude.update(t for t, _, _ in kept)
+    bad = sorted({lab for _, lab, _ in kept if lab and lab not in labels})
+    if bad:
+        raise DistillError(f"feedback answers {bad} are not labels of this config ({', '.join(labels)})",
+                           "the feedback store belongs to another config: set feedback.store to this config's")
+    frame = pd.DataFrame(kept, columns=["text", "label", "source"])
+    frame.insert(0, "id", [_row_id(t) for t in frame["text"]])
+    frame["weight"] = float(redistill.weight)
+    frame.attrs["overlap"] = overlap
+    return frame[COLUMNS]
