@@ -68,3 +68,6 @@ class RedistillConfig(Section):
     feedback: bool = False  # also learn from the answers in feedback.store
     max_rows: int = Field(5000, ge=1)  # seeded sample beyond this (answered rows first)
     weight: float = Field(1.0, gt=0)  # loss weight of these rows, relative to a training row
+    # this share of the rows a person answered is held out of training: the `production` suite, evaluated beside test
+    # and gated like a critical slice (the edge model not shown worse than the teacher there: evidence before scope)
+    holdout_fraction: float = Field(0.5, ge=0, lt=1)

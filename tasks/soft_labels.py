@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import step
 
-from distill_gap.data.splits import split_digest
+from distill_gap.data.splits import PRODUCTION, split_digest
 from distill_gap.digest import tokenizer_digest
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import soft_labels_statement
@@ -94,11 +94,12 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
 
 
 def extra_rows(splits, *, augment=None, redistill=None, feedback_store: str = "", seed: int = 13):
-    """The rows beyond the training split, each text once and none equal to a row of any split: distill.augment's
-    edits and unlabelled texts, then redistill's production rows and feedback answers; validated by the data suite.
-    None when neither is configured."""
+    """(rows to train on, held-out rows): the rows beyond the training split, each text once and none equal to a row
+    of any split (distill.augment's edits and unlabelled texts, then redistill's production rows and feedback
+    answers), validated by the data suite; redistill.holdout_fraction of the rows a person answered are held out as
+    the `production` suite. None for either when there is none."""
     from distill_gap.data.validation import validate_extra_rows
-    from distill_gap.kd.production import production_rows
+    from distill_gap.kd.production import hold_out_answers, production_rows
 
     exclude = {str(t) for df in splits.frames.values() for t in df["text"]}
     parts = [] if augment is None else [extra_texts(augment, splits.frames, seed=seed, exclude=exclude)]
@@ -107,10 +108,13 @@ def extra_rows(splits, *, augment=None, redistill=None, feedback_store: str = ""
                                      exclude=exclude, seed=seed))
     parts = [p for p in parts if p is not None]
     if not parts:
-        return None
+        return None, None
     frame = pd.concat(parts, ignore_index=True)
     validate_extra_rows("extra rows", frame, list(splits.labels))  # nothing unvalidated is labelled or trained on
-    return frame
+    held = None
+    if redistill is not None and redistill.holdout_fraction:
+        frame, held = hold_out_answers(frame, redistill.holdout_fraction, seed=seed)
+    return (frame if len(frame) else None), (held if held is not None and len(held) else None)
 
 
 def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, redistill=None,
@@ -128,7 +132,13 @@ def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, 
     with run.stage("soft-labels") as stage_run_id:
         soft = soft_labels_stage(sl_cfg.store, data_digest=splits.digests()["train"], ids=train["id"].tolist(),
                                  texts=train["text"].tolist(), **common)
-        extra = extra_rows(splits, augment=augment, redistill=redistill, feedback_store=feedback_store, seed=seed)
+        extra, held = extra_rows(splits, augment=augment, redistill=redistill, feedback_store=feedback_store,
+                                 seed=seed)
+        if held is not None:  # evidence before scope: judged on answers it never trained on
+            splits.add_suite(PRODUCTION, held)
+            run.client.log_dict(run.run_id, {"data": splits.digests(), "teacher": teacher.summary()},
+                                "lineage/inputs.json")
+            get_run_logger().info(f"production suite: {len(held)} rows a person answered, held out of training")
         if extra is not None:
             digest = split_digest(extra)
             by_source = ", ".join(f"{k} {v}" for k, v in extra["source"].value_counts().items())

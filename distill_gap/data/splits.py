@@ -25,6 +25,7 @@ from distill_gap.errors import DistillError
 CANONICAL = ("id", "text", "label")
 MISSING_SLICE = "(missing)"
 BUILTIN_DRUGREVIEW = "builtin:drugreview"
+PRODUCTION = "production"  # redistill's held-out human answers: a suite for evaluation only, added after validation
 
 
 @dataclass
@@ -44,6 +45,16 @@ class Splits:
 
     def digests(self) -> dict[str, str]:
         return {name: split_digest(df) for name, df in self.frames.items()}
+
+    def add_suite(self, name: str, frame: pd.DataFrame) -> None:
+        """An evaluation-only suite of validated rows that arrive after the splits (PRODUCTION: redistill's
+        held-out human answers): every later stage predicts, reports, gates and attests it like a split."""
+        if name in self.frames:
+            raise DistillError(f"a split named {name!r} exists already", "give the suite another name")
+        out = frame[list(CANONICAL)].reset_index(drop=True)
+        for col in self.slice_columns:
+            out[col] = frame[col].astype(str).to_numpy() if col in frame else MISSING_SLICE
+        self.frames[name] = out
 
     def digest(self) -> str:
         """One digest over all split digests (the `data.digest` registry tag)."""

@@ -204,12 +204,34 @@ def add_noninferiority(report, logits: dict[str, dict[str, np.ndarray]], splits,
     report.noninferiority = compare(truth[known].astype(int), preds, list(splits.labels),
                                     margins=evaluate_cfg.margins, slices=slices, floor=evaluate_cfg.teacher_floor,
                                     seed=seed)
+    _production_checks(report, logits, splits, evaluate_cfg, label_id, seed=seed + 53)
     majority = _majority_class(splits, label_id)
     if majority is not None:
         report.noninferiority["teacher"] = [baseline_check(
             truth[known].astype(int), preds["teacher"], majority, splits.labels[majority],
             evaluate_cfg.margins.teacher_vs_majority, seed=seed + 97)]
     return report.noninferiority
+
+
+def _production_checks(report, logits, splits, evaluate_cfg, label_id: dict[str, int], *, seed: int) -> None:
+    """Redistill's held-out human answers (the PRODUCTION suite): each compressed model against the teacher there,
+    with the critical-slice margin. A model without predictions on it gets no check (and the gate names that)."""
+    from distill_gap.data.splits import PRODUCTION
+
+    frame = splits.frames.get(PRODUCTION)
+    if frame is None or PRODUCTION not in logits.get("teacher", {}):
+        return
+    truth = frame["label"].map(label_id).to_numpy(dtype=float)
+    known = ~np.isnan(truth)
+    truth = truth[known].astype(int)
+    teacher_ok = logits["teacher"][PRODUCTION].argmax(-1)[known] == truth
+    for model, checks in report.noninferiority.items():
+        if PRODUCTION in logits.get(model, {}):
+            ok = logits[model][PRODUCTION].argmax(-1)[known] == truth
+            checks.append(check(f"suite:{PRODUCTION}", teacher_ok, ok, evaluate_cfg.margins.critical_slice,
+                                teacher_value=float(teacher_ok.mean()) if truth.size else None,
+                                model_value=float(ok.mean()) if truth.size else None,
+                                floor=evaluate_cfg.teacher_floor, seed=seed))
 
 
 def _majority_class(splits, label_id: dict[str, int]) -> int | None:

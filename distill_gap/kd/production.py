@@ -80,3 +80,14 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
     frame["weight"] = float(redistill.weight)
     frame.attrs["overlap"] = overlap
     return frame[COLUMNS]
+
+
+def hold_out_answers(frame: pd.DataFrame, fraction: float, *, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows to train on, held-out rows): a seeded `fraction` of the rows with a person's answer is held out of
+    training, the evidence the new model is judged on there (at least one when fraction > 0 and any was answered)."""
+    answered = np.flatnonzero((frame["label"] != "").to_numpy())
+    n = min(len(answered), max(1, round(fraction * len(answered)))) if fraction > 0 and len(answered) else 0
+    held = np.sort(np.random.default_rng([seed, 7]).choice(answered, size=n, replace=False)) if n else np.array([], int)
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[held] = True
+    return frame[~mask].reset_index(drop=True), frame[mask].reset_index(drop=True)

@@ -203,8 +203,16 @@ def _extra_rows_are_attested_and_verified(cfg, second):
     rows, key = int(params["extra.rows"]), params["extra.key"]
     assert rows > 60 and key != second["soft_labels"]["key"]  # ~one edited copy per training row, not in a split
     sources = dict(part.rsplit(" ", 1) for part in params["extra.sources"].split(", "))
-    assert {"production", "feedback"} <= set(sources) and sources["feedback"] == "1", sources
-    assert int(sources["production"]) > 10 and params["extra.answered"] == "2"
+    # 40 production rows and the answer to a row not among them; one of the two answers is held out:
+    assert int(sources["production"]) + int(sources.get("feedback", 0)) == 40, sources
+    assert params["extra.answered"] == "1"  # the held-out answer is the production suite,
+    # the production suite, reported and gated like a critical slice (1 row: insufficient evidence, never a pass)
+    assert second["report"]["suites"]["production"]["teacher"]["n"] == 1
+    gate = second["gates"]["noninferior:suite:production"]  # decided at the open margins of this run (1.0)
+    assert gate["n"] == 1 and gate["threshold"] == 1.0 and "production" in gate["detail"], gate
+    from distill_gap.evaluation.noninferiority import check
+    at_default = check("suite:production", [True], [True], 0.03, teacher_value=1.0, model_value=1.0, floor=0.5, seed=0)
+    assert at_default["outcome"] == "insufficient" and at_default["rows_needed"]  # 1 row decides nothing at 3 points
     assert second["student"]["spec"]["kind"] == "layers"
     result = verify(client, f"models:/tiny-edge/{second['registered']['edge']['version']}",
                     key_dir=cfg.governance.key_dir)

@@ -98,3 +98,22 @@ def test_extra_rows_pass_the_data_suite_or_nothing_is_labelled():
     failed = {f["expectation"] for f in err.value.report["splits"]["extra rows"]["failed"]}
     assert {"expect_column_values_to_be_unique", "expect_column_values_to_match_regex",
             "expect_column_values_to_be_in_set"} <= failed
+
+
+def test_answers_are_held_out_seeded_and_become_a_suite_of_the_splits(review_frame):
+    from distill_gap.data.splits import MISSING_SLICE, PRODUCTION, Splits
+    from distill_gap.kd.production import hold_out_answers
+
+    frame = pd.DataFrame({"id": [f"p{i}" for i in range(10)], "text": [f"row {i}" for i in range(10)],
+                          "label": ["negative", "", "positive", "", "neutral", "", "negative", "", "", ""],
+                          "source": "production", "weight": 1.0})
+    train, held = hold_out_answers(frame, 0.5, seed=3)
+    assert len(held) == 2 and (held["label"] != "").all() and len(train) == 8  # round(0.5 * 4 answered)
+    assert held.equals(hold_out_answers(frame, 0.5, seed=3)[1]) and not set(held["id"]) & set(train["id"])
+    assert len(hold_out_answers(frame, 0.1, seed=3)[1]) == 1 and hold_out_answers(frame, 0.0, seed=3)[1].empty
+    splits = Splits(frames={"train": review_frame}, labels=LABELS, slice_columns=["condition"])
+    splits.add_suite(PRODUCTION, held)
+    assert list(splits[PRODUCTION].columns) == ["id", "text", "label", "condition"]
+    assert (splits[PRODUCTION]["condition"] == MISSING_SLICE).all() and PRODUCTION in splits.digests()
+    with pytest.raises(DistillError, match="a split named 'production' exists already"):
+        splits.add_suite(PRODUCTION, held)
