@@ -90,6 +90,9 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
                 a = link["extra"]
                 node.add(f"+ {a['rows']} extra rows (augmentation, production, feedback): key {a['key'][:16]}, data "
                          f"{str(a['digest'])[:16]}", highlight=False)
+                if a.get("production"):
+                    node.add(f"+ from the production sample {a['production']['uri']} (sha256 "
+                             f"{a['production']['sha256'][:16]})", highlight=False)
         elif role == "data":
             data = node.add(f"data sha256 {link['digest'][:16]}", highlight=False)
             for split, digest in link.get("splits", {}).items():

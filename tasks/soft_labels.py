@@ -146,7 +146,12 @@ def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, 
                                   f"{int((extra['label'] != '').sum())} with a person's answer)")
             entry = soft_labels_stage(sl_cfg.store, data_digest=digest, ids=extra["id"].tolist(),
                                       texts=extra["text"].tolist(), **common)
-            soft.extra = ExtraRows(frame=extra, digest=digest, soft=entry)
+            production = None
+            if redistill is not None and redistill.production:  # the sample it came from, as read now (checked
+                from distill_gap.monitoring.drift import sample_digest  # against the event's digest when given)
+
+                production = {"uri": redistill.production, "sha256": sample_digest(redistill.production)}
+            soft.extra = ExtraRows(frame=extra, digest=digest, soft=entry, production=production)
             for key, value in (("extra.rows", len(extra)), ("extra.key", entry.key), ("extra.digest", digest),
                                ("extra.sources", by_source), ("extra.answered", int((extra["label"] != "").sum()))):
                 run.client.log_param(stage_run_id, key, value)

@@ -71,6 +71,8 @@ def soft_labels_statement(sl, *, max_length: int, soft, teacher, splits, context
     if aug is not None:
         subjects[f"soft-labels/{aug.soft.key}"] = soft_labels_digest(aug.soft)
         inputs["extra-rows"] = aug.digest  # not data/: those are the splits
+        if aug.production:
+            inputs["production-sample"] = aug.production["sha256"]
     return statement(
         "soft-labels", subjects,
         technique="teacher logits for every training example, raw (temperature applied at training time)"

@@ -103,7 +103,10 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
     prun = client.get_run(pipeline_run) if pipeline_run else None
     chain.append({"role": "soft labels", "uri": tags.get("soft_labels.uri"), "key": tags.get("soft_labels.key"),
                   **({"extra": {"key": tags["extra.key"], "digest": tags.get("extra.digest"),
-                                    "rows": int(tags.get("extra.rows") or 0)}} if tags.get("extra.key") else {})})
+                                "rows": int(tags.get("extra.rows") or 0),
+                                **({"production": {"uri": tags.get("production.uri"),
+                                                   "sha256": tags["production.sha256"]}}
+                                   if tags.get("production.sha256") else {})}} if tags.get("extra.key") else {})})
     tname, tversion = tags["teacher.name"], int(tags["teacher.version"])
     teacher = _linked(client, f"{tname}/{tversion}", "teacher.version", mv)
     tnode = node(teacher, "teacher")

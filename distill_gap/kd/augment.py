@@ -133,6 +133,7 @@ class ExtraRows:
     frame: pd.DataFrame   # id, text, label (a person's answer, or empty: KD term only), source, weight
     digest: str           # split_digest of the rows: the data digest of their soft-label cache key
     soft: Any             # distill_gap.softlabels.labelling.SoftLabels of these rows
+    production: dict | None = None  # redistill.production: {"uri", "sha256"} of the production sample they came from
 
     def logits(self) -> np.ndarray:
         """(N, C) teacher logits aligned with `frame` rows."""
@@ -141,7 +142,8 @@ class ExtraRows:
 
     def summary(self) -> dict:
         return {"rows": len(self.frame), "digest": self.digest, "key": self.soft.key, "uri": self.soft.uri,
-                "cache_hit": self.soft.hit, "by_source": _counts(self.frame["source"])}
+                "cache_hit": self.soft.hit, "by_source": _counts(self.frame["source"]),
+                "answered": int((self.frame["label"] != "").sum()), "production": self.production}
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:

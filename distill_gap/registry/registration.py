@@ -89,7 +89,9 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
     }
     aug = getattr(soft, "extra", None)  # the extra rows' own entry (distill.augment, redistill)
     if aug is not None:
-        lineage.update({"extra.key": aug.soft.key, "extra.digest": aug.digest, "extra.rows": str(len(aug.frame))})
+        lineage.update({"extra.key": aug.soft.key, "extra.digest": aug.digest, "extra.rows": str(len(aug.frame)),
+                        **({"production.sha256": aug.production["sha256"], "production.uri": aug.production["uri"]}
+                           if aug.production else {})})
     test = report.suites["test"]
     summary = gap_summary(report, gates, edge.report_name)
     # 1. student version: signed, logged as an MLflow model (signature + input example), all tags at once

@@ -164,7 +164,7 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
     assert second["soft_labels"]["hit"] and second["soft_labels"]["key"] == first["soft_labels"]["key"]
     assert second["registered"]["student"]["version"] == first["registered"]["student"]["version"] + 1
     assert len(_manifests()) == 2  # the training rows' entry, reused, and the augmentation rows' own
-    _extra_rows_are_attested_and_verified(cfg, second)
+    _extra_rows_are_attested_and_verified(cfg, second, production)
 
 
 def _production_and_feedback(workspace, cfg, first):
@@ -191,7 +191,7 @@ def _production_and_feedback(workspace, cfg, first):
     return str(production), store
 
 
-def _extra_rows_are_attested_and_verified(cfg, second):
+def _extra_rows_are_attested_and_verified(cfg, second, production):
     from distill_gap.governance.lineage import lineage
     from distill_gap.governance.verify import verify
 
@@ -233,7 +233,8 @@ def _extra_rows_are_attested_and_verified(cfg, second):
     assert [c.link for c in bad.checks if not c.ok] == ["extra soft labels shards"]
     chain = lineage(client, f"models:/tiny-edge/{second['registered']['edge']['version']}")["chain"]
     soft = next(n for n in chain if n["role"] == "soft labels")
-    assert soft["extra"] == {"key": key, "digest": params["extra.digest"], "rows": rows}
+    assert soft["extra"] == {"key": key, "digest": params["extra.digest"], "rows": rows,
+                             "production": {"uri": production, "sha256": sample_digest(production)}}
 
 
 def _cli(*args):
