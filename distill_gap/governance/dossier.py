@@ -112,6 +112,13 @@ def _steps(statements: dict) -> list[dict]:
         if pruned:  # distill.prune: the shapes after pruning
             params["pruned"] = (f"heads kept per layer {pruned['heads_kept']}, FFN width {pruned['ffn_width'][0]} -> "
                                 f"{pruned['ffn_width'][1]}")
+        extra = (p.get("data") or {}).get("extra")
+        if extra and step == "soft-labels":  # distill.augment / redistill: what else the teacher labelled, from where
+            params["extra_rows"] = (f"{extra['rows']} ({', '.join(f'{k} {v}' for k, v in extra['by_source'].items())}"
+                                    f"; {extra.get('answered', 0)} with a person's answer), key {extra['key'][:16]}")
+            if extra.get("production"):
+                params["production_sample"] = (f"{extra['production']['uri']} (sha256 "
+                                               f"{extra['production']['sha256'][:16]})")
         steps.append({"step": step, "technique": p.get("technique"), "parameters": params,
                       "subjects": {x["name"]: x["digest"]["sha256"] for x in s["statement"].get("subject", [])},
                       "statement": s["uri"], "statement_sha256": s["sha256"]})

@@ -235,6 +235,12 @@ def _extra_rows_are_attested_and_verified(cfg, second, production):
     soft = next(n for n in chain if n["role"] == "soft labels")
     assert soft["extra"] == {"key": key, "digest": params["extra.digest"], "rows": rows,
                              "production": {"uri": production, "sha256": sample_digest(production)}}
+    from distill_gap.governance.dossier import dossier_for  # the certifier's record says it too, from the Statement
+
+    mv = client.get_model_version("tiny-edge", str(second["registered"]["edge"]["version"]))
+    step = next(s for s in dossier_for(client, mv)["lineage"]["steps"] if s["step"] == "soft-labels")
+    assert step["parameters"]["extra_rows"].startswith(f"{rows} (") and "1 with a person's answer" in \
+        step["parameters"]["extra_rows"] and step["parameters"]["production_sample"].startswith(production)
 
 
 def _cli(*args):
