@@ -71,3 +71,8 @@ class RedistillConfig(Section):
     # this share of the rows a person answered is held out of training: the `production` suite, evaluated beside test
     # and gated like a critical slice (the edge model not shown worse than the teacher there: evidence before scope)
     holdout_fraction: float = Field(0.5, ge=0, lt=1)
+
+    @property
+    def active(self) -> bool:
+        """A redistillation: the candidate is also evaluated beside the champion it would replace (vs_champion gates)."""
+        return bool(self.production or self.feedback)

@@ -52,7 +52,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         report, gates, edge = evaluate_task(run, cfg.evaluate, cfg.drift, cfg.scope, teacher=teacher, student=student,
                                             edge=edge, splits=splits, critical_slices=cfg.data.critical_slices,
                                             require_int8=cfg.quantize.require_int8, max_length=rt.max_length,
-                                            seed=cfg.seed)
+                                            seed=cfg.seed, against_champion=cfg.redistill.active)
         # the release: versions are staged, then the last gate; a gate that fails rolls the staging back
         # (register_task's on_rollback), so no version or alias exists for a model that failed a gate
         with transaction():

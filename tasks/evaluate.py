@@ -21,11 +21,12 @@ from distill_gap.edge.folder import write_reference
 from distill_gap.edge.guard import ScopeGuard
 from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_outputs,
                                                gap_report, load_predictors, report_metrics, scope_record)
-from distill_gap.evaluation.noninferiority import add_noninferiority
+from distill_gap.evaluation.noninferiority import add_champion_comparison, add_noninferiority
 from distill_gap.evaluation.scope import add_scope
 from distill_gap.evaluation.gates import evaluate_gates, quantization_gate
 from distill_gap.governance.attestation import evaluate_statement
 from distill_gap.monitoring.drift import reference_profile
+from distill_gap.ops.transient import is_transient
 from distill_gap.registry.presentation import describe_run
 from tasks.attest import attest_task
 
@@ -35,7 +36,7 @@ _log = logging.getLogger("distill.evaluate")
 def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, scope_cfg, *, seed: int,
              max_length: int, device: str, edge_model: str | None = None, edge_folder: str | Path | None = None,
              stress_models: list[str] | None = None, critical_slices: dict[str, list[str]] | None = None,
-             client=None, run_id: str | None = None, log=_log) -> GapReport:
+             champion: str | None = None, client=None, run_id: str | None = None, log=_log) -> GapReport:
     """Score teacher, student and each edge artifact independently on every suite; return the gap report.
 
     A model that cannot be loaded or returns the wrong number of classes is reported under `not_evaluated` and
@@ -55,6 +56,9 @@ def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, sco
     report.not_evaluated += missing + failed
     add_calibration_and_ood(report, logits, splits, bootstrap_samples=ev.bootstrap_samples, seed=seed)
     add_noninferiority(report, logits, splits, ev, critical_slices=critical_slices, seed=seed)
+    if champion is not None:  # `champion` (one of `models`): the model the edge model would replace
+        add_champion_comparison(report, logits, splits, ev, champion=champion, edge_model=edge_model,
+                                critical_slices=critical_slices, seed=seed)
     guards = add_scope(report, logits, features, splits, scope_cfg, bootstrap_samples=ev.bootstrap_samples, seed=seed)
     add_stress(report, {m: (lambda texts, p=p: p.predict_logits(list(texts), batch_size=ev.batch_size))
                         for m, p in predictors.items() if m in logits}, splits,
@@ -103,6 +107,28 @@ def write_scope_and_reference(report: GapReport, logits: dict, features: dict, g
                                                    scope_scores=scores,
                                                    scope_threshold=None if guard is None else guard.threshold,
                                                    sample_size=sample_size, seed=seed))
+
+
+def champion_to_compare(run, log=_log) -> tuple[str, Path] | None:
+    """(report name `champion-v<N>`, its primary artifact's folder) of the edge model's @champion, fetched and
+    digest-checked like any served model; None when there is no champion yet."""
+    from distill_gap.edge.lean import read_manifest
+    from distill_gap.errors import DistillError
+    from distill_gap.registry.versions import fetch_model, resolve_version
+
+    try:
+        mv = resolve_version(run.client, run.edge_model_name, alias="champion")
+    except DistillError as err:
+        if is_transient(err):
+            raise
+        log.info("no @champion of %s yet: nothing to compare with", run.edge_model_name)
+        return None
+    ref = fetch_model(run.client, run.edge_model_name, version=int(mv.version), cache_root=run.workdir / "champion",
+                      mv=mv)
+    manifest = read_manifest(ref.path)
+    log.info("comparing with the champion it would replace: %s v%s (%s)", run.edge_model_name, mv.version,
+             manifest["primary"])
+    return f"champion-v{mv.version}", Path(ref.path) / manifest["artifacts"][manifest["primary"]]["path"]
 
 
 def edge_parity(artifact: dict) -> dict:
@@ -161,10 +187,12 @@ def _round(x: float | None) -> float | None:
 
 @step("evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, edge, splits, critical_slices: dict[str, list],
-                  require_int8: bool, max_length: int, seed: int) -> tuple[GapReport, dict[str, dict], object]:
+                  require_int8: bool, max_length: int, seed: int,
+                  against_champion: bool = False) -> tuple[GapReport, dict[str, dict], object]:
     """The run's `evaluate` stage: every model scored on its own (see `evaluate`), the gates, the gap report
     published, the step attested. Returns (report, gates, edge) with the edge folder's digest taken again, since
-    scope.json and reference.json are part of it now."""
+    scope.json and reference.json are part of it now. `against_champion` (a redistillation): the champion it would
+    replace is evaluated beside it on every suite and compared with it (vs_champion gates)."""
     from prefect.logging import get_run_logger
 
     models = {"teacher": teacher.path, "student": student.path}
@@ -173,8 +201,13 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
     for art in edge.artifacts.values():
         models.setdefault(art["report_name"], edge.path / art["path"])
     with run.stage("evaluate") as stage_run_id:
+        champion = champion_to_compare(run, get_run_logger()) if against_champion else None
+        if champion is not None:
+            models[champion[0]] = champion[1]
         report = evaluate(models, splits, evaluate_cfg, drift_cfg, scope_cfg, seed=seed, max_length=max_length, device=run.device,
                           edge_model=edge.report_name, edge_folder=edge.path, critical_slices=critical_slices,
+                          champion=champion and champion[0],
+                          stress_models=None if champion is None else [m for m in models if m != champion[0]],
                           client=run.client, run_id=stage_run_id, log=get_run_logger())
         edge = dataclasses.replace(edge, digest=model_digest(edge.path))
         gates = evaluate_gates(report, edge.report_name, edge_parity(edge.artifacts[edge.primary]), evaluate_cfg,

@@ -36,6 +36,8 @@ class GapReport:
     stress: dict[str, dict[str, dict]] = field(default_factory=dict)  # variant -> model -> drop, flip rate
     scope: dict[str, dict] = field(default_factory=dict)  # model -> the guard of scope.detector (threshold, ...)
     noninferiority: dict[str, list[dict]] = field(default_factory=dict)  # model -> paired checks vs the teacher
+    # a redistillation: the edge model against the champion it would replace, same checks ({"name", "checks"})
+    champion: dict = field(default_factory=dict)
     not_evaluated: list[dict] = field(default_factory=list)  # {"model", "suite", "reason"}
     seconds: float | None = None  # wall time of the evaluation
     sizes: dict[str, int] = field(default_factory=dict)  # model -> bytes of its folder on disk
@@ -46,7 +48,8 @@ class GapReport:
     def to_dict(self) -> dict:
         return {"models": self.models, "labels": self.labels, "threshold": self.threshold, "suites": self.suites,
                 "flags": self.flags, "calibration": self.calibration, "ood": self.ood, "stress": self.stress,
-                "scope": self.scope, "noninferiority": self.noninferiority, "not_evaluated": self.not_evaluated,
+                "scope": self.scope, "noninferiority": self.noninferiority, "champion": self.champion,
+                "not_evaluated": self.not_evaluated,
                 "worst_slices": {m: self.worst_slices(m) for m in self.models if m != "teacher"}}
 
     def worst_slices(self, model: str, k: int = 3) -> list[tuple[str, float]]:

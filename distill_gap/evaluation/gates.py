@@ -111,6 +111,16 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                     "not compared with the teacher: missing evidence", INSUFFICIENT)
     for c in checks or []:
         gates[f"noninferior:{c['check']}"] = _check_gate(c)
+    # a redistillation: not shown worse than the champion it would replace, on the same checks (missing: insufficient)
+    if report.champion:
+        name = report.champion["name"]
+        if report.champion.get("checks") is None:
+            gates["vs_champion"] = _gate(0.0, 0.0, False, f"{edge_model} was not compared with {name}, the champion it "
+                                         "would replace: missing evidence", INSUFFICIENT)
+        for c in report.champion.get("checks") or []:
+            g = _check_gate(c)
+            g["detail"] = f"vs {name}: {g['detail']}"
+            gates[f"vs_champion:{c['check']}"] = g
     # the teacher itself must be shown to beat the majority-class answer: every check above is relative to it
     base = next(iter(report.noninferiority.get("teacher") or []), None)
     gates["teacher_vs_majority_class"] = _check_gate(base) if base is not None else _gate(

@@ -213,6 +213,23 @@ def add_noninferiority(report, logits: dict[str, dict[str, np.ndarray]], splits,
     return report.noninferiority
 
 
+def add_champion_comparison(report, logits, splits, evaluate_cfg, *, champion: str, edge_model: str,
+                            critical_slices: dict[str, list[str]] | None = None, seed: int = 0) -> dict:
+    """report.champion: `edge_model` against the `champion` it would replace (a redistillation), with the checks and
+    margins of the teacher comparison (aggregate, each class's recall, each critical slice, the production suite)
+    and the champion in the teacher's place: the new model must not be shown worse than the one it replaces."""
+    from types import SimpleNamespace
+
+    if champion not in logits or edge_model not in logits:
+        report.champion = {"name": champion, "checks": None}  # missing evidence: the gate says so
+        return report.champion
+    pair = SimpleNamespace(noninferiority={})
+    add_noninferiority(pair, {"teacher": logits[champion], edge_model: logits[edge_model]}, splits, evaluate_cfg,
+                       critical_slices=critical_slices, seed=seed + 211)
+    report.champion = {"name": champion, "checks": pair.noninferiority.get(edge_model)}
+    return report.champion
+
+
 def _production_checks(report, logits, splits, evaluate_cfg, label_id: dict[str, int], *, seed: int) -> None:
     """Redistill's held-out human answers (the PRODUCTION suite): each compressed model against the teacher there,
     with the critical-slice margin. A model without predictions on it gets no check (and the gate names that)."""

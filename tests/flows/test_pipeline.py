@@ -208,6 +208,11 @@ def _extra_rows_are_attested_and_verified(cfg, second, production):
     assert params["extra.answered"] == "1"  # the held-out answer is the production suite,
     # the production suite, reported and gated like a critical slice (1 row: insufficient evidence, never a pass)
     assert second["report"]["suites"]["production"]["teacher"]["n"] == 1
+    # a redistillation is also judged against the champion it would replace (v1), beside it on every suite
+    champion = f"champion-v{second['registered']['edge']['version'] - 1}"  # the first run's, promoted
+    assert second["report"]["champion"]["name"] == champion and champion in second["report"]["suites"]["test"]
+    assert {"vs_champion:accuracy", "vs_champion:suite:production"} <= set(second["gates"]), second["gates"].keys()
+    assert second["gates"]["vs_champion:accuracy"]["detail"].startswith(f"vs {champion}: ")
     gate = second["gates"]["noninferior:suite:production"]  # decided at the open margins of this run (1.0)
     assert gate["n"] == 1 and gate["threshold"] == 1.0 and "production" in gate["detail"], gate
     from distill_gap.evaluation.noninferiority import check

@@ -215,6 +215,14 @@ def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_fram
     edge = client.get_model_version_by_alias(cfg.edge_model_name, "champion")
     assert edge.tags["trigger.reason"].startswith("distill.drift.detected"), edge.tags["trigger.reason"]
     assert int(edge.tags["extra.rows"]) > 50 and edge.tags["extra.key"], edge.tags
+    # ... and was judged beside the champion it would replace (v1, an fp32 edge folder), on every suite
+    from distill_gap.registry.presentation import stage_run_id
+
+    pipeline_run = client.get_run(edge.run_id).data.tags["mlflow.parentRunId"]
+    report = json.loads(Path(client.download_artifacts(stage_run_id(client, pipeline_run, "evaluate"),
+                                                       "evaluation/gap_report.json", str(stack["tmp"]))).read_text())
+    assert report["champion"]["name"] == "champion-v1" and "champion-v1" in report["suites"]["test"]
+    assert "vs_champion:accuracy" in report["gates"]
 
     # 3. the teacher's alias moves: teacher-watch starts one run
     teacher_dir = fetch_model(client, cfg.teacher_model_name, version=1, cache_root=stack["tmp"] / "models").path

@@ -235,3 +235,30 @@ def test_the_teacher_must_beat_the_majority_answer_and_missing_evidence_is_insuf
     del report.noninferiority["teacher"]
     g = evaluate_gates(report, "student-int8", {"argmax_agreement": 1.0}, EvaluateConfig())["teacher_vs_majority_class"]
     assert g["outcome"] == "insufficient" and "missing evidence" in g["detail"]
+
+
+def test_a_redistillation_is_gated_against_the_champion_it_would_replace():
+    """report.champion: the edge model against the champion in the teacher's place, same checks and margins; a loss
+    shown beyond the margin fails, and a champion that could not be compared is missing evidence."""
+    from distill_gap.evaluation.noninferiority import add_champion_comparison
+
+    truth = np.array([0] * 200 + [1] * 200)
+    worse = truth.copy()
+    worse[:60] = 1  # 15 points below the champion on class 0
+    logits = {"teacher": {"test": one_hot_logits(truth)}, "student": {"test": one_hot_logits(truth)},
+              "student-int8": {"test": one_hot_logits(worse)}, "champion-v3": {"test": one_hot_logits(truth)}}
+    test = pd.DataFrame({"id": [str(i) for i in range(400)], "text": "x", "label": ["a" if t == 0 else "b" for t in truth],
+                         "site": "s"})
+    splits = Splits({"train": test, "test": test}, ["a", "b"], ["site"])
+    report = gap_report(logits, splits, 0.02)
+    add_noninferiority(report, logits, splits, EvaluateConfig())
+    add_champion_comparison(report, logits, splits, EvaluateConfig(), champion="champion-v3",
+                            edge_model="student-int8")
+    gates = evaluate_gates(report, "student-int8", {"argmax_agreement": 1.0}, EvaluateConfig())
+    assert gates["vs_champion:accuracy"]["outcome"] == "fail" and gates["vs_champion:recall:a"]["outcome"] == "fail"
+    assert gates["vs_champion:accuracy"]["detail"].startswith("vs champion-v3: ")
+    assert report.to_dict()["champion"]["name"] == "champion-v3"
+    add_champion_comparison(report, {k: v for k, v in logits.items() if k != "champion-v3"}, splits,
+                            EvaluateConfig(), champion="champion-v3", edge_model="student-int8")
+    g = evaluate_gates(report, "student-int8", {"argmax_agreement": 1.0}, EvaluateConfig())["vs_champion"]
+    assert g["outcome"] == "insufficient" and "missing evidence" in g["detail"]
