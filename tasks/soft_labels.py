@@ -105,7 +105,7 @@ def extra_rows(splits, *, augment=None, redistill=None, feedback_store: str = ""
     parts = [] if augment is None else [extra_texts(augment, splits.frames, seed=seed, exclude=exclude)]
     if redistill is not None:
         parts.append(production_rows(redistill, feedback_store=feedback_store, labels=list(splits.labels),
-                                     exclude=exclude, seed=seed))
+                                     exclude=exclude, seed=seed, log=get_run_logger().warning))
     parts = [p for p in parts if p is not None]
     if not parts:
         return None, None

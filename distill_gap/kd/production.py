@@ -27,7 +27,7 @@ def _row_id(text: str) -> str:
 
 
 def production_rows(redistill, *, feedback_store: str, labels: list[str], exclude: set[str],
-                    seed: int) -> pd.DataFrame | None:
+                    seed: int, log=None) -> pd.DataFrame | None:
     """The production rows of `redistill` (the redistill config section): columns id, text, label (a person's answer
     or ""), source (production | feedback), weight. None when it names no source. `exclude` (texts of every split
     and of other extra rows) is extended with every text kept."""
@@ -71,6 +71,9 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
         order = sorted(order, key=lambda i: kept[i][1] == "")
         kept = [kept[i] for i in sorted(order[:redistill.max_rows])]
     exclude.update(t for t, _, _ in kept)
+    if overlap and log is not None:
+        log(f"{overlap} production or feedback rows equal rows of the data splits (or other extra rows) and were left "
+            "out: training on them would leak evaluation rows")
     bad = sorted({lab for _, lab, _ in kept if lab and lab not in labels})
     if bad:
         raise DistillError(f"feedback answers {bad} are not labels of this config ({', '.join(labels)})",

@@ -43,9 +43,12 @@ def test_production_rows_and_answers_join_without_the_split_texts(tmp_path, revi
     store = f"file://{tmp_path}/fb"
     _answers(store, [(new[1], "negative", "human", "nurse.kim"), (new[2], "positive", "teacher", "demo-teacher/1"),
                      ("an answered row that was never in the sample", "neutral", "human", "dr.ruiz")])
-    exclude = set(split_texts)
+    exclude, said = set(split_texts), []
     got = production_rows(_cfg(production=sample, production_digest=sample_digest(sample), feedback=True,
-                               weight=2.0), feedback_store=store, labels=LABELS, exclude=exclude, seed=0)
+                               weight=2.0), feedback_store=store, labels=LABELS, exclude=exclude, seed=0,
+                          log=said.append)
+    assert said == ["1 production or feedback rows equal rows of the data splits (or other extra rows) and were left "
+                    "out: training on them would leak evaluation rows"]
     assert got.attrs["overlap"] == 1 and test_text not in set(got["text"])  # the test row never trains
     assert len(got) == 7 and got["text"].is_unique and got["id"].str.match(r"^production:[0-9a-f]{16}$").all()
     by_text = got.set_index("text")
