@@ -80,6 +80,12 @@ def lineage(model: str = typer.Argument(..., help="models:/<name>-edge@champion 
                 moved = {a: v for a, v in link["aliases_now"].items() if v != link["version"]}
                 node.add(f"licence {link['license']}" + (f" (override: {link['license_override']})"
                                                          if link.get("license_override") else ""), highlight=False)
+                if link.get("replaces"):
+                    r = link["replaces"]
+                    before = f" (teacher {r['teacher']})" if r.get("teacher") else ""
+                    changed = "; the teacher changed" if r.get("teacher") and r["teacher"] != \
+                        f"{link['name']}/{link['version']}" else ""
+                    node.add(f"made to replace champion v{r['version']}{before}{changed}", highlight=False)
                 if moved:
                     node.add(f"⚠ aliases now elsewhere: {', '.join(f'@{a} -> v{v}' for a, v in moved.items())}; "
                              f"this model was made from v{link['version']}", highlight=False)

@@ -177,7 +177,9 @@ def compile_dossier(*, name: str, version: int | None, tags: dict, statements: d
         "lineage": {
             "teacher": {"name": tags.get("teacher.name"), "version": tags.get("teacher.version"),
                         "digest": tags.get("teacher.digest"), "license": tags.get("teacher.license") or "unknown",
-                        "license_override": tags.get("license.override_reason")},
+                        "license_override": tags.get("license.override_reason"),
+                        **({"replaces": {"version": tags["replaces.version"], "teacher": tags.get("replaces.teacher")}}
+                           if tags.get("replaces.version") else {})},
             "student": tags.get("parent"), "data": {"digest": tags.get("data.digest"), "splits": data_inputs},
             "soft_labels": {"uri": tags.get("soft_labels.uri"), "key": tags.get("soft_labels.key"),
                             "digest": next(iter(((soft or {}).get("statement", {}).get("subject") or [{}])), {}

@@ -115,7 +115,10 @@ def render_dossier(d: dict) -> str:
     chain = _dl({"teacher": f"{escape(str(t['name']))} v{escape(str(t['version']))}, licence "
                             f"{escape(str(t['license']))}" + (f" (override: {escape(t['license_override'])})"
                                                                if t.get("license_override") else "")
-                            + f"<br>{_code(t['digest'])}",
+                            + f"<br>{_code(t['digest'])}"
+                            + (f"<br>made to replace champion v{escape(str(t['replaces']['version']))}"
+                               + (f" (teacher {escape(str(t['replaces']['teacher']))})"
+                                  if t["replaces"].get("teacher") else "") if t.get("replaces") else ""),
                  "data": _code(lin["data"]["digest"]) + "".join(f"<br>{escape(k)}: {_code(v)}"
                                                                 for k, v in lin["data"]["splits"].items()),
                  "soft labels": f"key {_code(lin['soft_labels']['key'])} in {_code(lin['soft_labels']['uri'])}",

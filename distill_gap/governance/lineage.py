@@ -117,6 +117,8 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
     except Exception:  # noqa: BLE001 - the alias state is context, not lineage
         now = {}
     tnode["aliases_now"] = now  # where the aliases point today (they may have moved since)
+    if tags.get("replaces.version"):  # the champion this version was made to replace, and the teacher it came from
+        tnode["replaces"] = {"version": int(tags["replaces.version"]), "teacher": tags.get("replaces.teacher")}
     chain.append(tnode)
     data = {"role": "data", "digest": tags["data.digest"], "splits": {}}
     if prun is not None:

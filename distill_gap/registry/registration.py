@@ -36,6 +36,20 @@ def gap_summary(report, gates: dict, edge_name: str) -> str:
             + (f"; largest slice losses: {', '.join(worst)}" if worst else "") + ". " + verdict)
 
 
+def _replaces(client, edge_model_name: str) -> dict[str, str]:
+    """replaces.version / replaces.teacher: the edge model's @champion when this version was made (a redistillation
+    after drift or a teacher change shows both teachers in its lineage); nothing when there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(edge_model_name, "champion")
+    except MlflowException:
+        return {}
+    t = mv.tags
+    return {"replaces.version": str(mv.version),
+            **({"replaces.teacher": f"{t['teacher.name']}/{t['teacher.version']}"} if t.get("teacher.name") else {})}
+
+
 def register_models(client, run_id: str, *, config_digest: str, governance, labels: list[str],
                     student_model_name: str, edge_model_name: str, teacher, data_digest: str, soft, student, edge, report, gates: dict,
                     example_texts: list[str], attestation_uri: str, trigger_reason: str = "manual",
@@ -87,6 +101,7 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
         "intended_use": governance.intended_use, "not_for": "\n".join(governance.not_for),
         **({"license.override_reason": license_override} if license_override else {}),
     }
+    lineage.update(_replaces(client, edge_model_name))  # the champion this version would replace, and its teacher
     aug = getattr(soft, "extra", None)  # the extra rows' own entry (distill.augment, redistill)
     if aug is not None:
         lineage.update({"extra.key": aug.soft.key, "extra.digest": aug.digest, "extra.rows": str(len(aug.frame)),

@@ -235,3 +235,10 @@ def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_fram
     assert newest.parameters["production"] == ""  # a teacher change names no production rows
     edge = client.get_model_version_by_alias(cfg.edge_model_name, "champion")
     assert edge.tags["teacher.version"] == "2" and edge.tags["trigger.reason"].startswith("distill.teacher.changed")
+    # both teachers in its lineage: the champion it was made to replace came from teacher v1
+    assert edge.tags["replaces.teacher"] == f"{cfg.teacher_model_name}/1" and edge.tags["replaces.version"] == "2"
+    from distill_gap.governance.lineage import lineage
+
+    tnode = next(n for n in lineage(client, f"models:/{cfg.edge_model_name}/{edge.version}")["chain"]
+                 if n["role"] == "teacher")
+    assert tnode["version"] == 2 and tnode["replaces"] == {"version": 2, "teacher": f"{cfg.teacher_model_name}/1"}
