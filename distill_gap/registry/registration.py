@@ -101,7 +101,7 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
         "intended_use": governance.intended_use, "not_for": "\n".join(governance.not_for),
         **({"license.override_reason": license_override} if license_override else {}),
     }
-    lineage.update(_replaces(client, edge_model_name))  # the champion this version would replace, and its teacher
+    replaces = _replaces(client, edge_model_name)  # the edge champion this version would replace, and its teacher
     aug = getattr(soft, "extra", None)  # the extra rows' own entry (distill.augment, redistill)
     if aug is not None:
         lineage.update({"extra.key": aug.soft.key, "extra.digest": aug.digest, "extra.rows": str(len(aug.frame)),
@@ -140,7 +140,7 @@ def _register(client, run_id: str, *, config_digest: str, governance, labels: li
     ev = create_version(client, edge_model_name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
                         governance=governance, staged=staged,
                         description=version_description(report, gates, edge.report_name, kind=kind, links=links),
-                        tags={**lineage, **signed, **edge_tags})
+                        tags={**lineage, **signed, **edge_tags, **replaces})
     link_version(client, logged, edge_model_name, ev.version)
     describe_model(client, edge_model_name, "edge", edge_model_name)
     for key, value in headline_metrics(report, gates, edge.report_name).items():  # versions compare by these
