@@ -152,7 +152,7 @@ def test_report_dict_holds_every_section_and_the_worst_slices():
     assert [s for s, _ in report.worst_slices("student")] == ["slice:site=a", "slice:site=b"]  # c: under 10 rows
     d = report.to_dict()
     assert set(d) == {"models", "labels", "threshold", "suites", "flags", "calibration", "ood", "stress", "scope",
-                      "noninferiority", "not_evaluated", "worst_slices"}
+                      "noninferiority", "champion", "not_evaluated", "worst_slices"}
     assert d["worst_slices"]["student"][0] == ("slice:site=a", pytest.approx(-0.2))
 
 
