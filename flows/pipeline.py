@@ -7,6 +7,7 @@ opens its nested MLflow run and attests its step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, tags
@@ -77,6 +78,15 @@ def distill_pipeline_from_file(config_path: str = "configs/demo.yaml", overrides
                                production_digest: str = "") -> dict:
     """Deployment entry point: load a YAML config (+ overrides) and run distill-pipeline as a subflow. A drift event
     passes its production rows and their digest: the run learns from them (redistill.production)."""
-    extra = [f"redistill.production={production}", f"redistill.production_digest={production_digest or 'null'}"] \
-        if production else []
-    return distill_pipeline(load_config(config_path, [*(overrides or []), *extra]), trigger_reason=trigger_reason)
+    return distill_pipeline(load_config(config_path, [*(overrides or []), *production_overrides(production,
+                                                                                              production_digest)]),
+                            trigger_reason=trigger_reason)
+
+
+def production_overrides(production: str, production_digest: str = "") -> list[str]:
+    """--set overrides that point redistill at a drift event's rows (none without rows); values as JSON, so that
+    a folder YAML would read as a date (2026-12-02) or a digest it would read as a number stays text."""
+    if not production:
+        return []
+    return [f"redistill.production={json.dumps(production)}",
+            f"redistill.production_digest={json.dumps(production_digest or None)}"]

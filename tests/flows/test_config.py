@@ -4,6 +4,7 @@ import pytest
 
 from flows.config import apply_overrides, config_from_dict, load_config
 from distill_gap.errors import DistillError
+from tests.conftest import ROOT
 
 
 def _raw():
@@ -60,3 +61,13 @@ def test_digest_is_stable_and_changes_with_any_value():
     b = config_from_dict(_raw())
     c = config_from_dict(apply_overrides(_raw(), ["distill.alpha=0.7"]))
     assert a.digest() == b.digest() != c.digest()
+
+
+def test_a_drift_events_rows_become_redistill_overrides_that_stay_text():
+    from flows.pipeline import production_overrides
+
+    assert production_overrides("") == []
+    cfg = load_config(ROOT / "configs/tiny.yaml", production_overrides("2026-12-02", "0e12345"))
+    assert (cfg.redistill.production, cfg.redistill.production_digest) == ("2026-12-02", "0e12345")
+    assert cfg.redistill.active and not load_config(ROOT / "configs/tiny.yaml", []).redistill.active
+    assert load_config(ROOT / "configs/tiny.yaml", production_overrides("s3://b/p")).redistill.production_digest is None
