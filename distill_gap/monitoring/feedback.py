@@ -97,7 +97,7 @@ def read_feedback(store: str) -> pd.DataFrame:
     """Every stored record (the parts in name order, i.e. oldest first); an empty frame when there are none."""
     from distill_gap.softlabels.backends import open_backend
 
-    backend = open_backend(store)
+    backend = open_backend(store, "feedback store", "feedback.store")
     rows, where = [], []
     for rel in sorted(r for r in backend.list("") if r.endswith(".jsonl")):
         for n, line in enumerate((backend.get(rel) or b"").splitlines(), start=1):
@@ -160,6 +160,6 @@ def append_feedback(store: str, rows: list[dict], where: list[str], *, labels: S
     body = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in out.to_dict("records")).encode()
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S%fZ")
     part = f"part-{stamp}-{hashlib.sha256(body).hexdigest()[:12]}.jsonl"
-    if not open_backend(store).put_new(part, body):
+    if not open_backend(store, "feedback store", "feedback.store").put_new(part, body):
         raise DistillError(f"{store}/{part} exists already", "run the command again (a part name is unique per run)")
     return Appended(part=part, written=len(out), skipped=skipped, store=store)

@@ -172,19 +172,19 @@ class S3Backend:
         return names
 
 
-def open_backend(uri: str) -> Backend:
-    """The backend of a store URI: s3://bucket/prefix, file://path or a plain path (made absolute)."""
+def open_backend(uri: str, what: str = "soft-label store", setting: str = "soft_labels.store") -> Backend:
+    """The backend of a store URI: s3://bucket/prefix, file://path or a plain path (made absolute). `what` and
+    `setting` name the store in errors (the feedback store uses this too)."""
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
-            raise DistillError(f"soft-label store {uri!r} names no bucket", "use s3://bucket/prefix")
+            raise DistillError(f"{what} {uri!r} names no bucket", f"set {setting} to s3://bucket/prefix")
         return S3Backend(bucket, prefix.strip("/"))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]          # file://rel/path -> rel/path, file:///abs -> /abs
     elif "://" in uri:
-        raise DistillError(f"soft-label store {uri!r} has an unsupported scheme",
-                           "use file://path (or a plain path) or s3://bucket/prefix")
+        raise DistillError(f"{what} {uri!r} has an unsupported scheme",
+                           f"set {setting} to file://path (or a plain path) or s3://bucket/prefix")
     if not uri:
-        raise DistillError("soft-label store path is empty", "use file://.distill/soft-labels or s3://bucket/prefix")
+        raise DistillError(f"{what} path is empty", f"set {setting} to file://path or s3://bucket/prefix")
     return FileBackend(Path(uri).expanduser().resolve())
-

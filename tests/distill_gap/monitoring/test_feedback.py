@@ -68,6 +68,9 @@ def test_bad_records_are_named_by_line_and_nothing_is_written(tmp_path):
     with pytest.raises(DistillError, match="holds no records"):
         _append(store, [])
     assert read_feedback(store).empty and not (tmp_path / "feedback").exists()
+    with pytest.raises(DistillError, match="feedback store 'ftp://x' has an unsupported scheme") as err:
+        _append("ftp://x", [_rec(0)])
+    assert "feedback.store" in err.value.fix
 
 
 def test_contradictory_answers_for_one_id_are_refused_in_the_file_and_against_the_store(tmp_path):
