@@ -94,27 +94,29 @@ def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, token
 
 
 def extra_rows(splits, *, augment=None, redistill=None, feedback_store: str = "", seed: int = 13):
-    """(rows to train on, held-out rows): the rows beyond the training split, each text once and none equal to a row
-    of any split (distill.augment's edits and unlabelled texts, then redistill's production rows and feedback
-    answers), validated by the data suite; redistill.holdout_fraction of the rows a person answered are held out as
-    the `production` suite. None for either when there is none."""
+    """(rows to train on, held-out rows, the production sample read): the rows beyond the training split, each text
+    once and none equal to a row of any split (distill.augment's edits and unlabelled texts, then redistill's
+    production rows and feedback answers), validated by the data suite; redistill.holdout_fraction of the rows a
+    person answered are held out as the `production` suite. None for each that there is not."""
     from distill_gap.data.validation import validate_extra_rows
     from distill_gap.kd.production import hold_out_answers, production_rows
 
     exclude = {str(t) for df in splits.frames.values() for t in df["text"]}
     parts = [] if augment is None else [extra_texts(augment, splits.frames, seed=seed, exclude=exclude)]
+    production = None
     if redistill is not None:
         parts.append(production_rows(redistill, feedback_store=feedback_store, labels=list(splits.labels),
                                      exclude=exclude, seed=seed, log=get_run_logger().warning))
+        production = None if parts[-1] is None else parts[-1].attrs.get("production")
     parts = [p for p in parts if p is not None]
     if not parts:
-        return None, None
+        return None, None, None
     frame = pd.concat(parts, ignore_index=True)
     validate_extra_rows("extra rows", frame, list(splits.labels))  # nothing unvalidated is labelled or trained on
     held = None
     if redistill is not None and redistill.holdout_fraction:
         frame, held = hold_out_answers(frame, redistill.holdout_fraction, seed=seed)
-    return (frame if len(frame) else None), (held if held is not None and len(held) else None)
+    return (frame if len(frame) else None), (held if held is not None and len(held) else None), production
 
 
 def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, redistill=None,
@@ -132,8 +134,8 @@ def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, 
     with run.stage("soft-labels") as stage_run_id:
         soft = soft_labels_stage(sl_cfg.store, data_digest=splits.digests()["train"], ids=train["id"].tolist(),
                                  texts=train["text"].tolist(), **common)
-        extra, held = extra_rows(splits, augment=augment, redistill=redistill, feedback_store=feedback_store,
-                                 seed=seed)
+        extra, held, production = extra_rows(splits, augment=augment, redistill=redistill,
+                                             feedback_store=feedback_store, seed=seed)
         if held is not None:  # evidence before scope: judged on answers it never trained on
             splits.add_suite(PRODUCTION, held)
             run.client.log_dict(run.run_id, {"data": splits.digests(), "teacher": teacher.summary()},
@@ -141,19 +143,15 @@ def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, 
             get_run_logger().info(f"production suite: {len(held)} rows a person answered, held out of training")
         if extra is not None:
             digest = split_digest(extra)
-            by_source = ", ".join(f"{k} {v}" for k, v in extra["source"].value_counts().items())
-            get_run_logger().info(f"extra rows: {len(extra)} labelled by the teacher ({by_source}; "
-                                  f"{int((extra['label'] != '').sum())} with a person's answer)")
             entry = soft_labels_stage(sl_cfg.store, data_digest=digest, ids=extra["id"].tolist(),
                                       texts=extra["text"].tolist(), **common)
-            production = None
-            if redistill is not None and redistill.production:  # the sample it came from, as read now (checked
-                from distill_gap.monitoring.drift import sample_digest  # against the event's digest when given)
-
-                production = {"uri": redistill.production, "sha256": sample_digest(redistill.production)}
             soft.extra = ExtraRows(frame=extra, digest=digest, soft=entry, production=production)
-            for key, value in (("extra.rows", len(extra)), ("extra.key", entry.key), ("extra.digest", digest),
-                               ("extra.sources", by_source), ("extra.answered", int((extra["label"] != "").sum()))):
+            s = soft.extra.summary()
+            by_source = ", ".join(f"{k} {v}" for k, v in s["by_source"].items())
+            get_run_logger().info(f"extra rows: {s['rows']} labelled by the teacher ({by_source}; "
+                                  f"{s['answered']} with a person's answer)")
+            for key, value in (("extra.rows", s["rows"]), ("extra.key", s["key"]), ("extra.digest", digest),
+                               ("extra.sources", by_source), ("extra.answered", s["answered"])):
                 run.client.log_param(stage_run_id, key, value)
     attest_task(run, soft_labels_statement(sl_cfg, max_length=max_length, soft=soft, teacher=teacher, splits=splits,
                                            context=run.context))

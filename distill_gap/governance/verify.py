@@ -226,7 +226,7 @@ def _verify_soft_labels(result: Verification, tags: dict, statements: dict) -> N
     stmt = statements.get("soft-labels")
     attested = {n.removeprefix("soft-labels/"): d for n, d in (subject_digests(stmt) if stmt else {}).items()
                 if n.startswith("soft-labels/")}
-    _verify_entry(result, "soft labels", store_uri, key, attested.get(key) if stmt else None, stmt is not None)
+    _verify_entry(result, "soft labels", store_uri, key, attested.get(key), stmt is not None)
     for other in sorted(set(attested) - {key}):
         _verify_entry(result, "extra soft labels", store_uri, other, attested[other], True)
 

@@ -29,7 +29,8 @@ def _row_id(text: str) -> str:
 def production_rows(redistill, *, feedback_store: str, labels: list[str], exclude: set[str],
                     seed: int, log=None) -> pd.DataFrame | None:
     """The production rows of `redistill` (the redistill config section): columns id, text, label (a person's answer
-    or ""), source (production | feedback), weight. None when it names no source. `exclude` (texts of every split
+    or ""), source (production | feedback), weight; attrs["production"] is the sample read ({"uri", "sha256"}, None
+    without one). None when it names no source. `exclude` (texts of every split
     and of other extra rows) is extended with every text kept."""
     from distill_gap.monitoring.drift import read_production_rows, sample_digest
     from distill_gap.monitoring.feedback import answered
@@ -37,14 +38,18 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
     if not redistill.production and not redistill.feedback:
         return None
     texts: dict[str, list] = {}  # text -> [label, source], first seen wins, a person's answer always
+    sample = None  # the production sample as read now: {"uri", "sha256"}, recorded in the lineage
     if redistill.production:
+        try:
+            sample = {"uri": redistill.production, "sha256": sample_digest(redistill.production)}
+        except DistillError as err:
+            if not redistill.production_digest:
+                raise
+            raise DistillError(f"the production rows this run was started for are gone: {err.problem}",
+                               "start the run again from a new drift event, or unset redistill.production_digest "
+                               "to learn from the rows there now") from None
+        got = sample["sha256"]
         if redistill.production_digest:
-            try:
-                got = sample_digest(redistill.production)
-            except DistillError as err:
-                raise DistillError(f"the production rows this run was started for are gone: {err.problem}",
-                                   "start the run again from a new drift event, or unset redistill.production_digest "
-                                   "to learn from the rows there now") from None
             if got != redistill.production_digest:
                 raise DistillError(f"the production rows at {redistill.production} changed since the drift event "
                                    f"(sha256 {got[:16]}, the event recorded {redistill.production_digest[:16]})",
@@ -82,6 +87,7 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
     frame.insert(0, "id", [_row_id(t) for t in frame["text"]])
     frame["weight"] = float(redistill.weight)
     frame.attrs["overlap"] = overlap
+    frame.attrs["production"] = sample
     return frame[COLUMNS]
 
 

@@ -97,10 +97,13 @@ def sample_digest(source: str) -> str:
     return sha256_json([hashlib.sha256(read()).hexdigest() for _, read in _sources(str(source))])
 
 
-def _bad_lines(problems: list[str], n_bad: int, what: str) -> DistillError:
+def bad_lines(problems: list[str], n_bad: int, what: str, fix: str | None = None) -> DistillError:
+    """One error for `n_bad` bad lines: the first _MAX_REPORTED of `problems` named, the rest counted; `fix`
+    defaults to the production row's format."""
+    problems = problems[:_MAX_REPORTED]
     more = f" (and {n_bad - len(problems)} more)" if n_bad > len(problems) else ""
     return DistillError(f"{n_bad} {what}: " + "; ".join(problems) + more,
-                        f"write one JSON object per line with a non-empty \"text\", like {_ROW_EXAMPLE}")
+                        fix or f"write one JSON object per line with a non-empty \"text\", like {_ROW_EXAMPLE}")
 
 
 def parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
@@ -130,7 +133,7 @@ def parse_jsonl(data: bytes, name: str) -> tuple[list[dict], list[int]]:
         import json
 
         return [json.loads(lines[i - 1]) for i in numbers], numbers
-    raise _bad_lines(problems, n_bad, "malformed lines")
+    raise bad_lines(problems, n_bad, "malformed lines")
 
 
 def parse_timestamps(values: "pd.Series", where: list[str], field: str = "timestamp") -> "pd.Series":
@@ -178,7 +181,7 @@ def read_production_rows(source: str, *, max_rows: int | None = None) -> "pd.Dat
     ok[is_str] = text[is_str].astype(str).str.strip().str.len() > 0
     bad = np.flatnonzero(~ok.to_numpy(dtype=bool))
     if len(bad):
-        raise _bad_lines([f"{where[i]}: " + ('no "text"' if rows[i].get("text") is None else '"text" must be a non-empty string')
+        raise bad_lines([f"{where[i]}: " + ('no "text"' if rows[i].get("text") is None else '"text" must be a non-empty string')
                           for i in bad[:_MAX_REPORTED]], len(bad), "rows without a text")
     df["text"] = text.astype(str)
     if "label" in df:

@@ -32,7 +32,6 @@ from distill_gap.errors import DistillError
 
 REQUIRED = ("id", "text", "answer", "answered_by", "kind", "answered_at", "edge_version")
 KINDS = ("human", "teacher")
-_MAX_REPORTED = 5
 EXAMPLE = ('{"id": "r-1", "text": "...", "answer": "negative", "answered_by": "nurse.kim", "kind": "human", '
            '"answered_at": "2026-12-02T10:00:00Z", "edge_version": 3}')
 
@@ -48,9 +47,9 @@ class Appended:
 
 
 def _problems(what: str, found: list[str], fix: str) -> DistillError:
-    shown = "; ".join(found[:_MAX_REPORTED]) + (f" (and {len(found) - _MAX_REPORTED} more)"
-                                                if len(found) > _MAX_REPORTED else "")
-    return DistillError(f"{len(found)} {what}: {shown}", fix)
+    from distill_gap.monitoring.drift import bad_lines
+
+    return bad_lines(found, len(found), what, fix)
 
 
 def check_records(rows: list[dict], where: list[str], *, labels: Sequence[str]) -> pd.DataFrame:
@@ -97,13 +96,11 @@ def read_feedback(store: str) -> pd.DataFrame:
     """Every stored record (the parts in name order, i.e. oldest first); an empty frame when there are none."""
     from distill_gap.softlabels.backends import open_backend
 
+    from distill_gap.monitoring.drift import parse_jsonl
+
     backend = open_backend(store, "feedback store", "feedback.store")
-    rows, where = [], []
-    for rel in sorted(r for r in backend.list("") if r.endswith(".jsonl")):
-        for n, line in enumerate((backend.get(rel) or b"").splitlines(), start=1):
-            if line.strip():
-                rows.append(json.loads(line))
-                where.append(f"{store}/{rel} line {n}")
+    rows = [row for rel in sorted(r for r in backend.list("") if r.endswith(".jsonl"))
+            for row in parse_jsonl(backend.get(rel) or b"", f"{store}/{rel}")[0]]
     if not rows:
         return pd.DataFrame(columns=list(REQUIRED))
     df = pd.DataFrame(rows)
