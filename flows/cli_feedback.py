@@ -38,13 +38,19 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
 
 def _missing_versions(client, name: str):
     def missing(wanted: set[int]) -> list[int]:
-        from mlflow.exceptions import MlflowException
+        """The versions of `wanted` the registry does not have (resolve_version: a registry that cannot be reached
+        is that error, never "not registered")."""
+        from distill_gap.errors import DistillError
+        from distill_gap.ops.transient import is_transient
+        from distill_gap.registry.versions import resolve_version
 
         gone = []
         for v in sorted(wanted):
             try:
-                client.get_model_version(name, str(v))
-            except MlflowException:
+                resolve_version(client, name, version=v)
+            except DistillError as err:
+                if is_transient(err):
+                    raise
                 gone.append(v)
         return gone
     return missing
