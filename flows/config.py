@@ -217,6 +217,9 @@ class ScopeConfig(_Section):
     k: int = Field(10, ge=1)  # knn: cosine similarity to the k-th nearest training feature
     bank_size: int = Field(2000, ge=1)  # knn: training features kept in the edge folder (fp16)
     train_rows: int = Field(4000, ge=10)  # seeded sample of the training split the detectors are fitted on
+    # a slice column whose values are regions: a row that names a region the model never trained on is out of scope
+    # until a redistillation's held-out human answers there pass the critical-slice non-inferiority check
+    region_column: str | None = None
 
 
 class TrackingConfig(_Section):
@@ -327,6 +330,10 @@ class PipelineConfig(_Section):
         if unknown:
             raise ValueError(f"data.critical_slices names {unknown}, which are not in data.slice_columns "
                              f"{self.data.slice_columns}")
+        columns = [*self.data.slice_columns, *([self.data.holdout.column] if self.data.holdout else [])]
+        if self.scope.region_column is not None and self.scope.region_column not in columns:
+            raise ValueError(f"scope.region_column {self.scope.region_column!r} is not one of data.slice_columns "
+                             f"{columns}: add it there, or leave scope.region_column out")
         return self
 
     def digest(self) -> str:

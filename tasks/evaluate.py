@@ -22,6 +22,7 @@ from distill_gap.edge.guard import ScopeGuard
 from distill_gap.evaluation.gap_report import (GapReport, add_calibration_and_ood, add_stress, collect_outputs,
                                                gap_report, load_predictors, report_metrics, scope_record)
 from distill_gap.evaluation.noninferiority import add_champion_comparison, add_noninferiority
+from distill_gap.evaluation.regions import add_regions
 from distill_gap.evaluation.scope import add_scope
 from distill_gap.evaluation.gates import evaluate_gates, quantization_gate
 from distill_gap.governance.attestation import evaluate_statement
@@ -60,6 +61,7 @@ def evaluate(models: dict[str, str | Path], splits, evaluate_cfg, drift_cfg, sco
         add_champion_comparison(report, logits, splits, ev, champion=champion, edge_model=edge_model,
                                 critical_slices=critical_slices, seed=seed)
     guards = add_scope(report, logits, features, splits, scope_cfg, bootstrap_samples=ev.bootstrap_samples, seed=seed)
+    add_regions(report, logits, splits, scope_cfg, ev, seed=seed)  # which regions it may answer for, on what evidence
     add_stress(report, {m: (lambda texts, p=p: p.predict_logits(list(texts), batch_size=ev.batch_size))
                         for m, p in predictors.items() if m in logits}, splits,
                stress_models or list(logits), rows=ev.stress_rows, seed=seed)

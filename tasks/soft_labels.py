@@ -106,6 +106,7 @@ def extra_rows(splits, *, augment=None, redistill=None, feedback_store: str = ""
     production = None
     if redistill is not None:
         parts.append(production_rows(redistill, feedback_store=feedback_store, labels=list(splits.labels),
+                                     slice_columns=list(splits.slice_columns),
                                      exclude=exclude, seed=seed, log=get_run_logger().warning))
         production = None if parts[-1] is None else parts[-1].attrs.get("production")
     parts = [p for p in parts if p is not None]
@@ -146,6 +147,7 @@ def soft_labels(run, sl_cfg, *, teacher, splits, max_length: int, augment=None, 
             entry = soft_labels_stage(sl_cfg.store, data_digest=digest, ids=extra["id"].tolist(),
                                       texts=extra["text"].tolist(), **common)
             soft.extra = ExtraRows(frame=extra, digest=digest, soft=entry, production=production)
+            splits.scope_rows = soft.extra.scope_rows(list(splits.labels))  # the guard's reference includes them
             s = soft.extra.summary()
             by_source = ", ".join(f"{k} {v}" for k, v in s["by_source"].items())
             get_run_logger().info(f"extra rows: {s['rows']} labelled by the teacher ({by_source}; "

@@ -35,6 +35,9 @@ class Splits:
     frames: dict[str, pd.DataFrame]
     labels: list[str]
     slice_columns: list[str] = field(default_factory=list)
+    # rows beyond the training split that the model trained on and the scope guard's reference statistics include
+    # (redistill's production and feedback rows: id, text, label = a person's answer or the teacher's argmax)
+    scope_rows: pd.DataFrame | None = None
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.frames[name]

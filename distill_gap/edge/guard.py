@@ -108,6 +108,23 @@ class ScopeGuard:
     def in_scope(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.threshold
 
+    def outside_regions(self, rows) -> list[str | None]:
+        """Per row, why the region it names is outside the scope (None: no region named, or one in scope).
+
+        scope.json `regions` (distill_gap/evaluation/regions.py): a row naming `column` (a key of the input row, or
+        of its "meta") is in scope only for the training split's regions and those added on evidence."""
+        regions = self.info.get("regions")
+        if not regions:
+            return [None] * len(rows)
+        column = regions["column"]
+        inside = {*regions["trained"], *(r["region"] for r in regions["added"])}
+        out = []
+        for row in rows:
+            value = (row.get("meta") or {}).get(column, row.get(column))
+            out.append(None if value is None or str(value) in inside else
+                       f"{column} {str(value)!r} is not in the scope this model was proven on")
+        return out
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities: softmax(logits / temperature), float64 (rows sum to 1)."""
         return softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
@@ -170,6 +187,7 @@ def read_guard(folder: str | Path) -> ScopeGuard | None:
         raise DistillError(f"{path} has no finite threshold", _FIX)
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise DistillError(f"{path} has temperature {temperature!r}; it must be a number > 0", _FIX)
+    _check_regions(path, record.get("regions"))
     stats = {}
     if detector in FEATURE_DETECTORS:
         stats = _read_stats(folder, record.get("stats"), detector)
@@ -177,6 +195,19 @@ def read_guard(folder: str | Path) -> ScopeGuard | None:
             if k not in ("format", "detector", "threshold", "tpr", "temperature", "k", "stats")}
     return ScopeGuard(detector=detector, threshold=float(threshold), tpr=float(record.get("tpr", 0.95)),
                       temperature=float(temperature), stats=stats, k=int(record.get("k", 10)), info=info)
+
+
+def _check_regions(path: Path, regions) -> None:
+    """A `regions` record the guard can apply: {"column": str, "trained": [str], "added": [{"region": str}]}."""
+    if regions is None:
+        return
+    ok = isinstance(regions, dict) and isinstance(regions.get("column"), str) \
+        and isinstance(regions.get("trained"), list) and all(isinstance(v, str) for v in regions["trained"]) \
+        and isinstance(regions.get("added"), list) \
+        and all(isinstance(r, dict) and isinstance(r.get("region"), str) for r in regions["added"])
+    if not ok:
+        raise DistillError(f"{path} has a malformed regions record: the guard cannot tell which regions are in scope",
+                           _FIX)
 
 
 def _read_stats(folder: Path, meta, detector: str) -> dict[str, np.ndarray]:

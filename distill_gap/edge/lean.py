@@ -78,14 +78,15 @@ def _plain_id(value) -> bool:
 
 
 def numbered_rows(lines: Iterable[bytes | str]) -> Iterator[dict]:
-    """Per non-blank line: {"line", "id", "text"}, or {"line", "id", "error"} saying why it cannot be predicted."""
+    """Per non-blank line: {"line", "id", "text", "meta"} (its other string fields), or {"line", "id", "error"} saying why it cannot be predicted."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         row, problem = decode_json_line(line)
         problem = problem or _row_problem(row)
         rid = row.get("id") if row is not None and _plain_id(row.get("id")) else None
-        yield {"line": number, "id": rid, **({"error": problem} if problem else {"text": row["text"]})}
+        meta = {k: v for k, v in (row or {}).items() if k not in ("id", "text") and isinstance(v, str)}  # regions
+        yield {"line": number, "id": rid, **({"error": problem} if problem else {"text": row["text"], "meta": meta})}
 
 
 def strict_rows(rows: Iterable[dict], source: str = "input") -> Iterator[dict]:
@@ -139,19 +140,20 @@ def label_rows(rows: Sequence[dict], logits: np.ndarray, features: np.ndarray | 
     from logits (N, C) and features (N, D) or None: calibrated with a guard, out-of-scope rows labelled null and
     routed to "fallback" unless `out_of_scope` is "answer"; without a guard, raw softmax and `in_scope: null`.
     A row whose text was cut to the model's window (`truncated`) also gets `"truncated": true`."""
-    if guard is None:
-        probs, scores, inside = softmax(logits), [None] * len(rows), [None] * len(rows)
-    else:
+    probs, scores, inside, regions = softmax(logits), [None] * len(rows), [None] * len(rows), [None] * len(rows)
+    if guard is not None:
         probs = guard.probabilities(logits)  # (N, C) float64, calibrated: each row sums to 1 in JSON
         raw = guard.score(logits, features)
-        scores, inside = [float(v) for v in raw], [bool(v) for v in guard.in_scope(raw)]
+        scores, regions = [float(v) for v in raw], guard.outside_regions(rows)  # a region outside: out of scope
+        inside = [bool(v) and r is None for v, r in zip(guard.in_scope(raw), regions)]
     out, truncated = [], truncated if truncated is not None else [False] * len(rows)
-    for row, p, score, ok, cut in zip(rows, probs, scores, inside, truncated):
+    for row, p, score, ok, cut, why in zip(rows, probs, scores, inside, truncated, regions):
         answer = ok is not False or out_of_scope == "answer"
         out.append({"id": row.get("id"), "label": labels[int(p.argmax())] if answer else None,
                     "probabilities": {label: float(v) for label, v in zip(labels, p)},
                     "artifact": artifact, "in_scope": ok, "scope_score": score,
-                    "route": "model" if answer else "fallback", **({"truncated": True} if cut else {})})
+                    "route": "model" if answer else "fallback", **({"truncated": True} if cut else {}),
+                    **({"scope_reason": why} if why else {})})  # the region named is outside the scope
     return out
 
 
@@ -183,9 +185,9 @@ def summary(counts: dict, edge, out_of_scope: str, source: str = "input") -> str
     """The one line a run ends with on stderr: rows labelled, out of scope, truncated, error records."""
     if not counts["rows"] and not counts["errors"]:
         raise DistillError(f"{source} has no rows", f"write one JSON object per line, like {ROW_EXAMPLE}")
-    guard = edge.guard
-    parts = [f"{counts['rows']} rows labelled with {edge.artifact} ({edge.runtime})"]
-    parts.append(f"{counts['out_of_scope']} out of scope by the {guard.detector} guard "
+    guard, parts = edge.guard, [f"{counts['rows']} rows labelled with {edge.artifact} ({edge.runtime})"]
+    by = guard and f"the {guard.detector} guard" + " or its regions" * bool(guard.info.get("regions"))
+    parts.append(f"{counts['out_of_scope']} out of scope by {by} "
                  f"({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})" if guard is not None
                  else "no scope guard for this artifact: in_scope is null")
     parts += [f"{counts['truncated']} longer than the model's {edge.max_length}-token window, cut to it "

@@ -331,8 +331,14 @@ def load_predictors(paths: dict, *, max_length: int, device: str) -> tuple[dict,
 
 
 def train_sample(splits, rows: int, seed: int):
-    """The seeded sample of the training split the scope detectors are fitted on (all of it under `rows`)."""
+    """The seeded sample of the rows the model trained on that the scope detectors are fitted on (all of it under
+    `rows`): the training split, plus splits.scope_rows (a redistillation's production rows) when there are any."""
+    import pandas as pd
+
     train = splits["train"]
+    extra = getattr(splits, "scope_rows", None)
+    if extra is not None and len(extra):
+        train = pd.concat([train[["id", "text", "label"]], extra[["id", "text", "label"]]], ignore_index=True)
     return train if len(train) <= rows else train.sample(n=rows, random_state=seed)
 
 
@@ -384,6 +390,7 @@ def scope_record(report: GapReport, model: str, splits) -> dict | None:
                                  if k != "hist"} for suite, by_model in report.ood.items()},
             "test_accuracy": report.metric("test", model),
             "calibration": {k: report.calibration.get(model, {}).get(k) for k in ("temperature", "ece_after")},
+            **({"regions": g["regions"]} if g.get("regions") else {}),
             "rule": f"in_scope = {g['detector']} score >= threshold; probabilities = softmax(logits / temperature)"}
 
 

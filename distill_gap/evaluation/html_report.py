@@ -17,6 +17,7 @@ import re
 from typing import Iterable
 
 from distill_gap.evaluation.gates import MIN_SLICE_ROWS  # smaller slices are never flagged
+from distill_gap.evaluation.regions import summary as region_summary
 from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
 
 PLOT_DPI = 100  # 100 dpi keeps ~30 slices x 5 models well under 1 MB of PNG
@@ -441,9 +442,10 @@ def _scope_table(scope: dict) -> str:
             + _td(_num(s.get("threshold"), ".4g")) + _td(_num(s.get("tpr"), ".0%"))
             + _td(_num(s.get("temperature"), ".2f"))
             + _td(_e(", ".join(f"{k.removeprefix('ood:')} {v:.0%}" for k, v in (s.get("ood_in_scope") or {}).items())
-                     or DASH), "name") + "</tr>" for m, s in scope.items()]
+                     or DASH), "name") + _td(_e(region_summary(s.get("regions")) or DASH), "name") + "</tr>"
+            for m, s in scope.items()]
     return _table([[("model", 1), ("detector", 1), ("threshold (in scope if score ≥)", 1), ("in-scope rate kept", 1),
-                    ("temperature", 1), ("OOD rows still in scope", 1)]], rows)
+                    ("temperature", 1), ("OOD rows still in scope", 1), ("regions", 1)]], rows)
 
 
 def _noninferiority_table(noninferiority: dict) -> str:

@@ -184,10 +184,12 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
     # the OOD gate's evidence: each model's drop against the teacher (MSP's: add_calibration_and_ood has it already)
     if bootstrap_samples and "teacher" in chosen and shipped != "msp":
         _drop_intervals(report, logits, features, chosen, shipped, bootstrap_samples=bootstrap_samples, seed=seed)
+    n_extra = int(sample["id"].astype(str).str.startswith("production:").sum())
+    extra = f", {n_extra} of them production rows" if n_extra else ""
     for m, g in chosen.items():
         report.scope[m] = {"detector": g.detector, "threshold": g.threshold, "tpr": g.tpr,
                            "temperature": g.temperature, **({"k": g.k} if g.detector == "knn" else {}),
-                           "fitted_on": f"train sample ({len(sample)} rows) + validation "
+                           "fitted_on": f"train sample ({len(sample)} rows{extra}) + validation "
                                         f"({len(splits['validation'])} rows)",
                            "ood_in_scope": {suite: results[suite][m][shipped]["fpr_at_threshold"]
                                             for suite in results if shipped in results[suite].get(m, {})}}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from distill_gap.digest import sha256_file
 from distill_gap.errors import DistillError, read_json_object
+from distill_gap.evaluation.regions import summary as region_summary
 from distill_gap.outcomes import FAIL, INSUFFICIENT, PASS, gate_outcome
 
 PREDICATE_TYPE = "https://distill-gap.dev/dossier/v1"
@@ -83,7 +84,8 @@ def _scope(record: dict | None, problem: str | None) -> dict:
     return {"shipped": True, "detector": record.get("detector"), "threshold": record.get("threshold"),
             "in_scope_rate_on_validation": record.get("tpr"), "temperature": record.get("temperature"),
             "rule": record.get("rule"), "fitted_on": record.get("fitted_on"), "slices_evaluated": len(record.get(
-                "slices") or []), "detection": detection, "calibration": record.get("calibration")}
+                "slices") or []), "detection": detection, "calibration": record.get("calibration"),
+            "regions": record.get("regions"), "regions_summary": region_summary(record.get("regions"))}
 
 
 def _limitations(gates: dict, flags: list, edge_model: str | None) -> list[str]:

@@ -99,7 +99,8 @@ def render_dossier(d: dict) -> str:
                       for s, r in scope["detection"].items())
         scope_html = _dl({"guard": f"{escape(str(scope['detector']))}, threshold {_num(scope['threshold'], '{:.4g}')}"
                                    f" (keeps {_num(scope['in_scope_rate_on_validation'], '{:.0%}')} of validation rows)",
-                          "rule": escape(str(scope["rule"])), "fitted on": escape(json.dumps(scope["fitted_on"]))}) + (
+                          "rule": escape(str(scope["rule"])), "fitted on": escape(json.dumps(scope["fitted_on"])),
+                          **({"regions": escape(scope["regions_summary"])} if scope.get("regions_summary") else {})}) + (
             "<table><tr><th>out-of-distribution set</th><th>AUROC [95% interval]</th><th>let in at the shipped "
             "threshold</th><th>let in at 95% TPR</th><th>rows</th><th>note</th></tr>"
             + det + "</table>" if det else "")

@@ -140,6 +140,17 @@ class ExtraRows:
         by_id = {i: n for n, i in enumerate(self.soft.ids)}
         return self.soft.logits[[by_id[i] for i in self.frame["id"]]]
 
+    def scope_rows(self, labels: list[str]) -> pd.DataFrame | None:
+        """The production and feedback rows (not augmentations: edited copies of training texts) as id, text,
+        label: a person's answer, else the teacher's argmax. None without any."""
+        keep = self.frame["source"].isin(["production", "feedback"]).to_numpy()
+        if not keep.any():
+            return None
+        teacher = np.asarray(labels)[self.logits().argmax(-1)]
+        label = np.where(self.frame["label"].to_numpy() != "", self.frame["label"].to_numpy(), teacher)
+        return pd.DataFrame({"id": self.frame["id"], "text": self.frame["text"], "label": label})[keep] \
+            .reset_index(drop=True)
+
     def summary(self) -> dict:
         return {"rows": len(self.frame), "digest": self.digest, "key": self.soft.key, "uri": self.soft.uri,
                 "cache_hit": self.soft.hit, "by_source": _counts(self.frame["source"]),

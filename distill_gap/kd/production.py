@@ -13,10 +13,12 @@ substitute.
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from distill_gap.data.splits import MISSING_SLICE
 from distill_gap.errors import DistillError
 
 COLUMNS = ["id", "text", "label", "source", "weight"]
@@ -27,9 +29,10 @@ def _row_id(text: str) -> str:
 
 
 def production_rows(redistill, *, feedback_store: str, labels: list[str], exclude: set[str],
-                    seed: int, log=None) -> pd.DataFrame | None:
+                    seed: int, log=None, slice_columns: Sequence[str] = ()) -> pd.DataFrame | None:
     """The production rows of `redistill` (the redistill config section): columns id, text, label (a person's answer
-    or ""), source (production | feedback), weight; attrs["production"] is the sample read ({"uri", "sha256"}, None
+    or ""), source (production | feedback), weight, and each of `slice_columns` (MISSING_SLICE where a row names
+    none: the scope's regions are judged on them); attrs["production"] is the sample read ({"uri", "sha256"}, None
     without one). None when it names no source. `exclude` (texts of every split
     and of other extra rows) is extended with every text kept."""
     from distill_gap.monitoring.drift import read_production_rows, sample_digest
@@ -37,7 +40,7 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
 
     if not redistill.production and not redistill.feedback:
         return None
-    texts: dict[str, list] = {}  # text -> [label, source], first seen wins, a person's answer always
+    texts: dict[str, list] = {}  # text -> [label, source, slices], first seen wins, a person's answer always
     sample = None  # the production sample as read now: {"uri", "sha256"}, recorded in the lineage
     if redistill.production:
         try:
@@ -55,15 +58,18 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
                                    f"(sha256 {got[:16]}, the event recorded {redistill.production_digest[:16]})",
                                    "start the run again from a new drift event, or unset redistill.production_digest "
                                    "to learn from the rows there now")
-        for text in read_production_rows(redistill.production)["text"]:
-            texts.setdefault(text.strip(), ["", "production"])
+        rows = read_production_rows(redistill.production)
+        for text, slices in zip(rows["text"], _slices(rows, slice_columns)):
+            texts.setdefault(text.strip(), ["", "production", slices])
     if redistill.feedback:
         fb = answered(feedback_store)
-        for text, answer, kind in zip(fb.get("text", []), fb.get("answer", []), fb.get("kind", [])):
-            entry = texts.setdefault(str(text).strip(), ["", "feedback"])
+        for text, answer, kind, slices in zip(fb.get("text", []), fb.get("answer", []), fb.get("kind", []),
+                                              _slices(fb, slice_columns)):
+            entry = texts.setdefault(str(text).strip(), ["", "feedback", slices])
+            entry[2] = {**slices, **{k: v for k, v in entry[2].items() if v != MISSING_SLICE}}
             if kind == "human":
                 entry[0] = str(answer)
-    kept = [(t, lab, src) for t, (lab, src) in texts.items() if t and t not in exclude]
+    kept = [(t, lab, src, sl) for t, (lab, src, sl) in texts.items() if t and t not in exclude]
     overlap = sum(1 for t in texts if t in exclude)
     if not texts and not redistill.production:
         return None  # redistill.feedback with nothing stored yet: nothing to add
@@ -75,20 +81,30 @@ def production_rows(redistill, *, feedback_store: str, labels: list[str], exclud
         order = np.random.default_rng(seed).permutation(len(kept))
         order = sorted(order, key=lambda i: kept[i][1] == "")
         kept = [kept[i] for i in sorted(order[:redistill.max_rows])]
-    exclude.update(t for t, _, _ in kept)
+    exclude.update(t for t, *_ in kept)
     if overlap and log is not None:
         log(f"{overlap} production or feedback rows equal rows of the data splits (or other extra rows) and were left "
             "out: training on them would leak evaluation rows")
-    bad = sorted({lab for _, lab, _ in kept if lab and lab not in labels})
+    bad = sorted({lab for _, lab, *_ in kept if lab and lab not in labels})
     if bad:
         raise DistillError(f"feedback answers {bad} are not labels of this config ({', '.join(labels)})",
                            "the feedback store belongs to another config: set feedback.store to this config's")
-    frame = pd.DataFrame(kept, columns=["text", "label", "source"])
+    frame = pd.DataFrame([k[:3] for k in kept], columns=["text", "label", "source"])
     frame.insert(0, "id", [_row_id(t) for t in frame["text"]])
     frame["weight"] = float(redistill.weight)
+    for col in slice_columns:
+        frame[col] = [k[3][col] for k in kept]
+    frame = frame[[*COLUMNS, *slice_columns]]
     frame.attrs["overlap"] = overlap
     frame.attrs["production"] = sample
-    return frame[COLUMNS]
+    return frame
+
+
+def _slices(rows: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, str]]:
+    """Per row, {column: value} for each slice column (MISSING_SLICE where the row has no string value)."""
+    values = {c: rows[c].tolist() if c in rows else [None] * len(rows) for c in columns}
+    return [{c: str(values[c][i]) if isinstance(values[c][i], str) and values[c][i] else MISSING_SLICE
+             for c in columns} for i in range(len(rows))]
 
 
 def hold_out_answers(frame: pd.DataFrame, fraction: float, *, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

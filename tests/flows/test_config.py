@@ -71,3 +71,12 @@ def test_a_drift_events_rows_become_redistill_overrides_that_stay_text():
     assert (cfg.redistill.production, cfg.redistill.production_digest) == ("2026-12-02", "0e12345")
     assert cfg.redistill.active and not load_config(ROOT / "configs/tiny.yaml", []).redistill.active
     assert load_config(ROOT / "configs/tiny.yaml", production_overrides("s3://b/p")).redistill.production_digest is None
+
+
+def test_a_scope_region_column_must_be_a_slice_column():
+    raw = _raw()
+    raw["data"]["slice_columns"] = ["condition"]
+    assert config_from_dict(raw | {"scope": {"region_column": "condition"}}).scope.region_column == "condition"
+    with pytest.raises(DistillError, match=r"scope.region_column 'drug' is not one of data.slice_columns"):
+        config_from_dict(raw | {"scope": {"region_column": "drug"}})
+    assert load_config("configs/demo.yaml").scope.region_column == "condition"

@@ -160,7 +160,8 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
                                       "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0",
                                       "distill.augment.copies=1", f"redistill.production={production}",
                                       f"redistill.production_digest={sample_digest(production)}",
-                                      "redistill.feedback=true", f"feedback.store={store}"))
+                                      "redistill.feedback=true", f"feedback.store={store}",
+                                      "scope.region_column=condition"))
     assert second["soft_labels"]["hit"] and second["soft_labels"]["key"] == first["soft_labels"]["key"]
     assert second["registered"]["student"]["version"] == first["registered"]["student"]["version"] + 1
     assert len(_manifests()) == 2  # the training rows' entry, reused, and the augmentation rows' own
@@ -213,6 +214,14 @@ def _extra_rows_are_attested_and_verified(cfg, second, production):
     assert second["report"]["champion"]["name"] == champion and champion in second["report"]["suites"]["test"]
     assert {"vs_champion:accuracy", "vs_champion:suite:production"} <= set(second["gates"]), second["gates"].keys()
     assert second["gates"]["vs_champion:accuracy"]["detail"].startswith(f"vs {champion}: ")
+    # the scope: its guard's reference includes the production rows; its regions are the training split's, and the
+    # production suite's one held-out answer decides no new region (one row is never evidence enough)
+    for model, scope in second["report"]["scope"].items():
+        if model != "teacher":
+            assert "of them production rows" in scope["fitted_on"], scope["fitted_on"]
+            regions = scope["regions"]
+            assert regions["column"] == "condition" and "Acne" not in regions["trained"] and not regions["added"]
+            assert all(r["outcome"] != "pass" and r["n"] == 1 for r in regions["refused"])
     gate = second["gates"]["noninferior:suite:production"]  # decided at the open margins of this run (1.0)
     assert gate["n"] == 1 and gate["threshold"] == 1.0 and "production" in gate["detail"], gate
     from distill_gap.evaluation.noninferiority import check

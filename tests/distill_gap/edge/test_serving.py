@@ -330,3 +330,33 @@ def test_an_edge_folder_without_its_guard_refuses_to_abstain_silently(edge_dir, 
     out = _predict("--model", folder, "--input", rows_file, "--tracking-uri", "sqlite:///no.db",
                    "--out-of-scope", "answer")
     assert out.exit_code == 0 and all(r["in_scope"] is None for r in _jsonl(out.stdout))
+
+
+def test_a_row_naming_a_region_outside_the_scope_abstains_whatever_its_score(edge_dir, rows_file, tmp_path):
+    """scope.json `regions`: a row that names a region the model never trained on (and no redistillation proved)
+    is out of scope with the reason; a row naming a trained or added region, or none, is judged by its score."""
+    from distill_gap.edge.guard import ScopeGuard
+
+    folder = tmp_path / "regions"
+    shutil.copytree(edge_dir, folder)
+    regions = {"column": "condition", "trained": ["Pain"], "refused": [],
+               "added": [{"region": "Acne", "outcome": "pass", "n": 80}]}
+    ScopeGuard("msp", threshold=0.0, tpr=0.95, temperature=1.0, info={"regions": regions}).write(folder)
+    text = json.loads(Path(rows_file).read_text().splitlines()[0])["text"]
+    rows = tmp_path / "named.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "text": text, **({"condition": c} if c else {})}) + "\n"
+                            for i, c in enumerate(["Pain", "Acne", "Migraine", None])))
+    out = _predict("--model", folder, "--input", rows, "--tracking-uri", "sqlite:///no.db")
+    assert out.exit_code == 0, out.stderr
+    got = _jsonl(out.stdout)
+    assert [r["in_scope"] for r in got] == [True, True, False, True]  # every score passes threshold 0
+    assert got[2]["label"] is None and got[2]["route"] == "fallback"
+    assert got[2]["scope_reason"] == "condition 'Migraine' is not in the scope this model was proven on"
+    assert all("scope_reason" not in r for r in got[:2] + got[3:])
+    assert "1 out of scope by the msp guard or its regions (routed to fallback)" in out.stderr
+    # a damaged regions record is an error, never a guard that lets every region in
+    record = json.loads((folder / "scope.json").read_text())
+    record["regions"] = {"column": "condition", "trained": "Pain", "added": []}
+    (folder / "scope.json").write_text(json.dumps(record))
+    out = _predict("--model", folder, "--input", rows, "--tracking-uri", "sqlite:///no.db")
+    assert out.exit_code != 0 and "malformed regions record" in out.stderr

@@ -120,3 +120,35 @@ def test_answers_are_held_out_seeded_and_become_a_suite_of_the_splits(review_fra
     assert (splits[PRODUCTION]["condition"] == MISSING_SLICE).all() and PRODUCTION in splits.digests()
     with pytest.raises(DistillError, match="a split named 'production' exists already"):
         splits.add_suite(PRODUCTION, held)
+
+
+def test_production_rows_carry_their_regions_and_feed_the_guard_with_answers_or_the_teachers_label(tmp_path):
+    """Slice columns travel with the rows (the scope's regions are judged on them); ExtraRows.scope_rows labels
+    each production row with a person's answer, else the teacher's argmax, and leaves augmentations out."""
+    import numpy as np
+
+    from distill_gap.data.splits import MISSING_SLICE
+    from distill_gap.kd.augment import ExtraRows
+
+    sample = _write(tmp_path / "prod.jsonl", ["the acne gel dried my skin", "cleared up in a week"])
+    store = f"file://{tmp_path}/fb"
+    recs = [{"id": "r-1", "text": "the acne gel dried my skin", "answer": "negative", "answered_by": "nurse.kim",
+             "kind": "human", "answered_at": "2026-12-02T10:00:00Z", "edge_version": 1},
+            {"id": "r-2", "text": "migraines every day since", "answer": "negative", "answered_by": "nurse.kim",
+             "kind": "human", "answered_at": "2026-12-02T10:00:00Z", "edge_version": 1, "condition": "Migraine"},
+            {"id": "r-3", "text": "no condition named here", "answer": "positive", "answered_by": "nurse.kim",
+             "kind": "human", "answered_at": "2026-12-02T10:00:00Z", "edge_version": 1}]
+    append_feedback(store, recs, ["l1", "l2", "l3"], labels=LABELS, edge_versions=lambda wanted: [])
+    got = production_rows(_cfg(production=sample, feedback=True), feedback_store=store, labels=LABELS,
+                          exclude=set(), seed=0, slice_columns=["condition"])
+    assert dict(zip(got["text"], got["condition"])) == {
+        "the acne gel dried my skin": "Acne", "cleared up in a week": "Acne",  # the sample's column wins
+        "migraines every day since": "Migraine", "no condition named here": MISSING_SLICE}
+    frame = pd.concat([got, pd.DataFrame({"id": ["t~swap0"], "text": ["an edited copy"], "label": [""],
+                                          "source": ["swap"], "weight": [1.0]})], ignore_index=True)
+    soft = SimpleNamespace(ids=frame["id"].tolist(), logits=np.eye(3)[[2, 2, 1, 1, 0]] * 4.0)
+    rows = ExtraRows(frame=frame, digest="d", soft=soft).scope_rows(LABELS)
+    assert "t~swap0" not in set(rows["id"]) and len(rows) == 4
+    assert dict(zip(rows["text"], rows["label"])) == {
+        "the acne gel dried my skin": "negative", "cleared up in a week": "positive",  # the teacher's argmax
+        "migraines every day since": "negative", "no condition named here": "positive"}
