@@ -109,7 +109,8 @@ class ScopeGuard:
         return np.asarray(scores) >= self.threshold
 
     def outside_regions(self, rows) -> list[str | None]:
-        """Per row, why the region it names is outside the scope (None: no region named, or one in scope).
+        """Per row, why the region it names is outside the scope (None: no region named as a non-empty string, or
+        one in scope).
 
         scope.json `regions` (distill_gap/evaluation/regions.py): a row naming `column` (a key of the input row, or
         of its "meta") is in scope only for the training split's regions and those added on evidence."""
@@ -121,8 +122,8 @@ class ScopeGuard:
         out = []
         for row in rows:
             value = (row.get("meta") or {}).get(column, row.get(column))
-            out.append(None if value is None or str(value) in inside else
-                       f"{column} {str(value)!r} is not in the scope this model was proven on")
+            out.append(None if not isinstance(value, str) or not value or value in inside else
+                       f"{column} {value!r} is not in the scope this model was proven on")
         return out
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:

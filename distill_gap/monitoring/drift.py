@@ -327,9 +327,10 @@ def _window(prod: "pd.DataFrame") -> dict | None:
 
 def drift_report(reference: dict, prod: "pd.DataFrame", predict_logits: Callable[[list[str]], np.ndarray],
                  labels: Sequence[str], *, thresholds: DriftThresholds = DriftThresholds(),
-                 scope_threshold: float | None, sample_size: int = 2000, seed: int = 0) -> dict:
+                 scope_threshold: float | None, sample_size: int = 2000, seed: int = 0, outside=None) -> dict:
     """Compare production rows with the reference profile: text statistics on all rows, the model on a seeded sample
-    of at most `sample_size` rows (predictions, out-of-scope share, accuracy). JSON-able; "drifted" plus reasons."""
+    of at most `sample_size` rows (predictions, out-of-scope share, accuracy). JSON-able; "drifted" plus reasons.
+    `outside` (bool per row): rows naming a region outside the guard's scope, out of scope whatever their score."""
     from scipy.stats import binomtest, ks_2samp, wasserstein_distance
 
     start, th, labels = time.perf_counter(), thresholds, list(labels)
@@ -384,7 +385,7 @@ def drift_report(reference: dict, prod: "pd.DataFrame", predict_logits: Callable
         ref_scope = reference["scope"]
         ref_share = ref_scope["out_of_scope_share"] if ref_scope["threshold"] == scope_threshold else \
             float(np.mean(np.asarray(reference.get("scope_score", reference.get("msp"))) < scope_threshold))
-        out = int(np.sum(score < scope_threshold))
+        out = int(np.sum((score < scope_threshold) | (False if outside is None else np.asarray(outside)[idx])))
         p = binomtest(out, len(idx), min(max(ref_share, 1e-9), 1 - 1e-9), alternative="greater").pvalue
         increase = out / len(idx) - ref_share
         drifted = bool(increase > th.max_out_of_scope_increase and p < th.p_value)

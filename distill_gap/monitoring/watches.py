@@ -71,7 +71,9 @@ def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
     report = drift_report(read_reference(folder), rows, lambda texts: _scored(model, texts), model.labels,
                           thresholds=cfg.drift.thresholds(),
                           scope_threshold=None if model.guard is None else model.guard.threshold,
-                          sample_size=cfg.drift.sample_size, seed=cfg.seed)
+                          sample_size=cfg.drift.sample_size, seed=cfg.seed,
+                          outside=None if model.guard is None else [r is not None for r in model.guard.outside_regions(
+                              rows.to_dict("records"))])  # rows naming a region outside the proven scope
     report["champion"] = f"{cfg.edge_model_name}/{current.version}"
     report["production"] = production
     return report

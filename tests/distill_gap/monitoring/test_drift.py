@@ -107,6 +107,18 @@ def test_fresh_split_of_the_same_data_does_not_drift(halves):
     assert md.startswith("## No drift: 120 production rows, 120 scored") and "| predicted labels: PSI |" in md
 
 
+def test_rows_naming_a_region_outside_the_scope_count_as_out_of_scope(halves):
+    """The same undrifted rows, a third of them from regions the model was never proven on (`outside`, from the
+    guard's regions): the out-of-scope share rises and names the drift."""
+    reference, production = halves
+    predict = oracle(pd.concat([reference, production]))
+    ref, threshold = profile(reference, predict)
+    outside = np.arange(len(production)) % 3 == 0
+    report = drift_report(ref, production, predict, LABELS, scope_threshold=threshold, outside=outside)
+    assert report["drifted"] and report["scope"]["drifted"] and report["scope"]["share"] >= 40 / 120
+    assert any(r.startswith("out-of-scope share rose") for r in report["reasons"]), report["reasons"]
+
+
 def test_truncated_upper_cased_texts_drift_with_named_reasons(halves):
     reference, production = halves
     predict = oracle(pd.concat([reference, production]))
