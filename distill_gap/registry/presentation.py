@@ -7,6 +7,7 @@ description is MLflow's `mlflow.note.content` tag on experiments and runs.
 
 from __future__ import annotations
 
+from distill_gap.evaluation.regions import summary as region_summary
 from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
 
 NOTE = "mlflow.note.content"  # the description field of an experiment or a run in the MLflow UI
@@ -88,8 +89,9 @@ def scope_line(report, edge: str) -> str:
         return "Scope: no scope guard fitted; every input is answered."
     aurocs = {s: d.get(edge, {}).get(g["detector"], {}).get("auroc") for s, d in report.ood.items()}
     shown = ", ".join(f"AUROC {a:.2f} on {s.removeprefix('ood:')}" for s, a in aurocs.items() if a is not None)
+    regions = region_summary(g.get("regions"))
     return (f"Scope: in scope when the {g['detector']} score >= {g['threshold']:.3g} (keeps {g['tpr']:.0%} of "
-            f"in-distribution rows)" + (f"; {shown}." if shown else "."))
+            f"in-distribution rows)" + (f"; {shown}." if shown else ".") + (f" Regions: {regions}." if regions else ""))
 
 
 def links_line(links: dict[str, str]) -> str:

@@ -49,6 +49,12 @@ def test_version_description_reads_verdict_first():
     assert parts[2] == ("Scope: in scope when the mahalanobis score >= 1.23 (keeps 95% of in-distribution rows); "
                         "AUROC 0.61 on unseen_conditions, AUROC 0.98 on far.")
     assert "retention 0.992" in parts[3]
+    report = _report()  # a redistilled version's regions: the line says which were added and which not, and why
+    report.scope[EDGE]["regions"] = {"column": "condition", "trained": ["Depression", "Pain"], "refused": [
+        {"region": "Acne", "outcome": "insufficient", "n": 6, "rows_needed": 140}], "added": [{"region": "Obesity"}]}
+    assert version_description(report, GATES, EDGE, kind="", links={}).split("\n\n")[2].endswith(
+        " Regions: 2 condition regions from training; added on evidence: Obesity; Acne not added (insufficient on "
+        "6 rows, about 140 labelled rows would decide it).")
     assert parts[-1] == "[Gap report](http://m/#/gap) · [Dossier](http://m/#/dossier)"
     failed = {**GATES, "calibration_ece": {"passed": False, "outcome": "fail"}}
     assert version_description(_report(), failed, EDGE, kind="", links={}).startswith(
