@@ -50,7 +50,9 @@ GATES = {  # as evaluate_gates writes them into the evaluate Statement (issue 19
 SCOPE = {"format": 2, "model": "int8", "detector": "mahalanobis", "threshold": 1.5, "tpr": 0.95, "temperature": 1.2,
          "rule": "in_scope = mahalanobis score >= threshold", "fitted_on": {"train": 500},
          "ood_sets": {"ood:not_drug_reviews": {"auroc": 0.989, "fpr_at_tpr": 0.005, "fpr_at_threshold": 0.0,
-                                               "n_out": 600, "n_in": 325, "tpr": 0.95}}}
+                                               "n_out": 600, "n_in": 325, "tpr": 0.95}},
+         "regions": {"column": "condition", "trained": ["Depression", "Pain"], "added": [],
+                     "refused": [{"region": "Acne", "outcome": "insufficient", "n": 6, "rows_needed": 140}]}}
 
 
 def _model_folder(path: Path, seed: int) -> Path:

@@ -46,6 +46,8 @@ def test_the_dossier_is_compiled_from_the_signed_records(chain, version):
     assert d["scope"]["shipped"] and d["scope"]["detector"] == "mahalanobis"
     assert d["scope"]["detection"] == {"not_drug_reviews": {"auroc": 0.989, "fpr_at_tpr": 0.005,
                                                             "fpr_at_threshold": 0.0, "n_out": 600}}
+    assert d["scope"]["regions_summary"] == ("2 condition regions from training; Acne not added (insufficient on 6 "
+                                             "rows, about 140 labelled rows would decide it)")
     lin = d["lineage"]
     assert lin["teacher"] == {"name": "x-teacher", "version": "1", "digest": chain["digests"]["x-teacher"],
                               "license": "mit", "license_override": None}
@@ -136,5 +138,6 @@ def test_the_dossier_page_renders_in_a_real_browser(chain, version, tmp_path):
     dom = done.stdout
     assert "<h1>Dossier: x-edge v1</h1>" in dom
     for text in ("Insufficient evidence", "noninferior:slice:condition=Pain", "1320", "mahalanobis", "0.0%",
-                 "distill verify models:/x-edge/1", "x-teacher v1, licence mit", "dosage decisions"):
+                 "distill verify models:/x-edge/1", "x-teacher v1, licence mit", "dosage decisions",
+                 "Acne not added (insufficient on 6 rows"):
         assert text in dom, text
