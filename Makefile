@@ -37,7 +37,7 @@ demo: install
 # --dist loadfile --no-loadscope-reorder). TEST_WORKERS=0 runs in this process (for pdb, -s).
 TEST_WORKERS ?= 2
 test: install browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=25
 
 # Debian's Chromium for the pages checked in a real browser (the dossier); best effort: without it (no root, no
 # apt) those checks are skipped and say so
