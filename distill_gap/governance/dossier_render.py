@@ -15,7 +15,8 @@ body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1
 main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:26px;margin:0 0 4px} h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 18px;margin:12px 0}
-.badge{display:inline-block;padding:2px 10px;border-radius:12px;color:#fff;font-weight:600;margin-right:6px}
+.badge{display:inline-block;padding:2px 10px;border-radius:12px;color:#fff;font-weight:600;margin-right:6px;
+white-space:nowrap}
 .muted{color:#59636e} code,pre{font:13px ui-monospace,SFMono-Regular,Menlo,monospace;background:#eff2f5;
 border-radius:4px;padding:1px 4px} pre{padding:10px;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
 table{border-collapse:collapse;width:100%;font-size:14px} th,td{text-align:left;padding:5px 8px;
@@ -24,7 +25,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td
 td{overflow-wrap:anywhere}
 .warn{background:#fff8c5;border-color:#d4a72c} .bad{background:#ffebe9;border-color:#cf222e}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0} dt{color:#59636e} dd{margin:0;
-word-break:break-all}
+overflow-wrap:anywhere}
 """
 
 
