@@ -17,6 +17,10 @@ Each is named exactly, so anything else a library says still shows:
 - torchao's "Detected no triton" (CPU machines have none; the kernels that need it are not used);
 - MLflow's INFO lines about its own bookkeeping ("Creating initial MLflow database tables...", "Updating database
   tables", "Validating input example against model signature").
+- Prefect's traceback under "Task run failed with exception" / "Encountered exception during execution" when the
+  exception is one of the project's own errors (DistillError: a failed gate, bad input): its message already names
+  the problem and the fix, and the command ends with them; the line itself stays. Any other exception keeps its
+  traceback (a bug must be readable).
 LOGLEVEL=DEBUG shows everything.
 """
 
@@ -40,6 +44,15 @@ class _Drop(logging.Filter):
         return not (self.containing and self.containing in record.getMessage())
 
 
+class _NoTracebackForKnownErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distill_gap.errors import DistillError
+
+        if record.exc_info and isinstance(record.exc_info[1], DistillError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def quiet_libraries() -> None:
     """Install the filters once per process (idempotent)."""
     global _DONE
@@ -54,6 +67,8 @@ def quiet_libraries() -> None:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").addFilter(
         _Drop(containing="doesn't support int4 data type. Force to update"))
     logging.getLogger("torchao.kernel.intmm").addFilter(_Drop(containing="Detected no triton"))
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForKnownErrors())
     logging.getLogger("mlflow.store.db.utils").addFilter(_Drop(below=logging.WARNING))
     logging.getLogger("mlflow.pyfunc").addFilter(_Drop(containing="Validating input example against model signature"))
     warnings.filterwarnings("ignore", message="torch.tensor results are registered as constants in the trace")

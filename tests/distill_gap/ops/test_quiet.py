@@ -55,6 +55,7 @@ def test_the_named_messages_are_dropped_and_the_rest_still_shows():
                  (logging.WARNING, "database is locked")) == ["database is locked"]
     assert _said("mlflow.pyfunc", (logging.INFO, "Validating input example against model signature"),
                  (logging.INFO, "another pyfunc line")) == ["another pyfunc line"]
+    _a_known_error_is_logged_without_its_traceback_and_a_bug_with_it()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         from distill_gap.ops.quiet import quiet_libraries
@@ -66,3 +67,28 @@ def test_the_named_messages_are_dropped_and_the_rest_still_shows():
         warnings.warn("torch.tensor results are registered as constants in the trace. You can safely ignore ...")
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
+
+
+def _a_known_error_is_logged_without_its_traceback_and_a_bug_with_it():
+    """Prefect logs a failed task or flow with exc_info; a DistillError (a failed gate: its message names the
+    problem and the fix) keeps the line and loses the traceback, anything else keeps both."""
+    import io
+
+    from distill_gap.evaluation.gates import GatesFailed
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger, out = logging.getLogger(name), io.StringIO()
+        handler = logging.StreamHandler(out)
+        logger.addHandler(handler)
+        try:
+            for exc in (GatesFailed("demo-edge: gates failed (recall:negative)", "read the gap report"),
+                        KeyError("a bug")):
+                try:
+                    raise exc
+                except Exception as err:
+                    logger.error("Task run failed with exception: %r", err, exc_info=True)
+        finally:
+            logger.removeHandler(handler)
+        text = out.getvalue()
+        assert "Task run failed with exception: GatesFailed(" in text and "Task run failed with exception: KeyError(" in text
+        assert text.count("Traceback (most recent call last)") == 1 and "KeyError: 'a bug'" in text
