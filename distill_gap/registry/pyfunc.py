@@ -108,7 +108,11 @@ class DistillClassifier(PythonModel):
             logits = self._logits(texts, self.batch_size) if texts else np.zeros((0, len(self.labels)))
             return predictions_frame(logits, self.labels)
         out_of_scope = str((params or {}).get("out_of_scope", "abstain"))
-        rows = self.edge.predict_rows([{"id": i, "text": t} for i, t in enumerate(texts)], self.batch_size,
+        column = ((self.edge.guard.info.get("regions") or {}).get("column") if self.edge.guard is not None else None)
+        regions = model_input[column].tolist() if isinstance(model_input, pd.DataFrame) and column \
+            and column in model_input.columns else [None] * len(texts)  # a row's region: scope.json `regions`
+        rows = self.edge.predict_rows([{"id": i, "text": t, "meta": {column: r} if isinstance(r, str) else {}}
+                                       for i, (t, r) in enumerate(zip(texts, regions))], self.batch_size,
                                       out_of_scope=out_of_scope) if texts else []
         frame = pd.DataFrame({LABEL_COLUMN: pd.Series([r["label"] for r in rows], dtype=object)})
         for label in self.labels:
@@ -147,9 +151,10 @@ def folder_labels(local_dir: str | Path) -> list[str]:
     return config_labels(folder)
 
 
-def model_signature(labels: Sequence[str], *, edge: bool = False):
+def model_signature(labels: Sequence[str], *, edge: bool = False, region_column: str | None = None):
     """Input: a `text` string column; output: `label` (string) and `prob_<label>` (double) per label; an edge
-    folder adds `in_scope`, `scope_score`, `route` and the `out_of_scope` parameter ("abstain" or "answer")."""
+    folder adds `in_scope`, `scope_score`, `route` and the `out_of_scope` parameter ("abstain" or "answer"), and
+    an optional input column `region_column` when its scope guard has regions (scope.json `regions`)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -159,8 +164,18 @@ def model_signature(labels: Sequence[str], *, edge: bool = False):
         return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs))
     outputs += [ColSpec("boolean", "in_scope", required=False), ColSpec("double", "scope_score", required=False),
                 ColSpec("string", "route")]
-    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs),
+    inputs = [ColSpec("string", TEXT_COLUMN)] + ([ColSpec("string", region_column, required=False)]
+                                                 if region_column else [])
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs),
                           params=ParamSchema([ParamSpec("out_of_scope", "string", "abstain")]))
+
+
+def region_column(folder: Path) -> str | None:
+    """The input column an edge folder's scope guard reads regions from (None: no regions, or not an edge folder)."""
+    from distill_gap.edge.guard import read_guard
+
+    guard = read_guard(folder) if (folder / EDGE_FILE).is_file() else None
+    return ((guard.info.get("regions") or {}).get("column") if guard is not None else None) or None
 
 
 def pip_requirements() -> list[str]:
@@ -235,7 +250,7 @@ def log_model_folder(client, run_id: str, local_dir: str | Path, name: str, *, e
         info = mlflow.pyfunc.log_model(
             python_model=__file__,
             artifacts={ARTIFACT_KEY: str(folder.resolve())},
-            signature=model_signature(labels, edge=(folder / EDGE_FILE).is_file()),
+            signature=model_signature(labels, edge=(folder / EDGE_FILE).is_file(), region_column=region_column(folder)),
             input_example=pd.DataFrame({TEXT_COLUMN: examples}),
             pip_requirements=pip_requirements(),
             model_config={"max_length": int(max_length), "batch_size": int(batch_size)},

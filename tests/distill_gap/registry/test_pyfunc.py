@@ -236,6 +236,28 @@ def test_an_edge_folder_logs_into_the_clients_store_whatever_the_global_tracking
     assert answered["label"].notna().all() and (answered["route"] == "model").all()
 
 
+def test_the_pyfunc_reads_a_rows_region_as_distill_predict_does(store, edge_dir, texts, tmp_path):
+    """An edge folder whose scope has regions logs an optional input column for them; through MLflow's pyfunc a row
+    naming a region outside the scope abstains whatever its score, a row naming none is judged by its score."""
+    import shutil
+
+    import mlflow
+
+    from distill_gap.edge.guard import ScopeGuard
+
+    client, run_id = store
+    folder = tmp_path / "regions"
+    shutil.copytree(edge_dir, folder)
+    regions = {"column": "condition", "trained": ["Pain"], "added": [], "refused": []}
+    ScopeGuard("msp", threshold=0.0, tpr=0.95, temperature=1.0, info={"regions": regions}).write(folder)
+    logged = log_model_folder(client, run_id, folder, "tiny-regions", example_texts=texts[:2], labels=LABELS)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text", "condition"]
+    out = model.predict(pd.DataFrame({"text": texts[:3], "condition": ["Pain", "Migraine", None]}))
+    assert out["in_scope"].tolist() == [True, False, True] and out["route"].tolist() == ["model", "fallback", "model"]
+    assert model.predict(pd.DataFrame({"text": texts[:3]}))["in_scope"].tolist() == [True, True, True]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the pyfunc class itself (no MLflow round trip)
 
