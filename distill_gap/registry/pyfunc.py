@@ -173,8 +173,12 @@ def model_signature(labels: Sequence[str], *, edge: bool = False, region_column:
 def region_column(folder: Path) -> str | None:
     """The input column an edge folder's scope guard reads regions from (None: no regions, or not an edge folder)."""
     from distill_gap.edge.guard import read_guard
+    from distill_gap.errors import DistillError
 
-    guard = read_guard(folder) if (folder / EDGE_FILE).is_file() else None
+    try:
+        guard = read_guard(folder) if (folder / EDGE_FILE).is_file() else None
+    except DistillError:  # a damaged guard: serving refuses it by name; the signature just has no region column
+        return None
     return ((guard.info.get("regions") or {}).get("column") if guard is not None else None) or None
 
 
