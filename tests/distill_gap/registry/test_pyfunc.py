@@ -256,6 +256,11 @@ def test_the_pyfunc_reads_a_rows_region_as_distill_predict_does(store, edge_dir,
     out = model.predict(pd.DataFrame({"text": texts[:3], "condition": ["Pain", "Migraine", None]}))
     assert out["in_scope"].tolist() == [True, False, True] and out["route"].tolist() == ["model", "fallback", "model"]
     assert model.predict(pd.DataFrame({"text": texts[:3]}))["in_scope"].tolist() == [True, True, True]
+    from distill_gap.registry.pyfunc import region_column
+
+    assert region_column(folder) == "condition" and region_column(edge_dir) is None
+    (folder / "scope.json").write_text("{not json")  # damaged: serving refuses it by name; logging does not crash
+    assert region_column(folder) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
