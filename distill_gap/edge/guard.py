@@ -108,16 +108,21 @@ class ScopeGuard:
     def in_scope(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.threshold
 
+    @property
+    def region_column(self) -> str | None:
+        """The row key that names a row's region (scope.json `regions`), or None when the scope has no regions."""
+        return (self.info.get("regions") or {}).get("column") or None
+
     def outside_regions(self, rows) -> list[str | None]:
         """Per row, why the region it names is outside the scope (None: no region named as a non-empty string, or
         one in scope).
 
         scope.json `regions` (distill_gap/evaluation/regions.py): a row naming `column` (a key of the input row, or
         of its "meta") is in scope only for the training split's regions and those added on evidence."""
-        regions = self.info.get("regions")
-        if not regions:
+        column = self.region_column
+        if column is None:
             return [None] * len(rows)
-        column = regions["column"]
+        regions = self.info["regions"]
         inside = {*regions["trained"], *(r["region"] for r in regions["added"])}
         out = []
         for row in rows:

@@ -186,7 +186,7 @@ def summary(counts: dict, edge, out_of_scope: str, source: str = "input") -> str
     if not counts["rows"] and not counts["errors"]:
         raise DistillError(f"{source} has no rows", f"write one JSON object per line, like {ROW_EXAMPLE}")
     guard, parts = edge.guard, [f"{counts['rows']} rows labelled with {edge.artifact} ({edge.runtime})"]
-    by = guard and f"the {guard.detector} guard" + " or its regions" * bool(guard.info.get("regions"))
+    by = guard and f"the {guard.detector} guard" + " or its regions" * bool(guard.region_column)
     parts.append(f"{counts['out_of_scope']} out of scope by {by} "
                  f"({'routed to fallback' if out_of_scope == 'abstain' else 'answered'})" if guard is not None
                  else "no scope guard for this artifact: in_scope is null")

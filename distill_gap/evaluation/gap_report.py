@@ -335,8 +335,7 @@ def train_sample(splits, rows: int, seed: int):
     `rows`): the training split, plus splits.scope_rows (a redistillation's production rows) when there are any."""
     import pandas as pd
 
-    train = splits["train"]
-    extra = getattr(splits, "scope_rows", None)
+    train, extra = splits["train"], splits.scope_rows
     if extra is not None and len(extra):
         train = pd.concat([train[["id", "text", "label"]], extra[["id", "text", "label"]]], ignore_index=True)
     return train if len(train) <= rows else train.sample(n=rows, random_state=seed)

@@ -69,13 +69,6 @@ def add_regions(report, logits: dict, splits, scope_cfg, evaluate_cfg, *, seed: 
                                          floor=evaluate_cfg.teacher_floor, seed=seed + 307)
 
 
-def allowed(regions: dict | None) -> set[str] | None:
-    """The region values in scope (trained + added), or None when the scope has no regions."""
-    if not regions:
-        return None
-    return {*regions.get("trained", []), *(r["region"] for r in regions.get("added", []))}
-
-
 def summary(regions: dict | None) -> str | None:
     """One line for people: how many regions, which were added, which refused and why."""
     if not regions:

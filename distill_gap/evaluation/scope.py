@@ -184,7 +184,7 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
     # the OOD gate's evidence: each model's drop against the teacher (MSP's: add_calibration_and_ood has it already)
     if bootstrap_samples and "teacher" in chosen and shipped != "msp":
         _drop_intervals(report, logits, features, chosen, shipped, bootstrap_samples=bootstrap_samples, seed=seed)
-    n_extra = int(sample["id"].astype(str).str.startswith("production:").sum())
+    n_extra = 0 if splits.scope_rows is None else int(sample["id"].isin(splits.scope_rows["id"]).sum())
     extra = f", {n_extra} of them production rows" if n_extra else ""
     for m, g in chosen.items():
         report.scope[m] = {"detector": g.detector, "threshold": g.threshold, "tpr": g.tpr,

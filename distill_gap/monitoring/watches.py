@@ -53,6 +53,15 @@ def _scored(model, texts):
     return (logits, None) if model.guard is None else (logits, model.guard.score(logits, features))
 
 
+def _outside_regions(guard, rows) -> list[bool] | None:
+    """Per production row, whether it names a region outside the champion's proven scope (None: the guard has no
+    regions, or the rows name none: nothing to look up)."""
+    column = None if guard is None else guard.region_column
+    if column is None or column not in rows:
+        return None
+    return [r is not None for r in guard.outside_regions([{column: v} for v in rows[column]])]
+
+
 def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
     """Read the production rows, load the champion and its reference, and compare them (distill_gap.monitoring.drift)."""
     from distill_gap.edge.serving import load_edge
@@ -72,8 +81,7 @@ def monitor_drift(client, cfg, production: str, *, log=print) -> dict:
                           thresholds=cfg.drift.thresholds(),
                           scope_threshold=None if model.guard is None else model.guard.threshold,
                           sample_size=cfg.drift.sample_size, seed=cfg.seed,
-                          outside=None if model.guard is None else [r is not None for r in model.guard.outside_regions(
-                              rows.to_dict("records"))])  # rows naming a region outside the proven scope
+                          outside=_outside_regions(model.guard, rows))
     report["champion"] = f"{cfg.edge_model_name}/{current.version}"
     report["production"] = production
     return report

@@ -108,7 +108,7 @@ class DistillClassifier(PythonModel):
             logits = self._logits(texts, self.batch_size) if texts else np.zeros((0, len(self.labels)))
             return predictions_frame(logits, self.labels)
         out_of_scope = str((params or {}).get("out_of_scope", "abstain"))
-        column = ((self.edge.guard.info.get("regions") or {}).get("column") if self.edge.guard is not None else None)
+        column = self.edge.guard.region_column if self.edge.guard is not None else None
         regions = model_input[column].tolist() if isinstance(model_input, pd.DataFrame) and column \
             and column in model_input.columns else [None] * len(texts)  # a row's region: scope.json `regions`
         rows = self.edge.predict_rows([{"id": i, "text": t, "meta": {column: r} if isinstance(r, str) else {}}
@@ -179,7 +179,7 @@ def region_column(folder: Path) -> str | None:
         guard = read_guard(folder) if (folder / EDGE_FILE).is_file() else None
     except DistillError:  # a damaged guard: serving refuses it by name; the signature just has no region column
         return None
-    return ((guard.info.get("regions") or {}).get("column") if guard is not None else None) or None
+    return guard.region_column if guard is not None else None
 
 
 def pip_requirements() -> list[str]:

@@ -11,7 +11,8 @@ import pandas as pd
 
 from distill_gap.data.splits import MISSING_SLICE, PRODUCTION, Splits
 from distill_gap.evaluation.gap_report import train_sample
-from distill_gap.evaluation.regions import add_regions, allowed, region_record, summary
+from distill_gap.edge.guard import ScopeGuard
+from distill_gap.evaluation.regions import add_regions, region_record, summary
 
 from tests.conftest import LABELS
 
@@ -51,7 +52,9 @@ def test_a_region_enters_only_on_passing_evidence_and_thin_evidence_says_how_muc
     (refused,) = record["refused"]
     assert refused["region"] == "Migraine" and refused["outcome"] == "insufficient" and refused["n"] == 6
     assert refused["rows_needed"] > 6
-    assert allowed(record) == {"Depression", "Pain", "Acne"}
+    guard = ScopeGuard("msp", threshold=0.0, tpr=0.95, info={"regions": record})  # the guard applies the record
+    assert guard.outside_regions([{"condition": c} for c in ("Depression", "Pain", "Acne", "Migraine")])[:3] == \
+        [None] * 3 and guard.outside_regions([{"condition": "Migraine"}])[0] is not None
     line = summary(record)
     assert line.startswith("2 condition regions from training; added on evidence: Acne; Migraine not added "
                            "(insufficient on 6 rows, about ") and line.endswith("labelled rows would decide it)")

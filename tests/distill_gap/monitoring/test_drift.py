@@ -298,3 +298,18 @@ def test_rows_that_only_the_fast_parser_refuses_are_read(tmp_path):
                                                 json.dumps({"text": "also fine", "score": float("inf")})])
     df = read_production_rows(path)
     assert df["text"].tolist() == ["fine", "also fine"] and math.isnan(df["condition"].iloc[0])
+
+
+def test_the_monitor_looks_up_regions_only_where_the_guard_has_them_and_the_rows_name_them():
+    """watches._outside_regions: which production rows name a region outside the champion's proven scope (a row
+    without one, NaN in a DataFrame, is judged by its score alone); nothing to look up without regions or the column."""
+    from distill_gap.edge.guard import ScopeGuard
+    from distill_gap.monitoring.watches import _outside_regions
+
+    regions = {"column": "condition", "trained": ["Pain"], "added": [{"region": "Acne"}], "refused": []}
+    guard = ScopeGuard("msp", threshold=0.0, tpr=0.95, info={"regions": regions})
+    rows = pd.DataFrame({"text": ["a", "b", "c", "d"], "condition": ["Pain", "Migraine", None, "Acne"]})
+    assert _outside_regions(guard, rows) == [False, True, False, False]
+    assert _outside_regions(guard, rows[["text"]]) is None
+    assert _outside_regions(ScopeGuard("msp", threshold=0.0, tpr=0.95), rows) is None and \
+        _outside_regions(None, rows) is None
