@@ -112,18 +112,30 @@ def signed_record(answer: dict, approval_cfg) -> dict:
     return out
 
 
-def paused_version(flow_run_id: str) -> int | None:
-    """The version a paused promotion asks about (its pause key is approval-<version>-<attempt>); None otherwise."""
+def _read_flow_run(client, flow_run_id: str):
+    """The flow run `flow_run_id` names, or a DistillError naming the problem (not an id, no such run)."""
     from uuid import UUID
 
-    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     try:
         run_id = UUID(flow_run_id)
     except ValueError:
         raise DistillError(f"{flow_run_id!r} is not a flow run id", "copy the id the paused run printed") from None
+    try:
+        return client.read_flow_run(run_id)
+    except ObjectNotFound:
+        raise DistillError(f"no flow run {flow_run_id} on the Prefect API at {client.api_url}",
+                           "copy the id the paused run printed, and point PREFECT_API_URL at the server it ran "
+                           "on") from None
+
+
+def paused_version(flow_run_id: str) -> int | None:
+    """The version a paused promotion asks about (its pause key is approval-<version>-<attempt>); None otherwise."""
+    from prefect.client.orchestration import get_client
+
     with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
+        state = _read_flow_run(client, flow_run_id).state
     key = (state.state_details.pause_key or "") if state is not None and state.is_paused() else ""
     parts = key.split("-")
     return int(parts[1]) if len(parts) == 3 and parts[0] == "approval" and parts[1].isdigit() else None
@@ -131,21 +143,15 @@ def paused_version(flow_run_id: str) -> int | None:
 
 def answer_run(flow_run_id: str, answer: dict) -> None:
     """Resume a paused promotion with an answer; the API validates it against the form's schema (as the UI does)."""
-    from uuid import UUID
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.responses import SetStateStatus
 
-    try:
-        run_id = UUID(flow_run_id)
-    except ValueError:
-        raise DistillError(f"{flow_run_id!r} is not a flow run id", "copy the id the paused run printed") from None
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
+        run = _read_flow_run(client, flow_run_id)
         if run.state is None or not run.state.is_paused():
             raise DistillError(f"flow run {flow_run_id} is not waiting for approval (state {run.state.name if run.state else None})",
                                "only a paused promotion can be answered; check the run in the Prefect UI")
-        response = client.resume_flow_run(run_id, run_input=answer)
+        response = client.resume_flow_run(run.id, run_input=answer)
     if response.status != SetStateStatus.ACCEPT:
         reason = getattr(response.details, "reason", "") or str(response.status)
         raise DistillError(f"answer refused: {reason}", "answer with --approver <name> --decision approve|reject; "

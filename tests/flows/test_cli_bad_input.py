@@ -87,3 +87,29 @@ def test_every_command_names_a_bad_version_in_one_line(one_version_store, comman
     client = MlflowClient(tracking_uri=s["uri"], registry_uri=s["uri"])
     assert [int(v.version) for v in client.search_model_versions("name='tiny-edge'")] == [1]
     assert {a: str(v) for a, v in client.get_registered_model("tiny-edge").aliases.items()} == {"champion": "1"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("target,message", [
+    ("3f2a4c1e-0000-4000-8000-000000000000", "no flow run 3f2a4c1e-0000-4000-8000-000000000000 on the Prefect API"),
+    ("not-a-run-id", "'not-a-run-id' is not a flow run id")])
+def test_approve_names_a_flow_run_that_does_not_exist(prefect_api, target, message):
+    """Issue 20: answering a paused promotion that is not there is one line and exit 2 (was exit 1, no output)."""
+    out = CliRunner().invoke(app, ["approve", target, "--approver", "rita", "--decision", "approve",
+                                   "--config", str(ROOT / "configs/tiny.yaml")])
+    assert out.exit_code == 2, out.output
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert lines[0].startswith(f"error: {message}") and lines[1].lstrip().startswith("fix:"), out.output
+
+
+def test_approve_names_a_version_that_does_not_exist(one_version_store):
+    """A waiver for a version the model does not have: one line, exit 2, nothing promoted."""
+    from mlflow import MlflowClient
+
+    s = one_version_store
+    out = CliRunner().invoke(app, ["approve", "models:/tiny-edge/99", "--approver", "rita", "--waive", "x",
+                                   "--reason", "r", "--config", str(ROOT / "configs/tiny.yaml"),
+                                   "--set", f"tracking.uri={s['uri']}", "--set", f"governance.key_dir={s['keys']}"])
+    assert out.exit_code == 2 and out.output.startswith("error: tiny-edge has no version 99"), out.output
+    client = MlflowClient(tracking_uri=s["uri"], registry_uri=s["uri"])
+    assert {a: str(v) for a, v in client.get_registered_model("tiny-edge").aliases.items()} == {"champion": "1"}
