@@ -214,10 +214,9 @@ def evaluate_task(run, evaluate_cfg, drift_cfg, scope_cfg, *, teacher, student, 
         edge = dataclasses.replace(edge, digest=model_digest(edge.path))
         gates = evaluate_gates(report, edge.report_name, edge_parity(edge.artifacts[edge.primary]), evaluate_cfg,
                                quantization=quantization_gate(edge, require_int8), critical_slices=critical_slices)
-        gap_link = run.links(evaluate_run=stage_run_id).get("Gap report")
+        gap_link = run.mlflow_url(stage_run_id, "evaluation/gap_report.html")  # absolute: read in Prefect
         publish_report(report, gates, run.name, edge=edge.report_name,
-                       links={"Gap report with plots (MLflow)": gap_link} if gap_link else None,
-                       client=run.client, run_id=stage_run_id)
+                       links={"Gap report with plots (MLflow)": gap_link}, client=run.client, run_id=stage_run_id)
     # the pipeline run's page: verdict, flagged slices, headline metrics (the dossier link follows at registration)
     describe_run(run.client, run.run_id, report, gates, edge.report_name, links=run.links(evaluate_run=stage_run_id))
     digests = {"teacher": teacher.digest, "student": student.digest,

@@ -82,13 +82,13 @@ def register_task(run, *, teacher, splits, soft, student, edge, report, gates: d
 
 
 def link_dossier(run, stage_run_id: str, edge: dict) -> None:
-    """The dossier in the Prefect UI: a link artifact to the page in the MLflow UI (its artifact viewer)."""
+    """The dossier in the Prefect UI: a link artifact to the page in the MLflow UI at tracking.ui_url (its artifact
+    viewer)."""
     from prefect.artifacts import create_link_artifact
 
-    experiment = run.client.get_run(stage_run_id).info.experiment_id
     create_link_artifact(
         key=f"{run.name}-dossier", link_text=f"Dossier of {edge['name']} v{edge['version']}",
-        link=f"{run.mlflow_ui}/#/experiments/{experiment}/runs/{stage_run_id}/artifactPath/dossier/dossier.html",
+        link=run.mlflow_url(stage_run_id, "dossier/dossier.html"),
         description=f"scope, gates, lineage and approver of {edge['name']} v{edge['version']}; also "
                     f"`distill dossier models:/{edge['name']}/{edge['version']} --html dossier.html`")
 

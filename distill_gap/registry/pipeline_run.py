@@ -40,7 +40,7 @@ class PipelineRun:
     edge_model_name: str
     threads: int | None = None
     mlflow_ui: str = "http://127.0.0.1:5000"  # links from Prefect artifacts into the MLflow UI (tracking.ui_url)
-    prefect_ui: str = ""  # links from MLflow into the Prefect UI (its flow run); empty when unknown
+    prefect_ui: str = ""  # links from MLflow into the Prefect UI (its flow run); "" when not known (prefect_ui_url)
 
     @property
     def context(self) -> dict[str, str]:
@@ -48,12 +48,20 @@ class PipelineRun:
         return {"mlflow_run_id": self.run_id, "prefect_flow_run_id": self.flow_run_id}
 
     def links(self, *, evaluate_run: str | None = None, register_run: str | None = None) -> dict[str, str]:
-        """Links for descriptions in MLflow: the gap report and the dossier (in the MLflow UI), the flow run."""
+        """Links for descriptions in MLflow: the gap report and the dossier relative to the MLflow UI (they work on
+        any `distill ui --mlflow-port`), the flow run in the Prefect UI."""
         from distill_gap.registry.presentation import ui_links
 
-        return ui_links(self.mlflow_ui, self.client.get_run(self.run_id).info.experiment_id,
-                        evaluate_run=evaluate_run, register_run=register_run, prefect_ui=self.prefect_ui,
-                        flow_run_id=self.flow_run_id)
+        return ui_links("", self.client.get_run(self.run_id).info.experiment_id, evaluate_run=evaluate_run,
+                        register_run=register_run, prefect_ui=self.prefect_ui, flow_run_id=self.flow_run_id)
+
+    def mlflow_url(self, stage_run_id: str, artifact: str) -> str:
+        """An artifact's page in the MLflow UI at tracking.ui_url: for links from outside MLflow (Prefect
+        artifacts), which cannot be relative to it."""
+        from distill_gap.registry.presentation import mlflow_page
+
+        return mlflow_page(self.mlflow_ui, self.client.get_run(stage_run_id).info.experiment_id, stage_run_id,
+                           artifact)
 
     def stage(self, stage: str) -> contextlib.AbstractContextManager[str]:
         """The stage's nested MLflow run `<name>-<stage>` (tag distill.stage); yields its run id."""
@@ -62,13 +70,12 @@ class PipelineRun:
 
 
 def prefect_ui_url() -> str:
-    """The Prefect UI of the API runs report to; on the embedded default, `distill ui`'s (it serves the same
-    history, .distill/prefect) at its default port."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    """The Prefect UI of the API runs report to, where it is known when a link is written: PREFECT_UI_URL as set,
+    or inferred from a server's PREFECT_API_URL. "" on the embedded default: `distill ui` serves that history
+    (.distill/prefect) on whichever --prefect-port its reader picks (presentation.prefect_link says so in the link)."""
+    from prefect.settings import PREFECT_UI_URL
 
-    if PREFECT_API_URL.value():
-        return PREFECT_UI_URL.value() or ""
-    return "http://127.0.0.1:4200"
+    return (PREFECT_UI_URL.value() or "").rstrip("/")
 
 
 @contextlib.contextmanager

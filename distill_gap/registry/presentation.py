@@ -138,17 +138,43 @@ def describe_run(client, run_id: str, report, gates: dict, edge: str, *, links: 
     client.set_tag(run_id, NOTE, run_description(report, gates, edge, links=links))
 
 
+DISTILL_UI_PREFECT = "http://127.0.0.1:4200"  # `distill ui`'s Prefect UI at its default --prefect-port
+
+
+def mlflow_page(mlflow_ui: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page in the MLflow UI, or one artifact's page in it. `mlflow_ui` "" gives the link relative to the
+    MLflow UI (`#/experiments/...`, the UI's own hash route): written into MLflow's own pages, it works on whatever
+    port the UI is opened (`distill ui --mlflow-port`). An absolute base (tracking.ui_url) is for pages outside
+    MLflow (Prefect artifacts, the terminal)."""
+    base = f"{mlflow_ui.rstrip('/')}/" if mlflow_ui else ""
+    return f"{base}#/experiments/{experiment_id}/runs/{run_id}" + (f"/artifactPath/{artifact}" if artifact else "")
+
+
+def prefect_link(prefect_ui: str | None, flow_run_id: str | None) -> tuple[str, str] | None:
+    """(text, URL) of the flow run in the Prefect UI. `prefect_ui` is the UI's address when it was known at write
+    time (PREFECT_UI_URL, or a server's PREFECT_API_URL); on the embedded Prefect it is not (`distill ui` serves
+    that history on the port its reader picks), so the text names the port the URL assumes: `distill ui`'s
+    default."""
+    if not flow_run_id or flow_run_id == "None":
+        return None
+    if prefect_ui:
+        return "Prefect flow run", f"{prefect_ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return ("Prefect flow run (`distill ui` on its default port 4200)",
+            f"{DISTILL_UI_PREFECT}/runs/flow-run/{flow_run_id}")
+
+
 def ui_links(mlflow_ui: str, experiment_id: str, *, evaluate_run: str | None = None, register_run: str | None = None,
              prefect_ui: str | None = None, flow_run_id: str | None = None) -> dict[str, str]:
-    """Links into the MLflow UI (the gap report, the dossier) and the Prefect UI (the flow run), where known."""
-    base = f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    """Link text -> URL: the gap report and the dossier in the MLflow UI (relative to it when `mlflow_ui` is "",
+    as in MLflow's own descriptions; see mlflow_page), the flow run in the Prefect UI (see prefect_link)."""
     links = {}
     if evaluate_run:
-        links["Gap report"] = f"{base}/{evaluate_run}/artifactPath/evaluation/gap_report.html"
+        links["Gap report"] = mlflow_page(mlflow_ui, experiment_id, evaluate_run, "evaluation/gap_report.html")
     if register_run:
-        links["Dossier"] = f"{base}/{register_run}/artifactPath/dossier/dossier.html"
-    if prefect_ui and flow_run_id and flow_run_id != "None":
-        links["Prefect flow run"] = f"{prefect_ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
+        links["Dossier"] = mlflow_page(mlflow_ui, experiment_id, register_run, "dossier/dossier.html")
+    flow_run = prefect_link(prefect_ui, flow_run_id)
+    if flow_run:
+        links[flow_run[0]] = flow_run[1]
     return links
 
 

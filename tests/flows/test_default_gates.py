@@ -214,6 +214,7 @@ def test_a_critical_slice_without_rows_is_insufficient_then_a_named_approver_wai
         validation = c.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[f"{cfg.name}-data-validation"])))
     assert links and "/artifactPath/dossier/dossier.html" in links[0].data  # Prefect keeps links as markdown
+    assert f"({cfg.tracking.ui_url.rstrip('/')}/#/experiments/" in links[0].data  # absolute: outside MLflow
     assert validation  # one history per config: the key carries the config's name (issue 23)
     # the model card ships inside the signed edge folder
     import mlflow

@@ -295,8 +295,9 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     assert edge.description.startswith("**Verdict: every gate passed.**"), edge.description
     assert "\n\nScope: in scope when the mahalanobis score >= " in edge.description
     stage = {r.data.tags["distill.stage"]: r.info.run_id for r in children}
-    assert (f"[Gap report]({cfg.tracking.ui_url}/#/experiments/{exp}/runs/{stage['evaluate']}/artifactPath/evaluation/"
-            f"gap_report.html) · [Dossier]({cfg.tracking.ui_url}/#/experiments/{exp}/runs/{stage['register']}/"
+    # relative to the MLflow UI: they open on whatever port it was started (`distill ui --mlflow-port`)
+    assert (f"[Gap report](#/experiments/{exp}/runs/{stage['evaluate']}/artifactPath/evaluation/"
+            f"gap_report.html) · [Dossier](#/experiments/{exp}/runs/{stage['register']}/"
             "artifactPath/dossier/dossier.html)") in edge.description
     assert "distill promote" in client.get_registered_model("tiny-edge").description
     assert "distill promote" in client.get_registered_model("tiny-student").description
