@@ -4,6 +4,10 @@ Each server runs in its own process group (the Prefect server is one process; ML
 worker, without its job runner), so a stop reaches every process either started. SIGTERM (systemd, `docker stop`,
 `kill`), SIGHUP (a closed terminal) and Ctrl-C all stop both: SIGTERM to each group, then SIGKILL to what is left
 after a grace period. Output goes to .distill/logs/<server>.log.
+
+The ports default to where the links people click point: MLflow's to tracking.ui_url (Prefect artifacts link there),
+Prefect's to PREFECT_UI_URL or 4200 (MLflow descriptions link there for runs on the embedded Prefect); other ports
+get a note saying how to match them. Links between MLflow's own pages are relative and work on any port.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from flows.cli_common import app, console, err_console
+from flows.cli_common import app, console, err_console, fail, load_cfg
 
 LOG_DIR = Path(".distill/logs")
 GRACE_S = 10.0  # after SIGTERM, how long each server may take to stop before SIGKILL
@@ -124,6 +129,46 @@ def _wait_ready(servers: list[tuple[str, str, subprocess.Popen, Path]], timeout:
             time.sleep(0.3)
 
 
+def _local_port(url: str | None) -> int | None:
+    """The port of a URL on this machine (127.0.0.1, localhost), else None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url or "")
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    return port if parts.hostname in ("127.0.0.1", "localhost") else None
+
+
+def _link_targets(tracking) -> tuple[str, str | None]:
+    """Where the links people click were written to point: the MLflow UI of Prefect artifacts (`tracking.ui_url`)
+    and the Prefect UI of MLflow descriptions for runs on the embedded Prefect, the history this command serves
+    (PREFECT_UI_URL, else `distill ui`'s default port; distill_gap/registry/presentation.py:prefect_link). None for
+    the latter when runs go to a Prefect server (PREFECT_API_URL): their links point to that server's UI."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    from distill_gap.registry.presentation import DISTILL_UI_PREFECT
+
+    prefect_ui = None if PREFECT_API_URL.value() else (PREFECT_UI_URL.value() or DISTILL_UI_PREFECT)
+    return tracking.ui_url.rstrip("/"), prefect_ui
+
+
+def _link_notes(prefect_port: int, mlflow_port: int, mlflow_ui: str, prefect_ui: str | None) -> list[str]:
+    """What to say when a server is started on another port than the links written for it point to. Links between
+    MLflow's own pages are relative to its UI and work on any port; these are the ones that leave a UI."""
+    notes = []
+    if _local_port(mlflow_ui) not in (None, mlflow_port):
+        notes.append(f"note: links in Prefect artifacts (gap report, dossier) point to the MLflow UI at {mlflow_ui} "
+                     f"(tracking.ui_url): to follow them, start `distill ui --mlflow-port {_local_port(mlflow_ui)}`, "
+                     f"or set tracking.ui_url to http://127.0.0.1:{mlflow_port} for the next runs")
+    if _local_port(prefect_ui) not in (None, prefect_port):
+        notes.append(f"note: \"Prefect flow run\" links in MLflow descriptions point to {prefect_ui}: to follow them, "
+                     f"start `distill ui --prefect-port {_local_port(prefect_ui)}`, or set "
+                     f"PREFECT_UI_URL=http://127.0.0.1:{prefect_port} for the next runs")
+    return notes
+
+
 class _Failed(Exception):
     def __init__(self, problem: str, log: Path):
         super().__init__(problem)
@@ -131,11 +176,30 @@ class _Failed(Exception):
 
 
 @app.command()
-def ui(prefect_port: int = typer.Option(4200, help="port of the Prefect UI and API"),
-       mlflow_port: int = typer.Option(5000, help="port of the MLflow UI"),
-       tracking_uri: str = typer.Option("sqlite:///.distill/mlflow.db", help="the MLflow store to browse"),
+def ui(prefect_port: Optional[int] = typer.Option(
+           None, help="port of the Prefect UI and API (default: the port of PREFECT_UI_URL, else 4200: where "
+           "\"Prefect flow run\" links in MLflow point)"),
+       mlflow_port: Optional[int] = typer.Option(
+           None, help="port of the MLflow UI (default: the port of tracking.ui_url, 5000 unless --config sets it: "
+           "where links in Prefect artifacts point)"),
+       config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML whose tracking.ui_url and "
+                                             "tracking.uri to follow, e.g. configs/demo.yaml"),
+       tracking_uri: Optional[str] = typer.Option(None, help="the MLflow store to browse (default: tracking.uri of "
+                                                  "--config, else sqlite:///.distill/mlflow.db)"),
        timeout: float = typer.Option(180.0, help="seconds to wait for both servers to answer")):
     """Start the Prefect and MLflow UIs on 127.0.0.1; "ready" once both answer (Ctrl-C, SIGTERM or SIGHUP stop both)."""
+    from distill_gap.errors import DistillError
+    from flows.config import TrackingConfig
+
+    LOG_DIR.mkdir(parents=True, exist_ok=True)  # the state folder first: Prefect's settings create PREFECT_HOME in it
+    try:
+        tracking = load_cfg(config, None).tracking if config else TrackingConfig()
+    except DistillError as err:
+        fail(err)
+    mlflow_ui, prefect_ui = _link_targets(tracking)
+    prefect_port = prefect_port or _local_port(prefect_ui) or 4200
+    mlflow_port = mlflow_port or _local_port(mlflow_ui) or 5000
+    tracking_uri = tracking_uri or tracking.uri
     for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):
         if not _port_free(port):
             err_console.print(f"error: port {port} on 127.0.0.1 is in use\n  fix: stop what holds it, or pass "
@@ -144,7 +208,6 @@ def ui(prefect_port: int = typer.Option(4200, help="port of the Prefect UI and A
     if prefect_port == mlflow_port:
         err_console.print("error: --prefect-port and --mlflow-port are the same\n  fix: give each server its own port")
         raise typer.Exit(2)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise_stop)
     procs: list[subprocess.Popen] = []
@@ -169,6 +232,8 @@ def ui(prefect_port: int = typer.Option(4200, help="port of the Prefect UI and A
         # (mlflow/mlflow#24498): say where the models are and how to get the registry into the sidebar
         console.print(f"            registry: http://127.0.0.1:{mlflow_port}/#/models (in the sidebar: switch the "
                       "GenAI / Model training toggle to Model training once)")
+        for note in _link_notes(prefect_port, mlflow_port, mlflow_ui, prefect_ui):
+            console.print(note)
         console.print(f"ready: both answer their health checks; logs in {LOG_DIR}/ (Ctrl-C or SIGTERM stops both)")
         sys.stdout.flush()
         while True:

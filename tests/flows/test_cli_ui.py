@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 def test_ui_is_ready_on_any_port_and_sigterm_stops_every_child(tmp_path):
     prefect_port, mlflow_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_UI_URL")}
     env["PREFECT_PROFILES_PATH"] = str(tmp_path / "no-profiles.toml")  # the user's own profile must not decide
     out = tmp_path / "out.txt"
     with open(out, "w") as sink:
@@ -48,7 +48,7 @@ def test_ui_is_ready_on_any_port_and_sigterm_stops_every_child(tmp_path):
     try:
         # 1. "ready" comes, and only once both health checks answer (checked right after it is printed)
         deadline = time.monotonic() + 240
-        while "ready" not in out.read_text():
+        while "ready: both answer" not in out.read_text():  # not "ready" alone: tmp_path's name holds it
             assert proc.poll() is None, out.read_text()
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.3)
@@ -57,6 +57,9 @@ def test_ui_is_ready_on_any_port_and_sigterm_stops_every_child(tmp_path):
         printed = out.read_text()
         assert f"http://127.0.0.1:{prefect_port}" in printed and f"http://127.0.0.1:{mlflow_port}" in printed
         assert f"registry: http://127.0.0.1:{mlflow_port}/#/models" in printed  # MLflow opens in GenAI mode
+        # ports other than the ones the links were written for: how to match them (issue 23), and no library noise
+        assert "start `distill ui --mlflow-port 5000`" in printed and "start `distill ui --prefect-port 4200`" in printed
+        assert "Warning" not in printed, printed
         # 2. the browser's UI is told to call this server's API, not the default port's
         settings = json.loads(_get(f"http://127.0.0.1:{prefect_port}/ui-settings")[1])
         assert settings["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
