@@ -43,8 +43,21 @@ class DataConfig(_Section):
     critical_slices: dict[str, list[str]] = Field(default_factory=dict)  # column -> values that matter most
     holdout: HoldoutConfig | None = None
     validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    # share of the test split moved into validation (seeded, stratified) as well: rows for the fits validation feeds
+    # (temperature, scope threshold, INT8 goal) that cost no training row; 0 = validation comes from train only
+    validation_from_test: float = Field(0.0, ge=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     max_rows: int | None = Field(None, gt=0)  # per-split cap (stratified sample) for quick runs
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation and self.validation_from_test:
+            raise ValueError(f"data.validation names a file ({self.validation}) and data.validation_from_test is "
+                             f"{self.validation_from_test}: the validation rows come from one place; drop one of them")
+        if self.validation_from_test and not self.test:
+            raise ValueError("data.validation_from_test moves rows of the test split, and data.test names no file "
+                             "(the test split is cut from train): set data.validation_fraction instead")
+        return self
 
     @field_validator("labels")
     @classmethod

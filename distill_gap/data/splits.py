@@ -262,6 +262,9 @@ def load_splits(data, seed: int) -> Splits:
         frames["train"], frames["test"] = stratified_split(frames["train"], data.test_fraction, seed)
     if "validation" not in frames:
         frames["train"], frames["validation"] = stratified_split(frames["train"], data.validation_fraction, seed)
+        if data.validation_from_test:  # more rows for validation's fits, none taken from training
+            frames["test"], moved = stratified_split(frames["test"], data.validation_from_test, seed)
+            frames["validation"] = pd.concat([frames["validation"], moved], ignore_index=True)
     if hold:
         frames[f"ood:{hold.name}"] = pd.concat(held, ignore_index=True)
     for name, uri in data.ood.items():

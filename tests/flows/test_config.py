@@ -80,3 +80,16 @@ def test_a_scope_region_column_must_be_a_slice_column():
     with pytest.raises(DistillError, match=r"scope.region_column 'drug' is not one of data.slice_columns"):
         config_from_dict(raw | {"scope": {"region_column": "drug"}})
     assert load_config("configs/demo.yaml").scope.region_column == "condition"
+
+
+def test_validation_from_test_needs_a_test_file_and_no_validation_file():
+    raw = _raw()
+    raw["data"]["test"] = "test.csv"
+    assert config_from_dict(raw | {"data": {**raw["data"], "validation_from_test": 0.2}}).data.validation_from_test == 0.2
+    with pytest.raises(DistillError, match=r"data.validation names a file \(v.csv\) and data.validation_from_test"):
+        config_from_dict(raw | {"data": {**raw["data"], "validation": "v.csv", "validation_from_test": 0.2}})
+    raw["data"].pop("test")
+    with pytest.raises(DistillError, match=r"data.test names no file"):
+        config_from_dict(raw | {"data": {**raw["data"], "validation_from_test": 0.2}})
+    with pytest.raises(DistillError, match="validation_from_test"):
+        config_from_dict(raw | {"data": {**raw["data"], "validation_from_test": 0.7}})

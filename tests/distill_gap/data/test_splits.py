@@ -154,3 +154,21 @@ def test_far_ood_csv_loads_with_the_demo_columns(tmp_path):
     assert len(far) == 600 and far["label"].isna().all() and (far["condition"] == "(missing)").all()
     assert far["id"].str.match(r"^(debian|pypi):").all()
     assert validate_splits(splits.frames, splits.labels, splits.slice_columns)["passed"]
+
+
+def test_validation_can_take_a_share_of_the_test_split_and_no_training_row(tmp_path):
+    """data.validation_from_test (issue 19): validation = validation_fraction of train + a seeded, stratified share of
+    test; the training rows are the same as without it, and no row is in two splits."""
+    _frame(90).to_csv(tmp_path / "train.csv", index=False)
+    _frame(60).assign(rid=lambda d: "t" + d["rid"]).to_csv(tmp_path / "test.csv", index=False)
+    base = dict(train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"), text_column="body",
+                label_column="y", id_column="rid", labels=LABELS, validation_fraction=0.2)
+    plain = load_splits(DataConfig(**base), seed=3)
+    more = load_splits(DataConfig(**base, validation_from_test=0.25), seed=3)
+    assert more["train"]["id"].tolist() == plain["train"]["id"].tolist()
+    assert (len(plain["validation"]), len(plain["test"])) == (18, 60)
+    assert (len(more["validation"]), len(more["test"])) == (18 + 15, 45)
+    moved = set(more["validation"]["id"]) - set(plain["validation"]["id"])
+    assert len(moved) == 15 and moved <= set(plain["test"]["id"]) and not moved & set(more["test"]["id"])
+    assert set(more["validation"].loc[more["validation"]["id"].isin(moved), "label"]) == set(LABELS)  # stratified
+    assert more.digests() == load_splits(DataConfig(**base, validation_from_test=0.25), seed=3).digests()
