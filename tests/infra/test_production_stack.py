@@ -108,7 +108,8 @@ def stack(postgres, s3_endpoint, tmp_path_factory):
         "mlflow": ([BIN / "mlflow", "server", "--backend-store-uri", postgres["url"]("mlflow"),
                     "--default-artifact-root", f"s3://{ARTIFACTS}", "--no-serve-artifacts", "--workers", "1",
                     "--host", "127.0.0.1", "--port", mlflow_port],
-                   {**aws, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                   {**aws, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as `distill ui`: no job runner (3 processes)
                    f"http://127.0.0.1:{mlflow_port}/health"),
         "prefect": ([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", prefect_port],
                     {"PREFECT_API_DATABASE_CONNECTION_URL": postgres["url"]("prefect", "+asyncpg"),
