@@ -169,6 +169,20 @@ def _link_notes(prefect_port: int, mlflow_port: int, mlflow_ui: str, prefect_ui:
     return notes
 
 
+def _mlflow_start(mlflow_local: str, experiment: str) -> str:
+    """Where a person starts in the MLflow UI: the pipeline's training runs when the experiment exists, else the
+    experiment list; in model-training mode either way (presentation.MODEL_TRAINING: the registry in the sidebar)."""
+    from mlflow import MlflowClient
+
+    from distill_gap.registry.presentation import mlflow_ui_url
+
+    try:
+        found = MlflowClient(tracking_uri=mlflow_local).get_experiment_by_name(experiment)
+    except Exception:  # the store answers health checks but not this: the list is still a start
+        found = None
+    return mlflow_ui_url(mlflow_local, f"experiments/{found.experiment_id}/runs" if found else "experiments")
+
+
 class _Failed(Exception):
     def __init__(self, problem: str, log: Path):
         super().__init__(problem)
@@ -189,6 +203,7 @@ def ui(prefect_port: Optional[int] = typer.Option(
        timeout: float = typer.Option(180.0, help="seconds to wait for both servers to answer")):
     """Start the Prefect and MLflow UIs on 127.0.0.1; "ready" once both answer (Ctrl-C, SIGTERM or SIGHUP stop both)."""
     from distill_gap.errors import DistillError
+    from distill_gap.registry.presentation import mlflow_ui_url
     from flows.config import TrackingConfig
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)  # the state folder first: Prefect's settings create PREFECT_HOME in it
@@ -226,12 +241,10 @@ def ui(prefect_port: Optional[int] = typer.Option(
         _wait_ready(servers, timeout)
         console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}   (flow runs, gap-report artifacts; "
                       f"history in {os.environ.get('PREFECT_HOME', '~/.prefect')})")
-        console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}   (runs, registry: <name>-teacher/-student/-edge; "
-                      f"{tracking_uri})")
-        # MLflow 3.17's sidebar opens in GenAI mode in a fresh browser whatever the experiment's kind
-        # (mlflow/mlflow#24498): say where the models are and how to get the registry into the sidebar
-        console.print(f"            registry: http://127.0.0.1:{mlflow_port}/#/models (in the sidebar: switch the "
-                      "GenAI / Model training toggle to Model training once)")
+        mlflow_local = f"http://127.0.0.1:{mlflow_port}"
+        console.print(f"MLflow UI   {_mlflow_start(mlflow_local, tracking.experiment)}   (runs; {tracking_uri})")
+        console.print(f"            registry: {mlflow_ui_url(mlflow_local, 'models')} "
+                      "(<name>-teacher/-student/-edge)")
         for note in _link_notes(prefect_port, mlflow_port, mlflow_ui, prefect_ui):
             console.print(note)
         console.print(f"ready: both answer their health checks; logs in {LOG_DIR}/ (Ctrl-C or SIGTERM stops both)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distill_gap.errors import DistillError
 from distill_gap.registry.model_uri import parse_model_uri
+from distill_gap.registry.presentation import mlflow_ui_url
 from distill_gap.registry.versions import resolve_version
 
 
@@ -79,12 +80,12 @@ def lineage(client, uri: str, *, mlflow_ui: str = "http://127.0.0.1:5000",
                            "<name>-student version")
 
     def version_link(n, v):
-        return f"{mlflow_ui}/#/models/{n}/versions/{v}"
+        return mlflow_ui_url(mlflow_ui, f"models/{n}/versions/{v}")
 
     def run_link(run_id):
         if not run_id:
             return None
-        return f"{mlflow_ui}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+        return mlflow_ui_url(mlflow_ui, f"experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}")
 
     def node(mv, role):
         return {"role": role, "name": mv.name, "version": int(mv.version), "digest": mv.tags.get("model.digest"),

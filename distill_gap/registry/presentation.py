@@ -139,6 +139,17 @@ def describe_run(client, run_id: str, report, gates: dict, edge: str, *, links: 
 
 
 DISTILL_UI_PREFECT = "http://127.0.0.1:4200"  # `distill ui`'s Prefect UI at its default --prefect-port
+# MLflow 3.17's sidebar follows a `workflowType` route parameter, else the browser's stored choice (GenAI in a fresh
+# browser, whatever the experiment's kind: no model registry in the sidebar, mlflow/mlflow#24498): every link
+# into the MLflow UI carries it, so it opens on the training runs with the registry in the sidebar
+MODEL_TRAINING = "?workflowType=machine_learning"
+
+
+def mlflow_ui_url(mlflow_ui: str, route: str) -> str:
+    """A page of the MLflow UI in model-training mode: `route` is the UI's hash route ('models/x/versions/1');
+    `mlflow_ui` "" gives it relative to the UI (see mlflow_page)."""
+    base = f"{mlflow_ui.rstrip('/')}/" if mlflow_ui else ""
+    return f"{base}#/{route.strip('/')}{MODEL_TRAINING}"
 
 
 def mlflow_page(mlflow_ui: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
@@ -146,8 +157,8 @@ def mlflow_page(mlflow_ui: str, experiment_id: str, run_id: str, artifact: str |
     MLflow UI (`#/experiments/...`, the UI's own hash route): written into MLflow's own pages, it works on whatever
     port the UI is opened (`distill ui --mlflow-port`). An absolute base (tracking.ui_url) is for pages outside
     MLflow (Prefect artifacts, the terminal)."""
-    base = f"{mlflow_ui.rstrip('/')}/" if mlflow_ui else ""
-    return f"{base}#/experiments/{experiment_id}/runs/{run_id}" + (f"/artifactPath/{artifact}" if artifact else "")
+    return mlflow_ui_url(mlflow_ui, f"experiments/{experiment_id}/runs/{run_id}"
+                                    + (f"/artifactPath/{artifact}" if artifact else ""))
 
 
 def prefect_link(prefect_ui: str | None, flow_run_id: str | None) -> tuple[str, str] | None:

@@ -56,7 +56,10 @@ def test_ui_is_ready_on_any_port_and_sigterm_stops_every_child(tmp_path):
         assert _get(f"http://127.0.0.1:{mlflow_port}/health")[0] == 200
         printed = out.read_text()
         assert f"http://127.0.0.1:{prefect_port}" in printed and f"http://127.0.0.1:{mlflow_port}" in printed
-        assert f"registry: http://127.0.0.1:{mlflow_port}/#/models" in printed  # MLflow opens in GenAI mode
+        # in model-training mode (MLflow 3.17 opens a fresh browser in GenAI mode: no registry in the sidebar); a new
+        # store has no experiment yet: the experiment list
+        assert f"MLflow UI   http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in printed
+        assert f"registry: http://127.0.0.1:{mlflow_port}/#/models?workflowType=machine_learning" in printed
         # ports other than the ones the links were written for: how to match them (issue 23), and no library noise
         assert "start `distill ui --mlflow-port 5000`" in printed and "start `distill ui --prefect-port 4200`" in printed
         assert "Warning" not in printed, printed

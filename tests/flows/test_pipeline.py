@@ -297,8 +297,8 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     stage = {r.data.tags["distill.stage"]: r.info.run_id for r in children}
     # relative to the MLflow UI: they open on whatever port it was started (`distill ui --mlflow-port`)
     assert (f"[Gap report](#/experiments/{exp}/runs/{stage['evaluate']}/artifactPath/evaluation/"
-            f"gap_report.html) · [Dossier](#/experiments/{exp}/runs/{stage['register']}/"
-            "artifactPath/dossier/dossier.html)") in edge.description
+            f"gap_report.html?workflowType=machine_learning) · [Dossier](#/experiments/{exp}/runs/"
+            f"{stage['register']}/artifactPath/dossier/dossier.html?workflowType=machine_learning)") in edge.description
     assert "distill promote" in client.get_registered_model("tiny-edge").description
     assert "distill promote" in client.get_registered_model("tiny-student").description
     # the pipeline run: its description and headline metrics; the logged edge model carries the same metrics

@@ -27,7 +27,7 @@ def test_lineage_reads_the_chain_from_the_records(chain):
     assert (edge["name"], edge["version"], edge["digest"], edge["aliases"]) == ("x-edge", 1, digests["x-edge"],
                                                                                 ["champion"])
     assert edge["signed"] and edge["gates_passed"] == "false"
-    assert edge["link"] == "http://mlflow/#/models/x-edge/versions/1"
+    assert edge["link"] == "http://mlflow/#/models/x-edge/versions/1?workflowType=machine_learning"
     assert (student["name"], student["digest"]) == ("x-student", digests["x-student"])
     assert soft == {"role": "soft labels", "uri": chain["store"].entry_uri(chain["key"]), "key": chain["key"]}
     assert (teacher["name"], teacher["version"], teacher["license"]) == ("x-teacher", 1, "mit")

@@ -61,10 +61,12 @@ def test_links_in_mlflow_are_relative_links_from_prefect_follow_tracking_ui_url(
     exp = run.client.get_run(run.run_id).info.experiment_id
     assert run.prefect_ui == ""  # the embedded Prefect's UI is wherever `distill ui` is started: not known now
     assert run.links(evaluate_run=evaluate_run) == {
-        "Gap report": f"#/experiments/{exp}/runs/{evaluate_run}/artifactPath/evaluation/gap_report.html",
+        "Gap report": f"#/experiments/{exp}/runs/{evaluate_run}/artifactPath/evaluation/gap_report.html"
+        "?workflowType=machine_learning",
         "Prefect flow run (`distill ui` on its default port 4200)": "http://127.0.0.1:4200/runs/flow-run/fr-1"}
     assert run.mlflow_url(evaluate_run, "evaluation/gap_report.html") == (
-        f"http://mlflow.example:5011/#/experiments/{exp}/runs/{evaluate_run}/artifactPath/evaluation/gap_report.html")
+        f"http://mlflow.example:5011/#/experiments/{exp}/runs/{evaluate_run}/artifactPath/evaluation/gap_report.html"
+        "?workflowType=machine_learning")
     # a Prefect UI known when the run starts (PREFECT_UI_URL, or a server's PREFECT_API_URL) is linked as it is
     with temporary_settings(updates={PREFECT_UI_URL: "http://127.0.0.1:4311/"}):
         with open_pipeline_run(cfg, trigger_reason="manual", flow_run_id="fr-2", work_root=tmp_path) as run:

@@ -5,8 +5,8 @@ markdown description (verdict first), the registered model's word on promotion, 
 from __future__ import annotations
 
 from distill_gap.evaluation.gap_report import GapReport
-from distill_gap.registry.presentation import (NOTE, describe_model, describe_run, headline_metrics, mlflow_page,
-                                               prefect_link, ui_links, version_description)
+from distill_gap.registry.presentation import (MODEL_TRAINING as MT, NOTE, describe_model, describe_run,
+                                               headline_metrics, mlflow_page, prefect_link, ui_links, version_description)
 from distill_gap.registry.tracking import client_for, experiment_id, mlflow_run
 from tests.helpers import fresh_mlflow_db
 
@@ -77,8 +77,8 @@ def test_run_model_and_experiment_descriptions_in_mlflow(tmp_path, mlflow_db_tem
     assert run.data.metrics["headline.worst_critical_slice_accuracy"] == 0.706
     note = run.data.tags[NOTE]
     assert note.startswith("**Verdict: insufficient evidence**") and "- condition=Pain: -5.9 pts (n=17)" in note
-    assert f"(http://127.0.0.1:5000/#/experiments/{eid}/runs/ev1/artifactPath/evaluation/gap_report.html)" in note
-    assert f"(http://127.0.0.1:5000/#/experiments/{eid}/runs/reg1/artifactPath/dossier/dossier.html)" in note
+    assert f"(http://127.0.0.1:5000/#/experiments/{eid}/runs/ev1/artifactPath/evaluation/gap_report.html{MT})" in note
+    assert f"(http://127.0.0.1:5000/#/experiments/{eid}/runs/reg1/artifactPath/dossier/dossier.html{MT})" in note
     assert "[Prefect flow run](http://127.0.0.1:4300/runs/flow-run/fr-1)" in note
     # the registered model says how to promote; a description written by hand is left alone
     client.create_registered_model("x-edge")
@@ -95,17 +95,17 @@ def test_links_inside_mlflow_are_relative_to_its_ui_and_the_prefect_link_says_wh
     same route on whatever host and port the page was opened (`distill ui --mlflow-port`); pages outside MLflow get
     the absolute tracking.ui_url."""
     links = ui_links("", "7", evaluate_run="ev1", register_run="reg1", prefect_ui="", flow_run_id="fr-1")
-    assert links == {"Gap report": "#/experiments/7/runs/ev1/artifactPath/evaluation/gap_report.html",
-                     "Dossier": "#/experiments/7/runs/reg1/artifactPath/dossier/dossier.html",
+    assert links == {"Gap report": "#/experiments/7/runs/ev1/artifactPath/evaluation/gap_report.html" + MT,
+                     "Dossier": "#/experiments/7/runs/reg1/artifactPath/dossier/dossier.html" + MT,
                      "Prefect flow run (`distill ui` on its default port 4200)":
                          "http://127.0.0.1:4200/runs/flow-run/fr-1"}
-    assert mlflow_page("http://mlflow:5011/", "7", "r1") == "http://mlflow:5011/#/experiments/7/runs/r1"
-    assert mlflow_page("", "7", "r1", "a/b.html") == "#/experiments/7/runs/r1/artifactPath/a/b.html"
+    assert mlflow_page("http://mlflow:5011/", "7", "r1") == "http://mlflow:5011/#/experiments/7/runs/r1" + MT
+    assert mlflow_page("", "7", "r1", "a/b.html") == "#/experiments/7/runs/r1/artifactPath/a/b.html" + MT
     # the Prefect UI known at write time (PREFECT_UI_URL, a server's PREFECT_API_URL): linked as it is
     assert prefect_link("https://prefect.example/", "fr-1") == ("Prefect flow run",
                                                                 "https://prefect.example/runs/flow-run/fr-1")
     assert prefect_link("", None) is None and prefect_link("http://p", "None") is None  # no flow run, no link
     note = version_description(_report(), GATES, EDGE, kind="", links=links).split("\n\n")[-1]
-    assert note.startswith("[Gap report](#/experiments/7/runs/ev1/artifactPath/evaluation/gap_report.html) · ")
+    assert note.startswith(f"[Gap report](#/experiments/7/runs/ev1/artifactPath/evaluation/gap_report.html{MT}) · ")
     assert note.endswith(" · [Prefect flow run (`distill ui` on its default port 4200)]"
                          "(http://127.0.0.1:4200/runs/flow-run/fr-1)")
