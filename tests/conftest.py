@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 
 # Set before prefect/mlflow/GX are imported anywhere in the test session.
 _HOME = Path(tempfile.mkdtemp(prefix="distill-tests-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)  # each test process's PREFECT_HOME goes with it
 os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
