@@ -90,6 +90,8 @@ def test_builtin_drugreview_demo_splits():
     splits = load_splits(load_config("configs/demo.yaml").data, seed=13)
     assert set(splits.frames) == {"train", "validation", "test", "ood:not_drug_reviews", "ood:unseen_conditions"}
     assert len(splits["train"]) > 400 and len(splits["ood:unseen_conditions"]) > 100
+    # validation: 0.12 of train and a fifth of test (configs/demo.yaml says why): ~2x the rows of train's share alone
+    assert len(splits["validation"]) >= 120 and len(splits["test"]) >= 250
     assert not splits["train"]["condition"].isin(["Acne", "Obesity"]).any()
     assert "&#039;" not in " ".join(splits["train"]["text"])  # HTML entities decoded
 
@@ -147,7 +149,7 @@ def test_far_ood_csv_loads_with_the_demo_columns(tmp_path):
     reviews = pd.DataFrame({"review_id": [str(i) for i in range(60)], "review": [f"this drug helped {i}" for i in range(60)],
                             "rating": [LABELS[i % 3] for i in range(60)], "condition": ["Pain"] * 50 + ["Acne"] * 10})
     reviews.to_csv(tmp_path / "reviews.csv", index=False)
-    data = demo.model_copy(update={"train": str(tmp_path / "reviews.csv"), "test": None})
+    data = demo.model_copy(update={"train": str(tmp_path / "reviews.csv"), "test": None, "validation_from_test": 0.0})
 
     splits = load_splits(data, seed=13)
     far = splits["ood:not_drug_reviews"]
