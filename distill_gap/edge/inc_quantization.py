@@ -23,7 +23,8 @@ from distill_gap.inference.predictor import load_predictor
 
 # Candidate INC configurations, tried in this order by autotune. Weights are per-channel throughout: INC's
 # per-tensor default for dynamic lost ~10 points of argmax agreement on MiniLM-L6. The fp32 fallbacks keep the
-# layers most sensitive in BERT (the classification head, then the FFN output projections) in fp32.
+# layers most sensitive in BERT (the classification head, then the FFN output projections) in fp32, found in each
+# student's exported graph (fp32_fallbacks), so they hold for every encoder family.
 CANDIDATES = ("static", "static-kl", "static-sym", "dynamic", "static-fp32-head", "static-fp32-ffn-out")
 
 
@@ -120,8 +121,65 @@ def _drop_unused_attributes(gm) -> None:
     gm.delete_all_unused_submodules()
 
 
-def inc_config(name: str, num_layers: int):
-    """The INC config object of a named candidate (a fresh object each call)."""
+FP32_FALLBACKS = {"static-fp32-head": "the classifier head (the Linear giving the logits and the Linear feeding it)",
+                  "static-fp32-ffn-out": "the FFN output projections (Linears reading the intermediate width)"}
+
+
+def _graph_linears(graph) -> list[tuple[str, int, int, object]]:
+    """(module name, in_features, out_features, node) of every linear call in an exported graph, in graph order; the
+    module name is the one INC's set_local matches (nn_module_stack: model.<path in the student>)."""
+    import torch
+
+    found = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        weight = getattr(node.args[1], "meta", {}).get("val")
+        if stack and weight is not None and weight.dim() == 2:
+            found.append((str(stack[-1][0]).removeprefix("L['self']."), int(weight.shape[1]), int(weight.shape[0]),
+                          node))
+    return found
+
+
+def fp32_fallbacks(graph, config) -> dict[str, list[str]]:
+    """The modules each fp32-fallback candidate keeps in fp32, found in the exported graph (not by module names).
+
+    static-fp32-head: the last linear with config.num_labels outputs and the nearest linear upstream of it (BERT's
+    pooler, DistilBERT's pre_classifier, RoBERTa's classifier.dense, ModernBERT's head.dense).
+    static-fp32-ffn-out: the linears whose input is the intermediate width (intermediate_size; DistilBERT
+    hidden_dim). A candidate with nothing to keep is absent.
+    """
+    linears = _graph_linears(graph)
+    by_node = {node: name for name, _, _, node in linears}
+    heads = [(name, node) for name, _, out, node in linears if out == int(config.num_labels)]
+    out: dict[str, list[str]] = {}
+    if heads:
+        head, node = heads[-1]
+        out["static-fp32-head"] = [head]
+        frontier, seen = list(node.args[:1]), set()
+        while frontier:  # breadth first from the head's input back to the nearest linear
+            n = frontier.pop(0)
+            if n in seen or not hasattr(n, "all_input_nodes"):
+                continue
+            seen.add(n)
+            if n in by_node:
+                out["static-fp32-head"].append(by_node[n])
+                break
+            frontier.extend(n.all_input_nodes)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
+    ffn_out = [name for name, fan_in, _, _ in linears if inter and fan_in == inter and name not in out.get(
+        "static-fp32-head", [])]
+    if ffn_out:
+        out["static-fp32-ffn-out"] = ffn_out
+    return out
+
+
+def inc_config(name: str, fallbacks: dict[str, list[str]] | None = None, *, family: str = "this"):
+    """The INC config object of a named candidate (a fresh object each call); `fallbacks`: fp32_fallbacks' modules.
+
+    A fallback candidate with no modules found in the graph is refused: INC would ignore it and quantize all.
+    """
     from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig
 
     if name not in CANDIDATES:
@@ -129,9 +187,10 @@ def inc_config(name: str, num_layers: int):
     if name == "dynamic":
         return DynamicQuantConfig(w_granularity="per_channel")
     config = StaticQuantConfig(act_algo="kl" if name == "static-kl" else "minmax", act_sym=name == "static-sym")
-    fp32 = {"static-fp32-head": ["model.classifier", "model.bert.pooler.dense"],
-            "static-fp32-ffn-out": [f"model.bert.encoder.layer.{i}.output.dense" for i in range(num_layers)]}
-    for op in fp32.get(name, []):
+    if name in FP32_FALLBACKS and not (fallbacks or {}).get(name):
+        raise DistillError(f"quantize-int8: candidate {name} keeps {FP32_FALLBACKS[name]} in fp32, and the {family} "
+                           "student's exported graph has none", f"remove {name} from quantize.candidates")
+    for op in (fallbacks or {}).get(name, []) if name in FP32_FALLBACKS else []:
         config.set_local(op, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
     return config
 
@@ -231,10 +290,6 @@ def _save_int8(program, root: Path, out: Path, meta: dict) -> None:
     replace_dir(tmp, out)
 
 
-def _num_layers(root: Path) -> int:
-    return int(json.loads((root / "config.json").read_text()).get("num_hidden_layers", 0))
-
-
 def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str], val_label_ids, heldout_texts,
                   out_dir, *, tolerable_loss: float = 0.01, max_trials: int = 6,
                   candidates: Sequence[str] = CANDIDATES, max_length: int = 128, batch_size: int = 32,
@@ -284,9 +339,10 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
     baseline = accuracy(reference if same_texts else fp32.predict_logits(val_texts, batch_size=batch_size), label_ids)
     goal = baseline * (1 - tolerable_loss)
     # 3. INC autotune over the candidates, every trial recorded by eval_fn
-    num_layers = _num_layers(root)
-    configs = [(name, inc_config(name, num_layers)) for name in candidates]
+    family = student.config.model_type
     graph, example, dyn = _export_graph(student, tokenizer, max_length=max_length, int8_embeddings=int8_embeddings)
+    fallbacks = fp32_fallbacks(graph, student.config)  # the fp32 modules of each fallback candidate, from the graph
+    configs = [(name, inc_config(name, fallbacks, family=family)) for name in candidates]
     calib = list(calibration_texts) or ["example input"]
 
     trials: list[dict] = []
@@ -342,7 +398,7 @@ def autotune_int8(student_dir, calibration_texts: list[str], val_texts: list[str
                     tolerable_loss=tolerable_loss, goal=goal, max_trials=max_trials, trials=trials,
                     best=best["name"], met=bool(met), reason=reason)
     # 4. the chosen candidate built with folded int8 weights, saved, reloaded from disk for parity
-    config = inc_config(best["name"], num_layers)
+    config = inc_config(best["name"], fallbacks, family=family)
     static = best["name"] != "dynamic"
     texts = calib if static else ["example input"]
     try:

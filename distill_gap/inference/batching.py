@@ -85,13 +85,25 @@ def run_batched(tokenizer, texts: Sequence[str], run_batch: Callable[[dict[str, 
                                max_length=max_length, keys=keys, desc=desc)[0]
 
 
+def _model_inputs(model, arrays: dict[str, np.ndarray], device: str) -> dict:
+    """The arrays the model's forward takes, as tensors on `device`: a tokenizer may give more (a BERT tokenizer's
+    token_type_ids to DistilBERT or ModernBERT, which have no token types)."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items() if takes_any or k in params}
+
+
 def predict_logits(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
                    device: str = "cpu", desc: str | None = None) -> np.ndarray:
     """Logits (N, C) float32 of a Hugging Face classifier in the order of `texts`; a progress bar with `desc`."""
     import torch
 
     def run_batch(arrays: dict[str, np.ndarray]) -> np.ndarray:
-        batch = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        batch = _model_inputs(model, arrays, device)
         return model(**batch).logits.float().cpu().numpy()  # (B, C)
 
     model.eval().to(device)
@@ -128,7 +140,7 @@ def predict_outputs(model, tokenizer, texts: Sequence[str], *, batch_size: int =
 
     def run_batch(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         seen.clear()
-        batch = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        batch = _model_inputs(model, arrays, device)
         logits = model(**batch).logits.float().cpu().numpy()  # (B, C)
         features = seen[-1]
         if features.dim() != 2:  # e.g. GPT-2's head scores every token, then picks one: no pooled input

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from distill_gap.errors import DistillError
 
-# Encoder layer containers of the architectures we can slice: BERT-likes and DistilBERT.
-_LAYER_KEY = re.compile(r"^(?P<pre>.*\.(?:encoder|transformer)\.layer\.)(?P<idx>\d+)(?P<post>\..*)$")
+# Encoder layer containers of the architectures we can slice: <base>.encoder.layer.N (BERT, RoBERTa, XLM-RoBERTa,
+# DeBERTa-v2), <base>.transformer.layer.N (DistilBERT), <base>.layers.N (ModernBERT).
+_LAYER_KEY = re.compile(r"^(?P<pre>.*\.(?:(?:encoder|transformer)\.layer|layers)\.)(?P<idx>\d+)(?P<post>\..*)$")
+_SLICE_FAMILIES = "BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2, DistilBERT, ModernBERT"
 STUDENT_KINDS = ("layers", "config", "pretrained")
 _SPEC_FIELDS = {
     "layers": ({"layers", "every"}, set()),  # (allowed, required); exactly one of layers/every
@@ -80,18 +82,45 @@ def _layer_indices(teacher) -> set[int]:
     return {int(m["idx"]) for key in teacher.state_dict() if (m := _LAYER_KEY.match(key))}
 
 
+def _check_layer_kinds(config, layers: list[int]) -> None:
+    """Refuse a slice that would change what a kept layer computes.
+
+    ModernBERT decides per layer index: layer i attends globally when i % global_attn_every_n_layers == 0 (else
+    within a local window, with another rotary base), and layer 0 alone has no attention LayerNorm. Teacher layer
+    layers[j] becomes student layer j, so both must be of the same kind.
+    """
+    every = getattr(config, "global_attn_every_n_layers", None)
+    if config.model_type != "modernbert" or not _is_int(every) or every < 1:
+        return
+    kind = lambda i: "global" if i % every == 0 else "local"  # noqa: E731
+    wrong = [(j, old) for j, old in enumerate(layers) if kind(j) != kind(old)]
+    if layers[0] != 0 or wrong:
+        j, old = wrong[0] if wrong else (0, layers[0])
+        why = (f"teacher layer {old} ({kind(old)} attention) would become student layer {j} ({kind(j)} attention)"
+               if wrong else f"student layer 0 must be teacher layer 0 (the only layer without attention LayerNorm), "
+                             f"not {old}")
+        raise DistillError(f"distill: a student of kind 'layers' cannot slice this modernbert teacher as "
+                           f"{layers}: {why}; layer i attends globally when i % {every} == 0",
+                           f"keep layer 0 and put the teacher's global layers (multiples of {every}) at student "
+                           f"positions that are multiples of {every}, e.g. "
+                           f"{list(range(min(every, int(config.num_hidden_layers))))}, or use a student "
+                           "of kind 'config'")
+
+
 def student_from_layers(teacher, layers: list[int]):
     """A copy of `teacher` keeping only the encoder `layers` (DistilBERT-style init).
 
     Embeddings, pooler and classifier head are copied as they are; teacher layer layers[j] becomes
     student layer j.
     """
+    family = teacher.config.model_type
     n_teacher = getattr(teacher.config, "num_hidden_layers", None)
     if not _is_int(n_teacher) or _layer_indices(teacher) != set(range(n_teacher)):
-        raise DistillError(f"cannot slice the layers of a {teacher.config.model_type} model "
-                           "(only BERT-likes with encoder.layer.N and DistilBERT with transformer.layer.N)",
-                           "use a BERT-like or DistilBERT teacher, or a student of kind 'config' or 'pretrained'")
+        raise DistillError(f"distill: a student of kind 'layers' cannot slice the layers of a {family} model "
+                           f"(supported: {_SLICE_FAMILIES}, whose layers are encoder.layer.N, transformer.layer.N "
+                           "or layers.N)", "use a student of kind 'config' or 'pretrained' for this teacher")
     layers = resolve_layers(layers, n_teacher)
+    _check_layer_kinds(teacher.config, layers)
     student_cfg = copy.deepcopy(teacher.config)
     student_cfg.num_hidden_layers = len(layers)  # attribute_map turns this into n_layers for DistilBERT
     student = type(teacher)(student_cfg)
@@ -104,7 +133,11 @@ def student_from_layers(teacher, layers: list[int]):
         elif int(m["idx"]) in new_of_old:
             state[f"{m['pre']}{new_of_old[int(m['idx'])]}{m['post']}"] = value.detach().clone()
     missing, unexpected = student.load_state_dict(state, strict=False)
-    assert not unexpected and not [k for k in missing if "position_ids" not in k], (missing, unexpected)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:  # a layer whose parameters depend on its index (e.g. ModernBERT's layer 0)
+        raise DistillError(f"distill: a student of kind 'layers' on a {family} teacher with layers {layers}: the "
+                           f"student's layers do not take the teacher's weights one to one (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})", "pick other layers, or use a student of kind 'config'")
     return student
 
 
@@ -154,7 +187,8 @@ def _copy_embeddings(teacher, student) -> None:
     s_state = student.state_dict()
     copied = {k: v for k, v in teacher.state_dict().items() if k.startswith(prefix) and k in s_state
               and v.shape == s_state[k].shape}
-    assert any("word_embeddings" in k for k in copied), sorted(copied)
+    table = teacher.get_input_embeddings().weight  # word_embeddings; ModernBERT's tok_embeddings
+    assert any(v.data_ptr() == table.data_ptr() for v in copied.values()), sorted(copied)
     with torch.no_grad():
         student.load_state_dict(copied, strict=False)
 
