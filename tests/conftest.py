@@ -303,6 +303,7 @@ LONGEST_MODULES = [
     "tests/infra/test_production_stack.py",  # ~100 s: PostgreSQL, prefect and mlflow servers, one `distill run`
     "tests/reliability/test_concurrent_runs.py",  # ~75 s: two `distill run` at once, each with its own server
     "tests/reliability/test_serving_load.py",  # ~70 s: 14 `distill predict` processes, an mlflow server
+    "tests/distill_gap/test_encoder_families.py",  # ~70 s: six families through INC INT8 and ONNX export
     "tests/flows/test_default_gates.py",  # ~70 s: a teacher trained, two in-process runs on default gates, CLI processes
     "tests/flows/test_pipeline.py",  # ~65 s: two in-process runs, a `distill verify` process
     "tests/reliability/test_s3_outage.py",  # ~60 s: two in-process runs, one to the end
