@@ -141,6 +141,25 @@ def _local_port(url: str | None) -> int | None:
     return port if parts.hostname in ("127.0.0.1", "localhost") else None
 
 
+def _make_state_dir() -> list[Path]:
+    """Make LOG_DIR (and the folders above it); return the folders that did not exist yet, deepest first, with
+    PREFECT_HOME when Prefect is about to create it there, so that a refusal can leave the working copy as it was."""
+    home = os.environ.get("PREFECT_HOME")
+    candidates = [LOG_DIR, *LOG_DIR.parents] + ([Path(home)] if home else [])
+    made = sorted((p for p in candidates if str(p) != "." and not p.exists()), key=lambda p: -len(p.resolve().parts))
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each folder that is still empty (deepest first); anything written into one keeps it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def _link_targets(tracking) -> tuple[str, str | None]:
     """Where the links people click were written to point: the MLflow UI of Prefect artifacts (`tracking.ui_url`)
     and the Prefect UI of MLflow descriptions for runs on the embedded Prefect, the history this command serves
@@ -206,22 +225,24 @@ def ui(prefect_port: Optional[int] = typer.Option(
     from distill_gap.registry.presentation import mlflow_ui_url
     from flows.config import TrackingConfig
 
-    LOG_DIR.mkdir(parents=True, exist_ok=True)  # the state folder first: Prefect's settings create PREFECT_HOME in it
+    made = _make_state_dir()  # first: importing Prefect's settings creates PREFECT_HOME in it
     try:
         tracking = load_cfg(config, None).tracking if config else TrackingConfig()
     except DistillError as err:
+        _remove_empty(made)
         fail(err)
     mlflow_ui, prefect_ui = _link_targets(tracking)
     prefect_port = prefect_port or _local_port(prefect_ui) or 4200
     mlflow_port = mlflow_port or _local_port(mlflow_ui) or 5000
     tracking_uri = tracking_uri or tracking.uri
-    for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):
-        if not _port_free(port):
-            err_console.print(f"error: port {port} on 127.0.0.1 is in use\n  fix: stop what holds it, or pass "
-                              f"{flag} with a free port")
-            raise typer.Exit(2)
-    if prefect_port == mlflow_port:
-        err_console.print("error: --prefect-port and --mlflow-port are the same\n  fix: give each server its own port")
+    refusal = next((f"error: port {port} on 127.0.0.1 is in use\n  fix: stop what holds it, or pass {flag} with a "
+                    "free port" for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port))
+                    if not _port_free(port)), None)
+    if refusal is None and prefect_port == mlflow_port:
+        refusal = "error: --prefect-port and --mlflow-port are the same\n  fix: give each server its own port"
+    if refusal:  # nothing started, and nothing left behind: the folders this call made go again
+        _remove_empty(made)
+        err_console.print(refusal)
         raise typer.Exit(2)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise_stop)
