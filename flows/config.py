@@ -18,7 +18,8 @@ from distill_gap.errors import DistillError
 
 
 from flows.config_section import Section as _Section
-from flows.config_student import AugmentConfig, PruneConfig, RedistillConfig, StudentConfig, VocabConfig
+from flows.config_student import (AugmentConfig, PruneConfig, RedistillConfig, StudentConfig, SweepConfig,
+                                  VocabConfig)
 
 
 class HoldoutConfig(_Section):
@@ -333,6 +334,7 @@ class PipelineConfig(_Section):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     redistill: RedistillConfig = Field(default_factory=RedistillConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # the size sweep: a ladder of students (issue 21)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
@@ -347,6 +349,7 @@ class PipelineConfig(_Section):
         if self.scope.region_column is not None and self.scope.region_column not in columns:
             raise ValueError(f"scope.region_column {self.scope.region_column!r} is not one of data.slice_columns "
                              f"{columns}: add it there, or leave scope.region_column out")
+        self.sweep.resolve(self.distill)  # a bad candidate fails at load, naming it
         return self
 
     def digest(self) -> str:
@@ -400,8 +403,8 @@ def _explain(err: ValidationError, source: str) -> DistillError:
             lines.append(f"unknown key '{loc}'{hint}")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{loc}'")
-        else:
-            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+        else:  # a section's own check (loc ''): its message names the keys, the input would be the whole config
+            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})" if loc else e["msg"].removeprefix("Value error, "))
     return DistillError(
         f"invalid config {source}:\n    " + "\n    ".join(lines),
         "correct the keys above in the YAML file or the --set overrides",

@@ -3,9 +3,9 @@ what it is built from, what is cut from it, and what extra text it learns from. 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flows.config_section import Section
 
@@ -20,6 +20,14 @@ class StudentConfig(Section):
     num_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(512, ge=1)
     path: str | None = None  # kind pretrained: a local model folder sharing the teacher's tokenizer
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "StudentConfig":
+        if self.kind == "config" and self.hidden_size % self.num_heads:
+            raise ValueError(f"distill.student.hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}: pick num_heads dividing it (e.g. "
+                             f"{next(h for h in (8, 6, 4, 3, 2, 1) if self.hidden_size % h == 0)})")
+        return self
 
 
 class VocabConfig(Section):
@@ -76,3 +84,57 @@ class RedistillConfig(Section):
     def active(self) -> bool:
         """A redistillation: the candidate is also evaluated beside the champion it would replace (vs_champion gates)."""
         return bool(self.production or self.feedback)
+
+
+class SweepCandidate(Section):
+    """One rung of the size sweep: a name and the keys of the distill section it changes (a nested mapping merged
+    over distill, e.g. {student: {kind: config, hidden_size: 256}, vocab: {trim: true}})."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")  # MLflow run and Prefect task run names
+    distill: dict[str, Any] = Field(default_factory=dict)
+
+
+class SweepConfig(Section):
+    """The size sweep (issue 21; tasks/sweep.py): with `enabled`, the distill stage trains every candidate on the one
+    set of soft labels (each its own Prefect task and nested MLflow run), compares each with the teacher on the
+    test rows with the promotion's non-inferiority checks (aggregate, every class's recall, every critical slice),
+    and the smallest candidate (parameters) that no check shows worse goes on through quantization; one that every
+    check shows not worse wins over one with thinner evidence. None holds: the run stops, nothing is registered,
+    the candidates' runs keep the evidence. Candidates run one at a time here, or on Dask (as soft_labels does)."""
+
+    enabled: bool = False
+    candidates: list[SweepCandidate] = Field(default_factory=list)
+    task_runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None  # a running scheduler (tcp://host:8786); else a LocalCluster of dask_workers
+    dask_workers: int = Field(2, ge=1)
+
+    def resolve(self, distill) -> list[tuple[str, Any]]:
+        """(name, the distill section of the candidate) for every candidate, validated like the section itself; a
+        bad candidate raises ValueError naming it and the key."""
+        from pydantic import ValidationError
+
+        if self.enabled and not self.candidates:
+            raise ValueError("sweep.enabled needs sweep.candidates: a list of {name, distill: {changes}}")
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sweep.candidates names must differ: {names}")
+        out = []
+        for c in self.candidates:
+            if "augment" in c.distill:
+                raise ValueError(f"sweep candidate {c.name!r} sets distill.augment: the candidates share one set of "
+                                 "soft labels; set distill.augment for all of them, outside sweep.candidates")
+            try:
+                out.append((c.name, type(distill).model_validate(_merged(distill.model_dump(), c.distill))))
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"sweep candidate {c.name!r}: distill.{where}: {msg}") from None
+        return out
+
+
+def _merged(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -23,6 +23,7 @@ from tasks.promote import promote_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task, release_task
 from tasks.soft_labels import soft_labels
+from tasks.sweep import sweep
 from tasks.teacher import resolve_teacher_task
 from tasks.validate import validate_data
 
@@ -46,8 +47,11 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length,
                            augment=cfg.distill.augment, redistill=cfg.redistill, feedback_store=cfg.feedback.store,
                            seed=cfg.seed)
-        student = distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,
-                               max_length=rt.max_length, seed=cfg.seed)
+        student = (sweep(run, cfg.sweep, cfg.distill, cfg.evaluate, teacher=teacher, soft=soft, splits=splits,
+                         critical_slices=cfg.data.critical_slices, max_length=rt.max_length, seed=cfg.seed)
+                   if cfg.sweep.enabled else  # the smallest student of a ladder that holds against the teacher
+                   distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,
+                                max_length=rt.max_length, seed=cfg.seed))
         edge = quantize_task(run, cfg.quantize, student=student, splits=splits, max_length=rt.max_length,
                              min_edge_agreement=cfg.evaluate.min_edge_agreement, seed=cfg.seed)
         report, gates, edge = evaluate_task(run, cfg.evaluate, cfg.drift, cfg.scope, teacher=teacher, student=student,

@@ -23,6 +23,7 @@ from distill_gap.digest import tokenizer_digest
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import soft_labels_statement
 from distill_gap.kd.augment import ExtraRows, extra_texts
+from distill_gap.ops.task_runners import task_runner as stage_task_runner
 from distill_gap.ops.transient import is_transient, retry_if_transient_as
 from distill_gap.softlabels.engines import resolve_engine
 from distill_gap.softlabels.labelling import (LabelPlan, ShardJob, SoftLabels, finish_soft_labels, label_shard,
@@ -35,29 +36,6 @@ from tasks.attest import attest_task
 # error. Each attempt's S3 calls also get botocore's own quick retries (standard mode, AWS_MAX_ATTEMPTS,
 # 3 by default). soft_labels_stage(retry_delays=...) sets another schedule for one run.
 RETRY_DELAYS = [5, 15]
-
-
-def shard_task_runner(task_runner: str = "local", *, dask_address: str | None = None, dask_workers: int = 2):
-    """The Prefect task runner for the shard tasks: in this process one at a time, or on Dask."""
-    if task_runner == "local":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=1)   # torch already uses every thread it was given
-    if task_runner != "dask":
-        raise DistillError(f"soft_labels.task_runner {task_runner!r} is not local or dask",
-                           "set soft_labels.task_runner to local or dask")
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError as err:  # pragma: no cover - a dependency of this project
-        raise DistillError("soft_labels.task_runner is dask but prefect-dask is not installed",
-                           "pip install prefect-dask (it is in pyproject.toml)") from err
-    if dask_address:
-        return DaskTaskRunner(address=dask_address)
-    import logging
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
-                                          "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})
 
 
 def soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, tokenizer_digest: str, data_digest: str,
@@ -194,7 +172,7 @@ def _soft_labels_stage(store_uri: str, *, teacher_dir, teacher_digest: str, toke
         local_dask = task_runner == "dask" and not dask_address
         shard_run = {**run, "threads": max(1, (threads or 2) // dask_workers) if local_dask else threads}
         logger.info(f"cache miss {plan.key}: {len(jobs)} shards on the {task_runner} task runner")
-        with shard_task_runner(task_runner, dask_address=dask_address, dask_workers=dask_workers) as runner:
+        with stage_task_runner(task_runner, dask_address=dask_address, dask_workers=dask_workers) as runner:
             futures = runner.map(shard_task, {"job": jobs, "teacher_dir": unmapped(str(teacher_dir)),
                                               "run": unmapped(shard_run)})
             shards = [f.result() for f in futures]

@@ -306,6 +306,7 @@ LONGEST_MODULES = [
     "tests/distill_gap/test_encoder_families.py",  # ~70 s: six families through INC INT8 and ONNX export
     "tests/flows/test_default_gates.py",  # ~70 s: a teacher trained, two in-process runs on default gates, CLI processes
     "tests/flows/test_pipeline.py",  # ~65 s: two in-process runs, a `distill verify` process
+    "tests/flows/test_sweep.py",  # ~60 s: a Dask cluster, a sweep of three candidates to the end, one that stops
     "tests/reliability/test_s3_outage.py",  # ~60 s: two in-process runs, one to the end
     "tests/reliability/test_cold_start.py",  # ~55 s: two cold starts
     "tests/flows/test_cli_ui.py",  # ~45 s: `distill ui` with both servers, stopped by SIGTERM

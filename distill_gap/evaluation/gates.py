@@ -62,7 +62,7 @@ def _gate(value: float, threshold: float, passed: bool, detail: str, outcome: st
             "detail": detail}
 
 
-def _check_gate(c: dict) -> dict:
+def check_gate(c: dict) -> dict:
     """The gate of one paired check (distill_gap.evaluation.noninferiority): its outcome, bounds and rows needed."""
     g = _gate(c["drop"] if c["n"] else 0.0, c["margin"], False, describe(c), c["outcome"])
     g.update(rows_needed=c["rows_needed"], inherited=c["inherited"], low=c["low"], high=c["high"], n=c["n"])
@@ -110,7 +110,7 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
                     0.0, limits["noninferior:slice"], False, f"critical slice {column}={value} was declared but "
                     "not compared with the teacher: missing evidence", INSUFFICIENT)
     for c in checks or []:
-        gates[f"noninferior:{c['check']}"] = _check_gate(c)
+        gates[f"noninferior:{c['check']}"] = check_gate(c)
     # a redistillation: not shown worse than the champion it would replace, on the same checks (missing: insufficient)
     if report.champion:
         name = report.champion["name"]
@@ -118,12 +118,12 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
             gates["vs_champion"] = _gate(0.0, 0.0, False, f"{edge_model} was not compared with {name}, the champion it "
                                          "would replace: missing evidence", INSUFFICIENT)
         for c in report.champion.get("checks") or []:
-            g = _check_gate(c)
+            g = check_gate(c)
             g["detail"] = f"vs {name}: {g['detail']}"
             gates[f"vs_champion:{c['check']}"] = g
     # the teacher itself must be shown to beat the majority-class answer: every check above is relative to it
     base = next(iter(report.noninferiority.get("teacher") or []), None)
-    gates["teacher_vs_majority_class"] = _check_gate(base) if base is not None else _gate(
+    gates["teacher_vs_majority_class"] = check_gate(base) if base is not None else _gate(
         0.0, evaluate_cfg.margins.teacher_vs_majority, False, "the teacher was not compared with the majority-class "
         "answer on labelled test rows: missing evidence", INSUFFICIENT)
     if edge_model in report.calibration:

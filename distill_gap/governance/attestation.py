@@ -90,8 +90,9 @@ def soft_labels_statement(sl, *, max_length: int, soft, teacher, splits, context
 
 
 def distill_statement(d, *, seed: int, student_model_name: str, student, soft, teacher, splits,
-                      context: dict) -> dict:
-    """The student trained on the soft labels (`d`: the distill config section)."""
+                      context: dict, sweep: dict | None = None) -> dict:
+    """The student trained on the soft labels (`d`: the distill config section). A student chosen by the size
+    sweep (`sweep`: the candidates and the choice) also names the test split, on which the choice was made."""
     vocab = getattr(student, "vocab", None)  # distill.vocab.trim: tokens kept (the mapping is in the folder)
     pruning = getattr(student, "pruning", None)  # distill.prune: what was removed before training
     aug = getattr(soft, "extra", None)  # extra rows: distill.augment's, redistill's
@@ -102,12 +103,14 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
                    + (" + attention KL" if d.attention_loss else "")
                    + ("; vocabulary trimmed to the pieces the training texts use" if vocab else "")
                    + ("; attention heads and FFN neurons pruned by importance before training" if pruning else "")
+                   + (f"; chosen by the size sweep from {len(sweep['candidates'])} candidates" if sweep else "")
                    + (f"; {len(aug.frame)} extra teacher-labelled rows (KD term; a person's answer as the hard label where "
                          "there is one)" if aug is not None
                       else "")),
         parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": seed},
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, f"soft-labels/{soft.key}": soft_labels_digest(soft),
                 "data/train": splits.digests()["train"], "data/validation": splits.digests()["validation"],
+                **({"data/test": splits.digests()["test"]} if sweep else {}),
                 **({f"soft-labels/{aug.soft.key}": soft_labels_digest(aug.soft), "extra-rows": aug.digest}
                    if aug is not None else {})},
         data={**{k: v for k, v in splits.summary().items() if k in ("train", "validation")},
@@ -115,7 +118,7 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
         results={"parameters": student.parameters, "best_epoch": student.best_epoch,
                  f"best_val_{d.select_metric}": student.best_val_metric, "seconds": round(student.seconds, 1),
                  "history": student.history, **({"vocab": vocab} if vocab else {}),
-                 **({"pruning": pruning} if pruning else {})},
+                 **({"pruning": pruning} if pruning else {}), **({"sweep": sweep} if sweep else {})},
         context=context)
 
 
