@@ -228,7 +228,10 @@ def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], calibrati
             nbits = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
                 block_size=block_size, is_symmetric=False, quant_format=QuantFormat.QOperator,
                 op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),)))
-            nbits.process()
+            # a block whose values are all equal (an all-zero embedding row) has scale 0: ORT's np.where picks its
+            # fallback zero point 8 for it, after numpy has computed (and warned about) the 0/0 it discards
+            with np.errstate(divide="ignore", invalid="ignore"):
+                nbits.process()
             nbits.model.save_model_to_file(str(tmp / ONNX_FILE), use_external_data_format=False)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
