@@ -5,8 +5,9 @@
 In its own workspace (.distill/bench/compression: SQLite registry, soft-label store, keys, Prefect home), on the
 demo config and data, in one process tree and one run:
 1. `distill teacher bootstrap` (reused when the workspace already has demo-teacher@pinned), then `distill run` (today's
-   default student: layers [0, 5], full vocabulary) and `distill run --set sweep.enabled=true` (the demo's ladder,
-   configs/demo.yaml `sweep`; its chosen candidate goes through quantization, evaluation and registration).
+   default student: layers [0, 5], full vocabulary; reused when runs.json in the workspace names its edge version)
+   and `distill run --set sweep.enabled=true` (the demo's ladder, configs/demo.yaml `sweep`; its chosen candidate
+   goes through quantization, evaluation and registration).
 2. The artifacts measured, each with ONNX Runtime on 2 threads: the teacher (exported to ONNX fp32 with optimum,
    the project's export_onnx), the user's alternative (that teacher export quantized by optimum's ORTQuantizer with
    ONNX Runtime dynamic INT8, `avx2` and `avx512_vnni` presets), the default run's edge model and the sweep's
@@ -90,8 +91,12 @@ def runs(env: dict, config: Path, cfg, client) -> dict:
         proc = distill(env, "teacher", "bootstrap", "--config", str(config))
         if proc.returncode:
             raise SystemExit(f"teacher bootstrap failed:\n{proc.stderr[-3000:]}")
-    out = {}
+    record = WORK / "runs.json"
+    out = json.loads(record.read_text()) if record.is_file() else {}
     for kind, extra in (("default", []), ("sweep", ["--set", "sweep.enabled=true"])):
+        if kind == "default" and (out.get("default") or {}).get("version"):
+            log(f"reusing the default run's edge version {out['default']['version']} ({record})")
+            continue
         before = {v.version for v in client.search_model_versions(f"name='{cfg.edge_model_name}'")}
         t = time.perf_counter()
         proc = distill(env, "run", "--config", str(config), *extra)
@@ -100,6 +105,7 @@ def runs(env: dict, config: Path, cfg, client) -> dict:
         out[kind] = {"seconds": seconds, "rc": proc.returncode, "version": new[0].version if new else None,
                      "error": None if new else proc.stderr.strip().splitlines()[-3:]}
         log(f"{kind} run: rc {proc.returncode}, {seconds:.0f} s, edge version {out[kind]['version']}")
+        record.write_text(json.dumps(out, indent=2))
     return out
 
 

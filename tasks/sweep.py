@@ -94,9 +94,17 @@ def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, split
 
 
 @task(name="sweep-candidate", task_run_name="sweep-{name}", cache_policy=NO_CACHE)
-def sweep_candidate_task(name: str, distill_cfg, changes: dict, **kwargs) -> dict:
-    """One candidate of the ladder (never retried: training is not idempotent)."""
-    return train_candidate(name, distill_cfg, changes, log=get_run_logger(), **kwargs)
+def sweep_candidate_task(name: str, distill_cfg, changes: dict, *, teacher_dir, splits, soft, reference: dict,
+                         evaluate_cfg, critical_slices: dict[str, list], max_length: int, seed: int, device: str,
+                         threads: int | None, workdir: Path, tracking_uri: str, parent_run_id: str,
+                         run_name: str) -> dict:
+    """One candidate of the ladder (never retried: training is not idempotent). Every parameter is named: Prefect's
+    task runners map parameters by name."""
+    return train_candidate(name, distill_cfg, changes, teacher_dir=teacher_dir, splits=splits, soft=soft,
+                           reference=reference, evaluate_cfg=evaluate_cfg, critical_slices=critical_slices,
+                           max_length=max_length, seed=seed, device=device, threads=threads, workdir=workdir,
+                           tracking_uri=tracking_uri, parent_run_id=parent_run_id, run_name=run_name,
+                           log=get_run_logger())
 
 
 @step("sweep-reference", cache_policy=NO_CACHE)
@@ -166,7 +174,8 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, *, teacher, soft, splits, c
                     outcomes.append(future.result())
                 except Exception as err:  # noqa: BLE001 - one broken candidate is a row of the report, not the end
                     log.warning(f"sweep candidate {name} could not be trained: {err}")
-                    outcomes.append({"row": failed_candidate(name, str(err).splitlines()[0][:300]), "student": None})
+                    why = str(err).splitlines()[0] if isinstance(err, DistillError) else f"{type(err).__name__}: {err}"
+                    outcomes.append({"row": failed_candidate(name, why[:300]), "student": None})
         rows = [o["row"] for o in outcomes]
         chosen = choose(rows)
         minutes = (time.time() - start) / 60

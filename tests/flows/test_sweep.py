@@ -101,16 +101,25 @@ def test_the_smallest_candidate_that_holds_goes_on_and_is_registered(workspace):
     assert md.startswith("**Size sweep: `narrow` goes on**") and "bad-layers" in md and "could not be trained" in md
 
 
-def test_a_ladder_where_nothing_holds_stops_the_run_and_registers_nothing(workspace):
+def test_on_the_local_runner_a_broken_candidate_is_a_row_and_a_ladder_where_nothing_holds_registers_nothing(
+        workspace):
+    """The default task runner (one candidate at a time in the flow's process): the candidate that cannot be built
+    is reported with its own message and the other goes on; with only the broken one, the run stops before anything
+    is registered and the sweep's stage run keeps the evidence."""
     from flows.pipeline import distill_pipeline
 
-    cfg = _config(workspace, "sweep.enabled=true", "sweep.candidates=[{name: bad-layers, distill: "
-                  "{student_layers: [7]}}]")
+    cfg = _config(workspace, "sweep.enabled=true", f"sweep.candidates={json.dumps([LADDER[2], LADDER[0]])}")
+    assert cfg.sweep.task_runner == "local"
+    out = distill_pipeline(cfg, trigger_reason="test")
+    assert out["student"]["spec"] == {"kind": "layers", "layers": [1]} and out["registered"]["edge"]["version"]
+
+    cfg = _config(workspace, "sweep.enabled=true", f"sweep.candidates={json.dumps([LADDER[2]])}")
     client = client_for(cfg.tracking)
     before = {m.name: len(client.search_model_versions(f"name='{m.name}'")) for m in client.search_registered_models()}
     with pytest.raises(DistillError) as err:
         distill_pipeline(cfg, trigger_reason="test")
-    assert "none of the 1 candidates holds" in str(err.value) and "bad-layers: could not be trained" in str(err.value)
+    assert "none of the 1 candidates holds" in str(err.value)
+    assert "bad-layers: could not be trained: " in str(err.value) and "teacher has 2" in str(err.value)
     assert "tiny-size-sweep" in err.value.fix
     after = {m.name: len(client.search_model_versions(f"name='{m.name}'")) for m in client.search_registered_models()}
     assert after == before  # nothing registered

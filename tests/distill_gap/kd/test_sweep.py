@@ -77,7 +77,7 @@ def test_pareto_front_report_and_plot(rows):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sweep.enabled=true", "sweep.enabled needs sweep.candidates"),
+    (["sweep.enabled=true", "sweep.candidates=[]"], "sweep.enabled needs sweep.candidates"),
     ("sweep.candidates=[{name: a}, {name: a}]", "names must differ"),
     ("sweep.candidates=[{name: a, distill: {epoch: 3}}]", "sweep candidate 'a': distill.epoch: unknown key"),
     ("sweep.candidates=[{name: a, distill: {student: {kind: config, hidden_size: 250, num_heads: 4}}}]",
@@ -87,5 +87,5 @@ def test_pareto_front_report_and_plot(rows):
 ])
 def test_a_bad_ladder_is_refused_when_the_config_loads(override, message):
     with pytest.raises(DistillError) as err:
-        load_config("configs/demo.yaml", [override])
+        load_config("configs/demo.yaml", override if isinstance(override, list) else [override])
     assert message in str(err.value) and "(got {" not in str(err.value)
