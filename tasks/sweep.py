@@ -1,8 +1,9 @@
 """Stage: the size sweep (issue 21), the distill stage of a run with sweep.enabled. Every candidate of the ladder
 (sweep.candidates: changes to the distill section) is trained on the run's one set of soft labels as its own
 `sweep-<name>` task and nested MLflow run under the `sweep` stage run, compared with the teacher on the labelled
-test rows with the promotion's non-inferiority checks, and the smallest candidate that holds goes on through
-quantization as the run's student (distill_gap/kd/sweep.py decides; the report shows every candidate and the
+test rows with the promotion's non-inferiority checks (quantized as the quantize stage will quantize it: the artifact
+judged is the one that would ship), and the smallest candidate that holds goes on through quantization as the
+run's student (distill_gap/kd/sweep.py decides; the report shows every candidate and the
 Pareto front). Candidates run one at a time here or on Dask (sweep.task_runner), with no change to the code.
 """
 
@@ -53,17 +54,18 @@ def _weights_mb(folder: Path) -> float:
 
 
 def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, splits, soft, reference: dict,
-                    evaluate_cfg, critical_slices: dict[str, list], max_length: int, seed: int, device: str,
-                    threads: int | None, workdir: Path, tracking_uri: str, parent_run_id: str, run_name: str,
-                    log=None) -> dict:
-    """Train one candidate in its own nested MLflow run and score it on the test reference: its summary row
-    (distill_gap.kd.sweep.summarize) and the trained StudentResult."""
+                    evaluate_cfg, quantize_cfg, critical_slices: dict[str, list], max_length: int, seed: int,
+                    device: str, threads: int | None, workdir: Path, tracking_uri: str, parent_run_id: str,
+                    run_name: str, log=None) -> dict:
+    """Train one candidate in its own nested MLflow run, quantize it as the quantize stage will (same config, seed
+    and samples: the same primary artifact) and score that artifact, the one that would ship, on the test reference:
+    its summary row (distill_gap.kd.sweep.summarize; size: the primary's bytes) and the trained StudentResult."""
     from mlflow import MlflowClient
 
-    from distill_gap.inference.batching import predict_logits
-    from distill_gap.models.loading import load_classifier
+    from distill_gap.inference.predictor import load_predictor
     from distill_gap.ops.runtime import configure_threads
     from distill_gap.registry.tracking import mlflow_run
+    from tasks.quantize import quantize_samples, quantize_stage
 
     configure_threads(threads)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -73,18 +75,28 @@ def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, split
         student = distill(teacher_dir, splits, soft, distill_cfg, workdir, critical_slices=critical_slices,
                           max_length=max_length, seed=seed, device=device, client=client, run_id=run_id,
                           **({"log": log} if log is not None else {}))
-        model, tokenizer = load_classifier(student.path)
+        train, val = splits["train"], splits["validation"]
+        calibration, agreement = quantize_samples(train, quantize_cfg, seed=seed)
+        edge = quantize_stage(student.path, Path(workdir) / "edge", calibration_texts=calibration,
+                              val_texts=val["text"].tolist(), qcfg=quantize_cfg, max_length=max_length, seed=seed,
+                              val_label_ids=val["label"].map({k: i for i, k in enumerate(splits.labels)}).to_numpy(),
+                              min_agreement=evaluate_cfg.min_edge_agreement, agreement_texts=agreement,
+                              log=(log.info if log is not None else print))
+        primary = edge.artifacts[edge.primary]
+        predictor = load_predictor(edge.path / primary["path"], max_length=max_length, device=device)
+        predictor.predict_logits(reference["texts"][:32], batch_size=32)  # untimed: allocation, kernel selection
         start = time.perf_counter()
-        pred = predict_logits(model, tokenizer, reference["texts"], batch_size=32, max_length=max_length,
-                              device=device).argmax(-1)
+        pred = predictor.predict_logits(reference["texts"], batch_size=32).argmax(-1)
         latency_ms = (time.perf_counter() - start) * 1000 / len(reference["texts"])
         gates = candidate_gates(reference["truth"], reference["teacher_pred"], pred, list(splits.labels),
                                 margins=evaluate_cfg.margins, slices=reference["slices"],
                                 floor=evaluate_cfg.teacher_floor, seed=seed)
         row = summarize(name, gates, accuracy=float((pred == reference["truth"]).mean()),
-                        parameters=student.parameters, size_mb=_weights_mb(student.path), latency_ms=latency_ms,
+                        parameters=student.parameters, size_mb=primary["size_bytes"] / 1e6, latency_ms=latency_ms,
                         run_id=run_id, student={"spec": student.spec, "vocab": student.vocab,
-                                                "pruning": student.pruning, "best_epoch": student.best_epoch})
+                                                "pruning": student.pruning, "best_epoch": student.best_epoch,
+                                                "edge": edge.primary, "edge_ok": edge.primary_ok,
+                                                "fp32_mb": _weights_mb(student.path)})
         for key in ("accuracy", "parameters", "size_mb", "latency_ms", "worst_slice_drop"):
             if row[key] is not None:
                 client.log_metric(run_id, f"sweep.{key}", row[key])
@@ -95,13 +107,14 @@ def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, split
 
 @task(name="sweep-candidate", task_run_name="sweep-{name}", cache_policy=NO_CACHE)
 def sweep_candidate_task(name: str, distill_cfg, changes: dict, *, teacher_dir, splits, soft, reference: dict,
-                         evaluate_cfg, critical_slices: dict[str, list], max_length: int, seed: int, device: str,
+                         evaluate_cfg, quantize_cfg, critical_slices: dict[str, list], max_length: int, seed: int, device: str,
                          threads: int | None, workdir: Path, tracking_uri: str, parent_run_id: str,
                          run_name: str) -> dict:
     """One candidate of the ladder (never retried: training is not idempotent). Every parameter is named: Prefect's
     task runners map parameters by name."""
     return train_candidate(name, distill_cfg, changes, teacher_dir=teacher_dir, splits=splits, soft=soft,
-                           reference=reference, evaluate_cfg=evaluate_cfg, critical_slices=critical_slices,
+                           reference=reference, evaluate_cfg=evaluate_cfg, quantize_cfg=quantize_cfg,
+                           critical_slices=critical_slices,
                            max_length=max_length, seed=seed, device=device, threads=threads, workdir=workdir,
                            tracking_uri=tracking_uri, parent_run_id=parent_run_id, run_name=run_name,
                            log=get_run_logger())
@@ -135,8 +148,8 @@ def _report(run, stage_run_id: str, rows: list[dict], chosen: dict | None, *, te
     return md
 
 
-def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, *, teacher, soft, splits, critical_slices: dict[str, list],
-          max_length: int, seed: int):
+def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, teacher, soft, splits,
+          critical_slices: dict[str, list], max_length: int, seed: int):
     """The run's student chosen by the size sweep (a StudentResult, attested like the distill stage's, naming the
     candidates), or a DistillError when no candidate holds: the candidates' runs keep the evidence, nothing goes on.
     Call it from inside a flow: it submits the stage's tasks."""
@@ -158,6 +171,7 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, *, teacher, soft, splits, c
                  f"{len(reference['truth'])} labelled test rows")
         common = dict(teacher_dir=unmapped(str(teacher.path)), splits=unmapped(splits), soft=unmapped(soft),
                       reference=unmapped(reference), evaluate_cfg=unmapped(evaluate_cfg),
+                      quantize_cfg=unmapped(quantize_cfg),
                       critical_slices=unmapped(critical_slices), max_length=unmapped(max_length),
                       seed=unmapped(seed), device=unmapped(run.device), threads=unmapped(threads),
                       tracking_uri=unmapped(run.client._tracking_client.tracking_uri),

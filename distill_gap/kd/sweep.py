@@ -8,7 +8,8 @@ candidate holds exactly when the gates that decide promotion would not show it w
 - a candidate with a failed check (shown worse than the margin) or that could not be trained is never chosen;
 - among the rest, the candidates whose every check passed come first, then those with thin evidence (insufficient:
   the release would then go to @challenger, as for any version);
-- within that group, the fewest parameters (the edge file's size follows them), then the higher test accuracy.
+- within that group, the smallest edge artifact (`size_mb`: the bytes that ship), then the fewest parameters, then
+  the higher test accuracy.
 
 None left: nothing goes on, and the report says why for each candidate. The Pareto front (no other candidate is
 smaller, more accurate, better on its worst critical slice and faster at once) is marked in the table and the plot.
@@ -61,17 +62,17 @@ def choose(results: list[dict]) -> dict | None:
     for outcome in (PASS, INSUFFICIENT):
         pool = [r for r in results if r["outcome"] == outcome]
         if pool:
-            return min(pool, key=lambda r: (r["parameters"], -r["accuracy"], r["name"]))
+            return min(pool, key=lambda r: (r["size_mb"], r["parameters"], -r["accuracy"], r["name"]))
     return None
 
 
 def pareto_front(results: list[dict]) -> list[str]:
-    """Names of the scored candidates no other one dominates on (parameters, accuracy, worst critical slice drop,
+    """Names of the scored candidates no other one dominates on (edge size, accuracy, worst critical slice drop,
     latency): at least as good on all four and better on one."""
     scored = [r for r in results if r["outcome"] != ERROR]
 
     def key(r):  # all minimised
-        return (r["parameters"], -r["accuracy"], r["worst_slice_drop"] if r["worst_slice_drop"] is not None else 0.0,
+        return (r["size_mb"], -r["accuracy"], r["worst_slice_drop"] if r["worst_slice_drop"] is not None else 0.0,
                 r["latency_ms"])
 
     front = []
@@ -105,12 +106,13 @@ def sweep_markdown(results: list[dict], chosen: dict | None, *, teacher_accuracy
         how = ("every check passed" if chosen["outcome"] == PASS else
                "none passed every check; it has no failed check, and its thin evidence goes to the release gates "
                "(@challenger unless waived)")
-        head = (f"**Size sweep: `{chosen['name']}` goes on** ({chosen['parameters'] / 1e6:.2f}M parameters, test "
-                f"accuracy {chosen['accuracy']:.3f} vs teacher {teacher_accuracy:.3f}): the smallest candidate where "
+        head = (f"**Size sweep: `{chosen['name']}` goes on** ({chosen['size_mb']:.1f} MB edge artifact, "
+                f"{chosen['parameters'] / 1e6:.2f}M parameters, test accuracy {chosen['accuracy']:.3f} vs teacher "
+                f"{teacher_accuracy:.3f}): the smallest candidate where "
                 f"{how}. {len(results)} candidates in {minutes:.1f} min.")
-    rows = ["| candidate | parameters | fp32 MB | test accuracy | worst critical slice (drop) | ms/row, batch 32 "
+    rows = ["| candidate | parameters | edge MB | test accuracy | worst critical slice (drop) | ms/row, batch 32 "
             "| outcome | why | Pareto |", "|---|---|---|---|---|---|---|---|---|"]
-    order = sorted(results, key=lambda r: (r["parameters"] is None, r["parameters"] or 0, r["name"]))
+    order = sorted(results, key=lambda r: (r["size_mb"] is None, r["size_mb"] or 0, r["name"]))
     for r in order:
         if r["outcome"] == ERROR:
             rows.append(f"| {r['name']} | | | | | | error | {why_not(r)} | |")
@@ -124,13 +126,13 @@ def sweep_markdown(results: list[dict], chosen: dict | None, *, teacher_accuracy
 
 
 def sweep_plot(results: list[dict], chosen: dict | None, *, teacher_accuracy: float) -> bytes:
-    """PNG: test accuracy and worst critical-slice drop against parameters, one marker per candidate (colour by
+    """PNG: test accuracy and worst critical-slice drop against the edge size, one marker per candidate (colour by
     outcome, the chosen one starred), the Pareto front joined, the teacher's accuracy as a line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     colour = {PASS: "#2e7d32", INSUFFICIENT: "#ef6c00", FAIL: "#c62828"}
-    scored = sorted((r for r in results if r["outcome"] != ERROR), key=lambda r: r["parameters"])
+    scored = sorted((r for r in results if r["outcome"] != ERROR), key=lambda r: r["size_mb"])
     front = set(pareto_front(results))
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
@@ -141,15 +143,15 @@ def sweep_plot(results: list[dict], chosen: dict | None, *, teacher_accuracy: fl
         pts = [r for r in scored if r[field] is not None]
         line = [r for r in pts if r["name"] in front]
         if line:
-            ax.plot([r["parameters"] / 1e6 for r in line], [r[field] for r in line], color="#90a4ae", lw=1, zorder=1,
+            ax.plot([r["size_mb"] for r in line], [r[field] for r in line], color="#90a4ae", lw=1, zorder=1,
                     label="Pareto front")
         for r in pts:
             is_chosen = chosen is not None and r["name"] == chosen["name"]
-            ax.scatter(r["parameters"] / 1e6, r[field], s=140 if is_chosen else 40, marker="*" if is_chosen else "o",
+            ax.scatter(r["size_mb"], r[field], s=140 if is_chosen else 40, marker="*" if is_chosen else "o",
                        color=colour[r["outcome"]], zorder=2)
-            ax.annotate(f"{r['name']}\n{r['latency_ms']:.1f} ms", (r["parameters"] / 1e6, r[field]), fontsize=7,
+            ax.annotate(f"{r['name']}\n{r['latency_ms']:.1f} ms", (r["size_mb"], r[field]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("parameters (millions)")
+        ax.set_xlabel("edge artifact (MB)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     ax_acc.axhline(teacher_accuracy, color="#455a64", ls="--", lw=1, label=f"teacher {teacher_accuracy:.3f}")
