@@ -127,39 +127,38 @@ def sweep_markdown(results: list[dict], chosen: dict | None, *, teacher_accuracy
 
 def sweep_plot(results: list[dict], chosen: dict | None, *, teacher_accuracy: float) -> bytes:
     """PNG: test accuracy and worst critical-slice drop against the edge size, one marker per candidate (colour by
-    outcome, the chosen one starred), the Pareto front joined, the teacher's accuracy as a line."""
+    outcome, the chosen one starred, the Pareto front ringed), the teacher's accuracy as a line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     colour = {PASS: "#2e7d32", INSUFFICIENT: "#ef6c00", FAIL: "#c62828"}
     scored = sorted((r for r in results if r["outcome"] != ERROR), key=lambda r: r["size_mb"])
     front = set(pareto_front(results))
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(11, 4.6))
     FigureCanvasAgg(fig)
     ax_acc, ax_slice = fig.subplots(1, 2)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.88, wspace=0.25)
-    for ax, field, title in ((ax_acc, "accuracy", "test accuracy"),
-                             (ax_slice, "worst_slice_drop", "worst critical slice: drop vs teacher")):
-        pts = [r for r in scored if r[field] is not None]
-        line = [r for r in pts if r["name"] in front]
-        if line:
-            ax.plot([r["size_mb"] for r in line], [r[field] for r in line], color="#90a4ae", lw=1, zorder=1,
-                    label="Pareto front")
-        for r in pts:
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.84, wspace=0.22)
+    for ax, field, title in ((ax_acc, "accuracy", "test accuracy (higher is better)"),
+                             (ax_slice, "worst_slice_drop", "worst critical slice: drop vs teacher (lower is better)")):
+        for i, r in enumerate(p for p in scored if p[field] is not None):
             is_chosen = chosen is not None and r["name"] == chosen["name"]
-            ax.scatter(r["size_mb"], r[field], s=140 if is_chosen else 40, marker="*" if is_chosen else "o",
-                       color=colour[r["outcome"]], zorder=2)
-            ax.annotate(f"{r['name']}\n{r['latency_ms']:.1f} ms", (r["size_mb"], r[field]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            ax.scatter(r["size_mb"], r[field], s=170 if is_chosen else 45, marker="*" if is_chosen else "o",
+                       color=colour[r["outcome"]], zorder=2,
+                       edgecolors="#263238" if r["name"] in front else "none", linewidths=1.2)
+            ax.annotate(f"{r['name']} ({r['latency_ms']:.1f} ms)", (r["size_mb"], r[field]), fontsize=7,
+                        xytext=(5, 7 if i % 2 == 0 else -11), textcoords="offset points")
+        ax.margins(x=0.18, y=0.15)
         ax.set_xlabel("edge artifact (MB)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     ax_acc.axhline(teacher_accuracy, color="#455a64", ls="--", lw=1, label=f"teacher {teacher_accuracy:.3f}")
     ax_slice.axhline(0.0, color="#455a64", ls="--", lw=1)
     for outcome, c in colour.items():
         ax_acc.scatter([], [], color=c, s=30, label=outcome)
+    ax_acc.scatter([], [], color="white", edgecolors="#263238", s=30, label="on the Pareto front")
     ax_acc.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Size sweep: smaller is left; the chosen candidate is the star", fontsize=10)
+    fig.suptitle("Size sweep: smaller is left; the chosen candidate is the star; latency in brackets (batch 32, per row)",
+                 fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
     return buf.getvalue()
