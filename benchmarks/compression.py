@@ -20,7 +20,9 @@ Prints a table and writes benchmarks/results/compression.json (flat): size_ratio
 speedup_vs_teacher_b1, retention (edge test accuracy / the teacher's, same ONNX runtime), critical_slices_held (every
 critical-slice gate of the shipped edge version passed), speedup_vs_alternative_b32, size_ratio_vs_alternative,
 accuracy_minus_alternative (against the better of the two presets), sweep_minutes (the sweep stage, from its MLflow
-run), plus the sweep's choice and the same figures for the default student. COMPRESSION_BENCH_ROUNDS (default 5).
+run), plus the sweep's choice and the same figures for the default student (`default_*`); the issue's keys are null
+when the sweep's choice did not pass the release gates (nothing registered to measure). COMPRESSION_BENCH_ROUNDS
+(default 5); COMPRESSION_BENCH_REUSE_SWEEP=1 measures again on the runs recorded in the workspace's runs.json.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ THREADS = 2
 MAX_LENGTH = 128
 B1_CALLS = 40
 ROUNDS = int(os.environ.get("COMPRESSION_BENCH_ROUNDS", 5))
+REUSE_SWEEP = os.environ.get("COMPRESSION_BENCH_REUSE_SWEEP") == "1"  # measure again without a new sweep run
+FIGURES = ("size_ratio_vs_teacher", "speedup_vs_teacher_b32", "speedup_vs_teacher_b1", "retention",
+           "critical_slices_held", "speedup_vs_alternative_b32", "size_ratio_vs_alternative",
+           "accuracy_minus_alternative")  # the issue's keys: null when the sweep registered no edge model
 
 
 def log(msg: str) -> None:
@@ -94,8 +100,8 @@ def runs(env: dict, config: Path, cfg, client) -> dict:
     record = WORK / "runs.json"
     out = json.loads(record.read_text()) if record.is_file() else {}
     for kind, extra in (("default", []), ("sweep", ["--set", "sweep.enabled=true"])):
-        if kind == "default" and (out.get("default") or {}).get("version"):
-            log(f"reusing the default run's edge version {out['default']['version']} ({record})")
+        if kind in out and (kind == "default" and out[kind].get("version") or REUSE_SWEEP):
+            log(f"reusing the {kind} run recorded in {record} (edge version {out[kind].get('version')})")
             continue
         before = {v.version for v in client.search_model_versions(f"name='{cfg.edge_model_name}'")}
         t = time.perf_counter()
@@ -248,9 +254,12 @@ def main() -> int:
                 "edge_accuracy": e["accuracy"], "edge_mb": e["bytes"] / 1e6,
                 "gates_outcome": info[kind]["tags"].get("gates.outcome")}
 
-    chosen = figures("sweep")
+    chosen = {**dict.fromkeys(FIGURES), **figures("sweep")}
     result = {**chosen, "sweep_minutes": sweep["minutes"], "sweep_chosen": sweep["chosen"],
               "sweep_candidates": len(sweep["rows"]), "sweep_registered": done["sweep"]["version"] is not None,
+              **{f"sweep_chosen_{k}": next((r[k] for r in sweep["rows"] if r["name"] == sweep["chosen"]), None)
+                 for k in ("size_mb", "accuracy", "outcome")},
+              "sweep_release_error": None if done["sweep"]["version"] else " ".join(done["sweep"].get("error") or [])[:400],
               **{f"default_{k}": v for k, v in figures("default").items()},
               "teacher_accuracy": teacher["accuracy"], "teacher_mb": teacher["bytes"] / 1e6,
               "alternative_accuracy": alt["accuracy"], "alternative_mb": alt["bytes"] / 1e6,
