@@ -96,10 +96,10 @@ class SweepCandidate(Section):
 
 class SweepConfig(Section):
     """The size sweep (issue 21; tasks/sweep.py): with `enabled`, the distill stage trains every candidate on the one
-    set of soft labels (each its own Prefect task and nested MLflow run), quantizes each as the quantize stage will,
-    compares that artifact with the teacher on the test rows with the promotion's non-inferiority checks (aggregate,
-    every class's recall, every critical slice), and the smallest (edge bytes) that no check shows worse goes on;
-    one that every check shows not worse wins over one with thinner evidence. None holds: the run stops, nothing is registered,
+    set of soft labels (each its own Prefect task and nested MLflow run), quantizes and evaluates each as the
+    quantize and evaluate stages will, judges that artifact by every release gate (non-inferiority against the
+    teacher, edge vs student, OOD, calibration, stress, quantization), and the smallest (edge bytes) with no failed
+    gate goes on; one whose every gate passed wins over one with thinner evidence. None holds: the run stops, nothing is registered,
     the candidates' runs keep the evidence. Candidates run one at a time here, or on Dask (as soft_labels does)."""
 
     enabled: bool = False

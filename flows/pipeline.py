@@ -47,9 +47,9 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length,
                            augment=cfg.distill.augment, redistill=cfg.redistill, feedback_store=cfg.feedback.store,
                            seed=cfg.seed)
-        student = (sweep(run, cfg.sweep, cfg.distill, cfg.evaluate, cfg.quantize, teacher=teacher, soft=soft,
-                         splits=splits, critical_slices=cfg.data.critical_slices, max_length=rt.max_length,
-                         seed=cfg.seed)
+        student = (sweep(run, cfg.sweep, cfg.distill, cfg.evaluate, cfg.quantize, drift_cfg=cfg.drift,
+                         scope_cfg=cfg.scope, teacher=teacher, soft=soft, splits=splits,
+                         critical_slices=cfg.data.critical_slices, max_length=rt.max_length, seed=cfg.seed)
                    if cfg.sweep.enabled else  # the smallest student of a ladder that holds against the teacher
                    distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,
                                 max_length=rt.max_length, seed=cfg.seed))

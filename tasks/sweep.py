@@ -1,9 +1,8 @@
 """Stage: the size sweep (issue 21), the distill stage of a run with sweep.enabled. Every candidate of the ladder
 (sweep.candidates: changes to the distill section) is trained on the run's one set of soft labels as its own
-`sweep-<name>` task and nested MLflow run under the `sweep` stage run, compared with the teacher on the labelled
-test rows with the promotion's non-inferiority checks (quantized as the quantize stage will quantize it: the artifact
-judged is the one that would ship), and the smallest candidate that holds goes on through quantization as the
-run's student (distill_gap/kd/sweep.py decides; the report shows every candidate and the
+`sweep-<name>` task and nested MLflow run under the `sweep` stage run, quantized and evaluated as the quantize and
+evaluate stages will (the artifact judged is the one that would ship) and judged by every release gate, and the
+smallest candidate that holds goes on through quantization as the run's student (distill_gap/kd/sweep.py decides; the report shows every candidate and the
 Pareto front). Candidates run one at a time here or on Dask (sweep.task_runner), with no change to the code.
 """
 
@@ -21,7 +20,7 @@ from tasks import step
 
 from distill_gap.errors import DistillError
 from distill_gap.governance.attestation import distill_statement
-from distill_gap.kd.sweep import (candidate_gates, choose, failed_candidate, summarize, sweep_markdown, sweep_plot,
+from distill_gap.kd.sweep import (choose, failed_candidate, summarize, sweep_markdown, sweep_plot,
                                   why_not)
 from distill_gap.ops.task_runners import task_runner
 from tasks.attest import attest_task
@@ -54,17 +53,21 @@ def _weights_mb(folder: Path) -> float:
 
 
 def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, splits, soft, reference: dict,
-                    evaluate_cfg, quantize_cfg, critical_slices: dict[str, list], max_length: int, seed: int,
-                    device: str, threads: int | None, workdir: Path, tracking_uri: str, parent_run_id: str,
-                    run_name: str, log=None) -> dict:
+                    evaluate_cfg, quantize_cfg, drift_cfg, scope_cfg, critical_slices: dict[str, list],
+                    max_length: int, seed: int, device: str, threads: int | None, workdir: Path, tracking_uri: str,
+                    parent_run_id: str, run_name: str, log=None) -> dict:
     """Train one candidate in its own nested MLflow run, quantize it as the quantize stage will (same config, seed
-    and samples: the same primary artifact) and score that artifact, the one that would ship, on the test reference:
-    its summary row (distill_gap.kd.sweep.summarize; size: the primary's bytes) and the trained StudentResult."""
+    and samples: the same primary artifact), evaluate that artifact, the one that would ship, beside the teacher and
+    its fp32 student as the evaluate stage does, and judge it by every promotion gate (evaluate_gates: the
+    non-inferiority checks, edge vs student, OOD and the scope guard, calibration, stress, quantization). Returns its
+    summary row (distill_gap.kd.sweep.summarize; size: the primary's bytes) and the trained StudentResult."""
     from mlflow import MlflowClient
 
+    from distill_gap.evaluation.gates import evaluate_gates, quantization_gate
     from distill_gap.inference.predictor import load_predictor
     from distill_gap.ops.runtime import configure_threads
     from distill_gap.registry.tracking import mlflow_run
+    from tasks.evaluate import edge_parity, evaluate
     from tasks.quantize import quantize_samples, quantize_stage
 
     configure_threads(threads)
@@ -88,9 +91,14 @@ def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, split
         start = time.perf_counter()
         pred = predictor.predict_logits(reference["texts"], batch_size=32).argmax(-1)
         latency_ms = (time.perf_counter() - start) * 1000 / len(reference["texts"])
-        gates = candidate_gates(reference["truth"], reference["teacher_pred"], pred, list(splits.labels),
-                                margins=evaluate_cfg.margins, slices=reference["slices"],
-                                floor=evaluate_cfg.teacher_floor, seed=seed)
+        report = evaluate({"teacher": teacher_dir, "student": student.path,
+                           primary["report_name"]: edge.path / primary["path"]}, splits, evaluate_cfg, drift_cfg,
+                          scope_cfg, seed=seed, max_length=max_length, device=device,
+                          edge_model=primary["report_name"], critical_slices=critical_slices,
+                          **({"log": log} if log is not None else {}))
+        gates = evaluate_gates(report, primary["report_name"], edge_parity(primary), evaluate_cfg,
+                               quantization=quantization_gate(edge, quantize_cfg.require_int8),
+                               critical_slices=critical_slices)
         row = summarize(name, gates, accuracy=float((pred == reference["truth"]).mean()),
                         parameters=student.parameters, size_mb=primary["size_bytes"] / 1e6, latency_ms=latency_ms,
                         run_id=run_id, student={"spec": student.spec, "vocab": student.vocab,
@@ -107,14 +115,15 @@ def train_candidate(name: str, distill_cfg, changes: dict, *, teacher_dir, split
 
 @task(name="sweep-candidate", task_run_name="sweep-{name}", cache_policy=NO_CACHE)
 def sweep_candidate_task(name: str, distill_cfg, changes: dict, *, teacher_dir, splits, soft, reference: dict,
-                         evaluate_cfg, quantize_cfg, critical_slices: dict[str, list], max_length: int, seed: int, device: str,
+                         evaluate_cfg, quantize_cfg, drift_cfg, scope_cfg, critical_slices: dict[str, list],
+                         max_length: int, seed: int, device: str,
                          threads: int | None, workdir: Path, tracking_uri: str, parent_run_id: str,
                          run_name: str) -> dict:
     """One candidate of the ladder (never retried: training is not idempotent). Every parameter is named: Prefect's
     task runners map parameters by name."""
     return train_candidate(name, distill_cfg, changes, teacher_dir=teacher_dir, splits=splits, soft=soft,
                            reference=reference, evaluate_cfg=evaluate_cfg, quantize_cfg=quantize_cfg,
-                           critical_slices=critical_slices,
+                           drift_cfg=drift_cfg, scope_cfg=scope_cfg, critical_slices=critical_slices,
                            max_length=max_length, seed=seed, device=device, threads=threads, workdir=workdir,
                            tracking_uri=tracking_uri, parent_run_id=parent_run_id, run_name=run_name,
                            log=get_run_logger())
@@ -148,7 +157,7 @@ def _report(run, stage_run_id: str, rows: list[dict], chosen: dict | None, *, te
     return md
 
 
-def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, teacher, soft, splits,
+def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, drift_cfg, scope_cfg, teacher, soft, splits,
           critical_slices: dict[str, list], max_length: int, seed: int):
     """The run's student chosen by the size sweep (a StudentResult, attested like the distill stage's, naming the
     candidates), or a DistillError when no candidate holds: the candidates' runs keep the evidence, nothing goes on.
@@ -171,7 +180,8 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, teacher, s
                  f"{len(reference['truth'])} labelled test rows")
         common = dict(teacher_dir=unmapped(str(teacher.path)), splits=unmapped(splits), soft=unmapped(soft),
                       reference=unmapped(reference), evaluate_cfg=unmapped(evaluate_cfg),
-                      quantize_cfg=unmapped(quantize_cfg),
+                      quantize_cfg=unmapped(quantize_cfg), drift_cfg=unmapped(drift_cfg),
+                      scope_cfg=unmapped(scope_cfg),
                       critical_slices=unmapped(critical_slices), max_length=unmapped(max_length),
                       seed=unmapped(seed), device=unmapped(run.device), threads=unmapped(threads),
                       tracking_uri=unmapped(run.client._tracking_client.tracking_uri),

@@ -1,12 +1,13 @@
 """The size sweep's decisions (issue 21): how a candidate student is judged, which one goes on, what people see.
 
 "Set the size target from the quality requirement, not the other way round": every candidate of the ladder is
-compared with the teacher on the same labelled test rows with the promotion's own non-inferiority checks (the
-aggregate accuracy, every class's recall, every critical slice; distill_gap/evaluation/noninferiority.py), so a
-candidate holds exactly when the gates that decide promotion would not show it worse. The choice:
+quantized and evaluated as the run's own student would be, and judged by the promotion's own gates
+(distill_gap/evaluation/gates.py: non-inferiority against the teacher on the aggregate, every class's recall and
+every critical slice; edge vs student; OOD and the scope guard; calibration; stress; quantization), so a candidate
+holds exactly when the release would not fail it. The choice:
 
-- a candidate with a failed check (shown worse than the margin) or that could not be trained is never chosen;
-- among the rest, the candidates whose every check passed come first, then those with thin evidence (insufficient:
+- a candidate with a failed gate or that could not be trained is never chosen;
+- among the rest, the candidates whose every gate passed come first, then those with thin evidence (insufficient:
   the release would then go to @challenger, as for any version);
 - within that group, the smallest edge artifact (`size_mb`: the bytes that ship), then the fewest parameters, then
   the higher test accuracy.
@@ -20,22 +21,9 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-
-from distill_gap.evaluation.gates import check_gate
-from distill_gap.evaluation.noninferiority import compare
 from distill_gap.outcomes import FAIL, INSUFFICIENT, PASS, by_outcome, overall_outcome
 
 ERROR = "error"  # the candidate could not be trained or scored (its message is in the result)
-
-
-def candidate_gates(truth, teacher_pred, pred, labels: list[str], *, margins, slices: dict[str, np.ndarray],
-                    floor: float, seed: int) -> dict[str, dict]:
-    """The non-inferiority gates of one candidate against the teacher on the same rows, keyed as the evaluate
-    stage keys them (`noninferior:accuracy`, `noninferior:recall:<label>`, `noninferior:slice:<column>=<value>`)."""
-    checks = compare(np.asarray(truth), {"teacher": np.asarray(teacher_pred), "candidate": np.asarray(pred)},
-                     list(labels), margins=margins, slices=slices, floor=floor, seed=seed)["candidate"]
-    return {f"noninferior:{c['check']}": check_gate(c) for c in checks}
 
 
 def summarize(name: str, gates: dict[str, dict], *, accuracy: float, parameters: int, size_mb: float,

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from distill_gap.errors import DistillError
-from distill_gap.kd.sweep import (candidate_gates, choose, failed_candidate, pareto_front, summarize, sweep_markdown,
-                                  sweep_plot)
+from distill_gap.evaluation.gates import check_gate
+from distill_gap.evaluation.noninferiority import compare
+from distill_gap.kd.sweep import choose, failed_candidate, pareto_front, summarize, sweep_markdown, sweep_plot
 from flows.config import EvaluateConfig, load_config
 
 MARGINS = EvaluateConfig().margins
@@ -15,7 +16,10 @@ LABELS = ["negative", "neutral", "positive"]
 
 
 def _row(name, pred, truth, teacher, parameters, latency=1.0, slices=None):
-    gates = candidate_gates(truth, teacher, pred, LABELS, margins=MARGINS, slices=slices or {}, floor=0.5, seed=0)
+    """A candidate judged by the non-inferiority gates (keyed as evaluate_gates keys them) on synthetic rows."""
+    checks = compare(truth, {"teacher": teacher, "candidate": pred}, LABELS, margins=MARGINS, slices=slices or {},
+                     floor=0.5, seed=0)["candidate"]
+    gates = {f"noninferior:{c['check']}": check_gate(c) for c in checks}
     return summarize(name, gates, accuracy=float((pred == truth).mean()), parameters=parameters, size_mb=parameters / 2.5e5,
                      latency_ms=latency)
 
