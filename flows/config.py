@@ -17,6 +17,7 @@ from distill_gap.digest import sha256_json
 from distill_gap.errors import DistillError
 
 
+from flows.config_quantize import QuantizeConfig
 from flows.config_section import Section as _Section
 from flows.config_student import (AugmentConfig, PruneConfig, RedistillConfig, StudentConfig, SweepConfig,
                                   VocabConfig)
@@ -163,33 +164,6 @@ class DistillConfig(_Section):
             raise ValueError("distill.attention_loss matches attention maps head by head, which distill.prune.heads "
                              "removes: set one of them off")
         return self
-
-
-class QuantizeConfig(_Section):
-    # INC accuracy-aware autotune: candidates tried in order until one keeps validation accuracy within
-    # tolerable_loss (relative) of the fp32 student; names from distill_gap.edge.inc_quantization.CANDIDATES
-    candidates: list[Literal["static", "static-kl", "static-sym", "dynamic", "static-fp32-head",
-                             "static-fp32-ffn-out"]] = Field(
-        default_factory=lambda: ["static", "static-kl", "static-sym", "dynamic", "static-fp32-head",
-                                 "static-fp32-ffn-out"], min_length=1)
-    tolerable_loss: float = Field(0.01, ge=0, lt=1)  # relative to the fp32 student's validation accuracy
-    max_trials: int = Field(6, ge=1)
-    calibration_samples: int = Field(128, ge=1)  # seeded sample of the training split
-    # the accuracy goal is decided on enough rows that one row cannot flip it (issue 19): an artifact must agree with
-    # the fp32 student (argmax) on at least evaluate.min_edge_agreement of this many training texts (unlabelled use:
-    # no labels needed, disjoint from the calibration sample), and must not be shown (one-sided 95% bound, paired
-    # rows) to lose more than tolerable_loss of the student's validation accuracy
-    agreement_samples: int = Field(1000, ge=1)
-    onnx: bool = True  # keep the fp32 student exported to ONNX (optimum) in the edge folder
-    onnx_int8: bool = True  # ONNX Runtime INT8 (int8 MatMuls with static activation scales + 4-bit embeddings)
-    onnx_embedding_bits: Literal[4, 8] = 4
-    # which INT8 artifact is the edge model's primary when several pass: auto = onnx-int8 (fastest, smallest and
-    # leanest measured on the demo, benchmarks/RESULTS.md) then int8 (INC, torch.compile); or a list "int8,onnx-int8"
-    primary: str = Field("auto", pattern=r"^(auto|(int8|onnx-int8)(,(int8|onnx-int8))*)$")
-    require_int8: bool = True  # gate: an fp32-only edge model (quantization impossible) is never promoted
-    # every artifact: a held-out row's softmax probabilities alone vs in a batch of 32 may differ by at most this,
-    # or it cannot be primary (one patient's result must not depend on another's; per-batch activation scales fail)
-    max_batch_prob_diff: float = Field(1e-5, ge=0, le=1)
 
 
 class MarginsConfig(_Section):

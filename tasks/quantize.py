@@ -99,15 +99,16 @@ def quantize_stage(student_dir, out_dir, *, calibration_texts: list[str], val_te
         log(f"not built: {err.problem} (fix: {err.fix})")
 
     # 1. INC INT8: accuracy-aware autotune over the configured candidates
-    try:
-        int8 = autotune_task(student_dir, calibration_texts, val_texts, label_ids, val_texts, out / "int8",
-                             tolerable_loss=qcfg.tolerable_loss, max_trials=qcfg.max_trials,
-                             candidates=list(qcfg.candidates), max_length=max_length, batch_size=batch_size,
-                             seed=seed, reference=reference)
-        tuning = int8.tuning.to_dict()
-        record("int8", int8, True, candidate=int8.approach)
-    except DistillError as err:
-        failed(err)
+    if qcfg.inc:
+        try:
+            int8 = autotune_task(student_dir, calibration_texts, val_texts, label_ids, val_texts, out / "int8",
+                                 tolerable_loss=qcfg.tolerable_loss, max_trials=qcfg.max_trials,
+                                 candidates=list(qcfg.candidates), max_length=max_length, batch_size=batch_size,
+                                 seed=seed, reference=reference)
+            tuning = int8.tuning.to_dict()
+            record("int8", int8, True, candidate=int8.approach)
+        except DistillError as err:
+            failed(err)
     # 2. fp32 ONNX, and ONNX Runtime INT8 from it
     onnx = None
     if qcfg.onnx or qcfg.onnx_int8:

@@ -17,6 +17,12 @@ OPEN_TOLERABLE_LOSS = 0.5  # quantize.tolerable_loss: the first INC candidate is
 OPEN_GATE_OVERRIDES = [*(f"evaluate.{k}={v}" for k, v in OPEN_GATES.items() if k != "margins"),
                        *(f"evaluate.margins.{k}={v}" for k, v in OPEN_GATES["margins"].items()),
                        f"quantize.tolerable_loss={OPEN_TOLERABLE_LOSS}"]
+# The edge model of tests about wiring, stores, faults and triggers: ONNX Runtime INT8 only, no INC (torch.export and
+# INC's convert cost ~6 CPU-s of a ~30 CPU-s `distill run` subprocess on the tiny config, measured) and no fp32 ONNX
+# copy. INC INT8 is built by tests/flows/test_pipeline.py's first run, tests/tasks/test_quantize.py and
+# tests/distill_gap/edge/test_inc_quantization.py.
+ONNX_INT8_ONLY = {"inc": False, "onnx": False, "onnx_int8": True}
+ONNX_INT8_ONLY_OVERRIDES = [f"quantize.{k}={str(v).lower()}" for k, v in ONNX_INT8_ONLY.items()]
 
 
 def sharpened_teacher(model_dir, texts: Sequence[str], out_dir) -> Path:
@@ -119,7 +125,7 @@ def fresh_mlflow_db(template: Path, folder: Path) -> str:
 
 def drill_workspace(tmp: Path, name: str, model_dir, *, data: dict, mlflow_db: Path) -> dict:
     """A workspace for `distill run` subprocesses on the embedded defaults: configs/tiny.yaml trimmed for speed
-    (its 64-row splits read from CSV files (conftest's tiny_data), 4 shards of 16, one INC trial, no ONNX copies,
+    (its 64-row splits read from CSV files (conftest's tiny_data), 4 shards of 16, ONNX Runtime INT8 only (no INC),
     no bootstrap or stress suites, gates open: these tests are about faults, not quality), its own PREFECT_HOME,
     MLflow SQLite store (a copy of the migrated `mlflow_db` template), soft-label folder and keys, and a pinned
     teacher. Returns {"tmp", "config", "env"}."""
@@ -133,8 +139,7 @@ def drill_workspace(tmp: Path, name: str, model_dir, *, data: dict, mlflow_db: P
     raw["soft_labels"].update(store=f"file://{tmp}/soft-labels", shard_size=16, task_runner="local")
     raw["tracking"] = {"uri": fresh_mlflow_db(mlflow_db, tmp), "artifact_location": str(tmp / "mlartifacts")}
     raw["governance"] = {"key_dir": str(tmp / "keys")}
-    raw["quantize"].update(candidates=["static"], max_trials=1, onnx=False, onnx_int8=False,
-                           tolerable_loss=OPEN_TOLERABLE_LOSS)
+    raw["quantize"].update(**ONNX_INT8_ONLY, tolerable_loss=OPEN_TOLERABLE_LOSS)
     raw["evaluate"] = {"bootstrap_samples": 0, "stress_rows": 0, **OPEN_GATES}
     raw["runtime"]["threads"] = 1  # the other pytest worker has the other core
     config = tmp / f"{name}.yaml"

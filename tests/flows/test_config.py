@@ -93,3 +93,11 @@ def test_validation_from_test_needs_a_test_file_and_no_validation_file():
         config_from_dict(raw | {"data": {**raw["data"], "validation_from_test": 0.2}})
     with pytest.raises(DistillError, match="validation_from_test"):
         config_from_dict(raw | {"data": {**raw["data"], "validation_from_test": 0.7}})
+
+
+def test_a_quantize_section_that_builds_no_int8_artifact_is_refused_unless_fp32_is_allowed():
+    with pytest.raises(DistillError, match=r"quantize.inc and quantize.onnx_int8 are both false.*require_int8"):
+        load_config("configs/demo.yaml", ["quantize.inc=false", "quantize.onnx_int8=false"])
+    fp32 = load_config("configs/demo.yaml", ["quantize.inc=false", "quantize.onnx_int8=false",
+                                             "quantize.require_int8=false"])
+    assert not fp32.quantize.inc and not fp32.quantize.onnx_int8

@@ -1,7 +1,8 @@
-"""The size sweep as a run of distill-pipeline (issue 21): candidates as Prefect tasks on a local Dask cluster of two
-worker processes, each a nested MLflow run under the `sweep` stage, judged against the teacher with the promotion's
-non-inferiority checks; the chosen one goes on through quantization and is registered and verified. A ladder where
-no candidate holds stops the run with the evidence kept and nothing registered.
+"""The size sweep as a run of distill-pipeline (issue 21): candidates as Prefect tasks on a local Dask cluster (one
+worker process: a second would import torch and transformers again on CI's two cores), each a nested MLflow run
+under the `sweep` stage, judged against the teacher by every release gate; the chosen one goes on through
+quantization and is registered and verified. A ladder where no candidate holds stops the run with the evidence kept
+and nothing registered.
 
 A real Prefect API (the session's server), MLflow on SQLite, a tiny teacher imported from a config."""
 
@@ -17,7 +18,7 @@ import pytest
 from distill_gap.errors import DistillError
 from distill_gap.registry.tracking import client_for
 from flows.config import load_config
-from tests.helpers import OPEN_GATE_OVERRIDES, fresh_mlflow_db, import_tiny_teacher
+from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, fresh_mlflow_db, import_tiny_teacher
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +37,8 @@ def workspace(tmp_path_factory, prefect_api, tiny_model_dir, mlflow_db_template)
     old = os.getcwd()
     os.chdir(tmp)
     base = [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}", "soft_labels.store=file://soft-labels",
-            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[static]",
-            "quantize.max_trials=1", "quantize.onnx=false", *OPEN_GATE_OVERRIDES, "runtime.threads=1"]
+            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *ONNX_INT8_ONLY_OVERRIDES, *OPEN_GATE_OVERRIDES,
+            "runtime.threads=1"]
     import_tiny_teacher(load_config(ROOT / "configs/tiny.yaml", base), tiny_model_dir)
     yield tmp, base
     os.chdir(old)
@@ -57,7 +58,7 @@ def test_the_smallest_candidate_that_holds_goes_on_and_is_registered(workspace):
     from distill_gap.governance.verify import verify
 
     cfg = _config(workspace, "sweep.enabled=true", f"sweep.candidates={json.dumps(LADDER)}", "sweep.task_runner=dask",
-                  "sweep.dask_workers=2")
+                  "sweep.dask_workers=1")  # one worker process: the candidates still cross a process boundary
     out = distill_pipeline(cfg, trigger_reason="test")
     client = client_for(cfg.tracking)
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.conftest import _free_port
-from tests.helpers import (OPEN_GATES, OPEN_TOLERABLE_LOSS, drain_prefect_services, fresh_mlflow_db,
+from tests.helpers import (ONNX_INT8_ONLY, OPEN_GATES, OPEN_TOLERABLE_LOSS, drain_prefect_services, fresh_mlflow_db,
                            import_tiny_teacher, wait_http)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -63,10 +63,9 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
         raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "mlartifacts")}
         raw["governance"] = {"key_dir": str(tmp / "keys")}
         # gates loose enough that the tiny model becomes champion: this test is about triggers, not quality
-        # three pipeline runs: trimmed to one INC candidate, no ONNX copies, no intervals or stress suites
+        # three pipeline runs: trimmed to ONNX Runtime INT8 only, no intervals or stress suites
         raw["evaluate"] = {**OPEN_GATES, "bootstrap_samples": 0, "stress_rows": 0}
-        raw["quantize"].update(require_int8=False, tolerable_loss=OPEN_TOLERABLE_LOSS, candidates=["static"],
-                               max_trials=1, onnx=False, onnx_int8=False)
+        raw["quantize"].update(require_int8=False, tolerable_loss=OPEN_TOLERABLE_LOSS, **ONNX_INT8_ONLY)
         raw["drift"] = {"sample_size": 200, "min_rows": 50}
         raw["runtime"]["threads"] = 1  # tiny models gain nothing from a second thread; the other pytest worker has it
         config.write_text(yaml.safe_dump(raw))

@@ -22,7 +22,7 @@ import pytest
 
 from distill_gap.registry.registration import LINEAGE_TAGS
 from tests.conftest import _free_port
-from tests.helpers import OPEN_GATE_OVERRIDES, data_overrides, import_tiny_teacher, wait_http
+from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, data_overrides, import_tiny_teacher, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,10 +181,9 @@ def pipeline(stack, tiny_model_dir, tiny_data):
     with _environ(stack["env"]), contextlib.chdir(stack["tmp"]):  # .distill/ work folders land in tmp
         import_tiny_teacher(load_config(TINY, store), tiny_model_dir)
     imported = time.monotonic()
-    # no bootstrap intervals or stress suites, one INC trial and no ONNX copies (as tests/flows/test_triggers.py):
+    # no bootstrap intervals or stress suites, ONNX Runtime INT8 only (as tests/flows/test_triggers.py):
     # this test is about where things are stored, not about the intervals or the toolchains
-    trimmed = ["evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[static]",
-               "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
+    trimmed = ["evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *ONNX_INT8_ONLY_OVERRIDES,
                *OPEN_GATE_OVERRIDES,  # stores, not quality
                "runtime.threads=1"]  # tiny models gain nothing from a second thread; the other pytest worker has it
     out = _distill(stack, "run", "--config", TINY, *(a for o in [*store, *trimmed] for a in ("--set", o)),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tests.helpers import data_overrides, fresh_mlflow_db, import_tiny_teacher
+from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher
 from distill_gap.evaluation.gates import GatesFailed
 from distill_gap.registry.tracking import client_for
 
@@ -26,8 +26,8 @@ def workspace(tmp_path_factory, prefect_api, tiny_model_dir, tiny_data, mlflow_d
     os.chdir(tmp)
     base = [f"tracking.uri={fresh_mlflow_db(mlflow_db_template, tmp)}", f"tracking.artifact_location={tmp}/mlartifacts",
             f"soft_labels.store=file://{tmp}/soft-labels", f"governance.key_dir={tmp}/keys",
-            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", "quantize.candidates=[static]",
-            "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false", *data_overrides(tiny_data)]
+            "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *ONNX_INT8_ONLY_OVERRIDES,
+            *data_overrides(tiny_data)]
     import_tiny_teacher(load_config(ROOT / "configs/tiny.yaml", base), tiny_model_dir)  # faults, not quality
     yield tmp, base
     os.chdir(old)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tests.helpers import OPEN_GATE_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher
+from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher
 from distill_gap.errors import DistillError
 from tests.reliability._tcp_proxy import TcpProxy
 
@@ -75,10 +75,9 @@ def workspace(tmp_path_factory, proxy, moto_client, prefect_api, tiny_model_dir,
 
 
 # This file is about the store, so the stages after the soft labels are trimmed to what a complete run
-# needs (one INC candidate, no ONNX copies, no bootstrap intervals or stress suites) and the quality
+# needs (ONNX Runtime INT8 only, no bootstrap intervals or stress suites) and the quality
 # gates are opened: a tiny model missing a gate is not what is tested here.
-TRIMMED = ["quantize.candidates=[static]", "quantize.max_trials=1", "quantize.onnx=false", "quantize.onnx_int8=false",
-           "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *OPEN_GATE_OVERRIDES]
+TRIMMED = [*ONNX_INT8_ONLY_OVERRIDES, "evaluate.bootstrap_samples=0", "evaluate.stress_rows=0", *OPEN_GATE_OVERRIDES]
 
 
 def _config(workspace, *overrides):

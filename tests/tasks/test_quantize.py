@@ -107,6 +107,10 @@ def test_an_artifact_whose_rows_depend_on_their_batch_is_never_primary(prefect_a
     gate = quantization_gate(alone, qcfg.require_int8)
     assert not gate["passed"] and "depend on its batch" in gate["detail"]
 
+    ort_only = quantize_stage(student, tmp_path / "edge-ort", qcfg=qcfg.model_copy(update={"inc": False}), **kwargs)
+    assert set(ort_only.artifacts) == {"onnx-int8"} and ort_only.tuning is None  # quantize.inc false: no INC trial
+    assert ort_only.primary == "onnx-int8" and ort_only.quantized and not ort_only.errors
+
 
 def _unexportable_model(tmp_path) -> Path:
     """A real Hugging Face architecture (CANINE) that neither torch.export (dynamic seq) nor optimum can export."""
