@@ -77,7 +77,10 @@ def why_not(r: dict) -> str:
         return f"could not be trained: {r['error']}"
     failed, thin = by_outcome(r["gates"], FAIL), by_outcome(r["gates"], INSUFFICIENT)
     if failed:
-        return "shown worse: " + ", ".join(k.removeprefix("noninferior:") for k in failed)
+        worse = [k.removeprefix("noninferior:") for k in failed if k.startswith("noninferior:")]
+        other = [k for k in failed if not k.startswith("noninferior:")]  # OOD, calibration, stress, quantization
+        return "; ".join([*(["shown worse than the teacher: " + ", ".join(worse)] if worse else []),
+                          *(["failed " + ", ".join(other)] if other else [])])
     if thin:
         return f"insufficient evidence on {len(thin)}: " + ", ".join(k.removeprefix("noninferior:") for k in thin)
     return "every check passed"
@@ -88,8 +91,8 @@ def sweep_markdown(results: list[dict], chosen: dict | None, *, teacher_accuracy
     """The sweep report: the decision first, then one row per candidate (smallest first)."""
     front = set(pareto_front(results))
     if chosen is None:
-        head = (f"**Size sweep: no candidate holds** ({len(results)} tried in {minutes:.1f} min): each was shown worse "
-                "than the teacher on a check or could not be trained; nothing goes on, nothing is registered.")
+        head = (f"**Size sweep: no candidate holds** ({len(results)} tried in {minutes:.1f} min): each failed a "
+                "release gate or could not be trained; nothing goes on, nothing is registered.")
     else:
         how = ("every check passed" if chosen["outcome"] == PASS else
                "none passed every check; it has no failed check, and its thin evidence goes to the release gates "

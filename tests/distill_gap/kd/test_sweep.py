@@ -8,7 +8,8 @@ import pytest
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.gates import check_gate
 from distill_gap.evaluation.noninferiority import compare
-from distill_gap.kd.sweep import choose, failed_candidate, pareto_front, summarize, sweep_markdown, sweep_plot
+from distill_gap.kd.sweep import (choose, failed_candidate, pareto_front, summarize, sweep_markdown, sweep_plot,
+                                  why_not)
 from flows.config import EvaluateConfig, load_config
 
 MARGINS = EvaluateConfig().margins
@@ -74,7 +75,9 @@ def test_pareto_front_report_and_plot(rows):
     lines = md.splitlines()
     order = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "candidate" not in line]
     assert order == ["thin-tiny", "fail-tiny", "pass-small", "pass-big", "error"]  # smallest first, errors last
-    assert "shown worse: accuracy" in md and "could not be trained: student layers [7]" in md
+    assert "shown worse than the teacher: accuracy" in md and "could not be trained: student layers [7]" in md
+    ood = {**rows["pass-big"]["gates"], "ood_auroc_vs_teacher:code": {"outcome": "fail"}}
+    assert why_not({**rows["pass-big"], "outcome": "fail", "gates": ood}) == "failed ood_auroc_vs_teacher:code"
     none = sweep_markdown([rows["fail-tiny"]], None, teacher_accuracy=1.0, minutes=1.0)
     assert none.startswith("**Size sweep: no candidate holds**")
     assert sweep_plot(list(rows.values()), rows["pass-small"], teacher_accuracy=1.0)[:4] == b"\x89PNG"
