@@ -49,7 +49,7 @@ browser:
 # Day-to-day: unit tests only, no end-to-end runs, fault drills or servers (markers slow, integration,
 # reliability; tests on the moto S3 server or the session's Prefect API are integration). `make test` runs all.
 test-fast: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not integration and not reliability"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow and not integration and not reliability"
 
 # Only the tests that start real servers (prefect, mlflow, PostgreSQL, moto); `make test` runs them too.
 test-integration: install
