@@ -28,7 +28,7 @@ class QuantizeConfig(Section):
     # rows) to lose more than tolerable_loss of the student's validation accuracy
     agreement_samples: int = Field(1000, ge=1)
     # INC INT8 (torch.export + accuracy-aware autotune over `candidates`); false: ONNX Runtime INT8 only (onnx_int8),
-    # which skips torch.export and INC's convert (~6 of a tiny run's 18 s; the demo's primary is onnx-int8 anyway)
+    # which skips torch.export and INC's convert (a tiny `distill run`: 30 -> 24 CPU-s; the demo's primary is onnx-int8)
     inc: bool = True
     onnx: bool = True  # keep the fp32 student exported to ONNX (optimum) in the edge folder
     onnx_int8: bool = True  # ONNX Runtime INT8 (int8 MatMuls with static activation scales + 4-bit embeddings)

@@ -40,7 +40,7 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
     """Distill the pinned teacher into a student and an INT8 edge model, evaluate each, register, promote."""
     cfg, rt = config, config.runtime
     # config:<name>, trigger:<kind> on the flow run only: Prefect acquires a tag concurrency slot on the API for every
-    # tag of every task run (~0.35 s per task measured, ~4 s of a tiny run's 22 s), and the runs list filters flow runs
+    # tag of every task run (a round trip per task: 1-2 s of a tiny run's ~11 s), and the runs list filters flow runs
     tag_flow_run(run_tags(cfg.name, trigger_reason), log=print)
     with open_pipeline_run(cfg, trigger_reason=trigger_reason, flow_run_id=flow_run.get_id()) as run:
         splits = validate_data(run, cfg.data, cfg.seed)
