@@ -160,9 +160,9 @@ class DistillConfig(_Section):
         if (self.augment.copies or self.augment.unlabelled) and self.alpha == 1 and self.alpha_end in (None, 1):
             raise ValueError("distill.augment rows have no hard label and learn from the KD term only, which "
                              "distill.alpha 1 switches off: lower distill.alpha (e.g. 0.5) or set augment.copies 0")
-        if self.prune.heads and self.attention_loss:
-            raise ValueError("distill.attention_loss matches attention maps head by head, which distill.prune.heads "
-                             "removes: set one of them off")
+        if (self.prune.heads or self.prune.hidden) and self.attention_loss:
+            raise ValueError("distill.attention_loss matches attention maps head by head, which distill.prune."
+                             f"{'heads' if self.prune.heads else 'hidden'} removes: set one of them off")
         return self
 
 

@@ -46,7 +46,17 @@ class PruneConfig(Section):
 
     heads: float = Field(0.0, ge=0, lt=1)
     ffn: float = Field(0.0, ge=0, lt=1)
+    # share of the residual width removed (384 -> 256 at 0.34 for 32-wide heads; rounded down to whole heads): a
+    # narrower student initialised from the most important dimensions and heads, not a fresh one
+    hidden: float = Field(0.0, ge=0, lt=1)
     sample: int = Field(512, ge=1)  # training texts the importance is measured on (the first ones, in split order)
+
+    @model_validator(mode="after")
+    def _width_keeps_whole_layers(self) -> "PruneConfig":
+        if self.hidden and self.heads:
+            raise ValueError("distill.prune.hidden and distill.prune.heads are both set: a narrower stream keeps as "
+                             "many heads as its width holds; set distill.prune.heads to 0")
+        return self
 
 
 class AugmentConfig(Section):

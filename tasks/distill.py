@@ -159,12 +159,17 @@ def distill_student(teacher_dir: str | Path, out_dir: str | Path, *, train_texts
     teacher, tokenizer = load_classifier(teacher_dir)
     spec = student_spec(d)
     student = build_student(teacher.cpu(), tokenizer, spec, labels=model_labels(teacher))
-    pruning = None
+    pruning, sample = None, list(train_texts)[:d.prune.sample]
+    if d.prune.hidden:  # a narrower copy, initialised from the student's most important dimensions and heads
+        from distill_gap.kd.pruning import narrow
+
+        student, pruning = narrow(student, tokenizer, sample, hidden=d.prune.hidden, max_length=max_length)
     if d.prune.heads or d.prune.ffn:  # before training: distillation recovers what the removed parts carried
         from distill_gap.kd.pruning import prune
 
-        pruning = prune(student, tokenizer, list(train_texts)[:d.prune.sample], heads=d.prune.heads,
-                        ffn=d.prune.ffn, max_length=max_length)
+        cut = prune(student, tokenizer, sample, heads=d.prune.heads, ffn=d.prune.ffn, max_length=max_length)
+        pruning = cut if pruning is None else {**pruning, **cut,
+                                               "parameters": [pruning["parameters"][0], cut["parameters"][1]]}
     if d.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     uses_teacher_model = not hard_labels_only and (d.hidden_loss != "none" or d.attention_loss)
@@ -268,8 +273,9 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
              result.seconds, result.examples_per_second)
     if result.pruning:
         p = result.pruning
-        log.info("pruned before training: heads kept per layer %s, FFN width %d -> %d, parameters %.2fM -> %.2fM",
-                 p["heads_kept"], *p["ffn_width"], p["parameters"][0] / 1e6, p["parameters"][1] / 1e6)
+        log.info("pruned before training: width %d -> %d, heads kept per layer %s, FFN width %d -> %d, parameters "
+                 "%.2fM -> %.2fM", *p.get("hidden_width") or [0, 0], p["heads_kept"], *p["ffn_width"],
+                 p["parameters"][0] / 1e6, p["parameters"][1] / 1e6)
     if result.vocab:
         log.info("vocabulary trimmed: %d of the teacher's %d tokens kept for %d training texts (floor %d)",
                  result.vocab["kept"], result.vocab["teacher_vocab_size"], result.vocab["texts"],

@@ -112,7 +112,9 @@ def _steps(statements: dict) -> list[dict]:
             params["vocab_kept"] = f"{kept['kept']} of the teacher's {kept['teacher_vocab_size']} tokens"
         pruned = (p.get("results") or {}).get("pruning")
         if pruned:  # distill.prune: the shapes after pruning
-            params["pruned"] = (f"heads kept per layer {pruned['heads_kept']}, FFN width {pruned['ffn_width'][0]} -> "
+            width = pruned.get("hidden_width")  # distill.prune.hidden: a narrower residual stream
+            params["pruned"] = ((f"width {width[0]} -> {width[1]}, " if width else "") +
+                                f"heads kept per layer {pruned['heads_kept']}, FFN width {pruned['ffn_width'][0]} -> "
                                 f"{pruned['ffn_width'][1]}")
         extra = (p.get("data") or {}).get("extra")
         if extra and step == "soft-labels":  # distill.augment / redistill: what else the teacher labelled, from where

@@ -5,6 +5,8 @@ Importance is measured on training texts with the student's own activations (no 
 - a head: the mean L2 norm of its context vectors over real tokens, times the norm of its slice of the attention
   output projection (what it adds to the residual stream);
 - an FFN neuron: its mean |activation| over real tokens, times the norm of its column of the FFN output layer.
+`narrow` makes the residual stream itself narrower (`distill.prune.hidden`): a smaller copy initialised from the
+model's most important dimensions and heads.
 Heads are pruned per layer with transformers' own `prune_heads` (kept in `config.pruned_heads`, so the saved folder
 loads back pruned); FFN neurons keep the same count in every layer (`config.intermediate_size` shrinks), each
 layer keeping its own most important ones. BERT-style encoders only (BERT, RoBERTa, MiniLM, ...: an `encoder.layer`
@@ -123,3 +125,91 @@ def prune(model, tokenizer, texts, *, heads: float, ffn: float, max_length: int)
                                                                    enumerate(n_heads)],
             "heads_pruned": {str(i): g for i, g in drop.items()}, "ffn_width": [width, keep_ffn],
             "parameters": [before, sum(p.numel() for p in model.parameters())], "texts": len(texts)}
+
+
+def hidden_importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> np.ndarray:
+    """(hidden,) importance of each residual-stream dimension: its mean |value| over real tokens, averaged over the
+    embedding output and every layer's output (the dimensions a narrower copy keeps)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = None, 0
+    try:
+        with torch.no_grad():
+            texts = list(texts)
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt").to(device)
+                mask = enc["attention_mask"].to(torch.float32)[..., None]
+                states = model(**enc, output_hidden_states=True).hidden_states  # (layers + 1) x (B, T, H)
+                batch = sum((s.abs() * mask).sum((0, 1)) for s in states).double().cpu().numpy() / len(states)
+                total = batch if total is None else total + batch
+                tokens += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def narrow(model, tokenizer, texts, *, hidden: float, max_length: int):
+    """A narrower copy of a BERT-style `model`, initialised from it: the `hidden` share of the residual width goes
+    (rounded so the width stays a multiple of the head size), keeping the most important dimensions
+    (`hidden_importance`) in every tensor, and each layer keeps its most important heads (`importance`), as many as
+    the new width holds. Returns (model, record). Distillation then recovers what the removed dimensions carried."""
+    import torch
+
+    layers = _layers(model)
+    cfg = model.config
+    width, head_dim = cfg.hidden_size, layers[0].attention.self.attention_head_size
+    keep = (width - int(math.floor(width * hidden + 1e-9))) // head_dim * head_dim
+    if keep < head_dim:
+        raise DistillError(f"distill.prune.hidden={hidden} leaves less than one head ({head_dim} wide) of the "
+                           f"{width}-wide residual stream", f"use a ratio below {1 - head_dim / width:.2f}")
+    if getattr(cfg, "pruned_heads", None) or any(layer.attention.self.num_attention_heads * head_dim != width
+                                                 for layer in layers):
+        raise DistillError("distill.prune.hidden needs every layer's heads (this student already lost some)",
+                           "set distill.prune.heads to 0 when distill.prune.hidden is set")
+    before = sum(p.numel() for p in model.parameters())
+    dims = np.sort(np.argsort(-hidden_importance(model, tokenizer, texts, max_length=max_length),
+                              kind="stable")[:keep])
+    head_scores, _ = importance(model, tokenizer, texts, max_length=max_length)
+    n_heads = keep // head_dim
+    rows = []  # per layer: the query/key/value rows (and attention-output columns) of the heads it keeps
+    for i in range(len(layers)):
+        heads = np.sort(np.argsort(-head_scores[i], kind="stable")[:n_heads])
+        rows.append(np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads]))
+    new_cfg = type(cfg).from_dict({**cfg.to_dict(), "hidden_size": keep, "num_attention_heads": n_heads})
+    small = type(model)(new_cfg)
+    s = torch.as_tensor(dims)
+    state, done = model.state_dict(), {}
+    encoder = f"{model.base_model_prefix}.encoder.layer."
+    for i, r in enumerate(rows):  # each layer's tensors by role: the head rows r, the kept dimensions s
+        r, p = torch.as_tensor(r), f"{encoder}{i}."
+        for name in ("query", "key", "value"):
+            done[f"{p}attention.self.{name}.weight"] = state[f"{p}attention.self.{name}.weight"][r][:, s]
+            done[f"{p}attention.self.{name}.bias"] = state[f"{p}attention.self.{name}.bias"][r]
+        done[f"{p}attention.output.dense.weight"] = state[f"{p}attention.output.dense.weight"][s][:, r]
+        done[f"{p}intermediate.dense.weight"] = state[f"{p}intermediate.dense.weight"][:, s]
+        done[f"{p}intermediate.dense.bias"] = state[f"{p}intermediate.dense.bias"]
+        done[f"{p}output.dense.weight"] = state[f"{p}output.dense.weight"][s]
+        for name in ("attention.output.dense.bias", "attention.output.LayerNorm.weight",
+                     "attention.output.LayerNorm.bias", "output.dense.bias", "output.LayerNorm.weight",
+                     "output.LayerNorm.bias"):
+            done[p + name] = state[p + name][s]
+    for name, tensor in state.items():  # embeddings, pooler, head: every axis as wide as the stream is sliced
+        if name.startswith(encoder):
+            if name not in done:
+                raise DistillError(f"distill.prune.hidden does not know the layer tensor {name}",
+                                   "set distill.prune.hidden to 0 for this student (BERT-style layers only)")
+            continue
+        for axis, size in enumerate(tensor.shape):
+            if size == width and tensor.is_floating_point():
+                tensor = tensor.index_select(axis, s)
+        done[name] = tensor
+    small.load_state_dict(done, strict=True)
+    small.train(model.training)
+    ffn = layers[0].intermediate.dense.out_features
+    return small, {"hidden_ratio": hidden, "hidden_width": [width, keep], "heads_kept": [n_heads] * len(layers),
+                   "ffn_width": [ffn, ffn], "parameters": [before, sum(p.numel() for p in small.parameters())],
+                   "texts": len(texts)}

@@ -232,3 +232,17 @@ def test_a_pruned_student_is_smaller_trains_and_records_what_went(tiny_model_dir
     assert student.config.intermediate_size == 32 and pruned.parameters == pruned.pruning["parameters"][1]
     assert student.base_model.encoder.layer[0].attention.self.num_attention_heads == 1
     assert len(pruned.history) >= 1
+
+
+def test_a_narrower_student_from_the_teachers_layers_trains_with_a_hidden_state_loss(tiny_model_dir, review_frame,
+                                                                                   tmp_path):
+    """distill.prune.hidden (issue 21): the student of teacher layer 1 made half as wide, its FFN pruned too, then
+    trained with the hidden-state loss through a learned projection to the teacher's width."""
+    narrow = _run(tiny_model_dir, review_frame, tmp_path / "narrow", prune={"hidden": 0.5, "ffn": 0.5},
+                  hidden_loss="mse")
+    p = narrow.pruning
+    assert p["hidden_width"] == [32, 16] and p["heads_kept"] == [1] and p["ffn_width"] == [64, 32]
+    student, _ = load_classifier(narrow.path)
+    assert student.config.hidden_size == 16 and student.config.num_attention_heads == 1
+    assert student.config.intermediate_size == 32 and narrow.parameters == p["parameters"][1] < p["parameters"][0]
+    assert len(narrow.history) >= 1 and np.isfinite(narrow.history[-1]["train_loss"])

@@ -64,3 +64,56 @@ def test_a_ratio_that_leaves_nothing_or_an_unsupported_student_is_refused(tiny_m
     with pytest.raises(DistillError, match="supports BERT-style encoders .* this student is distilbert") as err:
         prune(distil, tok, texts, heads=0.5, ffn=0.0, max_length=32)
     assert "distill.prune.heads and distill.prune.ffn to 0" in err.value.fix
+
+
+def test_a_narrower_copy_keeps_the_most_important_dimensions_and_heads_and_loads_back(tiny_model_dir, review_frame,
+                                                                                     tmp_path):
+    from distill_gap.kd.pruning import hidden_importance, narrow
+
+    model, tok = load_classifier(tiny_model_dir)
+    texts = review_frame["text"].tolist()[:40]
+    emb = model.base_model.embeddings
+    with torch.no_grad():  # residual dimensions 0..7 made the loudest in the embeddings: they must stay
+        emb.word_embeddings.weight[:, :8] *= 50
+    width, d = model.config.hidden_size, model.base_model.encoder.layer[0].attention.self.attention_head_size
+    scores = hidden_importance(model, tok, texts, max_length=32)
+    assert scores.shape == (width,) and scores[:8].min() > np.median(scores)
+    model.eval()
+    small, record = narrow(model, tok, texts, hidden=0.5, max_length=32)
+    assert record["hidden_width"] == [width, width // 2] and record["heads_kept"] == [1, 1]
+    assert record["parameters"][1] < record["parameters"][0] and not small.training
+    assert small.config.hidden_size == width // 2 and small.config.num_attention_heads == 1
+    kept = np.sort(np.argsort(-scores, kind="stable")[:width // 2])
+    assert set(range(8)) <= set(kept.tolist())
+    torch.testing.assert_close(small.base_model.embeddings.word_embeddings.weight, emb.word_embeddings.weight[:, kept])
+    layer, small_layer = model.base_model.encoder.layer[1], small.base_model.encoder.layer[1]
+    assert small_layer.attention.self.query.weight.shape == (d, width // 2)  # one head of d dims, from the teacher's
+    assert any(torch.equal(small_layer.attention.self.query.weight, layer.attention.self.query.weight[h * d:(h + 1) * d]
+                           [:, kept]) for h in range(2))
+    assert small_layer.intermediate.dense.weight.shape == (64, width // 2)  # the FFN keeps its width
+    enc = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        logits = small(**enc).logits.numpy()
+    assert np.isfinite(logits).all()
+    again, _ = load_classifier(save_classifier(small, tok, tmp_path / "narrow"))  # a plain, smaller BERT
+    again.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(again(**enc).logits.numpy(), logits, atol=1e-5)
+
+    with pytest.raises(DistillError, match=r"distill.prune.hidden=0.9 leaves less than one head \(16 wide\) of the "
+                                           r"32-wide residual stream"):
+        narrow(model, tok, texts, hidden=0.9, max_length=32)
+    prune(model, tok, texts, heads=0.5, ffn=0.0, max_length=32)
+    with pytest.raises(DistillError, match="distill.prune.hidden needs every layer's heads"):
+        narrow(model, tok, texts, hidden=0.5, max_length=32)
+
+
+def test_width_with_head_pruning_or_attention_maps_is_refused_in_the_config():
+    from pydantic import ValidationError
+
+    from flows.config import DistillConfig
+
+    with pytest.raises(ValidationError, match="distill.prune.hidden and distill.prune.heads are both set"):
+        DistillConfig(prune={"hidden": 0.3, "heads": 0.5})
+    with pytest.raises(ValidationError, match="which distill.prune.hidden removes"):
+        DistillConfig(prune={"hidden": 0.3}, attention_loss=True)
