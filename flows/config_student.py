@@ -46,8 +46,9 @@ class PruneConfig(Section):
 
     heads: float = Field(0.0, ge=0, lt=1)
     ffn: float = Field(0.0, ge=0, lt=1)
-    # share of the residual width removed (384 -> 256 at 0.34 for 32-wide heads; rounded down to whole heads): a
-    # narrower student initialised from the most important dimensions and heads, not a fresh one
+    # share of the residual width removed (384 -> 256 at 0.33 with 32-wide heads; the width left is rounded down to
+    # whole heads): a narrower student initialised from its most important dimensions and heads, not a fresh one.
+    # It may sit on the majority class for a few epochs before it moves: give it distill.patience to get there
     hidden: float = Field(0.0, ge=0, lt=1)
     sample: int = Field(512, ge=1)  # training texts the importance is measured on (the first ones, in split order)
 
