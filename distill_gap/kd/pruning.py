@@ -35,18 +35,39 @@ def _layers(model):
     return list(layers)
 
 
-def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(heads (L, H), ffn (L, I)) importance scores of a BERT-style model on `texts` (see the module docstring)."""
+def _forward_batches(model, tokenizer, texts, *, max_length: int, batch_size: int, mask_now: dict, hooks=(),
+                     **forward):
+    """Run `model` in eval mode without gradients over `texts` in batches, with forward `hooks` ((module, hook, pre)
+    triples) registered and mask_now["m"] set to each batch's attention mask (float64); yields each batch's output.
+    Consumed to the end, the hooks are removed and the training mode restored."""
     import torch
 
+    handles = [m.register_forward_pre_hook(h) if pre else m.register_forward_hook(h) for m, h, pre in hooks]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            texts = list(texts)
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt").to(device)
+                mask_now["m"] = enc["attention_mask"].to(torch.float64)
+                yield model(**enc, **forward)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(heads (L, H), ffn (L, I)) importance scores of a BERT-style model on `texts` (see the module docstring)."""
     layers = _layers(model)
     n_heads = [layer.attention.self.num_attention_heads for layer in layers]
     head_dim = layers[0].attention.self.attention_head_size
     ctx_sum = [np.zeros(h) for h in n_heads]
     act_sum = [np.zeros(layer.intermediate.dense.out_features) for layer in layers]
-    tokens = 0
-    mask_now = {}
-    hooks = []
+    mask_now, hooks = {}, []
     for i, layer in enumerate(layers):
         def on_context(_m, _inp, out, i=i):  # BertSelfAttention returns (context, ...)
             ctx = (out[0] if isinstance(out, tuple) else out).detach()
@@ -57,24 +78,9 @@ def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32
         def on_intermediate(_m, _inp, out, i=i):  # after the activation
             act_sum[i] += (out.detach().abs() * mask_now["m"][..., None]).sum((0, 1)).double().cpu().numpy()
 
-        hooks += [layer.attention.self.register_forward_hook(on_context),
-                  layer.intermediate.register_forward_hook(on_intermediate)]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            texts = list(texts)
-            for start in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
-                                padding=True, return_tensors="pt").to(device)
-                mask_now["m"] = enc["attention_mask"].to(torch.float32)
-                tokens += int(enc["attention_mask"].sum())
-                model(**enc)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        hooks += [(layer.attention.self, on_context, False), (layer.intermediate, on_intermediate, False)]
+    tokens = sum(int(mask_now["m"].sum()) for _ in _forward_batches(
+        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, mask_now=mask_now, hooks=hooks))
     heads = np.zeros((len(layers), max(n_heads)))
     ffn = np.zeros((len(layers), max(len(a) for a in act_sum)))
     for i, layer in enumerate(layers):
@@ -130,25 +136,13 @@ def prune(model, tokenizer, texts, *, heads: float, ffn: float, max_length: int)
 def hidden_importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> np.ndarray:
     """(hidden,) importance of each residual-stream dimension: its mean |value| over real tokens, averaged over the
     embedding output and every layer's output (the dimensions a narrower copy keeps)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, tokens = None, 0
-    try:
-        with torch.no_grad():
-            texts = list(texts)
-            for start in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
-                                padding=True, return_tensors="pt").to(device)
-                mask = enc["attention_mask"].to(torch.float32)[..., None]
-                states = model(**enc, output_hidden_states=True).hidden_states  # (layers + 1) x (B, T, H)
-                batch = sum((s.abs() * mask).sum((0, 1)) for s in states).double().cpu().numpy() / len(states)
-                total = batch if total is None else total + batch
-                tokens += int(mask.sum())
-    finally:
-        model.train(was_training)
+    total, tokens, mask_now = 0.0, 0, {}
+    for out in _forward_batches(model, tokenizer, texts, max_length=max_length, batch_size=batch_size,
+                                mask_now=mask_now, output_hidden_states=True):
+        mask = mask_now["m"][..., None]
+        states = out.hidden_states  # (layers + 1) x (B, T, H)
+        total = total + sum((s.double().abs() * mask).sum((0, 1)) for s in states).cpu().numpy() / len(states)
+        tokens += int(mask.sum())
     return total / max(tokens, 1)
 
 
@@ -160,7 +154,7 @@ def layer_norm_scales(model, tokenizer, texts, dims, *, max_length: int, batch_s
     / 0.499 without the rescale, 0.071 / 0.302 / 0.458 with it."""
     import torch
 
-    sums, tokens, hooks, mask_now = {}, 0, [], {}
+    sums, hooks, mask_now = {}, [], {}
     keep = torch.as_tensor(dims)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.LayerNorm):
@@ -169,23 +163,9 @@ def layer_norm_scales(model, tokenizer, texts, dims, *, max_length: int, batch_s
                 ratio = x.index_select(-1, keep).std(-1, unbiased=False) / x.std(-1, unbiased=False).clamp_min(1e-12)
                 sums[name] = sums.get(name, 0.0) + float((ratio * mask_now["m"]).sum())
 
-            hooks.append(module.register_forward_pre_hook(on_input))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            texts = list(texts)
-            for start in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length,
-                                padding=True, return_tensors="pt").to(device)
-                mask_now["m"] = enc["attention_mask"].to(torch.float64)
-                tokens += int(enc["attention_mask"].sum())
-                model(**enc)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+            hooks.append((module, on_input, True))
+    tokens = sum(int(mask_now["m"].sum()) for _ in _forward_batches(
+        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, mask_now=mask_now, hooks=hooks))
     return {name: total / max(tokens, 1) for name, total in sums.items()}
 
 
