@@ -173,7 +173,8 @@ def narrow(model, tokenizer, texts, *, hidden: float, max_length: int):
     """A narrower copy of a BERT-style `model`, initialised from it: the `hidden` share of the residual width goes
     (rounded so the width stays a multiple of the head size), keeping the most important dimensions
     (`hidden_importance`) in every tensor, and each layer keeps its most important heads (`importance`), as many as
-    the new width holds; each LayerNorm's weight is rescaled by `layer_norm_scales`. Returns (model, record). Distillation then recovers what the removed dimensions carried."""
+    the new width holds; each LayerNorm's weight is rescaled by `layer_norm_scales`. Returns (model, record).
+    Distillation then recovers what the removed dimensions carried."""
     import torch
 
     layers = _layers(model)

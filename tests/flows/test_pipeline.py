@@ -125,7 +125,8 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
 
         async with get_client() as c:  # this run's: other modules' runs on the session server are named tiny too
             return await c.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["tiny-gap-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+                key=ArtifactFilterKey(any_=["tiny-gap-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
     import asyncio
 
