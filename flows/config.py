@@ -145,6 +145,9 @@ class DistillConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
     select_metric: Literal["accuracy", "fidelity"] = "accuracy"  # validation metric for the best checkpoint
+    # the student's own seed (its initialisation, batch order, dropout, projections); None: the run's `seed`. Set it
+    # (in a sweep candidate too) to measure a recipe's spread over seeds on the same splits and soft labels
+    seed: int | None = Field(None, ge=0)
     baseline: bool = False  # also train the same student on hard labels only and report it beside the KD student
     freeze_embeddings: bool = False  # keep the student's word embeddings fixed (the teacher's, for kind layers):
     # AdamW then skips ~12M of MiniLM's 15.6M student parameters, a faster step on small data

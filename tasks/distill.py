@@ -65,6 +65,11 @@ class StudentResult:
         return d
 
 
+def student_seed(distill_cfg, seed: int) -> int:
+    """The seed the student trains with: distill.seed, else the run's `seed`."""
+    return seed if distill_cfg.seed is None else distill_cfg.seed
+
+
 def example_weights(teacher_logits: np.ndarray, critical: np.ndarray | None, *, critical_weight: float,
                     uncertainty_weight: float) -> np.ndarray | None:
     """Per-example loss weights: `critical_weight` on critical-slice rows, plus `uncertainty_weight` times
@@ -218,7 +223,9 @@ def distill(teacher_dir, splits, soft, distill_cfg, workdir: Path, *, critical_s
             max_length: int, seed: int, device: str, client=None, run_id: str | None = None,
             log: logging.Logger = _log) -> StudentResult:
     """Train the student on the cached soft labels (rare-case weights from `critical_slices`), logging each epoch
-    to the MLflow run `run_id`; with distill.baseline also the hard-label student (result.baseline)."""
+    to the MLflow run `run_id`; with distill.baseline also the hard-label student (result.baseline). `seed` is the
+    run's; distill.seed, when set, seeds the student instead (the splits and soft labels stay the run's)."""
+    seed = student_seed(distill_cfg, seed)
     label_id = {l: i for i, l in enumerate(splits.labels)}
     train, val = splits["train"], splits["validation"]
     by_id = dict(zip(soft.ids, range(len(soft.ids))))

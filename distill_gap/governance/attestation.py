@@ -107,7 +107,8 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
                    + (f"; {len(aug.frame)} extra teacher-labelled rows (KD term; a person's answer as the hard label where "
                          "there is one)" if aug is not None
                       else "")),
-        parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": seed},
+        parameters={**d.model_dump(mode="json"), "student_spec": student.spec,
+                    "seed": seed if getattr(d, "seed", None) is None else d.seed},  # the one the student trained with
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, f"soft-labels/{soft.key}": soft_labels_digest(soft),
                 "data/train": splits.digests()["train"], "data/validation": splits.digests()["validation"],
                 **({"data/test": splits.digests()["test"]} if sweep else {}),

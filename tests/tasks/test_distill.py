@@ -200,6 +200,33 @@ def test_the_stage_step_takes_its_sections(tiny_model_dir, review_frame, tmp_pat
     assert (weighted.path.parent, weighted.baseline.path.name) == (tmp_path / "w", "student-hard")
 
 
+def test_distill_seed_seeds_the_student_and_leaves_the_run_seed_to_the_data(tiny_model_dir, review_frame, tmp_path):
+    """distill.seed (medians over seeds on the same splits and soft labels): the student trains with it instead of
+    the run's seed, and the step records the seed it trained with."""
+    from types import SimpleNamespace
+
+    from distill_gap.data.splits import Splits
+    from distill_gap.governance.attestation import distill_statement
+
+    frames = {"train": review_frame.head(64), "validation": review_frame.iloc[64:96]}
+    splits = Splits(frames=frames, labels=LABELS, slice_columns=["condition"])
+    soft = SimpleNamespace(ids=frames["train"]["id"].tolist(),
+                           logits=np.random.default_rng(1).normal(size=(64, 3)).astype(np.float32))
+    cfg = DistillConfig(student_layers=[1], epochs=1, learning_rate=1e-3, batch_size=16)
+    kw = dict(critical_slices={}, max_length=32, device="cpu")
+    run_seed_4 = distill(tiny_model_dir, splits, soft, cfg, tmp_path / "a", seed=4, **kw)
+    own_seed_4 = distill(tiny_model_dir, splits, soft, cfg.model_copy(update={"seed": 4}), tmp_path / "b", seed=3, **kw)
+    run_seed_3 = distill(tiny_model_dir, splits, soft, cfg, tmp_path / "c", seed=3, **kw)
+    assert own_seed_4.digest == run_seed_4.digest != run_seed_3.digest
+    teacher = SimpleNamespace(name="t", version="1", digest="0" * 64)
+    soft.key, soft.manifest = "k", {"shards": []}
+    stmt = distill_statement(cfg.model_copy(update={"seed": 4}), seed=3, student_model_name="s", student=own_seed_4,
+                             soft=soft, teacher=teacher, splits=splits, context={})
+    assert stmt["predicate"]["parameters"]["seed"] == 4
+    with pytest.raises(ValueError):
+        DistillConfig(seed=-1)
+
+
 def test_a_trimmed_student_answers_its_training_texts_as_the_untrimmed_one(tiny_model_dir, review_frame, tmp_path):
     """distill.vocab.trim (issue 21): the same training, then only the pieces the training texts use are kept; the
     mapping and the count go with the student (folder, StudentResult), the logits on the training texts do not
