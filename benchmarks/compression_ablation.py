@@ -15,8 +15,8 @@ class's recall drop against the teacher and the OOD AUROC drop on each OOD set (
 often each outcome and each failed gate occurred. Prints a table and writes
 benchmarks/results/compression_ablation.json (flat): `<lever>_size_mb`, `<lever>_accuracy`,
 `<lever>_recall_negative_drop`, `<lever>_ood_drop_<set>`, `<lever>_outcomes` ("fail=2,insufficient=1"),
-`<lever>_failed_gates`, plus teacher_accuracy, seeds, candidates, sweep_minutes, run_minutes, chosen, rc. ABLATION_SEEDS (default
-"13,14,15") picks the seeds.
+`<lever>_failed_gates`, plus teacher_accuracy, seeds, candidates, sweep_minutes, run_minutes, chosen, rc.
+ABLATION_SEEDS (default "13,14,15") picks the seeds.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main() -> int:
               "rc": proc.returncode, **summary}
     print(table(summary, levers))
     print(f"\nteacher {teacher_accuracy:.3f} on the test rows; seeds {SEEDS}, {len(candidates)} candidates, sweep "
-          f"{record['minutes'] or 0:.1f} min, whole run {minutes:.1f} min (rc {proc.returncode}), chosen {record['chosen']}")
+          f"{record['minutes'] or 0:.1f} min, whole run {minutes:.1f} min (rc {proc.returncode}), "
+          f"chosen {record['chosen']}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")

@@ -326,7 +326,7 @@ class PipelineConfig(_Section):
         if self.scope.region_column is not None and self.scope.region_column not in columns:
             raise ValueError(f"scope.region_column {self.scope.region_column!r} is not one of data.slice_columns "
                              f"{columns}: add it there, or leave scope.region_column out")
-        self.sweep.resolve(self.distill)  # a bad candidate fails at load, naming it
+        self.sweep.resolve(self.distill, self.quantize)  # a bad candidate fails at load, naming it
         return self
 
     def digest(self) -> str:

@@ -103,6 +103,9 @@ class SweepCandidate(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")  # MLflow run and Prefect task run names
     distill: dict[str, Any] = Field(default_factory=dict)
+    # keys of the quantize section it changes (e.g. {onnx_embedding_bits: 8}): the candidate is quantized and judged
+    # with them, and when it is chosen the quantize stage uses them, so the artifact judged is the one that ships
+    quantize: dict[str, Any] = Field(default_factory=dict)
 
 
 class SweepConfig(Section):
@@ -119,9 +122,9 @@ class SweepConfig(Section):
     dask_address: str | None = None  # a running scheduler (tcp://host:8786); else a LocalCluster of dask_workers
     dask_workers: int = Field(2, ge=1)
 
-    def resolve(self, distill) -> list[tuple[str, Any]]:
-        """(name, the distill section of the candidate) for every candidate, validated like the section itself; a
-        bad candidate raises ValueError naming it and the key."""
+    def resolve(self, distill, quantize) -> list[tuple[str, Any, Any]]:
+        """(name, its distill section, its quantize section) for every candidate, each validated like the section
+        itself; a bad candidate raises ValueError naming it and the key."""
         from pydantic import ValidationError
 
         if self.enabled and not self.candidates:
@@ -134,13 +137,18 @@ class SweepConfig(Section):
             if "augment" in c.distill:
                 raise ValueError(f"sweep candidate {c.name!r} sets distill.augment: the candidates share one set of "
                                  "soft labels; set distill.augment for all of them, outside sweep.candidates")
-            try:
-                out.append((c.name, type(distill).model_validate(_merged(distill.model_dump(), c.distill))))
-            except ValidationError as err:
-                first = err.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-                raise ValueError(f"sweep candidate {c.name!r}: distill.{where}: {msg}") from None
+            sections = []
+            for section, base, change in (("distill", distill, c.distill), ("quantize", quantize, c.quantize)):
+                try:
+                    sections.append(type(base).model_validate(_merged(base.model_dump(), change)))
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    msg = "unknown key" if first["type"] == "extra_forbidden" else \
+                        first["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"sweep candidate {c.name!r}: {section}{'.' + where if where else ''}: "
+                                     f"{msg}") from None
+            out.append((c.name, *sections))
         return out
 
 

@@ -48,17 +48,18 @@ def distill_pipeline(config: PipelineConfig, trigger_reason: str = "manual") -> 
         soft = soft_labels(run, cfg.soft_labels, teacher=teacher, splits=splits, max_length=rt.max_length,
                            augment=cfg.distill.augment, redistill=cfg.redistill, feedback_store=cfg.feedback.store,
                            seed=cfg.seed)
-        student = (sweep(run, cfg.sweep, cfg.distill, cfg.evaluate, cfg.quantize, drift_cfg=cfg.drift,
-                         scope_cfg=cfg.scope, teacher=teacher, soft=soft, splits=splits,
-                         critical_slices=cfg.data.critical_slices, max_length=rt.max_length, seed=cfg.seed)
-                   if cfg.sweep.enabled else  # the smallest student of a ladder that holds against the teacher
-                   distill_task(run, cfg.distill, teacher, soft, splits, critical_slices=cfg.data.critical_slices,
-                                max_length=rt.max_length, seed=cfg.seed))
-        edge = quantize_task(run, cfg.quantize, student=student, splits=splits, max_length=rt.max_length,
+        # the smallest student of a ladder that holds against the teacher, with the quantize section it was judged with
+        student, quantize = (sweep(run, cfg.sweep, cfg.distill, cfg.evaluate, cfg.quantize, drift_cfg=cfg.drift,
+                                   scope_cfg=cfg.scope, teacher=teacher, soft=soft, splits=splits,
+                                   critical_slices=cfg.data.critical_slices, max_length=rt.max_length, seed=cfg.seed)
+                             if cfg.sweep.enabled else
+                             (distill_task(run, cfg.distill, teacher, soft, splits, max_length=rt.max_length,
+                                           critical_slices=cfg.data.critical_slices, seed=cfg.seed), cfg.quantize))
+        edge = quantize_task(run, quantize, student=student, splits=splits, max_length=rt.max_length,
                              min_edge_agreement=cfg.evaluate.min_edge_agreement, seed=cfg.seed)
         report, gates, edge = evaluate_task(run, cfg.evaluate, cfg.drift, cfg.scope, teacher=teacher, student=student,
                                             edge=edge, splits=splits, critical_slices=cfg.data.critical_slices,
-                                            require_int8=cfg.quantize.require_int8, max_length=rt.max_length,
+                                            require_int8=quantize.require_int8, max_length=rt.max_length,
                                             seed=cfg.seed, against_champion=cfg.redistill.active)
         # the release: versions are staged, then the last gate; a gate that fails rolls the staging back
         # (register_task's on_rollback), so no version or alias exists for a model that failed a gate

@@ -144,25 +144,25 @@ def _report(run, stage_run_id: str, rows: list[dict], chosen: dict | None, *, te
 
 def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, drift_cfg, scope_cfg, teacher, soft, splits,
           critical_slices: dict[str, list], max_length: int, seed: int):
-    """The run's student chosen by the size sweep (a StudentResult, attested like the distill stage's, naming the
-    candidates), or a DistillError when no candidate holds: the candidates' runs keep the evidence, nothing goes on.
+    """(the run's student chosen by the size sweep (a StudentResult, attested like the distill stage's, naming the
+    candidates), the quantize section it was judged with (the run's, with the candidate's `quantize` changes)), or a
+    DistillError when no candidate holds: the candidates' runs keep the evidence, nothing goes on.
     Call it from inside a flow: it submits the stage's tasks."""
     from prefect.utilities.annotations import unmapped
 
     log = get_run_logger()
-    candidates = sweep_cfg.resolve(distill_cfg)
-    changes = {c.name: c.distill for c in sweep_cfg.candidates}
+    candidates = sweep_cfg.resolve(distill_cfg, quantize_cfg)
+    changes = {c.name: {**c.distill, **({"quantize": c.quantize} if c.quantize else {})} for c in sweep_cfg.candidates}
     start = time.time()
     with run.stage("sweep") as stage_run_id:
         reference = labelled_test_rows(splits)
         local_dask = sweep_cfg.task_runner == "dask" and not sweep_cfg.dask_address
         threads = max(1, (run.threads or 2) // sweep_cfg.dask_workers) if local_dask else run.threads
-        names = [name for name, _ in candidates]
+        names = [name for name, _, _ in candidates]
         log.info(f"size sweep: {len(names)} candidates ({', '.join(names)}) on the {sweep_cfg.task_runner} task "
                  f"runner, each judged by every release gate ({len(reference['truth'])} labelled test rows)")
         common = dict(teacher_dir=unmapped(str(teacher.path)), splits=unmapped(splits), soft=unmapped(soft),
-                      reference=unmapped(reference), evaluate_cfg=unmapped(evaluate_cfg),
-                      quantize_cfg=unmapped(quantize_cfg), drift_cfg=unmapped(drift_cfg),
+                      reference=unmapped(reference), evaluate_cfg=unmapped(evaluate_cfg), drift_cfg=unmapped(drift_cfg),
                       scope_cfg=unmapped(scope_cfg),
                       critical_slices=unmapped(critical_slices), max_length=unmapped(max_length),
                       seed=unmapped(seed), device=unmapped(run.device), threads=unmapped(threads),
@@ -171,7 +171,9 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, drift_cfg,
         with task_runner(sweep_cfg.task_runner, dask_address=sweep_cfg.dask_address,
                          dask_workers=sweep_cfg.dask_workers, setting="sweep.task_runner") as runner:
             futures = runner.map(sweep_candidate_task, {
-                "name": names, "distill_cfg": [cfg for _, cfg in candidates], "changes": [changes[n] for n in names],
+                "name": names, "distill_cfg": [d for _, d, _ in candidates],
+                "quantize_cfg": [q for _, _, q in candidates],
+                "changes": [changes[n] for n in names],
                 "workdir": [run.workdir / "sweep" / n for n in names],
                 "run_name": [f"{run.name}-sweep-{n}" for n in names], **common})
             outcomes = []
@@ -201,7 +203,7 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, drift_cfg,
                                f"{run.name}-size-sweep, MLflow run {run.name}-sweep): add larger candidates, "
                                "more training (epochs, distill.augment), or lighter cuts (vocab floor, prune ratios)")
     student = next(o["student"] for o in outcomes if o["row"]["name"] == chosen["name"])
-    chosen_cfg = dict(candidates)[chosen["name"]]
+    chosen_cfg, chosen_quantize = next((d, q) for n, d, q in candidates if n == chosen["name"])
     log.info(f"size sweep: {chosen['name']} goes on as the student ({student.path})")
     attest_task(run, distill_statement(chosen_cfg, seed=seed, student_model_name=run.student_model_name,
                                        student=student, soft=soft, teacher=teacher, splits=splits,
@@ -210,4 +212,4 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, drift_cfg,
                                               "gate; the smallest edge artifact with none failed",
                                               "candidates": [{k: r[k] for k in ("name", "parameters", "accuracy",
                                                                                 "outcome")} for r in rows]}))
-    return student
+    return student, chosen_quantize

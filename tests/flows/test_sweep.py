@@ -26,7 +26,8 @@ LADDER = [  # smallest last in the list: the choice must not depend on the order
     {"name": "layer1", "distill": {"student_layers": [1]}},
     {"name": "narrow", "distill": {"student": {"kind": "config", "num_layers": 1, "hidden_size": 16, "num_heads": 2,
                                                "intermediate_size": 32},
-                                   "hidden_loss": "mse", "layer_map": [[1, 2]]}},  # through a learned projection
+                                   "hidden_loss": "mse", "layer_map": [[1, 2]]},  # through a learned projection
+     "quantize": {"onnx_embedding_bits": 8}},  # judged with, and shipped with, 8-bit embeddings (the run's: 4)
     {"name": "bad-layers", "distill": {"student_layers": [7]}},  # the teacher has 2: a candidate that cannot be built
 ]
 
@@ -76,6 +77,7 @@ def test_the_smallest_candidate_that_holds_goes_on_and_is_registered(workspace):
     assert candidates["narrow"].data.metrics["sweep.parameters"] < candidates["layer1"].data.metrics["sweep.parameters"]
     assert sweep_run.data.tags["distill.sweep.chosen"] == "narrow"
     assert out["student"]["spec"]["kind"] == "config" and out["student"]["spec"]["hidden_size"] == 16
+    assert json.loads(candidates["narrow"].data.params["candidate.changes"])["quantize"] == {"onnx_embedding_bits": 8}
 
     rows = json.loads(Path(client.download_artifacts(sweep_run.info.run_id, "sweep/candidates.json",
                                                      str(workspace[0]))).read_text())
@@ -90,6 +92,13 @@ def test_the_smallest_candidate_that_holds_goes_on_and_is_registered(workspace):
     result = verify(client, f"models:/tiny-edge/{out['registered']['edge']['version']}",
                     key_dir=cfg.governance.key_dir)
     assert result.ok, [c for c in result.checks if not c.ok]
+    # ... with the quantize changes it was judged with: its embeddings at 8 bits, the run's section says 4
+    from distill_gap.registry.versions import fetch_model
+
+    assert cfg.quantize.onnx_embedding_bits == 4
+    edge = fetch_model(client, "tiny-edge", version=int(out["registered"]["edge"]["version"]),
+                       cache_root=workspace[0] / "models").path
+    assert json.loads((edge / "onnx-int8" / "ort_int8.json").read_text())["embeddings"]["bits"] == 8
 
     async def _report():
         from prefect.client.orchestration import get_client

@@ -91,6 +91,10 @@ def test_pareto_front_report_and_plot(rows):
      "hidden_size 250 is not divisible by num_heads 4: pick num_heads dividing it (e.g. 2)"),
     ("sweep.candidates=[{name: a, distill: {augment: {copies: 2}}}]", "share one set of soft labels"),
     ("sweep.candidates=[{name: 'a b'}]", "sweep.candidates.0.name"),
+    ("sweep.candidates=[{name: a, quantize: {onnx_embedding_bits: 3}}]",
+     "sweep candidate 'a': quantize.onnx_embedding_bits: Input should be 4 or 8"),
+    ("sweep.candidates=[{name: a, quantize: {inc: false, onnx_int8: false}}]",
+     "sweep candidate 'a': quantize: quantize.inc and quantize.onnx_int8 are both false"),
 ])
 def test_a_bad_ladder_is_refused_when_the_config_loads(override, message):
     with pytest.raises(DistillError) as err:
