@@ -89,14 +89,19 @@ def prepare() -> Path:
     return config
 
 
-def runs(env: dict, config: Path, cfg, client) -> dict:
-    """The two pipeline runs (teacher bootstrapped first when missing); the edge version each registered."""
+def ensure_teacher(env: dict, config: Path, cfg, client) -> None:
+    """`distill teacher bootstrap` when the workspace has no pinned teacher yet."""
     try:
         client.get_model_version_by_alias(cfg.teacher_model_name, cfg.teacher.alias)
     except Exception:  # noqa: BLE001 - no pinned teacher yet
         proc = distill(env, "teacher", "bootstrap", "--config", str(config))
         if proc.returncode:
             raise SystemExit(f"teacher bootstrap failed:\n{proc.stderr[-3000:]}")
+
+
+def runs(env: dict, config: Path, cfg, client) -> dict:
+    """The two pipeline runs (teacher bootstrapped first when missing); the edge version each registered."""
+    ensure_teacher(env, config, cfg, client)
     record = WORK / "runs.json"
     out = json.loads(record.read_text()) if record.is_file() else {}
     for kind, extra in (("default", []), ("sweep", ["--set", "sweep.enabled=true"])):

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-from benchmarks.compression import WORK, distill, environment, log, prepare, sweep_record  # noqa: E402
+from benchmarks.compression import (WORK, distill, ensure_teacher, environment, log, prepare,  # noqa: E402
+                                    sweep_record)
 
 OUT = ROOT / "benchmarks" / "results" / "compression_ablation.json"
 SEEDS = [int(s) for s in os.environ.get("ABLATION_SEEDS", "13,14,15").split(",")]
@@ -109,12 +110,7 @@ def main() -> int:
     config = prepare()
     cfg = load_config(config)
     client = client_for(cfg.tracking)
-    try:
-        client.get_model_version_by_alias(cfg.teacher_model_name, cfg.teacher.alias)
-    except Exception:  # noqa: BLE001 - no pinned teacher yet
-        proc = distill(env, "teacher", "bootstrap", "--config", str(config))
-        if proc.returncode:
-            raise SystemExit(f"teacher bootstrap failed:\n{proc.stderr[-3000:]}")
+    ensure_teacher(env, config, cfg, client)
     candidates = ladder()
     start = time.perf_counter()
     proc = distill(env, "run", "--config", str(config), "--reason", "ablation over seeds", "--set",
