@@ -72,7 +72,7 @@ def summarize(rows: list[dict]) -> dict:
     for lever, rs in by_lever.items():
         def median(values):
             values = [v for v in values if v is not None]
-            return round(statistics.median(values), 4) if values else None
+            return round(statistics.median(values), 6) if values else None
 
         out[f"{lever}_size_mb"] = median([r["size_mb"] for r in rs])
         out[f"{lever}_accuracy"] = median([r["accuracy"] for r in rs])
