@@ -60,8 +60,11 @@ def _forward_batches(model, tokenizer, texts, *, max_length: int, batch_size: in
         model.train(was_training)
 
 
-def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(heads (L, H), ffn (L, I)) importance scores of a BERT-style model on `texts` (see the module docstring)."""
+def _scores(model, tokenizer, texts, *, max_length: int, batch_size: int,
+            hidden: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(heads (L, H), ffn (L, I), residual dimensions (hidden,) or None) from one pass over `texts`: the head and FFN
+    scores of the module docstring and, with `hidden`, each dimension's mean |value| over real tokens averaged over
+    the embedding output and every layer's output."""
     layers = _layers(model)
     n_heads = [layer.attention.self.num_attention_heads for layer in layers]
     head_dim = layers[0].attention.self.attention_head_size
@@ -79,8 +82,14 @@ def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32
             act_sum[i] += (out.detach().abs() * mask_now["m"][..., None]).sum((0, 1)).double().cpu().numpy()
 
         hooks += [(layer.attention.self, on_context, False), (layer.intermediate, on_intermediate, False)]
-    tokens = sum(int(mask_now["m"].sum()) for _ in _forward_batches(
-        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, mask_now=mask_now, hooks=hooks))
+    tokens, dims = 0, 0.0
+    for out in _forward_batches(model, tokenizer, texts, max_length=max_length, batch_size=batch_size,
+                                mask_now=mask_now, hooks=hooks, output_hidden_states=hidden):
+        mask = mask_now["m"][..., None]
+        tokens += int(mask.sum())
+        if hidden:
+            states = out.hidden_states  # (layers + 1) x (B, T, H)
+            dims = dims + sum((s.double().abs() * mask).sum((0, 1)) for s in states).cpu().numpy() / len(states)
     heads = np.zeros((len(layers), max(n_heads)))
     ffn = np.zeros((len(layers), max(len(a) for a in act_sum)))
     for i, layer in enumerate(layers):
@@ -89,6 +98,12 @@ def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32
         heads[i, :n_heads[i]] = ctx_sum[i] / max(tokens, 1) * out_norm
         col = np.linalg.norm(layer.output.dense.weight.detach().double().cpu().numpy(), axis=0)  # (I,)
         ffn[i, :len(col)] = act_sum[i] / max(tokens, 1) * col
+    return heads, ffn, (dims / max(tokens, 1) if hidden else None)
+
+
+def importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(heads (L, H), ffn (L, I)) importance scores of a BERT-style model on `texts` (see the module docstring)."""
+    heads, ffn, _ = _scores(model, tokenizer, texts, max_length=max_length, batch_size=batch_size, hidden=False)
     return heads, ffn
 
 
@@ -136,14 +151,7 @@ def prune(model, tokenizer, texts, *, heads: float, ffn: float, max_length: int)
 def hidden_importance(model, tokenizer, texts, *, max_length: int, batch_size: int = 32) -> np.ndarray:
     """(hidden,) importance of each residual-stream dimension: its mean |value| over real tokens, averaged over the
     embedding output and every layer's output (the dimensions a narrower copy keeps)."""
-    total, tokens, mask_now = 0.0, 0, {}
-    for out in _forward_batches(model, tokenizer, texts, max_length=max_length, batch_size=batch_size,
-                                mask_now=mask_now, output_hidden_states=True):
-        mask = mask_now["m"][..., None]
-        states = out.hidden_states  # (layers + 1) x (B, T, H)
-        total = total + sum((s.double().abs() * mask).sum((0, 1)) for s in states).cpu().numpy() / len(states)
-        tokens += int(mask.sum())
-    return total / max(tokens, 1)
+    return _scores(model, tokenizer, texts, max_length=max_length, batch_size=batch_size, hidden=True)[2]
 
 
 def layer_norm_scales(model, tokenizer, texts, dims, *, max_length: int, batch_size: int = 32) -> dict[str, float]:
@@ -189,9 +197,8 @@ def narrow(model, tokenizer, texts, *, hidden: float, max_length: int):
         raise DistillError("distill.prune.hidden needs every layer's heads (this student already lost some)",
                            "set distill.prune.heads to 0 when distill.prune.hidden is set")
     before = sum(p.numel() for p in model.parameters())
-    dims = np.sort(np.argsort(-hidden_importance(model, tokenizer, texts, max_length=max_length),
-                              kind="stable")[:keep])
-    head_scores, _ = importance(model, tokenizer, texts, max_length=max_length)
+    head_scores, _, dim_scores = _scores(model, tokenizer, texts, max_length=max_length, batch_size=32, hidden=True)
+    dims = np.sort(np.argsort(-dim_scores, kind="stable")[:keep])
     scales = layer_norm_scales(model, tokenizer, texts, dims, max_length=max_length)
     n_heads = keep // head_dim
     rows = []  # per layer: the query/key/value rows (and attention-output columns) of the heads it keeps
