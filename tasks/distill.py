@@ -312,7 +312,8 @@ def distill_task(run, distill_cfg, teacher, soft, splits, *, critical_slices: di
         student = distill(teacher.path, splits, soft, distill_cfg, run.workdir, critical_slices=critical_slices,
                           max_length=max_length, seed=seed, device=run.device, client=run.client,
                           run_id=stage_run_id, log=get_run_logger())
-    attest_task(run, distill_statement(distill_cfg, seed=seed, student_model_name=run.student_model_name,
+    attest_task(run, distill_statement(distill_cfg, seed=student_seed(distill_cfg, seed),
+                                       student_model_name=run.student_model_name,
                                        student=student, soft=soft, teacher=teacher, splits=splits,
                                        context=run.context))
     return student

@@ -23,7 +23,7 @@ from distill_gap.kd.sweep import (choose, failed_candidate, summarize, sweep_mar
                                   why_not)
 from distill_gap.ops.task_runners import task_runner
 from tasks.attest import attest_task
-from tasks.distill import distill
+from tasks.distill import distill, student_seed
 
 
 def labelled_test_rows(splits) -> dict:
@@ -205,7 +205,8 @@ def sweep(run, sweep_cfg, distill_cfg, evaluate_cfg, quantize_cfg, *, drift_cfg,
     student = next(o["student"] for o in outcomes if o["row"]["name"] == chosen["name"])
     chosen_cfg, chosen_quantize = next((d, q) for n, d, q in candidates if n == chosen["name"])
     log.info(f"size sweep: {chosen['name']} goes on as the student ({student.path})")
-    attest_task(run, distill_statement(chosen_cfg, seed=seed, student_model_name=run.student_model_name,
+    attest_task(run, distill_statement(chosen_cfg, seed=student_seed(chosen_cfg, seed),
+                                       student_model_name=run.student_model_name,
                                        student=student, soft=soft, teacher=teacher, splits=splits,
                                        context=run.context,
                                        sweep={"chosen": chosen["name"], "chosen_by": "test split, every release "

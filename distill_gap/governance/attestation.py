@@ -91,8 +91,9 @@ def soft_labels_statement(sl, *, max_length: int, soft, teacher, splits, context
 
 def distill_statement(d, *, seed: int, student_model_name: str, student, soft, teacher, splits,
                       context: dict, sweep: dict | None = None) -> dict:
-    """The student trained on the soft labels (`d`: the distill config section). A student chosen by the size
-    sweep (`sweep`: the candidates and the choice) also names the test split, on which the choice was made."""
+    """The student trained on the soft labels (`d`: the distill config section; `seed`: the one it trained with). A
+    student chosen by the size sweep (`sweep`: the candidates and the choice) also names the test split, on which the
+    choice was made."""
     vocab = getattr(student, "vocab", None)  # distill.vocab.trim: tokens kept (the mapping is in the folder)
     pruning = getattr(student, "pruning", None)  # distill.prune: what was removed before training
     aug = getattr(soft, "extra", None)  # extra rows: distill.augment's, redistill's
@@ -107,8 +108,7 @@ def distill_statement(d, *, seed: int, student_model_name: str, student, soft, t
                    + (f"; {len(aug.frame)} extra teacher-labelled rows (KD term; a person's answer as the hard label where "
                          "there is one)" if aug is not None
                       else "")),
-        parameters={**d.model_dump(mode="json"), "student_spec": student.spec,
-                    "seed": seed if getattr(d, "seed", None) is None else d.seed},  # the one the student trained with
+        parameters={**d.model_dump(mode="json"), "student_spec": student.spec, "seed": seed},
         inputs={f"{teacher.name}/{teacher.version}": teacher.digest, f"soft-labels/{soft.key}": soft_labels_digest(soft),
                 "data/train": splits.digests()["train"], "data/validation": splits.digests()["validation"],
                 **({"data/test": splits.digests()["test"]} if sweep else {}),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flows.config import DistillConfig
-from tasks.distill import distill, distill_student, example_weights, kd_loss
+from tasks.distill import distill, distill_student, example_weights, kd_loss, student_seed
 from distill_gap.errors import DistillError
 from distill_gap.models.loading import load_classifier
 
@@ -220,7 +220,8 @@ def test_distill_seed_seeds_the_student_and_leaves_the_run_seed_to_the_data(tiny
     assert own_seed_4.digest == run_seed_4.digest != run_seed_3.digest
     teacher = SimpleNamespace(name="t", version="1", digest="0" * 64)
     soft.key, soft.manifest = "k", {"shards": []}
-    stmt = distill_statement(cfg.model_copy(update={"seed": 4}), seed=3, student_model_name="s", student=own_seed_4,
+    own = cfg.model_copy(update={"seed": 4})
+    stmt = distill_statement(own, seed=student_seed(own, 3), student_model_name="s", student=own_seed_4,
                              soft=soft, teacher=teacher, splits=splits, context={})
     assert stmt["predicate"]["parameters"]["seed"] == 4
     with pytest.raises(ValueError):
