@@ -3,8 +3,8 @@ guard it ships, on the demo's own splits.
 
     .venv/bin/python benchmarks/scope.py        # after `make demo`
 
-Prints a table of every detector (MSP, energy, Mahalanobis, kNN) on the edge primary's own features: AUROC and FPR
-at 95% TPR for the far-OOD set (configs/ood/not_drug_reviews.csv: package descriptions, not drug reviews) and the
+Prints a table of every detector (MSP, energy, Mahalanobis, kNN, lexical, Mahalanobis + lexical) on the edge
+primary's own outputs and the rows' words: AUROC and FPR at 95% TPR for the far-OOD set (configs/ood/not_drug_reviews.csv: package descriptions, not drug reviews) and the
 near-OOD set (the five held-out conditions), then the shipped guard's figures, and writes
 benchmarks/results/scope.json with: scope_detector, scope_auroc_far, scope_fpr95_far, scope_auroc_near,
 msp_auroc_near, junk_rows_out_of_scope, batch_dependence_max_abs_prob_diff, guard_overhead_ratio,
@@ -63,7 +63,7 @@ def main() -> None:
     from distill_gap.evaluation.junk import JUNK_ROWS
     from distill_gap.evaluation.metrics import ece, fit_temperature
     from distill_gap.evaluation.ood import msp_score, ood_detection
-    from distill_gap.evaluation.scope import evaluate_detectors
+    from distill_gap.evaluation.scope import evaluate_detectors, split_texts
     from distill_gap.inference.predictor import load_predictor
     from distill_gap.registry.model_uri import resolve_edge
     from distill_gap.registry.tracking import client_for
@@ -91,19 +91,20 @@ def main() -> None:
     results, _, missing = evaluate_detectors(
         logits, features, {"edge": (train_f, sample["label"].map(label_id).to_numpy())},
         num_classes=len(splits.labels), temperatures={"edge": guard.temperature}, tpr=cfg.scope.tpr, k=cfg.scope.k,
-        bank_size=cfg.scope.bank_size, bootstrap_samples=1000, seed=cfg.seed)
-    print(f"\n{'detector':<12} {'far AUROC [95%]':<24} {'far FPR95':>9}   {'near AUROC [95%]':<24} {'near FPR95':>10}")
-    for det in ("msp", "energy", "mahalanobis", "knn"):
+        bank_size=cfg.scope.bank_size, bootstrap_samples=1000, seed=cfg.seed,
+        texts=split_texts(splits, outputs, sample))
+    print(f"\n{'detector':<20} {'far AUROC [95%]':<24} {'far FPR95':>9}   {'near AUROC [95%]':<24} {'near FPR95':>10}")
+    for det in ("msp", "energy", "mahalanobis", "knn", "lexical", "mahalanobis+lexical"):
         if det not in results[FAR]["edge"]:
             continue
         f, n = results[FAR]["edge"][det], results[NEAR]["edge"][det]
         cell = lambda r: f"{r['auroc']:.3f} [{r['ci']['low']:.3f}-{r['ci']['high']:.3f}]"  # noqa: E731
-        print(f"{det:<12} {cell(f):<24} {f['fpr_at_tpr']:>9.3f}   {cell(n):<24} {n['fpr_at_tpr']:>10.3f}")
+        print(f"{det:<20} {cell(f):<24} {f['fpr_at_tpr']:>9.3f}   {cell(n):<24} {n['fpr_at_tpr']:>10.3f}")
     for m in missing:
         print(f"not evaluated: {m}")
 
     # 2. the shipped guard as it runs: scores from the files in the edge folder
-    shipped = {s: guard.score(*outputs[s]) for s in outputs}
+    shipped = {s: guard.score(*outputs[s], splits[s]["text"].tolist()) for s in outputs}
     far = ood_detection(shipped["test"], shipped[FAR])
     near = ood_detection(shipped["test"], shipped[NEAR])
     msp_near = ood_detection(msp_score(outputs["test"][0]), msp_score(outputs[NEAR][0]))
@@ -127,7 +128,7 @@ def main() -> None:
 
     big = splits["test"]["text"].tolist()[:256]
     base = timed(lambda: edge.predictor.predict_logits(big, batch_size=32))
-    guarded = timed(lambda: guard.score(*edge.predict_outputs(big, batch_size=32)))
+    guarded = timed(lambda: guard.score(*edge.predict_outputs(big, batch_size=32), big))
 
     # 5. calibration of what ships, beside the teacher's (its own temperature fitted on validation)
     truth = splits["test"]["label"].map(label_id).to_numpy()

@@ -88,7 +88,7 @@ def main() -> None:
     from distill_gap.data.validation import validate_splits
     from distill_gap.evaluation.gap_report import train_sample
     from distill_gap.evaluation.metrics import fit_temperature
-    from distill_gap.evaluation.scope import evaluate_detectors
+    from distill_gap.evaluation.scope import evaluate_detectors, split_texts
     from distill_gap.inference.predictor import load_predictor
     from distill_gap.kd.teacher import fine_tune_teacher
 
@@ -114,7 +114,7 @@ def main() -> None:
         {"model": {s: o[0] for s, o in out.items()}}, {"model": {s: o[1] for s, o in out.items()}},
         {"model": (train_f, sample["label"].map(label_id).to_numpy())}, num_classes=len(labels),
         temperatures={"model": t}, tpr=cfg.scope.tpr, k=cfg.scope.k, bank_size=cfg.scope.bank_size,
-        bootstrap_samples=1000, seed=cfg.seed)
+        bootstrap_samples=1000, seed=cfg.seed, texts=split_texts(splits, out, sample))
     if missing:
         raise SystemExit(f"detectors not evaluated: {missing}")
     by_det = results[OOD]["model"]

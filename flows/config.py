@@ -144,7 +144,8 @@ class DistillConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
-    select_metric: Literal["accuracy", "fidelity"] = "accuracy"  # validation metric for the best checkpoint
+    # validation metric for the best checkpoint; balanced_accuracy: the mean of the per-class recalls
+    select_metric: Literal["accuracy", "balanced_accuracy", "fidelity"] = "accuracy"
     # the student's own seed (its initialisation, batch order, dropout, projections); None: the run's `seed`. Set it
     # (in a sweep candidate too) to measure a recipe's spread over seeds on the same splits and soft labels
     seed: int | None = Field(None, ge=0)
@@ -203,7 +204,7 @@ class ScopeConfig(_Section):
     teacher against standard-library docstrings (benchmarks/scope_selection.py), never on the OOD sets the
     shipped guard is scored on (benchmarks/scope.py, benchmarks/RESULTS.md "Scope guard")."""
 
-    detector: Literal["msp", "energy", "mahalanobis", "knn"] = "mahalanobis"
+    detector: Literal["msp", "energy", "mahalanobis", "knn", "lexical", "mahalanobis+lexical"] = "mahalanobis"
     tpr: float = Field(0.95, gt=0, le=1)  # the threshold keeps this share of validation rows in scope
     k: int = Field(10, ge=1)  # knn: cosine similarity to the k-th nearest training feature
     bank_size: int = Field(2000, ge=1)  # knn: training features kept in the edge folder (fp16)

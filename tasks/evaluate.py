@@ -104,7 +104,8 @@ def write_scope_and_reference(report: GapReport, logits: dict, features: dict, g
     scores = None
     if guard is not None:
         f = features.get(edge_model, {})
-        scores = np.concatenate([guard.score(logits[edge_model][s], f.get(s)) for s in ("validation", "test")])
+        scores = np.concatenate([guard.score(logits[edge_model][s], f.get(s), splits[s]["text"].tolist())
+                                 for s in ("validation", "test")])
     write_reference(edge_folder, reference_profile(texts, edge_logits, list(splits.labels),
                                                    scope_scores=scores,
                                                    scope_threshold=None if guard is None else guard.threshold,

@@ -167,9 +167,10 @@ def add_scope_guard(edge_folder, texts, *, detector: str = "knn") -> "object":
 
     edge = load_edge(edge_folder)
     logits, features = edge.predict_outputs(list(texts))
+    texts = list(texts)
     guard = fit_guard(detector, train_features=features[::2], train_labels=logits[::2].argmax(-1),
                       num_classes=logits.shape[1], val_logits=logits[1::2], val_features=features[1::2], tpr=0.95,
-                      temperature=1.0, k=1)
+                      temperature=1.0, k=1, train_texts=texts[::2], val_texts=texts[1::2])
     guard.info = {"model": "test edge folder", "fitted_on": f"{len(texts)} test texts"}
     guard.write(edge_folder)
     return guard

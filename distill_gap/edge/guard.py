@@ -2,9 +2,16 @@
 numpy alone, so the lean edge runtime (onnxruntime, tokenizers, numpy) runs it without the training stack.
 
 Files in the edge folder (both covered by the folder's digest and signature):
-- scope.json: {"format": 2, "detector", "threshold", "tpr", "temperature", "stats": {"file", "sha256"}, ...
-  the evidence it was evaluated on}
-- scope_stats.npz: the detector's reference statistics in fp16 (numpy's own format, read with allow_pickle=False).
+- scope.json: {"format": 2, "detector", "threshold", "tpr", "temperature", "stats": {"file", "sha256"},
+  "standardise"? (mahalanobis+lexical), ... the evidence it was evaluated on}
+- scope_stats.npz: the detector's reference statistics in fp16 (numpy's own format, read with allow_pickle=False);
+  the lexicon's bucket ids as int32.
+
+Detectors: MSP and energy read the logits; Mahalanobis and kNN the pooled features; `lexical` reads the text alone
+(the mean log-probability of the row's words under the word frequencies of the training sample: code, package
+descriptions, spam and other languages use words the reviews never do, whatever the model's width);
+`mahalanobis+lexical` adds the two scores, each standardised on validation, so a narrow student whose features
+separate less still ships a guard that holds (benchmarks/RESULTS.md, "Scope guard").
 
 Score convention: higher = more like the rows the model was trained and evaluated on; a row is in scope when
 `score >= threshold` (the threshold keeps `tpr` of validation rows in scope).
@@ -15,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +34,13 @@ from distill_gap.errors import DistillError, read_json_object
 SCOPE_FILE = "scope.json"
 STATS_FILE = "scope_stats.npz"
 SCOPE_FORMAT = 2
-DETECTORS = ("msp", "energy", "mahalanobis", "knn")
-FEATURE_DETECTORS = ("mahalanobis", "knn")  # need the artifact's pooled features, not only its logits
+DETECTORS = ("msp", "energy", "mahalanobis", "knn", "lexical", "mahalanobis+lexical")
+FEATURE_DETECTORS = ("mahalanobis", "knn", "mahalanobis+lexical")  # need the artifact's pooled features
+TEXT_DETECTORS = ("lexical", "mahalanobis+lexical")  # need the rows' text
+NAMES = {"msp": "MSP", "energy": "energy", "mahalanobis": "Mahalanobis", "knn": "kNN", "lexical": "lexical",
+         "mahalanobis+lexical": "Mahalanobis + lexical"}
+LEXICON_BUCKETS = 1 << 22  # words hash (crc32) into this many buckets: two words of a 10k-word lexicon share one
+_WORD = re.compile(r"\w+")  # at a rate of ~0.2%; only the buckets seen in training are stored
 _FIX = "the edge folder is damaged or from another version: run the pipeline again (evaluate writes the scope)"
 
 
@@ -76,6 +90,27 @@ def knn(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
     return -np.partition(-sims, k - 1, axis=-1)[:, k - 1]
 
 
+def word_buckets(text: str) -> np.ndarray:
+    """The bucket id of each word of `text` (lower-cased `\\w+` runs), int64 (may be empty)."""
+    return np.fromiter((zlib.crc32(w.encode()) % LEXICON_BUCKETS for w in _WORD.findall(str(text).lower())),
+                       dtype=np.int64)
+
+
+def lexical(texts, buckets: np.ndarray, logp: np.ndarray, unseen: float) -> np.ndarray:
+    """Mean log-probability of each text's words under the training lexicon, (N,); a word the training sample never
+    used scores `unseen`, and so does a text without words. `buckets` sorted, `logp` aligned with them."""
+    buckets, logp = np.asarray(buckets, dtype=np.int64), np.asarray(logp, dtype=np.float64)
+    out = np.empty(len(texts), dtype=np.float64)
+    for i, text in enumerate(texts):
+        b = word_buckets(text)
+        if not len(b):
+            out[i] = unseen
+            continue
+        at = np.minimum(np.searchsorted(buckets, b), len(buckets) - 1)
+        out[i] = np.where(buckets[at] == b, logp[at], unseen).mean()
+    return out
+
+
 @dataclass
 class ScopeGuard:
     """A fitted detector, its threshold, and the temperature that calibrates the shipped probabilities."""
@@ -87,23 +122,45 @@ class ScopeGuard:
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # "means", "precision" | "bank"; fp16 on disk
     k: int = 10  # knn only
     info: dict = field(default_factory=dict)  # the evidence (fitted on, OOD results, rule), kept in scope.json
+    # mahalanobis+lexical: {"mahalanobis": [mean, std], "lexical": [mean, std]} of the validation scores
+    standardise: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def needs_features(self) -> bool:
         return self.detector in FEATURE_DETECTORS
 
-    def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """The detector's score per row, (N,); higher = more in scope."""
+    @property
+    def needs_texts(self) -> bool:
+        return self.detector in TEXT_DETECTORS
+
+    def score(self, logits: np.ndarray, features: np.ndarray | None = None, texts=None) -> np.ndarray:
+        """The detector's score per row, (N,); higher = more in scope. `texts`: the rows' text, which the lexical
+        detectors read."""
         if self.detector == "msp":
             return msp(logits)
         if self.detector == "energy":
             return energy(logits)
+        if self.needs_texts and texts is None:
+            raise DistillError(f"the {self.detector} scope guard reads the rows' text, and none was given",
+                               "pass the texts the logits were computed from")
+        if self.detector == "lexical":
+            return self.part("lexical", texts=texts)
         if features is None:
             raise DistillError(f"the {self.detector} scope guard needs the model's pooled features, and this "
                                "artifact returns only logits", "export the edge model again with this version")
+        if self.detector == "knn":
+            return knn(features, self.stats["bank"], self.k)
         if self.detector == "mahalanobis":
+            return self.part("mahalanobis", features=features)
+        return sum((self.part(p, features=features, texts=texts) - self.standardise[p][0]) / self.standardise[p][1]
+                   for p in ("mahalanobis", "lexical"))
+
+    def part(self, name: str, *, features=None, texts=None) -> np.ndarray:
+        """One component's raw score: "mahalanobis" (features) or "lexical" (texts)."""
+        if name == "mahalanobis":
             return mahalanobis(features, self.stats["means"], self.stats["precision"])
-        return knn(features, self.stats["bank"], self.k)
+        return lexical(texts, self.stats["lexicon_buckets"], self.stats["lexicon_logp"],
+                       float(self.stats["lexicon_unseen"][0]))
 
     def in_scope(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.threshold
@@ -144,6 +201,9 @@ class ScopeGuard:
         buf, scales = io.BytesIO(), {}
         arrays = {}
         for k, v in self.stats.items():
+            if np.asarray(v).dtype.kind in "iu":  # ids (the lexicon's buckets): exact, int32
+                arrays[k] = np.asarray(v, dtype=np.int32)
+                continue
             v = np.asarray(v, dtype=np.float64)
             scales[k] = float(np.abs(v).max()) or 1.0
             arrays[k] = (v / scales[k]).astype(np.float16)
@@ -157,6 +217,8 @@ class ScopeGuard:
                   "tpr": float(self.tpr), "temperature": float(self.temperature), **self.info}
         if self.detector == "knn":
             record["k"] = int(self.k)
+        if self.standardise:
+            record["standardise"] = {k: [float(x) for x in v] for k, v in self.standardise.items()}
         stats_path = folder / STATS_FILE
         if self.stats:
             data, scales = self.stats_bytes()
@@ -195,12 +257,26 @@ def read_guard(folder: str | Path) -> ScopeGuard | None:
         raise DistillError(f"{path} has temperature {temperature!r}; it must be a number > 0", _FIX)
     _check_regions(path, record.get("regions"))
     stats = {}
-    if detector in FEATURE_DETECTORS:
+    if detector in (*FEATURE_DETECTORS, *TEXT_DETECTORS):
         stats = _read_stats(folder, record.get("stats"), detector)
+    standardise = _read_standardise(path, record.get("standardise")) if detector == "mahalanobis+lexical" else {}
     info = {k: v for k, v in record.items()
-            if k not in ("format", "detector", "threshold", "tpr", "temperature", "k", "stats")}
+            if k not in ("format", "detector", "threshold", "tpr", "temperature", "k", "stats", "standardise")}
     return ScopeGuard(detector=detector, threshold=float(threshold), tpr=float(record.get("tpr", 0.95)),
-                      temperature=float(temperature), stats=stats, k=int(record.get("k", 10)), info=info)
+                      temperature=float(temperature), stats=stats, k=int(record.get("k", 10)), info=info,
+                      standardise=standardise)
+
+
+def _read_standardise(path: Path, record) -> dict[str, list[float]]:
+    """The per-component [mean, std] of a combined guard: both components, finite, std > 0."""
+    ok = isinstance(record, dict) and all(
+        isinstance(record.get(k), list) and len(record[k]) == 2
+        and all(isinstance(x, (int, float)) and np.isfinite(x) for x in record[k]) and record[k][1] > 0
+        for k in ("mahalanobis", "lexical"))
+    if not ok:
+        raise DistillError(f"{path} has no usable `standardise` record ([mean, std > 0] of the mahalanobis and "
+                           "lexical scores): the combined guard cannot score without it", _FIX)
+    return {k: [float(x) for x in record[k]] for k in ("mahalanobis", "lexical")}
 
 
 def _check_regions(path: Path, regions) -> None:
@@ -217,7 +293,9 @@ def _check_regions(path: Path, regions) -> None:
 
 
 def _read_stats(folder: Path, meta, detector: str) -> dict[str, np.ndarray]:
-    needed = {"mahalanobis": ("means", "precision"), "knn": ("bank",)}[detector]
+    lexicon = ("lexicon_buckets", "lexicon_logp", "lexicon_unseen")
+    needed = {"mahalanobis": ("means", "precision"), "knn": ("bank",), "lexical": lexicon,
+              "mahalanobis+lexical": ("means", "precision", *lexicon)}[detector]
     if not isinstance(meta, dict) or meta.get("file") != STATS_FILE or not isinstance(meta.get("sha256"), str):
         raise DistillError(f"{folder / SCOPE_FILE} names no statistics file for the {detector} guard", _FIX)
     path = folder / STATS_FILE
@@ -230,7 +308,8 @@ def _read_stats(folder: Path, meta, detector: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             scales = meta.get("scales") or {}
-            stats = {k: npz[k].astype(np.float32) * float(scales.get(k, 1.0)) for k in npz.files}
+            stats = {k: npz[k] if npz[k].dtype.kind in "iu" else npz[k].astype(np.float32) * float(scales.get(k, 1.0))
+                     for k in npz.files}
     except (ValueError, OSError, TypeError) as err:
         raise DistillError(f"{path} is not a readable statistics file ({err})", _FIX) from None
     missing = [k for k in needed if k not in stats]

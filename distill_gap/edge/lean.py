@@ -143,7 +143,7 @@ def label_rows(rows: Sequence[dict], logits: np.ndarray, features: np.ndarray | 
     probs, scores, inside, regions = softmax(logits), [None] * len(rows), [None] * len(rows), [None] * len(rows)
     if guard is not None:
         probs = guard.probabilities(logits)  # (N, C) float64, calibrated: each row sums to 1 in JSON
-        raw = guard.score(logits, features)
+        raw = guard.score(logits, features, [str(r.get("text", "")) for r in rows])
         scores, regions = [float(v) for v in raw], guard.outside_regions(rows)  # a region outside: out of scope
         inside = [bool(v) and r is None for v, r in zip(guard.in_scope(raw), regions)]
     out, truncated = [], truncated if truncated is not None else [False] * len(rows)

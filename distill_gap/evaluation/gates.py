@@ -13,6 +13,7 @@ trip and raises GatesFailed. Thresholds are data returned by one function (mlops
 
 from __future__ import annotations
 
+from distill_gap.edge.guard import NAMES
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.noninferiority import describe
 from distill_gap.outcomes import FAIL, INSUFFICIENT, PASS, by_outcome, gate_outcome
@@ -148,7 +149,7 @@ def evaluate_gates(report, edge_model: str, edge_parity: dict, evaluate_cfg, *,
             low, high = ci.get("low"), ci.get("high")
             beyond = drop > limit + 1e-12
             noise = beyond and low is not None and low <= 0
-            name = {"msp": "MSP", "energy": "energy", "mahalanobis": "Mahalanobis", "knn": "kNN"}.get(d, d)
+            name = NAMES.get(d, d)
             detail = f"{edge_model} {name} AUROC {a:.3f} vs teacher {ta:.3f} on {suite} (the shipped guard's detector)" \
                 if d == det and d != "msp" else f"{edge_model} MSP AUROC {a:.3f} vs teacher {ta:.3f} on {suite}"
             if low is not None:

@@ -16,6 +16,7 @@ import math
 import re
 from typing import Iterable
 
+from distill_gap.edge.guard import NAMES
 from distill_gap.evaluation.gates import MIN_SLICE_ROWS  # smaller slices are never flagged
 from distill_gap.evaluation.regions import summary as region_summary
 from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
@@ -383,6 +384,9 @@ def _calibration_table(calibration: dict) -> str:
     return _table([[("model", 1), ("temperature T", 1), ("ECE before", 1), ("ECE after", 1)]], rows)
 
 
+_OOD_COLUMNS = ("energy", "mahalanobis", "knn", "lexical", "mahalanobis+lexical")  # after MSP, in this order
+
+
 def _ood_table(ood: dict) -> str:
     rows, notes = [], []
     tpr = 0.95
@@ -392,7 +396,7 @@ def _ood_table(ood: dict) -> str:
             tpr = msp.get("tpr", energy.get("tpr", tpr))
             cells = [_td(_e(suite.removeprefix("ood:")), "name"), _td(_e(m), "name"), _td(_num(msp.get("auroc"))),
                      _td(_e(drop_cell(msp.get("drop_vs_teacher")))), _td(_num(msp.get("fpr_at_tpr")))]
-            for det in ("energy", "mahalanobis", "knn"):
+            for det in _OOD_COLUMNS:
                 d = o.get(det) or {}
                 cells += [_td(_num(d.get("auroc")), "loss" if d.get("note") else ""), _td(_num(d.get("fpr_at_tpr")))]
                 if d.get("note"):
@@ -401,10 +405,10 @@ def _ood_table(ood: dict) -> str:
                       _td(_e(msp.get("n_out", energy.get("n_out", DASH))))]
             rows.append("<tr>" + "".join(cells) + "</tr>")
     at = f"FPR@{_num(tpr * 100 if _finite(tpr) else None, '.0f')}"
-    head = [[("OOD suite", 1), ("model", 1), ("MSP", 3), ("energy", 2), ("Mahalanobis", 2), ("kNN", 2), ("n in", 1),
+    head = [[("OOD suite", 1), ("model", 1), ("MSP", 3), *[(NAMES[d], 2) for d in _OOD_COLUMNS], ("n in", 1),
              ("n out", 1)],
             [("", 1), ("", 1), ("AUROC", 1), ("drop vs teacher [paired 95%]", 1), (at, 1)]
-            + [(h, 1) for _ in range(3) for h in ("AUROC", at)] + [("", 1), ("", 1)]]
+            + [(h, 1) for _ in _OOD_COLUMNS for h in ("AUROC", at)] + [("", 1), ("", 1)]]
     table = _table(head, rows)
     if notes:  # a detector that does not separate a set is said in words, not only shown as a number
         table += "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes[:12]) + "</ul>"

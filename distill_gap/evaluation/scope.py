@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill_gap.edge.guard import DETECTORS, FEATURE_DETECTORS, ScopeGuard, normalise
+from distill_gap.edge.guard import (DETECTORS, FEATURE_DETECTORS, TEXT_DETECTORS, ScopeGuard, normalise,
+                                    word_buckets)
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.ood import auroc_drop_interval, auroc_interval, ood_detection, threshold_at_tpr
 
@@ -18,18 +19,41 @@ MIN_ROWS_PER_CLASS = 2  # a class mean needs rows; fewer is a clear error, never
 NEAR_CHANCE = 0.6  # an AUROC below this (or an interval holding 0.5) is reported as near chance, in words
 _FIX_FIT = ("give the training split more rows of every class, or set scope.detector to msp or energy "
             "(confidence scores, no features needed)")
+LEXICON_SMOOTHING = 1.0  # add-one: an unseen word counts as one more word type seen once less than once
+
+
+def fit_lexicon(texts) -> dict[str, np.ndarray]:
+    """The lexical detector's statistics from training texts: the sorted word buckets seen, their smoothed
+    log-probabilities, and the log-probability of a word never seen (add-one over the seen types + one unseen)."""
+    counts: dict[int, int] = {}
+    for text in texts:
+        for b in word_buckets(text).tolist():
+            counts[b] = counts.get(b, 0) + 1
+    if not counts:
+        raise DistillError("cannot fit the lexical scope guard: the training sample has no words",
+                           "check data.text_column names the text, or set scope.detector to mahalanobis")
+    buckets = np.array(sorted(counts), dtype=np.int64)
+    c = np.array([counts[b] for b in buckets.tolist()], dtype=np.float64)
+    total = c.sum() + LEXICON_SMOOTHING * (len(c) + 1)
+    return {"lexicon_buckets": buckets, "lexicon_logp": np.log((c + LEXICON_SMOOTHING) / total),
+            "lexicon_unseen": np.array([np.log(LEXICON_SMOOTHING / total)])}
 
 
 def fit_stats(detector: str, features: np.ndarray, labels: np.ndarray, num_classes: int, *, bank_size: int = 2000,
-              seed: int = 0) -> dict[str, np.ndarray]:
-    """Reference statistics of a feature detector from training features (N, D) and label ids (N,).
+              seed: int = 0, texts=None) -> dict[str, np.ndarray]:
+    """Reference statistics of a detector from training features (N, D), label ids (N,) and texts.
 
     mahalanobis: class means (C, D) and the precision of the shared, class-centred covariance (Ledoit-Wolf
     shrinkage: well defined also when N < D). knn: up to `bank_size` unit-normalised training features (seeded
-    sample). Raises DistillError when the features cannot support the detector.
+    sample). lexical: fit_lexicon(texts); mahalanobis+lexical: both. Raises DistillError when the inputs cannot
+    support the detector.
     """
     from sklearn.covariance import LedoitWolf
 
+    if detector == "lexical":
+        return fit_lexicon(texts)
+    if detector == "mahalanobis+lexical":
+        return {**fit_stats("mahalanobis", features, labels, num_classes), **fit_lexicon(texts)}
     if detector not in FEATURE_DETECTORS:
         return {}
     f = np.asarray(features, dtype=np.float64)
@@ -58,8 +82,10 @@ def fit_stats(detector: str, features: np.ndarray, labels: np.ndarray, num_class
 
 
 def fit_guard(detector: str, *, train_features, train_labels, num_classes: int, val_logits, val_features,
-              tpr: float, temperature: float, k: int = 10, bank_size: int = 2000, seed: int = 0) -> ScopeGuard:
-    """The guard for one artifact: statistics from training features, threshold at `tpr` of validation scores.
+              tpr: float, temperature: float, k: int = 10, bank_size: int = 2000, seed: int = 0, train_texts=None,
+              val_texts=None) -> ScopeGuard:
+    """The guard for one artifact: statistics from training features (and texts), threshold at `tpr` of
+    validation scores; a combined guard standardises each component on validation first.
 
     The statistics are stored in fp16, so the threshold is computed with the statistics read back at that
     precision: the guard scores on the device exactly as it was fitted.
@@ -69,11 +95,17 @@ def fit_guard(detector: str, *, train_features, train_labels, num_classes: int, 
     if detector in FEATURE_DETECTORS and (train_features is None or val_features is None):
         raise DistillError(f"the {detector} scope guard needs the model's pooled features and this artifact "
                            "returns only logits", "set scope.detector to msp or energy, or export the model again")
-    stats = fit_stats(detector, train_features, train_labels, num_classes, bank_size=bank_size, seed=seed) \
-        if detector in FEATURE_DETECTORS else {}
+    if detector in TEXT_DETECTORS and (train_texts is None or val_texts is None):
+        raise DistillError(f"the {detector} scope guard reads the rows' text, and no texts were given",
+                           "pass the training and validation texts")
+    stats = fit_stats(detector, train_features, train_labels, num_classes, bank_size=bank_size, seed=seed,
+                      texts=train_texts) if detector in (*FEATURE_DETECTORS, *TEXT_DETECTORS) else {}
     guard = ScopeGuard(detector=detector, threshold=0.0, tpr=tpr, temperature=temperature, stats=stats, k=k)
     guard.stats = as_stored(guard)
-    guard.threshold = threshold_at_tpr(guard.score(val_logits, val_features), tpr)
+    if detector == "mahalanobis+lexical":
+        parts = {p: guard.part(p, features=val_features, texts=val_texts) for p in ("mahalanobis", "lexical")}
+        guard.standardise = {p: [float(v.mean()), float(max(v.std(), 1e-6))] for p, v in parts.items()}
+    guard.threshold = threshold_at_tpr(guard.score(val_logits, val_features, val_texts), tpr)
     return guard
 
 
@@ -85,7 +117,8 @@ def as_stored(guard: ScopeGuard) -> dict[str, np.ndarray]:
         return {}
     data, scales = guard.stats_bytes()
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k].astype(np.float32) * np.float32(scales[k]) for k in npz.files}
+        return {k: npz[k] if npz[k].dtype.kind in "iu" else npz[k].astype(np.float32) * np.float32(scales[k])
+                for k in npz.files}
 
 
 def _hist(s_in: np.ndarray, s_out: np.ndarray, bins: int = 20) -> dict:
@@ -110,17 +143,21 @@ def near_chance_note(result: dict) -> str | None:
 
 def evaluate_detectors(logits: dict, features: dict, train: dict, *, num_classes: int, temperatures: dict,
                        tpr: float = 0.95, detectors=DETECTORS, k: int = 10, bank_size: int = 2000,
-                       bootstrap_samples: int = 0, seed: int = 0) -> tuple[dict, dict, list[dict]]:
+                       bootstrap_samples: int = 0, seed: int = 0, texts: dict | None = None) -> tuple[dict, dict,
+                                                                                                   list[dict]]:
     """Every detector, per model, per OOD set.
 
     logits[model][split] (N, C); features[model][split] (N, D) or missing; train[model] = (features, label ids)
-    of the training sample. Returns (results, guards, not_evaluated): results[ood_suite][model][detector] =
-    {"auroc", "fpr_at_tpr", "tpr", "n_in", "n_out", "ci", "hist", "note"?}; guards[model][detector] = ScopeGuard
-    fitted on that model's own features; not_evaluated lists detectors that could not be fitted, with why.
+    of the training sample; texts[split] the rows' texts, "train" the training sample's (the same for every
+    model; without them the lexical detectors are not evaluated). Returns (results, guards, not_evaluated):
+    results[ood_suite][model][detector] = {"auroc", "fpr_at_tpr", "tpr", "n_in", "n_out", "ci", "hist", "note"?};
+    guards[model][detector] = ScopeGuard fitted on that model's own features; not_evaluated lists detectors that
+    could not be fitted, with why.
     """
     results: dict = {}
     guards: dict = {}
     missing: list[dict] = []
+    texts = texts or {}
     for m, by_split in logits.items():
         if "validation" not in by_split or "test" not in by_split:
             continue
@@ -130,16 +167,17 @@ def evaluate_detectors(logits: dict, features: dict, train: dict, *, num_classes
             try:
                 guard = fit_guard(det, train_features=train_f, train_labels=train_y, num_classes=num_classes,
                                   val_logits=by_split["validation"], val_features=feats.get("validation"), tpr=tpr,
-                                  temperature=temperatures.get(m, 1.0), k=k, bank_size=bank_size, seed=seed)
+                                  temperature=temperatures.get(m, 1.0), k=k, bank_size=bank_size, seed=seed,
+                                  train_texts=texts.get("train"), val_texts=texts.get("validation"))
             except DistillError as err:
                 missing.append({"model": m, "suite": f"scope/{det}", "reason": err.problem})
                 continue
             guards.setdefault(m, {})[det] = guard
-            s_in = guard.score(by_split["test"], feats.get("test"))
+            s_in = guard.score(by_split["test"], feats.get("test"), texts.get("test"))
             for suite in [s for s in by_split if s.startswith("ood:")]:
                 if not len(by_split[suite]):
                     continue
-                s_out = guard.score(by_split[suite], feats.get(suite))
+                s_out = guard.score(by_split[suite], feats.get(suite), texts.get(suite))
                 r = ood_detection(s_in, s_out, tpr=tpr)
                 r["fpr_at_threshold"] = float(np.mean(guard.in_scope(s_out)))  # what ships: the validation threshold
                 r["tpr_at_threshold"] = float(np.mean(guard.in_scope(s_in)))
@@ -151,6 +189,15 @@ def evaluate_detectors(logits: dict, features: dict, train: dict, *, num_classes
                     r["note"] = note
                 results.setdefault(suite, {}).setdefault(m, {})[det] = r
     return results, guards, missing
+
+
+def split_texts(splits, names, sample=None) -> dict[str, list[str]]:
+    """texts[split] for the lexical detectors: each named split's texts (those the splits hold), and the training
+    sample's under "train"."""
+    out = {s: splits[s]["text"].tolist() for s in names if s in splits.frames}
+    if sample is not None:
+        out["train"] = sample["text"].tolist()
+    return out
 
 
 def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootstrap_samples: int = 0,
@@ -168,9 +215,10 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
     train_y = sample["label"].map(label_id).to_numpy()
     train = {m: (f.get("train"), train_y) for m, f in features.items() if f.get("train") is not None}
     temperatures = {m: c["temperature"] for m, c in report.calibration.items()}
+    texts = split_texts(splits, {s for by_split in logits.values() for s in by_split}, sample)
     results, guards, missing = evaluate_detectors(
         logits, features, train, num_classes=len(splits.labels), temperatures=temperatures, tpr=scope_cfg.tpr,
-        k=scope_cfg.k, bank_size=scope_cfg.bank_size, bootstrap_samples=bootstrap_samples, seed=seed)
+        k=scope_cfg.k, bank_size=scope_cfg.bank_size, bootstrap_samples=bootstrap_samples, seed=seed, texts=texts)
     report.not_evaluated += missing
     shipped = scope_cfg.detector
     for suite, by_model in results.items():
@@ -183,7 +231,8 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
     chosen = {m: by_det[shipped] for m, by_det in guards.items() if shipped in by_det}
     # the OOD gate's evidence: each model's drop against the teacher (MSP's: add_calibration_and_ood has it already)
     if bootstrap_samples and "teacher" in chosen and shipped != "msp":
-        _drop_intervals(report, logits, features, chosen, shipped, bootstrap_samples=bootstrap_samples, seed=seed)
+        _drop_intervals(report, logits, features, chosen, shipped, bootstrap_samples=bootstrap_samples, seed=seed,
+                        texts=texts)
     n_extra = 0 if splits.scope_rows is None else int(sample["id"].isin(splits.scope_rows["id"]).sum())
     extra = f", {n_extra} of them production rows" if n_extra else ""
     for m, g in chosen.items():
@@ -197,11 +246,11 @@ def add_scope(report, logits: dict, features: dict, splits, scope_cfg, *, bootst
 
 
 def _drop_intervals(report, logits: dict, features: dict, guards: dict[str, ScopeGuard], detector: str, *,
-                    bootstrap_samples: int, seed: int) -> None:
+                    bootstrap_samples: int, seed: int, texts: dict) -> None:
     """report.ood[suite][model][detector]["drop_vs_teacher"]: the paired bootstrap interval of the AUROC drop of
     each model's own guard against the teacher's, on the same rows (the OOD gate reads it)."""
     def scores(m: str, split: str):
-        return guards[m].score(logits[m][split], (features.get(m) or {}).get(split))
+        return guards[m].score(logits[m][split], (features.get(m) or {}).get(split), texts.get(split))
 
     test = {m: scores(m, "test") for m in guards}  # in-distribution scores, shared by every OOD set
     for suite, by_model in report.ood.items():

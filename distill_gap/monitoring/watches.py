@@ -50,7 +50,7 @@ def teacher_change(client, cfg) -> dict:
 def _scored(model, texts):
     """(logits, the shipped guard's scope scores) of the champion: the monitor counts what predict counts."""
     logits, features = model.predict_outputs(texts)
-    return (logits, None) if model.guard is None else (logits, model.guard.score(logits, features))
+    return (logits, None) if model.guard is None else (logits, model.guard.score(logits, features, texts))
 
 
 def _outside_regions(guard, rows) -> list[bool] | None:

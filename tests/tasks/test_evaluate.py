@@ -2,6 +2,7 @@
 drift reference, and the sizes; the report is published to Prefect and MLflow."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -37,7 +38,7 @@ def evaluated(review_frame, tiny_model_dir, tmp_path_factory):
     shutil.copytree(student, edge_folder / "fp32")
     models = {"teacher": tiny_model_dir, "student": student, EDGE: edge_folder / "fp32", "gone": tmp / "missing"}
     ev = EvaluateConfig(batch_size=16, bootstrap_samples=20, stress_rows=16)  # few resamples: not what is tested
-    report = evaluate(models, splits, ev, DriftConfig(sample_size=30), ScopeConfig(detector="knn", k=3, train_rows=40),
+    report = evaluate(models, splits, ev, DriftConfig(sample_size=30), ScopeConfig(detector="mahalanobis+lexical", train_rows=40),
                       seed=0, max_length=32, device="cpu", edge_model=EDGE, edge_folder=edge_folder)
     return {"report": report, "splits": splits, "models": models, "edge_folder": edge_folder}
 
@@ -72,17 +73,21 @@ def test_every_compressed_model_is_compared_with_the_teacher_on_the_same_rows(ev
 def test_the_edge_folder_gets_the_scope_and_the_reference_of_the_same_predictions(evaluated):
     report, splits, folder = evaluated["report"], evaluated["splits"], evaluated["edge_folder"]
     guard = read_guard(folder)
-    assert guard.detector == "knn" and guard.threshold == pytest.approx(report.scope[EDGE]["threshold"])
+    assert guard.detector == "mahalanobis+lexical" and guard.threshold == pytest.approx(report.scope[EDGE]["threshold"])
     assert guard.info == json.loads(json.dumps(scope_record(report, EDGE, splits), default=str))
     assert guard.temperature == pytest.approx(report.calibration[EDGE]["temperature"])
-    assert guard.stats["bank"].shape == (40, 32)  # the 40 training rows' own pooled features (hidden size 32)
-    assert set(report.ood["ood:far"][EDGE]) >= {"msp", "energy", "mahalanobis", "knn"}
+    assert guard.stats["means"].shape == (3, 32)  # the training rows' own pooled features (hidden size 32)
+    words = {w for t in splits["train"]["text"] for w in re.findall(r"\w+", t.lower())}
+    assert 0 < len(guard.stats["lexicon_buckets"]) <= len(words)  # the training rows' words, hashed
+    assert set(guard.standardise) == {"mahalanobis", "lexical"}
+    assert set(report.ood["ood:far"][EDGE]) == {"msp", "energy", "mahalanobis", "knn", "lexical", "mahalanobis+lexical",
+                                                "hist"}
     reference = read_reference(folder)
     # what the flow computed before: the edge model loaded again and run over validation + test, scored by the guard
     texts = [*splits["validation"]["text"], *splits["test"]["text"]]
     again, features = load_predictor(folder / "fp32", max_length=32).predict_outputs(texts, batch_size=16)
     expected = reference_profile(texts, again, LABELS, scope_threshold=guard.threshold,
-                                 scope_scores=guard.score(again, features), sample_size=30, seed=0)
+                                 scope_scores=guard.score(again, features, texts), sample_size=30, seed=0)
     assert reference["n"] == len(texts) == 140 and reference["scope"]["score"] == "guard"
     assert reference["scope"]["out_of_scope_share"] == pytest.approx(expected["scope"]["out_of_scope_share"], abs=0.01)
     assert reference["predicted_counts"] == expected["predicted_counts"] and reference["text"] == expected["text"]

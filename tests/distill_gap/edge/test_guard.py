@@ -75,3 +75,29 @@ def test_a_damaged_guard_is_a_clear_error_naming_the_file(tmp_path, what, messag
 def test_a_feature_guard_refuses_to_score_without_features():
     with pytest.raises(DistillError, match="needs the model's pooled features"):
         _guard("knn").score(np.zeros((2, 3)), None)
+
+
+def test_a_combined_guard_reads_back_exactly_its_lexicon_and_refuses_a_damaged_standardisation(tmp_path):
+    from distill_gap.evaluation.scope import fit_guard
+
+    rng = np.random.default_rng(3)
+    texts = {s: [" ".join(rng.choice(["dose", "pain", "sleep", "helped", "worse", "mg"], 6)) for _ in range(40)]
+             for s in ("train", "validation")}
+    f = {s: rng.normal(size=(40, 8)) for s in texts}
+    guard = fit_guard("mahalanobis+lexical", train_features=f["train"], train_labels=np.arange(40) % 3, num_classes=3,
+                      val_logits=np.zeros((40, 3)), val_features=f["validation"], tpr=0.95, temperature=1.0,
+                      train_texts=texts["train"], val_texts=texts["validation"])
+    guard.write(tmp_path)
+    again = read_guard(tmp_path)
+    stored = np.load(tmp_path / STATS_FILE)
+    assert stored["lexicon_buckets"].dtype == np.int32 and stored["means"].dtype == np.float16
+    np.testing.assert_array_equal(again.stats["lexicon_buckets"], guard.stats["lexicon_buckets"])
+    assert again.standardise == guard.standardise and again.threshold == guard.threshold
+    rows = ["dose helped sleep", "select * from users", "pain worse mg"]
+    x = rng.normal(size=(3, 8))
+    np.testing.assert_allclose(again.score(np.zeros((3, 3)), x, rows), guard.score(np.zeros((3, 3)), x, rows))
+    record = json.loads((tmp_path / SCOPE_FILE).read_text())
+    record["standardise"]["lexical"] = [1.0, 0.0]
+    (tmp_path / SCOPE_FILE).write_text(json.dumps(record))
+    with pytest.raises(DistillError, match="no usable `standardise` record"):
+        read_guard(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from distill_gap.edge.serving import load_edge, parse_rows
 from distill_gap.evaluation.junk import JUNK_ROWS
@@ -19,7 +20,8 @@ def test_every_junk_row_is_a_valid_input_row():
     assert len(JUNK_ROWS["one letter, 5 MB"]) == 5 * 1024 * 1024
 
 
-def test_the_guard_scores_every_junk_row(tiny_model_dir, review_frame, tmp_path):
+@pytest.mark.parametrize("detector", ["knn", "lexical"])
+def test_the_guard_scores_every_junk_row(tiny_model_dir, review_frame, tmp_path, detector):
     import shutil
 
     from tests.conftest import LABELS
@@ -29,8 +31,10 @@ def test_the_guard_scores_every_junk_row(tiny_model_dir, review_frame, tmp_path)
     (tmp_path / "edge" / "edge.json").write_text(json.dumps({
         "format": 1, "primary": "fp32", "labels": LABELS, "max_length": 64,
         "artifacts": {"fp32": {"path": "fp32", "runtime": "transformers"}}}))
-    add_scope_guard(tmp_path / "edge", review_frame["text"].head(40).tolist())
+    add_scope_guard(tmp_path / "edge", review_frame["text"].head(40).tolist(), detector=detector)
     out = load_edge(tmp_path / "edge").predict_rows([{"id": k, "text": v} for k, v in JUNK_ROWS.items()])
     assert [r["id"] for r in out] == list(JUNK_ROWS)
     assert all(np.isfinite(r["scope_score"]) and isinstance(r["in_scope"], bool) for r in out)
     assert all((r["label"] is None) == (not r["in_scope"]) for r in out)
+    if detector == "lexical":  # none of these rows uses the reviews' words: the lexical guard keeps every one out
+        assert [r["id"] for r in out if r["in_scope"]] == []

@@ -87,3 +87,23 @@ def test_select_metric_fidelity_keeps_the_epoch_closest_to_the_teacher(tiny_mode
     fidelity = [r["val_fidelity"] for r in result.history]
     assert result.best_metric == max(fidelity) and result.best_epoch == fidelity.index(max(fidelity)) + 1
     assert result.steps == 3 * 2   # 3 batches per epoch, a step every 2 (and at the epoch's end)
+
+
+def test_balanced_accuracy_is_the_mean_recall_and_can_pick_the_checkpoint(tiny_model_dir, review_frame):
+    """A model that answers the majority class everywhere has validation accuracy = its share, balanced accuracy 1/C
+    of the classes validation holds; select_metric=balanced_accuracy keeps the epoch with the best mean recall."""
+    from distill_gap.kd.training import _val_metrics
+
+    texts, label_ids = _data(review_frame)
+    model, tok = load_classifier(tiny_model_dir)
+    with torch.no_grad():  # a head that always answers class 2
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    val = label_ids[:16]
+    m = _val_metrics(model, tok, texts[:16], val, None, 32, "cpu")
+    assert m["val_accuracy"] == pytest.approx(np.mean(val == 2))
+    assert m["val_balanced_accuracy"] == pytest.approx(1 / len(np.unique(val)))
+    result = _train(model, tok, texts, label_ids, HardLabelLoss(), epochs=3, patience=3,
+                    select_metric="balanced_accuracy")
+    balanced = [r["val_balanced_accuracy"] for r in result.history]
+    assert result.best_metric == max(balanced) and result.best_epoch == balanced.index(max(balanced)) + 1
