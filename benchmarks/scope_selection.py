@@ -1,13 +1,17 @@
 """How `scope.detector`'s default was chosen, without looking at the OOD sets the shipped guard is scored on.
 
-    .venv/bin/python benchmarks/scope_selection.py       # after `distill teacher bootstrap --config configs/demo.yaml`
+    .venv/bin/python benchmarks/scope_selection.py       # after `make demo` (and the compression sweep, below)
 
-Selection data: the demo's pinned TEACHER (not the edge model that ships) and a selection set of real text that is
-neither a review nor one of the demo's OOD sets: the first paragraph of the docstring of every Python standard
-library module that has one (sorted, capped). Every detector is fitted on the teacher's training features exactly
-as the pipeline fits it and scored test-vs-selection; the detector with the best AUROC (ties: lower FPR95) becomes
-the default. benchmarks/scope.py then scores the shipped guard on configs/ood/not_drug_reviews.csv and the held-out
-conditions, which took no part in the choice. Writes benchmarks/results/scope_selection.json.
+Selection data: a selection set of real text that is neither a review nor one of the demo's OOD sets: the first
+paragraph of the docstring of every Python standard library module that has one (sorted, capped). Models: the
+demo's pinned teacher and every registered version of its student (demo-student): the guard ships with a student,
+fitted on that student's own features, and a narrow student's features separate less than the teacher's. Every
+detector is fitted on each model's training features exactly as the pipeline fits it and scored test-vs-selection;
+the detector whose WORST AUROC over these models is best becomes the default (ties: lower worst FPR95). With
+MLFLOW_TRACKING_URI set to benchmarks/compression.py's workspace (.distill/bench/compression/mlflow.db) the
+students include the size sweep's narrow candidates. benchmarks/scope.py then scores the shipped guard on
+configs/ood/not_drug_reviews.csv and the held-out conditions, which took no part in the choice. Writes
+benchmarks/results/scope_selection.json.
 """
 
 from __future__ import annotations
@@ -55,39 +59,55 @@ def main() -> None:
     from distill_gap.data.splits import load_splits
     from distill_gap.evaluation.gap_report import train_sample
     from distill_gap.evaluation.metrics import fit_temperature
-    from distill_gap.evaluation.scope import evaluate_detectors
+    from distill_gap.evaluation.scope import evaluate_detectors, split_texts
     from distill_gap.inference.predictor import load_predictor
     from distill_gap.registry.tracking import client_for
     from distill_gap.registry.versions import fetch_model
     from flows.config import load_config
 
     cfg = load_config(CONFIG)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        cfg.tracking.uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = client_for(cfg.tracking)
     splits = load_splits(cfg.data, cfg.seed)
-    teacher = load_predictor(fetch_model(client_for(cfg.tracking), cfg.teacher_model_name, alias=cfg.teacher.alias).path)
+    models = {"teacher": fetch_model(client, cfg.teacher_model_name, alias=cfg.teacher.alias).path}
+    for mv in sorted(client.search_model_versions(f"name='{cfg.student_model_name}'"), key=lambda v: int(v.version)):
+        models[f"student-v{mv.version}"] = fetch_model(client, cfg.student_model_name, version=int(mv.version)).path
     selection = stdlib_docstrings()
     label_id = {label: i for i, label in enumerate(splits.labels)}
     sample = train_sample(splits, cfg.scope.train_rows, cfg.seed)
-    out = {s: teacher.predict_outputs(t) for s, t in (("validation", splits["validation"]["text"].tolist()),
-                                                     ("test", splits["test"]["text"].tolist()),
-                                                     ("ood:selection", selection))}
-    train_f = teacher.predict_outputs(sample["text"].tolist())[1]
-    t = fit_temperature(out["validation"][0], splits["validation"]["label"].map(label_id).to_numpy())
+    texts = {"validation": splits["validation"]["text"].tolist(), "test": splits["test"]["text"].tolist(),
+             "ood:selection": selection}
+    logits, features, train, temperatures = {}, {}, {}, {}
+    for name, path in models.items():
+        model = load_predictor(path)
+        out = {s: model.predict_outputs(t) for s, t in texts.items()}
+        logits[name], features[name] = {s: o[0] for s, o in out.items()}, {s: o[1] for s, o in out.items()}
+        train[name] = (model.predict_outputs(sample["text"].tolist())[1], sample["label"].map(label_id).to_numpy())
+        temperatures[name] = fit_temperature(out["validation"][0],
+                                             splits["validation"]["label"].map(label_id).to_numpy())
     results, _, missing = evaluate_detectors(
-        {"teacher": {s: o[0] for s, o in out.items()}}, {"teacher": {s: o[1] for s, o in out.items()}},
-        {"teacher": (train_f, sample["label"].map(label_id).to_numpy())}, num_classes=len(splits.labels),
-        temperatures={"teacher": t}, tpr=cfg.scope.tpr, k=cfg.scope.k, bank_size=cfg.scope.bank_size,
-        bootstrap_samples=1000, seed=cfg.seed)
-    by_det = results["ood:selection"]["teacher"]
-    print(f"selection: the pinned teacher, test ({len(splits['test'])} rows) vs {len(selection)} standard-library "
-          "docstrings\n")
-    print(f"{'detector':<12} {'AUROC [95%]':<22} {'FPR95':>6}")
-    for det, r in by_det.items():
-        print(f"{det:<12} {r['auroc']:.3f} [{r['ci']['low']:.3f}-{r['ci']['high']:.3f}]   {r['fpr_at_tpr']:>6.3f}")
-    chosen = max(by_det, key=lambda d: (round(by_det[d]["auroc"], 3), -by_det[d]["fpr_at_tpr"]))
+        logits, features, train, num_classes=len(splits.labels), temperatures=temperatures, tpr=cfg.scope.tpr,
+        k=cfg.scope.k, bank_size=cfg.scope.bank_size, bootstrap_samples=1000, seed=cfg.seed,
+        texts={**texts, **split_texts(splits, (), sample)})
+    by_model = results["ood:selection"]
+    detectors = [d for d in next(iter(by_model.values())) if all(d in r for r in by_model.values())]
+    print(f"selection: test ({len(splits['test'])} rows) vs {len(selection)} standard-library docstrings; "
+          f"models: {', '.join(models)}\n")
+    print(f"{'detector':<20} " + " ".join(f"{m:>12}" for m in by_model) + f" {'worst':>7} {'worst FPR95':>12}")
+    worst = {}
+    for det in detectors:
+        aurocs = [by_model[m][det]["auroc"] for m in by_model]
+        fprs = [by_model[m][det]["fpr_at_tpr"] for m in by_model]
+        worst[det] = (min(aurocs), max(fprs))
+        print(f"{det:<20} " + " ".join(f"{a:>12.3f}" for a in aurocs) + f" {min(aurocs):>7.3f} {max(fprs):>12.3f}")
+    chosen = max(worst, key=lambda d: (round(worst[d][0], 3), -worst[d][1]))
     print(f"\nchosen default: {chosen}" + (f"; not evaluated: {missing}" if missing else ""))
     result = {"chosen_detector": chosen, "n_selection": len(selection), "n_test": int(len(splits["test"])),
-              **{f"{d}_auroc_selection": r["auroc"] for d, r in by_det.items()},
-              **{f"{d}_fpr95_selection": r["fpr_at_tpr"] for d, r in by_det.items()}}
+              "models": ",".join(models),
+              **{f"{d}_worst_auroc_selection": w[0] for d, w in worst.items()},
+              **{f"{d}_worst_fpr95_selection": w[1] for d, w in worst.items()},
+              **{f"{d}_auroc_selection_{m}": by_model[m][d]["auroc"] for d in detectors for m in by_model}}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
