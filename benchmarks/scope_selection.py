@@ -7,7 +7,9 @@ paragraph of the docstring of every Python standard library module that has one 
 demo's pinned teacher and every registered version of its student (demo-student): the guard ships with a student,
 fitted on that student's own features, and a narrow student's features separate less than the teacher's. Every
 detector is fitted on each model's training features exactly as the pipeline fits it and scored test-vs-selection;
-the detector whose WORST AUROC over these models is best becomes the default (ties: lower worst FPR95). With
+the detector whose WORST AUROC over these models is best becomes the default (ties: lower worst FPR95), among the
+detectors that read the model: `lexical` alone reads only the text, scores every model alike, and would make the
+OOD gate (each model's guard against the teacher's) one that cannot fail; it is measured, not eligible. With
 MLFLOW_TRACKING_URI set to benchmarks/compression.py's workspace (.distill/bench/compression/mlflow.db) the
 students include the size sweep's narrow candidates. benchmarks/scope.py then scores the shipped guard on
 configs/ood/not_drug_reviews.csv and the held-out conditions, which took no part in the choice. Writes
@@ -32,6 +34,7 @@ apply_embedded_env({"DISTILL_PROGRESS": "0", "PREFECT_LOGGING_LEVEL": "WARNING"}
 CONFIG = ROOT / "configs/demo.yaml"
 OUT = ROOT / "benchmarks" / "results" / "scope_selection.json"
 MAX_ROWS = 300
+MODEL_INDEPENDENT = ("lexical",)  # scores the text alone: the same for every model
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__hello__", "__phello__"}
 
 
@@ -101,7 +104,7 @@ def main() -> None:
         fprs = [by_model[m][det]["fpr_at_tpr"] for m in by_model]
         worst[det] = (min(aurocs), max(fprs))
         print(f"{det:<20} " + " ".join(f"{a:>12.3f}" for a in aurocs) + f" {min(aurocs):>7.3f} {max(fprs):>12.3f}")
-    chosen = max(worst, key=lambda d: (round(worst[d][0], 3), -worst[d][1]))
+    chosen = max((d for d in worst if d not in MODEL_INDEPENDENT), key=lambda d: (round(worst[d][0], 3), -worst[d][1]))
     print(f"\nchosen default: {chosen}" + (f"; not evaluated: {missing}" if missing else ""))
     result = {"chosen_detector": chosen, "n_selection": len(selection), "n_test": int(len(splits["test"])),
               "models": ",".join(models),

@@ -295,7 +295,7 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     # what people read in the MLflow UI (issue 23): the version's markdown, verdict first, links to report and dossier
     exp = client.get_run(run_id).info.experiment_id
     assert edge.description.startswith("**Verdict: every gate passed.**"), edge.description
-    assert "\n\nScope: in scope when the mahalanobis score >= " in edge.description
+    assert "\n\nScope: in scope when the mahalanobis+lexical score >= " in edge.description
     stage = {r.data.tags["distill.stage"]: r.info.run_id for r in children}
     # relative to the MLflow UI: they open on whatever port it was started (`distill ui --mlflow-port`)
     assert (f"[Gap report](#/experiments/{exp}/runs/{stage['evaluate']}/artifactPath/evaluation/"
@@ -345,7 +345,8 @@ def test_records_lineage_signatures_and_attestations(workspace, first_run):
     stored_root = Path(client.get_logged_model(edge.source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
     src = version_folder(stored_root, edge.source)
     guard = read_guard(src)  # the scope guard shipped inside the signed folder: the default detector, fitted
-    assert guard.detector == cfg.scope.detector == "mahalanobis" and guard.stats["means"].shape[0] == 3
+    assert guard.detector == cfg.scope.detector == "mahalanobis+lexical" and guard.stats["means"].shape[0] == 3
+    assert len(guard.stats["lexicon_buckets"]) > 0 and set(guard.standardise) == {"mahalanobis", "lexical"}
     assert guard.info["model"] == {"int8": "student-int8", "onnx-int8": "student-onnx-int8"}[edge.tags["edge.primary"]]
     stored = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     rel = stored.relative_to(src)
