@@ -160,7 +160,8 @@ class CalibrationBatches:
 
 
 def _static_int8(src: Path, dst: Path, reader: CalibrationBatches, *, per_channel: bool, gather: bool) -> None:
-    """dst/model.onnx: src's MatMuls (and, with `gather`, its embedding tables) as int8 with static scales.
+    """dst/model.onnx: src's MatMuls and the Gemms before the head (and, with `gather`, its embedding tables) as
+    int8 with static scales.
 
     QDQ, weights int8 (per channel or per tensor, symmetric), activations uint8 per tensor from the calibration
     batches' min and max. The MatMuls' outputs stay float (ORT runs MatMulIntegerToFloat): quantizing them too puts
@@ -174,12 +175,17 @@ def _static_int8(src: Path, dst: Path, reader: CalibrationBatches, *, per_channe
     tables = {init.name for init in model.graph.initializer}
     # only Gathers that read a table: those of activations (the pooler's first token) stay float
     activation_gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] not in tables]
+    # the Gemms before the head (BERT's pooler, RoBERTa's and DistilBERT's dense layers of the head: a 256-wide
+    # student's pooler is 0.26 MB in fp32) as int8 too; the one that writes the logits stays float, as does every
+    # Gemm's output, so the "features" output (the head's input) is float
+    outputs = {o.name for o in model.graph.output}
+    head = [n.name for n in model.graph.node if n.op_type == "Gemm" and set(n.output) & outputs]
     quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Gather"] if gather else ["MatMul"], per_channel=per_channel,
+                    op_types_to_quantize=["MatMul", "Gemm", *(["Gather"] if gather else [])], per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=activation_gathers if gather else None,
-                    extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
+                    nodes_to_exclude=[*head, *(activation_gathers if gather else [])],
+                    extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
 
 
 def quantize_onnx_int8(onnx_dir, out_dir, *, heldout_texts: list[str], calibration_texts: list[str] | None = None,

@@ -93,6 +93,11 @@ def test_onnx_int8_is_smaller_and_close(onnx, heldout, calibration, fp32_logits,
         producer = {o: n.op_type for n in graph.node for o in n.output}
         matmuls = [n for n in graph.node if n.op_type == "MatMul"]
         assert len(matmuls) == 16 and all(producer.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+        # the pooler's Gemm reads int8 weights; the head's Gemm (it writes the logits) stays float
+        gemms = {n.name: n for n in graph.node if n.op_type == "Gemm"}
+        pooler = next(n for name, n in gemms.items() if "pooler" in name)
+        head = next(n for n in gemms.values() if "logits" in n.output)
+        assert producer.get(pooler.input[1]) == "DequantizeLinear" and producer.get(head.input[1]) is None
         logits = onnx_predict_logits(r.path, heldout, max_length=MAX_LENGTH)
         np.testing.assert_allclose(logits, onnx_predict_logits(r.path, heldout, max_length=MAX_LENGTH))
         # Per-tensor uint8 activation scales are coarse on this random 32-wide model (weights ~N(0, 0.2), outlier
