@@ -63,11 +63,14 @@ def test_the_stage_builds_every_artifact_from_one_pass_of_the_fp32_student(prefe
             assert v["baseline"] == pytest.approx(baseline) and v["n"] == len(val) and v["agreement_n"] == len(agree)
             assert v["met_goal"] and v["why"] is None and v["low"] <= v["drop"] <= v["high"]
     assert edge.artifacts["onnx"]["parity"]["max_abs_logit_diff"] < 1e-4
-    for name, a in edge.artifacts.items():  # INC INT8 (static candidate) ~7e-7, fp32 and ONNX INT8 ONNX exactly 0
+    # INC INT8 (static candidate) ~7e-7 and ONNX INT8 ~3e-7 (its int8 pooler Gemm: float rounding that follows the
+    # batch's shape, no per-batch scale), fp32 ONNX exactly 0
+    for name, a in edge.artifacts.items():
         batch = a["batch_independence"]
         assert (batch["rows"], batch["batch_size"], batch["limit"]) == (16, 32, 1e-5), batch
         assert batch["ok"] and batch["max_abs_prob_diff"] <= 1e-5 and a["ok"], (name, batch)
-    assert edge.artifacts["onnx-int8"]["batch_independence"]["max_abs_prob_diff"] == 0.0
+    assert edge.artifacts["onnx-int8"]["batch_independence"]["max_abs_prob_diff"] <= 1e-6
+    assert edge.artifacts["onnx"]["batch_independence"]["max_abs_prob_diff"] == 0.0
     ort = json.loads((edge.path / "onnx-int8" / "ort_int8.json").read_text())
     assert ort["matmul"]["activations"].startswith("uint8 per-tensor, static scales calibrated on 64 texts")
     assert edge.digest == model_digest(edge.path)  # taken once, after edge.json was written
