@@ -232,6 +232,17 @@ class ScopeGuard:
         return path
 
 
+def stats_from_bytes(data: bytes, scales: dict[str, float]) -> dict[str, np.ndarray]:
+    """The statistics of a scope_stats.npz (ScopeGuard.stats_bytes): each fp16 array times its scale, as float32;
+    integer arrays (the lexicon's bucket ids) as stored."""
+    out = {}
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        for k in npz.files:
+            v = npz[k]
+            out[k] = v if v.dtype.kind in "iu" else v.astype(np.float32) * np.float32(scales.get(k, 1.0))
+    return out
+
+
 def read_guard(folder: str | Path) -> ScopeGuard | None:
     """The scope guard shipped in `folder`, checked; None when the folder ships no scope.json.
 
@@ -306,10 +317,7 @@ def _read_stats(folder: Path, meta, detector: str) -> dict[str, np.ndarray]:
         raise DistillError(f"{path} does not match the sha256 in {SCOPE_FILE}: the scope statistics were changed "
                            "after evaluation", _FIX)
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            scales = meta.get("scales") or {}
-            stats = {k: npz[k] if npz[k].dtype.kind in "iu" else npz[k].astype(np.float32) * float(scales.get(k, 1.0))
-                     for k in npz.files}
+        stats = stats_from_bytes(data, meta.get("scales") or {})
     except (ValueError, OSError, TypeError) as err:
         raise DistillError(f"{path} is not a readable statistics file ({err})", _FIX) from None
     missing = [k for k in needed if k not in stats]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from distill_gap.edge.guard import (DETECTORS, FEATURE_DETECTORS, TEXT_DETECTORS, ScopeGuard, normalise,
-                                    word_buckets)
+                                    stats_from_bytes, word_buckets)
 from distill_gap.errors import DistillError
 from distill_gap.evaluation.ood import auroc_drop_interval, auroc_interval, ood_detection, threshold_at_tpr
 
@@ -111,14 +111,7 @@ def fit_guard(detector: str, *, train_features, train_labels, num_classes: int, 
 
 def as_stored(guard: ScopeGuard) -> dict[str, np.ndarray]:
     """The guard's statistics as they read back from scope_stats.npz (fp16 after scaling)."""
-    import io
-
-    if not guard.stats:
-        return {}
-    data, scales = guard.stats_bytes()
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] if npz[k].dtype.kind in "iu" else npz[k].astype(np.float32) * np.float32(scales[k])
-                for k in npz.files}
+    return stats_from_bytes(*guard.stats_bytes()) if guard.stats else {}
 
 
 def _hist(s_in: np.ndarray, s_out: np.ndarray, bins: int = 20) -> dict:
