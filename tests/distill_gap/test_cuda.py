@@ -1,7 +1,8 @@
 """The CUDA path of training, inference and the KD losses, checked against the CPU path.
 
-Skipped where torch sees no CUDA device (CI). On a GPU machine:
-    python -m pytest tests/tasks/test_cuda.py -q -rs
+Skipped where torch sees no CUDA device (CI). On a GPU machine with this project installed:
+    python -m pytest tests/distill_gap/test_cuda.py -q -rs
+and on a GPU image with torch and transformers only: tests/cuda_plugin.py.
 """
 
 import copy
