@@ -45,10 +45,10 @@ OOD_GATE = "ood_auroc_vs_teacher:"
 
 
 def ladder() -> list[dict]:
-    """The demo's ladder, each rung once per seed, named `<rung>.s<seed>`."""
+    """The demo's ladder, each rung once per seed (its quantize changes too), named `<rung>.s<seed>`."""
     rungs = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["sweep"]["candidates"]
-    return [{"name": f"{r['name']}.s{seed}", "distill": {**r.get("distill", {}), "seed": seed}}
-            for r in rungs for seed in SEEDS]
+    return [{"name": f"{r['name']}.s{seed}", "distill": {**r.get("distill", {}), "seed": seed},
+             "quantize": r.get("quantize", {})} for r in rungs for seed in SEEDS]
 
 
 def with_gates(client, rows: list[dict]) -> list[dict]:
