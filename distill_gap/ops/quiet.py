@@ -6,7 +6,9 @@ Each is named exactly, so anything else a library says still shows:
 - torchao's "Failed to load .../torchao/_C_*.so" at import: the wheel ships CUDA and other-Python builds of its
   kernels beside the CPU ones, and says so for each one it cannot load;
 - torch's TracerWarning "torch.tensor results are registered as constants in the trace" during the ONNX export of
-  transformers' attention mask (it says itself it can be ignored);
+  transformers' attention mask (it says itself it can be ignored), and "Converting a tensor to a Python boolean
+  might cause the trace to be incorrect" from torch.nn.functional's embedding (RoBERTa and XLM-R teachers: the
+  padding-index check, a constant); the exported graph's logits are compared with torch's on held-out texts anyway;
 - torch's FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated" (raised inside torch.export for INC);
 - Intel Neural Compressor's own logger below ERROR ("Auto detect accelerator: CPU_Accelerator", "hw aligned
   scales not supported for device ..."): INC resets its logger's level and handlers from $LOGLEVEL when it first
@@ -72,5 +74,7 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow.store.db.utils").addFilter(_Drop(below=logging.WARNING))
     logging.getLogger("mlflow.pyfunc").addFilter(_Drop(containing="Validating input example against model signature"))
     warnings.filterwarnings("ignore", message="torch.tensor results are registered as constants in the trace")
+    warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean might cause the trace",
+                            module="torch.nn.functional")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
