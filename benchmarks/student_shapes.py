@@ -9,7 +9,8 @@ optimum fp32 export, then static INT8 with 8-bit embeddings, calibrated on 128 t
 measured as fp32 ONNX, as benchmarks/compression.py does. Also: ONNX Runtime's transformer fusion
 (onnxruntime.transformers.optimizer, model_type bert) on the 2-layer 256-wide fp32 graph against the plain export, and
 the share of tokenization in the smallest shape's prediction loop. On the demo test split (260 rows), 2 threads,
-batches of 32 padded per batch, ROUNDS round-robin rounds (rotating order), medians. Workspace:
+batches of 32 padded per batch, round-robin rounds in a rotating order, medians: benchmarks/compression.py's
+settings and its `measure` (COMPRESSION_BENCH_ROUNDS, default 5). Workspace:
 .distill/bench/student_shapes (exports reused). Prints a table and writes benchmarks/results/student_shapes.json
 (flat): `<shape>_rows_per_s`, `<shape>_speedup_vs_teacher`, `<shape>_mb`, teacher_rows_per_s,
 fusion_fp32_rows_per_s, plain_fp32_rows_per_s, tokenize_share_<smallest shape>, rounds, threads.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -28,16 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.chdir(ROOT)
 
-from distill_gap.ops.runtime import apply_embedded_env  # noqa: E402
-
-apply_embedded_env({"DISTILL_PROGRESS": "0"})
+# the same runtime settings (2 threads, 128 tokens, rounds) and timing loop as the compression benchmark
+from benchmarks.compression import MAX_LENGTH, ROUNDS, THREADS, measure  # noqa: E402
 
 WORK = ROOT / ".distill" / "bench" / "student_shapes"
 OUT = ROOT / "benchmarks" / "results" / "student_shapes.json"
-THREADS, MAX_LENGTH = 2, 128
-ROUNDS = int(os.environ.get("SHAPES_BENCH_ROUNDS", 5))
 # name: (layers, hidden, heads, ffn); heads of 32 dimensions, as MiniLM's
 SHAPES = {"L2-W384-F1536": (2, 384, 12, 1536), "L2-W256-F1536": (2, 256, 8, 1536), "L2-W256-F768": (2, 256, 8, 768),
           "L2-W192-F1536": (2, 192, 6, 1536), "L2-W192-F768": (2, 192, 6, 768), "L1-W256-F1536": (1, 256, 8, 1536),
@@ -96,7 +92,6 @@ def main() -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from distill_gap.data.splits import load_splits
-    from distill_gap.inference.onnx_runtime import OnnxPredictor
     from distill_gap.kd.teacher import base_model_dir
     from distill_gap.ops.quiet import quiet_libraries
     from flows.config import load_config
@@ -119,19 +114,12 @@ def main() -> int:
     models["plain fp32"] = WORK / "onnx" / FUSED_SHAPE
     models["fused fp32"] = fused(models["plain fp32"], heads, hidden)
 
-    preds = {name: OnnxPredictor(path, max_length=MAX_LENGTH, threads=THREADS) for name, path in models.items()}
-    rates = {name: [] for name in models}
-    names = list(models)
-    for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            preds[name].predict_logits(texts, batch_size=32)
-            rates[name].append(len(texts) / (time.perf_counter() - t))
-        print(f"[student_shapes] round {r + 1}/{ROUNDS} done", flush=True)
-    rate = {name: statistics.median(v) for name, v in rates.items()}
+    label_id = {label: i for i, label in enumerate(splits.labels)}
+    m = measure(models, texts, splits["test"]["label"].map(label_id).to_numpy())  # untrained: accuracy unused
+    rate = {name: m[name]["b32_rows_per_s"] for name in models}
 
     smallest = list(SHAPES)[-1]
-    tok = preds[smallest].tokenizer
+    tok = AutoTokenizer.from_pretrained(models[smallest])
     tok_s = []
     for _ in range(ROUNDS):
         t = time.perf_counter()
@@ -141,10 +129,10 @@ def main() -> int:
 
     result = {"teacher_rows_per_s": round(rate["teacher"], 1)}
     lines = ["| model (ONNX Runtime, 2 threads, batch 32) | MB | rows/s | x teacher |", "|---|---|---|---|",
-             f"| teacher, fp32 | {(models['teacher'] / 'model.onnx').stat().st_size / 1e6:.1f} | "
+             f"| teacher, fp32 | {m['teacher']['bytes'] / 1e6:.1f} | "
              f"{rate['teacher']:.0f} | 1.00 |"]
     for name in SHAPES:
-        mb = (models[name] / "model.onnx").stat().st_size / 1e6
+        mb = m[name]["bytes"] / 1e6
         result |= {f"{name}_rows_per_s": round(rate[name], 1), f"{name}_mb": round(mb, 2),
                    f"{name}_speedup_vs_teacher": round(rate[name] / rate["teacher"], 3)}
         lines.append(f"| {name}, INT8 | {mb:.1f} | {rate[name]:.0f} | {rate[name] / rate['teacher']:.2f} |")

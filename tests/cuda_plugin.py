@@ -1,6 +1,7 @@
 """Runs tests/distill_gap/test_cuda.py on a GPU image that has torch and transformers but not this project's stack
 (no mlflow or prefect, which tests/conftest.py and tests/distill_gap/conftest.py import). A pytest plugin with the
-two session fixtures the CUDA tests need, built as tests/conftest.py builds them, from rows exported beforehand:
+two session fixtures the CUDA tests need: tests/conftest.py's own tiny_model_dir (that module imports the stack only
+inside its fixtures), on a review_frame of the same rows exported beforehand:
 
     .venv/bin/python -m tests.cuda_plugin .gpu                  # here: .gpu/reviews.jsonl (the 240 review rows)
     # there (the device), with transformers 4.57.6, tokenizers and huggingface-hub wheels installed to /tmp/site:
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-LABELS = ["negative", "neutral", "positive"]
+from tests.conftest import tiny_model_dir  # noqa: F401 - the fixture, registered by this plugin
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +28,6 @@ def review_frame():
     import pandas as pd
 
     return pd.read_json(os.environ["CUDA_PLUGIN_ROWS"], lines=True, dtype={"id": str})
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(review_frame, tmp_path_factory):
-    from distill_gap.models.from_scratch import build_scratch_classifier
-
-    return build_scratch_classifier(review_frame["text"].tolist(), LABELS, tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 if __name__ == "__main__":  # export the rows tests/conftest.py's review_frame reads, for a machine without the data
