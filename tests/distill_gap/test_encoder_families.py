@@ -102,13 +102,10 @@ def family_dir(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, build_family(request.param, tmp_path_factory.mktemp(request.param) / "teacher")
 
 
-def _fp32_linears(int8_dir: Path) -> list[str]:
+def _fp32_linears(program) -> list[str]:
     """Modules of the saved INC program whose linear reads a float weight (not a dequantized int8 one)."""
     import torch
 
-    from distill_gap.inference.inc_int8 import INT8_FILE
-
-    program = torch.export.load(str(int8_dir / INT8_FILE))
     return sorted(list(n.meta["nn_module_stack"].values())[-1][0] for n in program.graph.nodes
                   if n.target is torch.ops.aten.linear.default and "dequantize" not in str(n.args[1].target))
 
@@ -136,6 +133,7 @@ def test_every_edge_stage_runs_on_the_family(family_dir, tmp_path):
     from distill_gap.edge.inc_quantization import autotune_int8, fp32_fallbacks
     from distill_gap.edge.onnx_export import export_onnx, quantize_onnx_int8
     from distill_gap.evaluation.scope import fit_guard
+    from distill_gap.inference.inc_int8 import INT8_FILE, _load_program
     from distill_gap.inference.predictor import load_predictor
 
     family, folder = family_dir
@@ -148,15 +146,13 @@ def test_every_edge_stage_runs_on_the_family(family_dir, tmp_path):
     int8 = autotune_int8(folder, TEXTS, TEXTS, LABEL_IDS, TEXTS, tmp_path / "int8", candidates=["static-fp32-head"],
                          tolerable_loss=0.99, max_length=MAX_LENGTH, reference=logits)
     assert int8.parity["finite"] and int8.parity["n"] == len(TEXTS), (family, int8.parity)
-    fp32_modules = _fp32_linears(int8.path)
+    int8_logits, int8_features = load_predictor(int8.path).predict_outputs(TEXTS)
+    program, module = _load_program(int8.path / INT8_FILE)  # the archive the predictor loaded (checked, cached)
+    fp32_modules = _fp32_linears(program)
     assert len(fp32_modules) == 2 and any(m.endswith(("classifier", "out_proj")) for m in fp32_modules), fp32_modules
-    import torch
-
-    program = torch.export.load(str(int8.path / "model.pt2")).module()
-    fallbacks = fp32_fallbacks(program, fp32.model.config)
+    fallbacks = fp32_fallbacks(module, fp32.model.config)
     assert sorted(fallbacks["static-fp32-head"]) == fp32_modules, (family, fallbacks)
     assert len(fallbacks["static-fp32-ffn-out"]) == 2, (family, fallbacks)  # one FFN output per layer
-    int8_logits, int8_features = load_predictor(int8.path).predict_outputs(TEXTS)
     # 3. ONNX export (fp32, within float error of torch) and ONNX Runtime INT8
     onnx = export_onnx(folder, tmp_path / "onnx", heldout_texts=TEXTS, max_length=MAX_LENGTH)
     assert onnx.parity["max_abs_logit_diff"] < 1e-3 and onnx.parity["max_abs_feature_diff"] < 1e-3, onnx.parity

@@ -6,7 +6,7 @@ SQLite lock contention shows up as log lines at most, never as a failure.
 Both processes are forked at the same moment from one interpreter that imported flows.pipeline, torch, transformers
 and Great Expectations once (tests/forkserver.py): each runs `flows.cli:main` with its own pid and log, starts its own
 API server and does all its work at the same time as the other; only the ~15 CPU-seconds of imports are shared.
-(tests/reliability/test_crash.py runs the installed command in a fresh interpreter.)"""
+(tests/infra/test_production_stack.py runs the installed command in a fresh interpreter.)"""
 
 from __future__ import annotations
 

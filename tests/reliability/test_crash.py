@@ -11,10 +11,10 @@ after it marks the killed run Crashed on that server. The other runs talk to the
 register drills start from complete soft labels; on `make test`'s two busy cores a second lane only takes its
 core from the other pytest worker.)
 
-The first drill is the installed `distill` command in a fresh interpreter. The runs after it are forked from one
-interpreter that imported flows.pipeline, torch, transformers and Great Expectations once (tests/forkserver.py):
-each is still its own process running `flows.cli:main` with its own environment, killed by a real signal at the
-same failpoint, but skips ~15 CPU-seconds of imports.
+Every run is forked from one interpreter that imported flows.pipeline, torch, transformers and Great Expectations
+once (tests/forkserver.py): each is still its own process running `flows.cli:main` (the installed command's entry
+point) with its own environment, killed by a real signal at the failpoint, but skips ~15 CPU-seconds of imports.
+(The installed `distill run` in a fresh interpreter runs in tests/infra/test_production_stack.py.)
 
 After each kill the next run starts from the work already done: completed soft-label shards are reused, never
 duplicated or truncated; every killed run ends Crashed in Prefect and FAILED or KILLED in MLflow, never RUNNING
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,6 @@ DRILLS = [
 ]
 SOFT_LABEL_DRILLS = 2  # the first two: killed while the soft labels were being written
 STARTED_OWN_SERVER = "Starting temporary server"  # Prefect's log line when it starts an ephemeral API server
-EXECUTED = 1  # the first drills run the installed command in a fresh interpreter; the others are forked (preloaded)
 PRELOAD = ["flows.cli", "flows.pipeline", "torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
            "optimum.exporters.onnx", "great_expectations"]  # not onnxruntime: it starts a thread (tests/forkserver.py)
 
@@ -69,9 +67,9 @@ def drills(tmp_path_factory, tiny_model_dir, tiny_data, mlflow_db_template, pref
     ws["forks"] = ForkServer(PRELOAD, env=ws["env"], log=ws["tmp"] / "forkserver.log")
     try:
         for i, (failpoint, sig, api) in enumerate(DRILLS):
-            results.append(_run(ws, _name(i), failpoint, sig, api, forked=i >= EXECUTED))
+            results.append(_run(ws, _name(i), failpoint, sig, api))
             shard_files.append(_shards(ws))
-        final = _run(ws, "final", forked=True)
+        final = _run(ws, "final")
     finally:
         ws["forks"].close()
     return {"ws": ws, "results": results, "shard_files": shard_files, "final": final}
@@ -95,10 +93,9 @@ def _servers(prefect_home: Path) -> list[psutil.Process]:
     return out
 
 
-def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None, api: str = "session", *,
-         forked: bool) -> dict:
-    """Start `distill run` (the installed command, or `flows.cli:main` forked from the preloaded interpreter); with a
-    failpoint, wait until it holds there, then send `sig`. Returns rc and log."""
+def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None, api: str = "session") -> dict:
+    """Start `distill run` (`flows.cli:main` forked from the preloaded interpreter); with a failpoint, wait until it
+    holds there, then send `sig`. Returns rc and log."""
     tmp, log = ws["tmp"], ws["tmp"] / f"{name}.log"
     env = dict(ws["env"])
     if api == "session":
@@ -108,11 +105,7 @@ def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None, ap
     marker = Path(env["DISTILL_FAILPOINT_DIR"]) / (failpoint or "none").split("@")[0]
     marker.unlink(missing_ok=True)
     args = [str(BIN / "distill"), "run", "--config", str(ws["config"]), "--reason", f"test: {name}"]
-    if forked:
-        proc = ws["forks"].start(args, entry="flows.cli:main", env=env, cwd=tmp, log=log)
-    else:
-        with log.open("w") as out:
-            proc = subprocess.Popen(args, env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
+    proc = ws["forks"].start(args, entry="flows.cli:main", env=env, cwd=tmp, log=log)
     if failpoint:
         deadline = time.monotonic() + 300
         while not marker.exists():
