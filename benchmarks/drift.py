@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/drift.py
 
-The model is the registered demo edge champion (models:/demo-edge@champion in sqlite:///.distill/mlflow.db, digest
-verified), using its ONNX Runtime INT8 artifact when the edge folder has one (DRIFT_BENCH_ARTIFACT=<name> picks
-another, e.g. int8 for the INC primary); without a champion, an untrained tiny BERT from distill_gap.models.from_scratch (the output
+The model is the registered demo edge version (models:/demo-edge@champion, else @challenger: benchmarks/demo_edge.py;
+in sqlite:///.distill/mlflow.db, digest verified), using its ONNX Runtime INT8 artifact when the edge folder has one (DRIFT_BENCH_ARTIFACT=<name> picks
+another, e.g. int8 for the INC primary); without a demo run, an untrained tiny BERT from distill_gap.models.from_scratch (the output
 says which). The reference profile is built from the demo's validation + test texts; the production sample is
 100,000 real in-scope reviews resampled with seeded light perturbations (distill_gap.evaluation.stress variants) and a week of
 timestamps, written to .distill/bench/drift/production.jsonl. Each run times read_production_rows + drift_report
@@ -35,7 +35,6 @@ SAMPLE_SIZE = 2000
 THREADS = 2
 TARGET_S = 60.0
 TRACKING_URI = "sqlite:///.distill/mlflow.db"
-CHAMPION = "models:/demo-edge@champion"
 SCRATCH = ROOT / ".distill" / "bench" / "drift"
 OUT = ROOT / "benchmarks" / "results" / "drift.json"
 # share of production rows given each light perturbation (the rest are the reviews as they are)
@@ -47,16 +46,20 @@ def log(msg: str) -> None:
 
 
 def load_model(splits):
-    """(predict_logits, labels, scope threshold or None, description): the demo edge champion, else a scratch BERT."""
+    """(predict_logits, labels, scope threshold or None, description): the demo edge version, else a scratch BERT."""
+    from benchmarks.demo_edge import demo_edge_uri
     from distill_gap.errors import DistillError
 
+    uri = demo_edge_uri(TRACKING_URI)
     try:
+        if uri is None:
+            raise DistillError(f"no demo-edge @champion or @challenger in {TRACKING_URI}", "run `make demo` first")
         from distill_gap.edge.folder import read_manifest
         from distill_gap.edge.serving import load_edge
         from distill_gap.registry.model_uri import resolve_edge
 
         said = []
-        folder = resolve_edge(CHAMPION, TRACKING_URI, log=said.append)
+        folder = resolve_edge(uri, TRACKING_URI, log=said.append)
         manifest = read_manifest(folder)
         artifact = os.environ.get("DRIFT_BENCH_ARTIFACT") or ("onnx-int8" if "onnx-int8" in manifest["artifacts"]
                                                                else manifest["primary"])
@@ -67,7 +70,7 @@ def load_model(splits):
         return edge.predict_logits, edge.labels, scope, \
             f"{said[0].split(':')[0]}, artifact {artifact} ({edge.runtime}; primary {manifest['primary']})"
     except DistillError as err:
-        log(f"no demo edge champion ({err.problem}); using an untrained tiny BERT from distill_gap.models.from_scratch")
+        log(f"no demo edge model ({err.problem}); using an untrained tiny BERT from distill_gap.models.from_scratch")
     from distill_gap.inference.batching import predict_logits
     from distill_gap.models.loading import load_classifier
     from distill_gap.models.from_scratch import build_scratch_classifier
