@@ -183,8 +183,9 @@ def model_bytes(folder: Path) -> int:
         ".onnx_data"))
 
 
-def measure(models: dict[str, Path], texts: list[str], truth) -> dict:
-    """Accuracy, b32 throughput and b1 latency per model: round-robin rounds with a rotating order, medians."""
+def measure(models: dict[str, Path], texts: list[str], truth, *, say=log) -> dict:
+    """Accuracy, b32 throughput and b1 latency per model: round-robin rounds with a rotating order, medians; `say`
+    reports each round (the calling benchmark's log)."""
     import numpy as np
 
     from distill_gap.inference.onnx_runtime import OnnxPredictor
@@ -204,7 +205,7 @@ def measure(models: dict[str, Path], texts: list[str], truth) -> dict:
             for text in single:
                 p.predict_logits([text], batch_size=1)
             b1[name].append((time.perf_counter() - t) * 1000 / len(single))
-        log(f"round {r + 1}/{ROUNDS} done")
+        say(f"round {r + 1}/{ROUNDS} done")
     return {name: {"accuracy": acc[name], "b32_rows_per_s": statistics.median(b32[name]),
                    "b1_ms": statistics.median(b1[name]), "bytes": model_bytes(models[name]),
                    "b32_all": [round(x, 1) for x in b32[name]], "b1_all": [round(x, 2) for x in b1[name]]}

@@ -115,7 +115,8 @@ def main() -> int:
     models["fused fp32"] = fused(models["plain fp32"], heads, hidden)
 
     label_id = {label: i for i, label in enumerate(splits.labels)}
-    m = measure(models, texts, splits["test"]["label"].map(label_id).to_numpy())  # untrained: accuracy unused
+    m = measure(models, texts, splits["test"]["label"].map(label_id).to_numpy(),  # untrained: accuracy unused
+                say=lambda msg: print(f"[student_shapes] {msg}", file=sys.stderr, flush=True))
     rate = {name: m[name]["b32_rows_per_s"] for name in models}
 
     smallest = list(SHAPES)[-1]
