@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_edge_uri(tracking_uri: str, name: str = "demo-edge") -> str | None:
-    """`models:/<name>@champion` when that alias exists, else `@challenger`, else None (no demo run yet)."""
+def demo_edge_version(tracking_uri: str, name: str = "demo-edge") -> tuple[str, object] | None:
+    """(alias, ModelVersion) of `<name>@champion` when that alias exists, else of `@challenger`; None when the
+    store, the model or both aliases are missing."""
     from mlflow.exceptions import MlflowException
 
     from distill_gap.registry.model_uri import registry_client
@@ -21,8 +22,13 @@ def demo_edge_uri(tracking_uri: str, name: str = "demo-edge") -> str | None:
     client = registry_client(tracking_uri)
     for alias in ("champion", "challenger"):
         try:
-            client.get_model_version_by_alias(name, alias)
+            return alias, client.get_model_version_by_alias(name, alias)
         except MlflowException:  # no such model or alias
             continue
-        return f"models:/{name}@{alias}"
     return None
+
+
+def demo_edge_uri(tracking_uri: str, name: str = "demo-edge") -> str | None:
+    """`models:/<name>@champion`, else `models:/<name>@challenger`, else None (no demo run yet)."""
+    found = demo_edge_version(tracking_uri, name)
+    return f"models:/{name}@{found[0]}" if found else None

@@ -79,7 +79,6 @@ def main() -> None:
     model = demo_edge_uri(TRACKING_URI)
     if model is None:
         raise SystemExit(f"no demo-edge @champion or @challenger in {TRACKING_URI}: run `make demo` first")
-    log(f"measuring {model}")
     folder = resolve_edge(model, TRACKING_URI, log=log)
     edge = load_edge(folder)
     guard = edge.guard

@@ -58,21 +58,17 @@ def log(msg: str) -> None:
 
 def demo_model() -> dict | None:
     """{"tracking_uri", "model", "artifact", "key"} of the demo registry's edge champion/challenger, or None."""
-    from distill_gap.registry.model_uri import registry_client
+    from benchmarks.demo_edge import demo_edge_version
 
     for root in [os.environ.get("SERVING_BENCH_REGISTRY"), "/tmp/fresh/.distill", str(ROOT / ".distill")]:
         db, key = Path(root or "-") / "mlflow.db", Path(root or "-") / "keys" / "signing-key.pub.pem"
-        if not (db.is_file() and key.is_file()):
+        found = demo_edge_version(f"sqlite:///{db}") if key.is_file() else None
+        if found is None:
             continue
-        client = registry_client(f"sqlite:///{db}")
-        for alias in ("champion", "challenger"):
-            try:
-                mv = client.get_model_version_by_alias("demo-edge", alias)
-            except Exception:  # noqa: BLE001 - no such alias (yet): the next one
-                continue
-            return {"tracking_uri": f"sqlite:///{db}", "model": f"models:/demo-edge/{mv.version}", "key": str(key),
-                    "artifact": "onnx-int8", "source": f"{root} demo-edge v{mv.version} (@{alias})",
-                    "primary": mv.tags.get("edge.primary")}
+        alias, mv = found
+        return {"tracking_uri": f"sqlite:///{db}", "model": f"models:/demo-edge/{mv.version}", "key": str(key),
+                "artifact": "onnx-int8", "source": f"{root} demo-edge v{mv.version} (@{alias})",
+                "primary": mv.tags.get("edge.primary")}
     return None
 
 
