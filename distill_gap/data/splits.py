@@ -118,12 +118,13 @@ def _read_builtin(uri: str) -> pd.DataFrame:
 
 def _read_bytes(uri: str) -> bytes:
     if uri.startswith("s3://"):
-        import boto3
         from botocore.exceptions import BotoCoreError, ClientError
+
+        from distill_gap.ops.s3 import s3_client
 
         bucket, _, key = uri[5:].partition("/")
         try:
-            return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             raise DistillError(f"cannot read {uri}: {code or err}", "check the bucket, key and AWS credentials") from None

@@ -60,11 +60,12 @@ class DriftThresholds:
 def _sources(source: str) -> list[tuple[str, Callable[[], bytes]]]:
     """(name, read) for every JSONL input: one file, the *.jsonl files under a folder, or the objects under s3://."""
     if source.startswith("s3://"):
-        import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from distill_gap.ops.s3 import s3_client
+
         bucket, _, prefix = source[5:].partition("/")
-        client = boto3.client("s3")  # honours AWS_ENDPOINT_URL (MinIO, moto)
+        client = s3_client()  # honours AWS_ENDPOINT_URL (MinIO, moto)
         try:
             keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                           for o in page.get("Contents", []) if o["Key"].endswith(".jsonl"))

@@ -91,12 +91,9 @@ class S3Backend:
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
+            from distill_gap.ops.s3 import s3_client
 
-            # A fresh session resolves credentials now (the default session caches them).
-            self._client = boto3.session.Session().client(
-                "s3", config=Config(connect_timeout=10, read_timeout=120))
+            self._client = s3_client(connect_timeout=10, read_timeout=120)  # credentials resolved now
         return self._client
 
     def _key(self, rel: str) -> str:
