@@ -40,7 +40,8 @@ def test_the_contract_catches_an_upward_import(tmp_path):
 
 def test_no_module_over_450_lines():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-             for package in ("distill_gap", "tasks", "flows") for p in (ROOT / package).rglob("*.py")}
+             for package in ("distill_gap", "tasks", "flows", "benchmarks", "tests")
+             for p in (ROOT / package).rglob("*.py")}
     too_long = {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES and p not in TEMPLATE_EXEMPT}
     assert not too_long, f"split these modules by concern: {too_long}"
 
