@@ -358,7 +358,7 @@ def print_table(result, arts, sizes, cpu, limit, macs, best, n_test, speedups) -
         print(f"  {k:<10} {RUNTIME[k]:<26} {sizes[k] / 1e6:>6.1f} {a['accuracy']:>6.3f} {a['b1_ms_p50']:>6.1f}m "
               f"{a['b1_ms_p95']:>6.1f}m {a['b32_examples_per_s']:>7.1f} {a['peak_rss_mb']:>8.0f} {a['load_s']:>7.1f} "
               f"{f1:>10.2f} {f32:>11.2f} {speedups[k]['b32_vs_student']:>7.2f}x {speedups[k]['b1_vs_student']:>6.2f}x")
-    print(f"  (first b1/b32 = warm-up call; INC INT8: the cold torch.compile of that shape, each in its own process)")
+    print("  (first b1/b32 = warm-up call; INC INT8: the cold torch.compile of that shape, each in its own process)")
     print(f"  best INT8 artifact: {best} (highest b32 throughput within 1 point of the student)")
     for k, (op, target) in TARGETS.items():
         v = result[k]
