@@ -18,7 +18,8 @@ demo config and data, in one process tree and one run:
 
 Prints a table and writes benchmarks/results/compression.json (flat): size_ratio_vs_teacher, speedup_vs_teacher_b32,
 speedup_vs_teacher_b1, retention (edge test accuracy / the teacher's, same ONNX runtime), critical_slices_held (every
-critical-slice gate of the shipped edge version passed), speedup_vs_alternative_b32, size_ratio_vs_alternative,
+critical-slice gate of the shipped edge version passed; critical_slice_rows: each slice's test rows / the labelled
+rows its gate says would decide it), speedup_vs_alternative_b32, size_ratio_vs_alternative,
 accuracy_minus_alternative (against the better of the two presets), sweep_minutes (the sweep stage, from its MLflow
 run), plus the sweep's choice and the same figures for the default student (`default_*`); the issue's keys are null
 when the sweep's choice did not pass the release gates (nothing registered to measure). COMPRESSION_BENCH_ROUNDS
@@ -120,11 +121,19 @@ def runs(env: dict, config: Path, cfg, client) -> dict:
     return out
 
 
-def sweep_record(client, cfg) -> dict:
-    """The newest sweep stage run: minutes, the chosen candidate, every candidate's row."""
-    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
-    run = client.search_runs([exp], filter_string="tags.`distill.stage` = 'sweep'",
-                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+def sweep_record(client, cfg, version: str | None) -> dict:
+    """The sweep stage run of the pipeline run that registered edge `version` (the newest sweep run when the sweep
+    registered nothing): minutes, the chosen candidate, every candidate's row. Not simply the newest sweep run: other
+    sweeps in the workspace (benchmarks/compression_ablation.py's) would lend their minutes and candidates."""
+    from distill_gap.registry.presentation import stage_run_id
+
+    if version:
+        register = client.get_run(client.get_model_version(cfg.edge_model_name, version).run_id)
+        run = client.get_run(stage_run_id(client, register.data.tags["mlflow.parentRunId"], "sweep"))
+    else:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        run = client.search_runs([exp], filter_string="tags.`distill.stage` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
     rows = json.loads(Path(client.download_artifacts(run.info.run_id, "sweep/candidates.json",
                                                      str(WORK / "tmp"))).read_text())
     return {"minutes": run.data.metrics.get("sweep.minutes"), "chosen": run.data.tags.get("distill.sweep.chosen"),
@@ -223,7 +232,7 @@ def main() -> int:
     cfg = load_config(config)
     client = client_for(cfg.tracking)
     done = runs(env, config, cfg, client)
-    sweep = sweep_record(client, cfg)
+    sweep = sweep_record(client, cfg, done["sweep"].get("version"))
     splits = load_splits(cfg.data, cfg.seed)
     test = splits["test"]
     label_id = {label: i for i, label in enumerate(splits.labels)}
@@ -254,6 +263,9 @@ def main() -> int:
                 "critical_slices_held": bool(slices) and all(g.get("outcome") == "pass" for g in slices.values()),
                 "critical_slice_outcomes": ",".join(f"{k.split('=', 1)[1]}:{g.get('outcome')}"
                                                     for k, g in slices.items()),
+                # test rows each slice has, and the labelled rows its gate says would decide it (insufficient only)
+                "critical_slice_rows": ",".join(f"{k.split('=', 1)[1]}:{g.get('n')}/{g.get('rows_needed') or '-'}"
+                                                for k, g in slices.items()),
                 "speedup_vs_alternative_b32": e["b32_rows_per_s"] / alt["b32_rows_per_s"],
                 "size_ratio_vs_alternative": alt["bytes"] / e["bytes"],
                 "accuracy_minus_alternative": e["accuracy"] - alt["accuracy"],
@@ -270,7 +282,8 @@ def main() -> int:
               "teacher_accuracy": teacher["accuracy"], "teacher_mb": teacher["bytes"] / 1e6,
               "alternative_accuracy": alt["accuracy"], "alternative_mb": alt["bytes"] / 1e6,
               "test_rows": m["_rows"], "rounds": ROUNDS, "threads": THREADS,
-              "benchmark_minutes": (time.perf_counter() - start) / 60}
+              "benchmark_minutes": (time.perf_counter() - start) / 60,  # this invocation: measuring only when reused
+              "reused_runs": REUSE_SWEEP}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2, default=str) + "\n")
     (WORK / "details.json").write_text(json.dumps({"measured": m, "sweep": sweep, "runs": done}, indent=2,
