@@ -4,7 +4,8 @@ Each client comes from a new botocore session, so credentials, region and AWS_EN
 made (a rotated key or a moved endpoint reaches the next client; boto3's default session would keep the first ones),
 while every session of the process shares one botocore data loader: the S3 service model and endpoint rules (JSON,
 parsed by botocore) are read once per process instead of once per client, 62 ms -> 10 ms of CPU per client on the
-2-core machine. A soft-label run opens one store per shard task, so this is paid per shard.
+2-core machine. A soft-label run opens one store per shard task, so this is paid per shard. (What the loader itself
+reads, AWS_DATA_PATH, is read once per process.)
 """
 
 from __future__ import annotations
