@@ -16,8 +16,10 @@ import functools
 @functools.cache
 def _shared_loader():
     import botocore.loaders
+    import botocore.session
 
-    return botocore.loaders.create_loader()
+    # as botocore's own sessions make theirs: extra model folders from AWS_DATA_PATH / the config file's data_path
+    return botocore.loaders.create_loader(botocore.session.Session().get_config_variable("data_path"))
 
 
 def s3_client(**config):
