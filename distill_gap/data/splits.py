@@ -118,18 +118,13 @@ def _read_builtin(uri: str) -> pd.DataFrame:
 
 def _read_bytes(uri: str) -> bytes:
     if uri.startswith("s3://"):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from distill_gap.ops.s3 import s3_client
+        from distill_gap.ops.s3 import s3_client, s3_errors
 
         bucket, _, key = uri[5:].partition("/")
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as err:
-            code = err.response.get("Error", {}).get("Code", "")
-            raise DistillError(f"cannot read {uri}: {code or err}", "check the bucket, key and AWS credentials") from None
-        except BotoCoreError as err:
-            raise DistillError(f"cannot reach S3 for {uri}: {err}", "check AWS_ENDPOINT_URL and network access") from err
+        client = s3_client()
+        with s3_errors(uri, "read", setting="the data: URIs in the config", others=True,
+                       endpoint=lambda: client.meta.endpoint_url):
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     path = Path(uri.removeprefix("file://"))
     if not path.is_file():
         raise DistillError(f"data file not found: {path}", "fix the path under data: in the config (paths are relative to the working directory)")

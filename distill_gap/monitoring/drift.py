@@ -60,23 +60,23 @@ class DriftThresholds:
 def _sources(source: str) -> list[tuple[str, Callable[[], bytes]]]:
     """(name, read) for every JSONL input: one file, the *.jsonl files under a folder, or the objects under s3://."""
     if source.startswith("s3://"):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        from distill_gap.ops.s3 import s3_client
+        from distill_gap.ops.s3 import s3_client, s3_errors
 
         bucket, _, prefix = source[5:].partition("/")
         client = s3_client()  # honours AWS_ENDPOINT_URL (MinIO, moto)
-        try:
+        errors = dict(setting="the production sample's location", others=True,
+                      endpoint=lambda: client.meta.endpoint_url)
+        with s3_errors(source, "list", **errors):
             keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                           for o in page.get("Contents", []) if o["Key"].endswith(".jsonl"))
-        except ClientError as err:
-            raise DistillError(f"cannot list {source}: {err.response.get('Error', {}).get('Code') or err}",
-                               "check the bucket name and AWS credentials") from None
-        except BotoCoreError as err:
-            raise DistillError(f"cannot reach S3 for {source}: {err}", "check AWS_ENDPOINT_URL and network access") from None
         if not keys:
             raise DistillError(f"no *.jsonl objects under {source}", "check the prefix; production samples are JSONL files")
-        return [(f"s3://{bucket}/{k}", lambda k=k: client.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys]
+
+        def read(key: str) -> bytes:
+            with s3_errors(f"s3://{bucket}/{key}", "read", **errors):
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+        return [(f"s3://{bucket}/{k}", lambda k=k: read(k)) for k in keys]
     path = Path(source.removeprefix("file://"))
     if path.is_dir():
         files = sorted(path.rglob("*.jsonl"))

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from distill_gap.errors import DistillError
 
@@ -99,35 +98,12 @@ class S3Backend:
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """Turn errors a user can fix into DistillError; the cause is kept so retries can see it."""
-        from botocore.exceptions import (ClientError, ConnectionError, HTTPClientError, NoCredentialsError,
-                                         PartialCredentialsError)
+    def _errors(self, action: str):
+        """Errors a user can fix as DistillError (distill_gap/ops/s3.py); the cause is kept so retries can see it."""
+        from distill_gap.ops.s3 import s3_errors
 
-        where = f"{self.uri} ({action})"
-        try:
-            yield
-        except (NoCredentialsError, PartialCredentialsError) as err:
-            raise DistillError(f"no usable AWS credentials for {where}: {err}",
-                               "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); for MinIO "
-                               "also AWS_ENDPOINT_URL") from err
-        except (ConnectionError, HTTPClientError) as err:
-            endpoint = self._client.meta.endpoint_url if self._client else "the S3 endpoint"
-            raise DistillError(f"cannot reach {endpoint} for {where}: {err}",
-                               "check AWS_ENDPOINT_URL and that the S3/MinIO server is up "
-                               "(docker compose -f infra/docker-compose.yml up -d minio)") from err
-        except ClientError as err:
-            code = str(err.response.get("Error", {}).get("Code", ""))
-            if code == "NoSuchBucket":
-                raise DistillError(f"bucket {self.bucket!r} does not exist at {self.client.meta.endpoint_url}",
-                                   f"create it (aws s3 mb s3://{self.bucket}) or point soft_labels.store at "
-                                   "an existing bucket") from err
-            if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}:
-                raise DistillError(f"access denied to {where} ({code})",
-                                   "check the AWS credentials and that they may read, write and list "
-                                   f"s3://{self.bucket}") from err
-            raise
+        return s3_errors(self.uri, action, setting="soft_labels.store",
+                         endpoint=lambda: self._client.meta.endpoint_url if self._client else None)
 
     def get(self, rel: str) -> bytes | None:
         from botocore.exceptions import ClientError
