@@ -8,11 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.edge_worker import MAX_LENGTH, THREADS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.edge_worker import MAX_LENGTH, THREADS  # noqa: E402
-
 TRACKING_URI = "sqlite:///.distill/mlflow.db"
 SCRATCH = ROOT / ".distill" / "bench" / "edge"
 _T0 = time.perf_counter()
