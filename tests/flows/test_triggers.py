@@ -13,6 +13,7 @@ pipeline runs through the worker, and each must end as the new champion."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
     """Server + pool + deployments + automations + worker; a tiny config whose gates let a champion exist."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
+
     tmp = tmp_path_factory.mktemp("triggers")
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
@@ -52,9 +55,17 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
                               env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)]
     old_env = {k: os.environ.get(k) for k in env}
+    settings = contextlib.ExitStack()
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", procs[0], logs / "server.log", 120)
         os.environ.update(env)  # this process talks to the same server and stores
+        # ... and so do its Prefect clients: Prefect read its settings when it was first imported (under `-n 2`,
+        # while the whole suite was collected), so the environment alone would leave them without an API URL and
+        # the first in-process flow would start an ephemeral server of its own, whose events never reach this
+        # server's automations. Ephemeral mode off: a client that is not pointed here fails instead.
+        settings.enter_context(temporary_settings(updates={
+            PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_HOME: env["PREFECT_HOME"],
+            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}))
         config = tmp / "tiny.yaml"
         raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
         raw["data"].update(tiny_data)  # tiny.yaml's rows (64 per split), from CSV files: no 215k-row read per run
@@ -78,6 +89,7 @@ def stack(tmp_path_factory, review_frame, tiny_data, mlflow_db_template):
         yield {"tmp": tmp, "config": config, "env": env, "logs": logs}
     finally:
         drain_prefect_services()  # while the server is up: this process's clients of it go with it
+        settings.close()
         for p in procs:
             with pytest.MonkeyPatch.context():
                 try:
