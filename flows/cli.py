@@ -114,7 +114,7 @@ def _print_summary(cfg, result: dict) -> None:
     checks = report.get("noninferiority", {}).get(edge["report_name"], [])
     if checks:  # the paired evidence against the teacher (issue 19): what is shown, what is not yet
         counts = {o: sum(c["outcome"] == o for c in checks) for o in ("pass", "fail", "insufficient")}
-        undecided = [f"{c['check']} (~{c['rows_needed']} rows)" if c["rows_needed"] else c["check"]
+        undecided = [f"{c['check']} (~{c['rows_needed']:,} rows)" if c["rows_needed"] else c["check"]
                      for c in checks if c["outcome"] != "pass"]
         console.print(f"proof        not worse than the teacher by more than the margin, same test rows: "
                       f"{counts['pass']} shown, {counts['fail']} shown worse, {counts['insufficient']} undecided"

@@ -239,7 +239,7 @@ def _findings(report: dict, models: list[str], labels: list[str]) -> str:
     if base:  # the teacher's own check: "teacher" holds the constant answer's accuracy, "model" the teacher's
         said = {"pass": "is shown better than", "fail": "is shown no better than"}.get(
             base["outcome"], "is not shown better than")
-        needed = (f"; about {base['rows_needed']} labelled rows would decide it"
+        needed = (f"; about {base['rows_needed']:,} labelled rows would decide it"
                   if base["outcome"] == "insufficient" and base.get("rows_needed") else "")
         items.append(f"The teacher {said} always answering <b>{_e(base.get('baseline', '?'))}</b>: accuracy "
                      f"{_num(base.get('model'))} vs {_num(base.get('teacher'))} on {_e(base['n'])} test rows{needed}.")
@@ -463,7 +463,7 @@ def _noninferiority_table(noninferiority: dict) -> str:
                         + _td(_e(c["check"] + (" (inherited: the teacher is weak here)" if c.get("inherited") else "")),
                               "name") + _td(_e(c.get("n"))) + _td(_num(c.get("teacher"))) + _td(_num(c.get("model")))
                         + _td(_e(bounds)) + _td(_num(c.get("margin"))) + _td(_e(c["outcome"]), cls.get(c["outcome"], ""))
-                        + _td(_e(c.get("rows_needed") or DASH)) + "</tr>")
+                        + _td(_e(f"{c['rows_needed']:,}" if c.get("rows_needed") else DASH)) + "</tr>")
     return _table([[("model", 1), ("check", 1), ("n", 1), ("teacher", 1), ("model", 1),
                     ("drop vs teacher [one-sided 95% bounds]", 1), ("margin", 1), ("outcome", 1),
                     ("labelled rows that would decide it", 1)]], rows)

@@ -138,14 +138,14 @@ def describe(c: dict) -> str:
                 f"'{c['baseline']}' (the training split's most frequent class) on {c['n']} test rows: difference "
                 f"{-c['drop']:+.3f}, one-sided 95% bounds [{-c['high']:+.3f}, {-c['low']:+.3f}]")
         if c["outcome"] == "insufficient":
-            text += ("; not shown to beat it: " + (f"about {c['rows_needed']} labelled rows would decide it"
+            text += ("; not shown to beat it: " + (f"about {c['rows_needed']:,} labelled rows would decide it"
                                                    if c["rows_needed"] else "more rows alone will not decide it"))
         return text
     text = (f"{c['check']}: drop {c['drop']:+.3f} vs the teacher on {c['n']} rows (one-sided 95% bounds "
             f"[{c['low']:+.3f}, {c['high']:+.3f}], margin {c['margin']:.3f}; {c['teacher_only']} rows only the "
             f"teacher gets right, {c['model_only']} only the model)")
     if c["outcome"] == "insufficient":
-        text += (f"; about {c['rows_needed']} labelled rows would decide it" if c["rows_needed"] else
+        text += (f"; about {c['rows_needed']:,} labelled rows would decide it" if c["rows_needed"] else
                  "; the observed drop sits on the margin: more rows alone will not decide it")
     if c["inherited"]:
         text += f"; the teacher itself is at {c['teacher']:.2f} here (inherited limitation)"

@@ -54,11 +54,12 @@ def _gate_rows(gates: dict) -> str:
     for name, g in sorted(gates.items(), key=lambda kv: (order.get(gate_outcome(kv[1]), 3), kv[0])):
         out = gate_outcome(g)
         interval = (f"[{_num(g.get('low'))}, {_num(g.get('high'))}]" if g.get("low") is not None else "–")
+        needed = f"{g['rows_needed']:,}" if g.get("rows_needed") else "–"
         rows.append(f"<tr><td class=gate>{escape(name)}</td><td>{_badge(out)}</td>"
                     f"<td class=num>{_num(g.get('value'), '{:.3f}')}</td><td class=num>{interval}</td>"
                     f"<td class=num>{_num(g.get('threshold'), '{:.3f}')}</td>"
                     f"<td class=num>{g.get('n') if g.get('n') is not None else '–'}</td>"
-                    f"<td class=num>{g.get('rows_needed') or '–'}</td><td>{escape(str(g.get('detail', '')))}</td></tr>")
+                    f"<td class=num>{needed}</td><td>{escape(str(g.get('detail', '')))}</td></tr>")
     return ("<table><tr><th>gate</th><th>outcome</th><th>value</th><th>one-sided 95% bounds</th><th>margin / "
             "threshold</th><th>rows</th><th>rows needed</th><th>evidence</th></tr>" + "".join(rows) + "</table>")
 
@@ -78,7 +79,7 @@ def render_dossier(d: dict) -> str:
             f"<li>{escape(p)}</li>" for p in lin["problems"]) + "</ul></section>")
     if ev["outcome"] == "insufficient":
         banners.append('<section class="warn"><b>Insufficient evidence</b> for ' + escape(", ".join(ev["insufficient"]))
-                       + (f"; about {ev['rows_needed_max']} labelled rows would decide the thinnest one"
+                       + (f"; about {ev['rows_needed_max']:,} labelled rows would decide the thinnest one"
                           if ev.get("rows_needed_max") else "") + ". @champion needs a named approver's signed waiver."
                        + (f" Waived by <b>{escape(str(gov['waiver']['approver']))}</b>: "
                           f"{escape(str(gov['waiver']['reason']))}" if gov.get("waiver") else "") + "</section>")

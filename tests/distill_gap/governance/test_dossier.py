@@ -137,7 +137,7 @@ def test_the_dossier_page_renders_in_a_real_browser(chain, version, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     dom = done.stdout
     assert "<h1>Dossier: x-edge v1</h1>" in dom
-    for text in ("Insufficient evidence", "noninferior:slice:condition=Pain", "1320", "mahalanobis", "0.0%",
+    for text in ("Insufficient evidence", "noninferior:slice:condition=Pain", "1,320", "mahalanobis", "0.0%",
                  "distill verify models:/x-edge/1", "x-teacher v1, licence mit", "dosage decisions",
                  "Acne not added (insufficient on 6 rows"):
         assert text in dom, text
