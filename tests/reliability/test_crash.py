@@ -117,8 +117,10 @@ def _run(ws, name: str, failpoint: str | None = None, sig: int | None = None, ap
         time.sleep(0.5)
         marker.unlink()  # releases a hold in a worker thread: the shard in hand finishes, as without the hold
     rc = proc.wait(timeout=120 if failpoint else 420)
-    time.sleep(0.5)  # the kernel delivers the parent-death signal to the server
-    return {"rc": rc, "log": log.read_text(), "servers": _servers(Path(env["PREFECT_HOME"]))}
+    home, grace = Path(env["PREFECT_HOME"]), time.monotonic() + 0.5  # the kernel delivers the parent-death signal
+    while (servers := _servers(home)) and time.monotonic() < grace:
+        time.sleep(0.05)
+    return {"rc": rc, "log": log.read_text(), "servers": servers}
 
 
 def _state(ws) -> dict:
