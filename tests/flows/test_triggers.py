@@ -137,6 +137,22 @@ def _wait_for_pipeline_runs(n: int, timeout: float) -> list:
     raise AssertionError(f"expected {n} finished distill-pipeline runs, found {[(r.name, r.state.name) for r in runs]}")
 
 
+def _event_ids(name: str, n: int, timeout: float = 30) -> set[str]:
+    """The ids of the `name` events this server has stored, once there are `n` (the event persister writes them in
+    batches, every few seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as c:
+            ids = {str(e.id) for e in c.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events}
+        if len(ids) >= n or time.monotonic() > deadline:
+            assert len(ids) == n, f"{len(ids)} {name} events on the server, expected {n}"
+            return ids
+        time.sleep(0.5)
+
+
 def _production(path: Path, frame, *, drifted: bool) -> str:
     """Production rows: the reviews cleaned as the pipeline reads them (raw, their `&#039;` alone shifts the digit
     share past its threshold: drift), or drifted: each cut to three words in capitals."""
@@ -191,6 +207,7 @@ def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_fram
     from flows.config import load_config
     from flows.monitor import drift_monitor
     from distill_gap.monitoring.drift import sample_digest
+    from distill_gap.monitoring.events import DRIFT_DETECTED
     from distill_gap.registry.tracking import client_for
     from distill_gap.registry.versions import fetch_model
     from distill_gap.kd.teacher import import_teacher
@@ -214,10 +231,12 @@ def test_drift_and_teacher_change_each_start_one_pipeline_run(stack, review_fram
     # distill-pipeline run, reason recorded
     drifted = _production(stack["tmp"] / "drifted.jsonl", review_frame, drifted=True)
     assert _run("drift-monitor/drift-monitor", {**monitor, "production": drifted}).state.is_completed()
-    assert drift_monitor(**monitor, production=drifted, return_state=True).is_completed()
+    again = drift_monitor(**monitor, production=drifted, return_state=True)
+    assert again.is_completed() and again.result()["event_id"]
     # both deliveries were sent before the run they started was even picked up: a second run would exist by the
     # time the first is final, and the wait below would wait for it too
     runs = _wait_for_pipeline_runs(1, 300)
+    assert again.result()["event_id"] in _event_ids(DRIFT_DETECTED, 2)  # both reached this server's automations
     assert len(runs) == 1 and runs[0].state.is_completed(), [(r.name, r.state.name) for r in runs]
     assert runs[0].parameters["trigger_reason"].startswith("distill.drift.detected")
     # the event carried its rows and their digest, and the run learned from them (teacher-labelled, own key)
