@@ -18,6 +18,7 @@ from typing import Iterable
 
 from distill_gap.edge.guard import NAMES
 from distill_gap.evaluation.gates import MIN_SLICE_ROWS  # smaller slices are never flagged
+from distill_gap.evaluation.noninferiority import would_decide
 from distill_gap.evaluation.regions import summary as region_summary
 from distill_gap.outcomes import FAIL, INSUFFICIENT, by_outcome
 
@@ -239,7 +240,7 @@ def _findings(report: dict, models: list[str], labels: list[str]) -> str:
     if base:  # the teacher's own check: "teacher" holds the constant answer's accuracy, "model" the teacher's
         said = {"pass": "is shown better than", "fail": "is shown no better than"}.get(
             base["outcome"], "is not shown better than")
-        needed = (f"; about {base['rows_needed']:,} labelled rows would decide it"
+        needed = ("; " + would_decide(base["rows_needed"])
                   if base["outcome"] == "insufficient" and base.get("rows_needed") else "")
         items.append(f"The teacher {said} always answering <b>{_e(base.get('baseline', '?'))}</b>: accuracy "
                      f"{_num(base.get('model'))} vs {_num(base.get('teacher'))} on {_e(base['n'])} test rows{needed}.")

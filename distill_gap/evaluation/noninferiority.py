@@ -129,6 +129,11 @@ def baseline_check(truth: np.ndarray, teacher_pred: np.ndarray, majority: int, m
     return {**c, "baseline": majority_label}
 
 
+def would_decide(rows: int, what: str = "it") -> str:
+    """How every report says it: the labelled rows that would decide an insufficient check (thousands separated)."""
+    return f"about {rows:,} labelled rows would decide {what}"
+
+
 def describe(c: dict) -> str:
     """One sentence of evidence for a check: drop, bounds, rows, and what would decide it."""
     if not c["n"]:
@@ -138,14 +143,14 @@ def describe(c: dict) -> str:
                 f"'{c['baseline']}' (the training split's most frequent class) on {c['n']} test rows: difference "
                 f"{-c['drop']:+.3f}, one-sided 95% bounds [{-c['high']:+.3f}, {-c['low']:+.3f}]")
         if c["outcome"] == "insufficient":
-            text += ("; not shown to beat it: " + (f"about {c['rows_needed']:,} labelled rows would decide it"
+            text += ("; not shown to beat it: " + (would_decide(c["rows_needed"])
                                                    if c["rows_needed"] else "more rows alone will not decide it"))
         return text
     text = (f"{c['check']}: drop {c['drop']:+.3f} vs the teacher on {c['n']} rows (one-sided 95% bounds "
             f"[{c['low']:+.3f}, {c['high']:+.3f}], margin {c['margin']:.3f}; {c['teacher_only']} rows only the "
             f"teacher gets right, {c['model_only']} only the model)")
     if c["outcome"] == "insufficient":
-        text += (f"; about {c['rows_needed']:,} labelled rows would decide it" if c["rows_needed"] else
+        text += ("; " + would_decide(c["rows_needed"]) if c["rows_needed"] else
                  "; the observed drop sits on the margin: more rows alone will not decide it")
     if c["inherited"]:
         text += f"; the teacher itself is at {c['teacher']:.2f} here (inherited limitation)"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from distill_gap.data.splits import MISSING_SLICE, PRODUCTION
-from distill_gap.evaluation.noninferiority import check
+from distill_gap.evaluation.noninferiority import check, would_decide
 
 
 def trained_regions(splits, column: str) -> list[str]:
@@ -77,6 +77,6 @@ def summary(regions: dict | None) -> str | None:
     if regions["added"]:
         parts.append("added on evidence: " + ", ".join(r["region"] for r in regions["added"]))
     for r in regions["refused"]:
-        need = f", about {r['rows_needed']:,} labelled rows would decide it" if r.get("rows_needed") else ""
+        need = ", " + would_decide(r["rows_needed"]) if r.get("rows_needed") else ""
         parts.append(f"{r['region']} not added ({r['outcome']} on {r['n']} rows{need})")
     return "; ".join(parts)

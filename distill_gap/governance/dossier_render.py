@@ -9,6 +9,8 @@ from html import escape
 
 import yaml
 
+from distill_gap.evaluation.noninferiority import would_decide
+
 _COLOURS = {"pass": "#1a7f37", "fail": "#cf222e", "insufficient": "#9a6700"}
 _CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
@@ -79,7 +81,7 @@ def render_dossier(d: dict) -> str:
             f"<li>{escape(p)}</li>" for p in lin["problems"]) + "</ul></section>")
     if ev["outcome"] == "insufficient":
         banners.append('<section class="warn"><b>Insufficient evidence</b> for ' + escape(", ".join(ev["insufficient"]))
-                       + (f"; about {ev['rows_needed_max']:,} labelled rows would decide the thinnest one"
+                       + ("; " + would_decide(ev["rows_needed_max"], "the thinnest one")
                           if ev.get("rows_needed_max") else "") + ". @champion needs a named approver's signed waiver."
                        + (f" Waived by <b>{escape(str(gov['waiver']['approver']))}</b>: "
                           f"{escape(str(gov['waiver']['reason']))}" if gov.get("waiver") else "") + "</section>")
