@@ -86,6 +86,24 @@ def wait_http(url: str, proc, log: Path, timeout: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def task_runs(flow_run_id, timeout: float = 15) -> list:
+    """A flow run's task runs as the Prefect API holds them, once each has a final state. The server records task runs
+    from the events their engines send, so just after the flow returns a task run can still lack its state or its
+    last attempt (seen in a whole-suite run: `state` None); read again until none does, for at most `timeout` s."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
+
+
 def drain_prefect_services(timeout: float = 30) -> None:
     """Deliver what this process's Prefect client services still hold (events, API logs, concurrency-slot
     clients), then stop them. Each is bound to the API it was started against, and a pytest worker runs many

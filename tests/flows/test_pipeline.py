@@ -13,7 +13,7 @@ from flows.config import load_config
 from distill_gap.registry.registration import LINEAGE_TAGS
 from distill_gap.registry.tracking import client_for
 from distill_gap.monitoring.drift import sample_digest
-from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, fresh_mlflow_db, import_tiny_teacher
+from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, fresh_mlflow_db, import_tiny_teacher, task_runs
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,22 +134,20 @@ def test_pipeline_end_to_end_then_cache_hit(workspace, first_run):
     assert len(arts) == 1 and "student-int8" in arts[0].data
 
     # the Prefect run says what ran (issue 23): `<config> · <trigger>`, tagged; each task run named by its step
-    async def _runs(flow_run_id):
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
+    async def _flow_run(flow_run_id):
         async with get_client() as c:
-            return (await c.read_flow_run(flow_run_id),
-                    await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
+            return await c.read_flow_run(flow_run_id)
 
-    flow_run, task_runs = asyncio.run(_runs(run.data.tags["prefect.flow_run_id"]))
+    flow_run = asyncio.run(_flow_run(run.data.tags["prefect.flow_run_id"]))
+    steps_run = task_runs(run.data.tags["prefect.flow_run_id"])
     assert flow_run.name == "tiny · test" and {"config:tiny", "trigger:test"} <= set(flow_run.tags)
-    names = {t.name for t in task_runs}
+    names = {t.name for t in steps_run}
     steps = {"validate-data", "load-data", "resolve-teacher", "soft-labels-lookup", "soft-labels-manifest", "distill",
              "quantize", "quantize-int8", "export-onnx", "quantize-onnx-int8", "evaluate", "register", "release-gate",
              "promote"}
     assert {"validate-data", "distill", "evaluate", "register", "attest-distill", "attest-evaluate"} <= names, names
     assert all(n in steps or n.startswith(("attest-", "label-shard-")) for n in names), names  # no random suffix
-    assert not [t.name for t in task_runs if t.tags]  # a task run's tag costs a concurrency-slot call to the API
+    assert not [t.name for t in steps_run if t.tags]  # a task run's tag costs a concurrency-slot call to the API
 
     # second run: same key -> cache hit, teacher not run, a new student version with the same lineage. Its later
     # stages are trimmed (ONNX Runtime INT8 only, no intervals or stress suites): the cache is what is

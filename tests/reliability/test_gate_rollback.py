@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher
+from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher, task_runs
 from distill_gap.evaluation.gates import GatesFailed
 from distill_gap.registry.tracking import client_for
 
@@ -35,10 +35,9 @@ def workspace(tmp_path_factory, prefect_api, tiny_model_dir, tiny_data, mlflow_d
 
 def _task_states(flow_run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    runs = task_runs(flow_run_id)
     with get_client(sync_client=True) as c:
-        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         flow = c.read_flow_run(flow_run_id)
     return {"flow": flow.state.type.value, **{t.name: t.state.type.value for t in runs}}  # task runs are named by step
 

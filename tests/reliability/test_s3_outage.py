@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from tests.helpers import ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher
+from tests.helpers import (ONNX_INT8_ONLY_OVERRIDES, OPEN_GATE_OVERRIDES, data_overrides, fresh_mlflow_db, import_tiny_teacher,
+                           task_runs)
 from distill_gap.errors import DistillError
 from tests.reliability._tcp_proxy import TcpProxy
 
@@ -113,14 +114,6 @@ def _objects(client, prefix: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
 
 
-def _task_runs(flow_run_id) -> list:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-
-
 def _run_logs(flow_run_id, expect: str, timeout: float = 20.0) -> list[str]:
     """The run's log messages as the Prefect API holds them (waits for `expect` to arrive)."""
     from prefect import get_client
@@ -203,7 +196,7 @@ def test_endpoint_down_briefly_during_shard_writes_is_retried_and_the_run_comple
     assert len(ids) == len(set(ids)) == manifest["num_examples"] == logits.shape[0]
 
     # the retries: shard 1's task ran again after the outage, and the run's logs say so
-    shard_runs = {t.name: t for t in _task_runs(flow_run_id) if t.name.startswith("label-shard-")}
+    shard_runs = {t.name: t for t in task_runs(flow_run_id) if t.name.startswith("label-shard-")}
     retried = shard_runs["label-shard-1"]
     assert retried.state.is_completed() and retried.run_count >= 2
     assert all(t.state.is_completed() for t in shard_runs.values())

@@ -18,7 +18,7 @@ from distill_gap.digest import model_digest, tokenizer_digest
 from distill_gap.errors import DistillError
 from distill_gap.softlabels.labelling import ensure_soft_labels
 from tests.conftest import LABELS
-from tests.helpers import sharpened_teacher
+from tests.helpers import sharpened_teacher, task_runs
 
 N, SHARD = 96, 32              # three shards
 
@@ -53,16 +53,8 @@ def _run_stage(**kwargs):
     return state, state.state_details.flow_run_id
 
 
-def _task_runs(flow_run_id) -> list:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
-
-
 def _shard_runs(flow_run_id) -> list[str]:
-    return sorted(t.name for t in _task_runs(flow_run_id) if t.name.startswith("label-shard-") and t.state.is_completed())
+    return sorted(t.name for t in task_runs(flow_run_id) if t.name.startswith("label-shard-") and t.state.is_completed())
 
 
 def test_miss_maps_one_task_per_shard_then_hits(prefect_api, args, tmp_path):
@@ -115,9 +107,9 @@ def test_unreachable_store_is_retried_then_one_clear_error(prefect_api, args, s3
     with pytest.raises(DistillError) as err:
         state.result()
     assert f"cannot reach http://127.0.0.1:{port}" in str(err.value) and f"s3://{s3_bucket}/labels" in str(err.value)
-    lookup = [t for t in _task_runs(run_id) if t.name.startswith("soft-labels-lookup")]
+    lookup = [t for t in task_runs(run_id) if t.name.startswith("soft-labels-lookup")]
     assert len(lookup) == 1 and lookup[0].run_count == 3 and lookup[0].state.is_failed()
-    assert not [t for t in _task_runs(run_id) if t.name.startswith("label-shard")]
+    assert not [t for t in task_runs(run_id) if t.name.startswith("label-shard")]
     monkeypatch.undo()
     import boto3
 
@@ -135,6 +127,6 @@ def test_bad_data_is_not_retried(prefect_api, args, tmp_path, monkeypatch):
     state, run_id = _run_stage(store_uri=f"file://{tmp_path}/store", **{**args, "teacher_digest": "f" * 64})
     with pytest.raises(DistillError, match="pinned teacher"):
         state.result()
-    lookup = [t for t in _task_runs(run_id) if t.name.startswith("soft-labels-lookup")]
+    lookup = [t for t in task_runs(run_id) if t.name.startswith("soft-labels-lookup")]
     assert lookup[0].run_count == 1
     assert not list((tmp_path / "store").rglob("manifest.json"))
