@@ -13,6 +13,7 @@ from prefect import flow, task
 from distill_gap.ops.run_names import run_tags, tag_flow_run, trigger_kind
 from flows.config import load_config
 from flows.pipeline import _run_name
+from tests.helpers import task_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,9 +53,9 @@ def test_flow_and_task_runs_say_what_ran(prefect_api):
     cfg = load_config(ROOT / "configs/tiny.yaml", [])
     flow_run_id, task_run_id = _probe(cfg, trigger_reason="distill.drift.detected: psi 0.4")
     file_run_id = _probe_file("configs/demo.yaml")
+    step = next(t for t in task_runs(flow_run_id) if str(t.id) == str(task_run_id))  # once recorded
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
-        step = client.read_task_run(task_run_id)
         file_run = client.read_flow_run(file_run_id)
     assert run.name == "tiny · drift"
     assert {"config:tiny", "trigger:drift"} <= set(run.tags)
